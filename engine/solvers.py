@@ -1,0 +1,226 @@
+"""Deterministic samplers of the EDM PF-ODE dx/dσ = (x − D(x; σ)) / σ and the few-step consistency sampler.
+
+Every solver takes a denoiser with the engine's one signature `denoiser(x, sigma, labels=None) -> x0` and runs
+its state in x_T's dtype (float32 for training, float64 for references). Step coefficients are computed on the
+host in float64 from the σ grid; only the state arithmetic happens in the state dtype.
+
+`dpm_solver_pp` is the teacher of CMT mid-training (spec/cm.md §2): multistep DPM-Solver++ (data prediction)
+on the EDM schedule α = 1, σ_t = t, λ = −ln σ, with one denoiser call per step and the whole trajectory
+returned. Its update is written as x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel (kernels/)
+and this reference path compute the same sums from the same float64 coefficients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+# ---- DPM-Solver++ (multistep) ------------------------------------------------------------------------------
+
+def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+    if s.numel() < 2:
+        raise ValueError(f"a σ grid needs at least 2 points, got {s.numel()}")
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError("DPM-Solver++ needs a finite positive σ grid (λ = −ln σ); got " + str(s.tolist()))
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError("the σ grid must be strictly decreasing; got " + str(s.tolist()))
+    return s
+
+
+def dpm_solver_orders(num_steps: int, order: int = 3, lower_order_final: bool = True) -> list[int]:
+    """Per-step orders: warm-up 1, 2, …; then `order`; and, with lower_order_final, …, 2, 1 at the tail.
+
+    CMT removed upstream's `steps < 10` condition on the tail lowering (spec/cm.md §2.4 ★2), so 16 steps of order 3
+    give 1, 2, 3×12, 2, 1. Upstream semantics: pass lower_order_final=(num_steps < 10)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order!r}")
+    n = int(num_steps)
+    return [min(order, i, n + 1 - i) if lower_order_final else min(order, i) for i in range(1, n + 1)]
+
+
+THIRD_ORDER_RULES = ("upstream", "taylor")
+
+
+def dpm_solver_pp_coefficients(sigmas, order: int = 3, lower_order_final: bool = True,
+                               third_order: str = "upstream") -> tuple[torch.Tensor, list[int]]:
+    """Float64 coefficients [N, 4] = (a, b0, b1, b2) of x_i = a·x_{i−1} + b0·M_{i−1} + b1·M_{i−2} + b2·M_{i−3},
+    and the per-step orders. Derived from spec/cm.md §2.5:
+
+        h = λ_t − λ_s0, r0 = h0/h, r1 = h1/h, φ1 = expm1(−h), φ2 = φ1/h + 1, φ3 = φ2/h − 1/2
+        order 1: x = (t/s0)x − φ1 M0
+        order 2: x = (t/s0)x − φ1 M0 − ½ φ1 (M0 − M1)/r0
+        order 3: D1_0 = (M0−M1)/r0, D1_1 = (M1−M2)/r1, D1 = D1_0 + r0/(r0+r1)(D1_0 − D1_1),
+                 D2 = (D1_0 − D1_1)/(r0+r1);   x = (t/s0)x − φ1 M0 + φ2 D1 − φ3 D2
+    expanded into weights on M0, M1, M2 (all O(h) for small h, so no cancellation is introduced).
+
+    `third_order="upstream"` is the formula above, the same rule as LuChengTHU/dpm-solver, sony/cmt and
+    k-diffusion's 3M. Its D2 estimates h²·x''/2 while the φ3 term needs h²·x'' (Taylor: ∫₀ʰ e^{u−h} u²/2 du =
+    −h²φ3), so it is only second order: local error O(h³), global O(h²), with a smaller constant than order 2
+    (tests/test_solvers.py measures both slopes). CMT's teacher trajectories use it, so it is the default.
+    `third_order="taylor"` doubles D2 and is third order (global slope ≈ 3)."""
+    if third_order not in THIRD_ORDER_RULES:
+        raise ValueError(f"third_order must be one of {THIRD_ORDER_RULES}, got {third_order!r}")
+    d2_scale = 1.0 if third_order == "upstream" else 2.0
+    s = _check_grid(sigmas)
+    lam = -torch.log(s)
+    orders = dpm_solver_orders(len(s) - 1, order, lower_order_final)
+    coef = torch.zeros(len(orders), 4, dtype=torch.float64)
+    for k, p in enumerate(orders):
+        i = k + 1  # target index
+        h = (lam[i] - lam[i - 1]).item()
+        phi1 = math.expm1(-h)
+        coef[k, 0] = s[i] / s[i - 1]
+        if p == 1:
+            coef[k, 1] = -phi1
+        elif p == 2:
+            r0 = (lam[i - 1] - lam[i - 2]).item() / h
+            coef[k, 1] = -phi1 - 0.5 * phi1 / r0
+            coef[k, 2] = 0.5 * phi1 / r0
+        else:
+            r0 = (lam[i - 1] - lam[i - 2]).item() / h
+            r1 = (lam[i - 2] - lam[i - 3]).item() / h
+            phi2 = phi1 / h + 1.0
+            phi3 = phi2 / h - 0.5
+            c0 = phi2 * (1.0 + r0 / (r0 + r1)) - d2_scale * phi3 / (r0 + r1)   # weight on D1_0
+            c1 = -phi2 * r0 / (r0 + r1) + d2_scale * phi3 / (r0 + r1)          # weight on D1_1
+            coef[k, 1] = -phi1 + c0 / r0
+            coef[k, 2] = -c0 / r0 + c1 / r1
+            coef[k, 3] = -c1 / r1
+    return coef, orders
+
+
+def dpm_solver_pp_update(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float]) -> torch.Tensor:
+    """Reference update x_next = a·x + Σ_j b_j·M_j (history newest first). This is the math the fused kernel
+    implements; kept separate so the dispatch point can swap it."""
+    a, *b = (float(c) for c in coef)
+    out = x * a
+    for bj, m in zip(b, history):
+        if bj != 0.0:
+            out = out + bj * m
+    return out
+
+
+@torch.no_grad()
+def dpm_solver_pp(denoiser: Denoiser, x_T: torch.Tensor, sigmas, order: int = 3, labels=None,
+                  lower_order_final: bool = True, third_order: str = "upstream",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate the PF-ODE over `sigmas` (descending, positive) with multistep DPM-Solver++.
+
+    Returns the trajectory as one tensor [len(sigmas), *x_T.shape]: entry 0 is x_T, entry N the state at the
+    last σ; no final denoising step (spec/cm.md §2.6). Exactly one denoiser call per step, at σ_0 … σ_{N−1}
+    (spec/cm.md §2.4). `out` may be a preallocated trajectory buffer of that shape and x_T's dtype.
+    `third_order` selects the order-3 rule (see `dpm_solver_pp_coefficients`; the default is CMT's)."""
+    s = _check_grid(sigmas)
+    coef, _ = dpm_solver_pp_coefficients(s, order, lower_order_final, third_order)
+    n = len(s) - 1
+    shape = (n + 1, *x_T.shape)
+    if out is None:
+        out = torch.empty(shape, dtype=x_T.dtype, device=x_T.device)
+    elif tuple(out.shape) != shape or out.dtype != x_T.dtype:
+        raise ValueError(f"trajectory buffer must be {shape} {x_T.dtype}, got {tuple(out.shape)} {out.dtype}")
+    out[0] = x_T
+    sig_dev = s.to(device=x_T.device, dtype=x_T.dtype)
+    history: list[torch.Tensor] = []  # denoiser outputs, newest first, at most 3
+    for i in range(1, n + 1):
+        sigma = sig_dev[i - 1].expand(x_T.shape[0])
+        history.insert(0, denoiser(out[i - 1], sigma, labels).to(x_T.dtype))
+        del history[3:]
+        out[i] = dpm_solver_pp_update(out[i - 1], history, coef[i - 1].tolist())
+    return out
+
+
+# ---- EDM's Euler and Heun samplers ---------------------------------------------------------------------------
+
+def _sigma_batch(s: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+def euler(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
+    """First-order (DDIM-equivalent in σ) steps x ← x + (σ_next − σ)(x − D)/σ; one call per step.
+    `sigmas` may end at 0. Returns the trajectory [len(sigmas), *x_T.shape]."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
+    traj = [x_T]
+    x = x_T
+    for s_cur, s_next in zip(s[:-1], s[1:]):
+        d = (x - denoiser(x, _sigma_batch(s_cur, x), labels).to(x.dtype)) / s_cur
+        x = x + (s_next - s_cur) * d
+        traj.append(x)
+    return torch.stack(traj)
+
+
+@torch.no_grad()
+def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
+    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, spec/cm.md §1.1, mf.md §6.3): Heun steps,
+    the last step into σ = 0 stays Euler. 2N − 1 calls for N steps ending at 0. Returns the trajectory."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
+    traj = [x_T]
+    x = x_T
+    for s_cur, s_next in zip(s[:-1], s[1:]):
+        d = (x - denoiser(x, _sigma_batch(s_cur, x), labels).to(x.dtype)) / s_cur
+        x_next = x + (s_next - s_cur) * d
+        if s_next > 0:
+            d2 = (x_next - denoiser(x_next, _sigma_batch(s_next, x), labels).to(x.dtype)) / s_next
+            x_next = x + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
+        x = x_next
+        traj.append(x)
+    return torch.stack(traj)
+
+
+# ---- Few-step consistency sampler ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def consistency_sampler(denoiser: Denoiser, z: torch.Tensor, mid_sigmas: Sequence[float] = (),
+                        sigma_max: float = 80.0, labels=None, generator: torch.Generator | None = None,
+                        noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """CMT/ECT `generator_fn` (spec/cm.md §3.5): t = [σ_max, *mid_sigmas, 0]; x = σ_max·z;
+    for each (t_cur, t_next): x = f(x, t_cur); if t_next > 0: x += t_next·ε' with fresh ε'.
+
+    1 step: mid_sigmas=(); 2 steps: mid_sigmas=(0.77569,) after mid-training, (0.821,) after ECT. The consistency
+    function must be in eval mode (boundary-conditioned CMPrecond). The state runs in z's dtype (the reference
+    uses float64). Fresh noise comes from `generator`, or from `noise` (one tensor per intermediate σ) so that
+    callers can make samples independent of batch composition."""
+    steps = [float(sigma_max), *[float(m) for m in mid_sigmas], 0.0]
+    if any(b >= a for a, b in zip(steps[:-1], steps[1:])):
+        raise ValueError(f"consistency sampler σ's must decrease to 0; got {steps}")
+    if noise is not None and len(noise) != len(mid_sigmas):
+        raise ValueError(f"need {len(mid_sigmas)} noise tensors, got {len(noise)}")
+    x = z * steps[0]
+    for k, (t_cur, t_next) in enumerate(zip(steps[:-1], steps[1:])):
+        x = denoiser(x, _sigma_batch(t_cur, x), labels).to(z.dtype)
+        if t_next > 0:
+            eps = noise[k] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                                 device=x.device)
+            x = x + t_next * eps.to(x.dtype)
+    return x
+
+
+# ---- float64 reference integrator ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def pf_ode_reference(denoiser: Denoiser, x_T: torch.Tensor, sigma_from: float, sigma_to: float,
+                     steps: int = 2000, labels=None) -> torch.Tensor:
+    """High-accuracy float64 solution of the PF-ODE by classical RK4 in u = ln σ, where dx/du = x − D(x; e^u).
+
+    Used as the oracle for solver convergence tests (error O(steps^-4))."""
+    x = x_T.to(torch.float64)
+    u0, u1 = math.log(sigma_from), math.log(sigma_to)
+    h = (u1 - u0) / steps
+
+    def f(x, u):
+        return x - denoiser(x, _sigma_batch(math.exp(u), x), labels).to(torch.float64)
+
+    u = u0
+    for _ in range(steps):
+        k1 = f(x, u)
+        k2 = f(x + 0.5 * h * k1, u + 0.5 * h)
+        k3 = f(x + 0.5 * h * k2, u + 0.5 * h)
+        k4 = f(x + h * k3, u + h)
+        x = x + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+        u += h
+    return x
