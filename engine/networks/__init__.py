@@ -1,0 +1,15 @@
+"""Denoiser backbones F(x, c_noise, class_labels, augment_labels) (spec/cm.md §5).
+
+SongUNet and DhariwalUNet reproduce NVlabs/edm's networks with identical state_dict names, so EDM / ECT /
+CMT checkpoints load by name; MLPNet is a small backbone for vector data. Named configurations live in
+`configs.py`.
+"""
+
+from .configs import CONFIGS, NetworkConfig, build_network
+from .dhariwal_unet import DhariwalUNet
+from .mlp import MLPNet
+from .song_unet import SongUNet
+
+MLPDenoiser = MLPNet  # name used in the package brief; same class
+
+__all__ = ['SongUNet', 'DhariwalUNet', 'MLPNet', 'MLPDenoiser', 'build_network', 'CONFIGS', 'NetworkConfig']
