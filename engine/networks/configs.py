@@ -77,14 +77,11 @@ def build_network(name: str, **overrides) -> torch.nn.Module:
     """Construct the backbone `CONFIGS[name]`, with constructor kwargs replaced by `overrides`.
 
     Construction draws initial weights from the global RNG; build under `torch.device('meta')` to get the
-    structure only. The resolved constructor arguments are recorded as the attribute `init_kwargs`.
+    structure only. The backbone records its constructor arguments as `init_kwargs`.
     """
     if name not in CONFIGS:
         raise KeyError(f'unknown network config {name!r}; known: {", ".join(sorted(CONFIGS))}')
     cls, kwargs = CONFIGS[name]
     kwargs = {**kwargs, **overrides}
     # Lists are shared between configs; hand the network its own copies.
-    net = cls(**{k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()})
-    # The constructor arguments, for describing/saving the architecture (engine/checkpoints.py reads this).
-    net.init_kwargs = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return net
+    return cls(**{k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()})

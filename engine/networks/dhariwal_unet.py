@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import constructor_arguments, Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 __all__ = ['DhariwalUNet']
 
@@ -35,7 +35,9 @@ class DhariwalUNet(torch.nn.Module):
                  dropout=0.10,                   # dropout inside the residual blocks
                  label_dropout=0,                # class-label dropout (classifier-free guidance)
                  ):
+        init_kwargs = constructor_arguments(locals())
         super().__init__()
+        self.init_kwargs = init_kwargs
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.img_channels = in_channels

@@ -11,6 +11,7 @@ Dtypes: parameters are cast to the input's dtype inside `forward` (as in EDM), s
 float32 (EDM always uses float32; we keep float64 when the input is float64).
 """
 
+import copy
 import math
 
 import torch
@@ -263,3 +264,9 @@ class UNetBlock(torch.nn.Module):
             a = torch.einsum('nqk,nck->ncq', w, v)
             x = (self.proj(a.reshape(B, C, H, W)) + x) * self.skip_scale
         return x
+
+
+def constructor_arguments(local_vars: dict) -> dict:
+    """A backbone's constructor arguments, taken from `locals()` at the top of its __init__, recorded as
+    `init_kwargs` so checkpoints can describe and rebuild the architecture (engine/checkpoints.py)."""
+    return copy.deepcopy({k: v for k, v in local_vars.items() if k not in ('self', '__class__')})

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import Linear, PositionalEmbedding
+from .layers import constructor_arguments, Linear, PositionalEmbedding
 
 __all__ = ['MLPNet', 'MLPBlock']
 
@@ -59,7 +59,9 @@ class MLPNet(torch.nn.Module):
                  label_dropout=0,                # class-label dropout (classifier-free guidance)
                  residual=True,                  # residual blocks (True) or a plain SiLU MLP (False)
                  ):
+        init_kwargs = constructor_arguments(locals())
         super().__init__()
+        self.init_kwargs = init_kwargs
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = None                # vector data: no spatial extent
         self.in_channels = in_channels

@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
+                     constructor_arguments)
 
 __all__ = ['SongUNet']
 
@@ -48,10 +49,14 @@ class SongUNet(torch.nn.Module):
                  decoder_type='standard',        # 'standard' or 'skip'
                  resample_filter=[1, 1],         # FIR filter: [1,1] DDPM++, [1,3,3,1] NCSN++
                  ):
-        assert embedding_type in ('fourier', 'positional')
-        assert encoder_type in ('standard', 'skip', 'residual')
-        assert decoder_type in ('standard', 'skip')
+        init_kwargs = constructor_arguments(locals())  # first, before any other local exists
+        for name, value, known in [('embedding_type', embedding_type, ('fourier', 'positional')),
+                                   ('encoder_type', encoder_type, ('standard', 'skip', 'residual')),
+                                   ('decoder_type', decoder_type, ('standard', 'skip'))]:
+            if value not in known:
+                raise ValueError(f'SongUNet: unknown {name} {value!r}; expected one of {known}')
         super().__init__()
+        self.init_kwargs = init_kwargs
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.img_channels = in_channels
