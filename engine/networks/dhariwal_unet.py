@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import constructor_arguments, Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, constructor_arguments, label_embedding
 
 __all__ = ['DhariwalUNet']
 
@@ -102,15 +102,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            if class_labels is None:
-                # EDM's preconditioners pass zeros when no labels are given; map_label has no bias, so
-                # this adds nothing.
-                class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-            labels = class_labels.to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels)
+            emb = emb + label_embedding(self.map_label, class_labels, self.label_dropout, self.training, emb)
         emb = F.silu(emb)
 
         skips = []

@@ -270,3 +270,18 @@ def constructor_arguments(local_vars: dict) -> dict:
     """A backbone's constructor arguments, taken from `locals()` at the top of its __init__, recorded as
     `init_kwargs` so checkpoints can describe and rebuild the architecture (engine/checkpoints.py)."""
     return copy.deepcopy({k: v for k, v in local_vars.items() if k not in ('self', '__class__')})
+
+
+def label_embedding(map_label, class_labels, label_dropout: float, training: bool, like: torch.Tensor,
+                    scale: float = 1.0) -> torch.Tensor:
+    """EDM's class-label path, shared by every backbone: `map_label(labels · scale)`, with zeros when no labels are
+    given (what EDM's wrappers pass for unconditional evaluation) and, in training, per-sample label dropout for
+    classifier-free guidance (one `torch.rand` draw per batch, as EDM does, so random streams stay aligned)."""
+    batch = like.shape[0]
+    if class_labels is None:
+        class_labels = torch.zeros([batch, map_label.in_features], device=like.device)
+    labels = class_labels.to(like.dtype)
+    if training and label_dropout:
+        keep = torch.rand([batch, 1], device=like.device) >= label_dropout
+        labels = labels * keep.to(labels.dtype)
+    return map_label(labels * scale)

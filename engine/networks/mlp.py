@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import constructor_arguments, Linear, PositionalEmbedding
+from .layers import Linear, PositionalEmbedding, constructor_arguments, label_embedding
 
 __all__ = ['MLPNet', 'MLPBlock']
 
@@ -89,13 +89,8 @@ class MLPNet(torch.nn.Module):
         cos, sin = emb.chunk(2, dim=1)
         emb = torch.cat([sin, cos], dim=1)
         if self.map_label is not None:
-            if class_labels is None:
-                class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-            labels = class_labels.to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
+            emb = emb + label_embedding(self.map_label, class_labels, self.label_dropout, self.training, emb,
+                                        scale=math.sqrt(self.label_dim))
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
 

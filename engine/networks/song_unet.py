@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     constructor_arguments)
+                     constructor_arguments, label_embedding)
 
 __all__ = ['SongUNet']
 
@@ -141,14 +141,8 @@ class SongUNet(torch.nn.Module):
         cos, sin = emb.chunk(2, dim=1)
         emb = torch.cat([sin, cos], dim=1)
         if self.map_label is not None:
-            if class_labels is None:
-                # EDM's preconditioners pass zeros when no labels are given (unconditional evaluation).
-                class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-            labels = class_labels.to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
+            emb = emb + label_embedding(self.map_label, class_labels, self.label_dropout, self.training, emb,
+                                        scale=math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer0(emb))
