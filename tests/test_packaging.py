@@ -17,6 +17,8 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     demo, tests = cmds
     for c in cmds:
         assert "pip install -q torch==2.13.0" in c and c.index("torch==2.13.0") < c.index("-e '.[test]'")
+        # lpips only for its linear-head weights, and never with its dependencies (they pull a CUDA torch)
+        assert "pip install -q --no-deps lpips==0.1.4" in c
     assert demo.endswith("python -m engine.demo") and tests.endswith("python -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()

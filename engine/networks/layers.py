@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .dropout import dropout, uniform
+
 __all__ = [
     'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention_weights', 'PositionalEmbedding',
     'FourierEmbedding', 'UNetBlock',
@@ -252,7 +254,7 @@ class UNetBlock(torch.nn.Module):
         else:
             x = F.silu(self.norm1(x + params))
 
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, p=self.dropout, training=self.training))
         x = x + (self.skip(residual) if self.skip is not None else residual)
         x = x * self.skip_scale
 
@@ -282,6 +284,6 @@ def label_embedding(map_label, class_labels, label_dropout: float, training: boo
         class_labels = torch.zeros([batch, map_label.in_features], device=like.device)
     labels = class_labels.to(like.dtype)
     if training and label_dropout:
-        keep = torch.rand([batch, 1], device=like.device) >= label_dropout
+        keep = uniform([batch, 1], like.device) >= label_dropout
         labels = labels * keep.to(labels.dtype)
     return map_label(labels * scale)

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .dropout import dropout
 from .layers import Linear, PositionalEmbedding, constructor_arguments, label_embedding
 
 __all__ = ['MLPNet', 'MLPBlock']
@@ -39,9 +40,9 @@ class MLPBlock(torch.nn.Module):
 
     def forward(self, h, emb):
         if not self.residual:
-            return F.dropout(F.silu(self.fc0(h) + self.affine(emb)), p=self.dropout, training=self.training)
+            return dropout(F.silu(self.fc0(h) + self.affine(emb)), p=self.dropout, training=self.training)
         t = F.silu(self.fc0(F.silu(h)) + self.affine(emb))
-        return h + self.fc1(F.dropout(t, p=self.dropout, training=self.training))
+        return h + self.fc1(dropout(t, p=self.dropout, training=self.training))
 
 
 class MLPNet(torch.nn.Module):

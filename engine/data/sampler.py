@@ -1,0 +1,77 @@
+"""Resumable data order: which images a step sees is a pure function of (seed, global image position), so a
+resumed run needs to save only the image count (STYLE.md: resume by rerunning the same command).
+
+The stream is an endless sequence of epochs; epoch e is a permutation of the dataset drawn from a generator seeded
+with (seed, e). A global batch of B images starting at position p takes stream entries p … p+B−1; with W ranks,
+rank r takes entries p + r, p + r + W, … so that the union over ranks is the same global batch at any W."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+class ResumableSampler:
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
+        if num_items < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.num_items, self.seed, self.shuffle = int(num_items), int(seed), shuffle
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _epoch(self, e: int) -> torch.Tensor:
+        if e not in self._cache:
+            if not self.shuffle:
+                perm = torch.arange(self.num_items)
+            else:
+                s = int.from_bytes(hashlib.sha256(f"{self.seed}/epoch/{e}".encode()).digest()[:8], "little") >> 1
+                perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(s))
+            self._cache = {e: perm}  # keep one epoch: positions only move forward
+        return self._cache[e]
+
+    def indices(self, position: int, count: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Dataset indices of this rank's share of the global batch [position, position + count)."""
+        if count % world_size:
+            raise ValueError(f"a global batch of {count} images cannot be split evenly over {world_size} ranks")
+        out = []
+        for k in range(position + rank, position + count, world_size):
+            e, i = divmod(k, self.num_items)
+            out.append(int(self._epoch(e)[i]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+class TensorSource:
+    """An in-memory dataset (digits, Gaussian-mixture samples, synthetic latents): images [N, ...] and optional
+    integer labels [N]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.images[idx].to(device, non_blocking=True)
+        y = None if self.labels is None else self.labels[idx].to(device, non_blocking=True)
+        return x, y
+
+
+class ImageDatasetSource:
+    """An EDM-format dataset on disk (`engine.data.ImageDataset`): uint8 images become floats in [−1, 1], one-hot
+    labels become class indices. Reads the batch's files directly (the sampler, not a DataLoader, owns order)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, idx: torch.Tensor, device):
+        from engine.data.image_dataset import uint8_to_float
+        items = [self.dataset[int(i)] for i in idx]
+        x = uint8_to_float(torch.stack([torch.as_tensor(im) for im, _ in items])).to(device)
+        if not self.dataset.has_labels:
+            return x, None
+        y = torch.stack([torch.as_tensor(lab) for _, lab in items]).argmax(dim=1).to(device)
+        return x, y

@@ -1,0 +1,55 @@
+"""Exponential moving averages of the student's parameters (buffers are copied, not averaged, as the reference
+does: spec/cm.md §3.4).
+
+* constant β: θ_ema ← β θ_ema + (1 − β) θ after every step (CMT mid-training 0.999, post-training 0.9999);
+* EDM2's power-function EMA with relative standard deviation σ_rel: β_t = (1 − Δ/t)^{γ+1}, t the images seen after
+  the step and Δ the batch, with γ the root of σ_rel² = (γ+1)/((γ+2)²(γ+3)) (Karras et al. 2024, Eq. 3).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def std_to_exp(std: float) -> float:
+    """γ such that the power-function profile has relative std σ_rel: (γ+2)²(γ+3)σ² = γ+1, i.e. the largest real
+    root of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²)."""
+    if not 0 < std < 0.2887:  # σ_rel < 1/√12 (γ → −1) is required for a valid profile
+        raise ValueError(f"power EMA std must be in (0, 0.2887), got {std}")
+    roots = np.roots([1.0, 7.0, 16.0 - std ** -2, 12.0 - std ** -2])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+class EMA(nn.Module):
+    """Holds the averaged copy (`self.module`, eval mode, no grad). `beta` for a constant rate, or `std` for the
+    power function; `update(net, nimg, batch)` after each optimizer step."""
+
+    def __init__(self, net: nn.Module, beta: float | None = None, std: float | None = None):
+        super().__init__()
+        if (beta is None) == (std is None):
+            raise ValueError("give exactly one of beta (constant EMA) or std (EDM2 power-function EMA)")
+        if beta is not None and not 0 <= beta < 1:
+            raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
+        self.beta, self.std = beta, std
+        self.gamma = None if std is None else std_to_exp(std)
+        self.module = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def beta_at(self, nimg_after: int, batch: int) -> float:
+        if self.beta is not None:
+            return self.beta
+        return (1.0 - batch / nimg_after) ** (self.gamma + 1.0)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, nimg_after: int, batch: int) -> float:
+        beta = self.beta_at(nimg_after, batch)
+        ema_p = list(self.module.parameters())
+        net_p = [p.detach() for p in net.parameters()]
+        if len(ema_p) != len(net_p):
+            raise RuntimeError("EMA and network have different parameter lists")
+        torch._foreach_lerp_(ema_p, net_p, 1.0 - beta)
+        for b_ema, b_net in zip(self.module.buffers(), net.buffers()):
+            b_ema.copy_(b_net)
+        return beta

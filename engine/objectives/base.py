@@ -1,0 +1,82 @@
+"""What every objective gives the loop, and the per-step random streams it draws from.
+
+An objective is a small callable unit: `objective(net, images, labels, rng) -> LossOutput`. It owns its frozen
+teacher (if any), never reaches into a wrapper's `.module`, and draws every random number from `rng`, whose
+generators the loop reseeds from (seed, rank, images seen) at each step — so a resumed run replays exactly.
+
+Units. `batch_size` in a stage is the number of *student samples (pairs) per step*; budgets in kimg count them,
+as the paper's Mimg do (CMT: 128 pairs per iteration = 8 trajectories × 16). `images_per_step(batch_size)` is the
+number of data images the objective consumes for that many pairs; the loader loads exactly that many, so nothing
+loaded is discarded (unlike the reference CMT loss, spec/cm.md §3.1 step 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+
+@dataclasses.dataclass
+class LossOutput:
+    """loss: per-pair losses [pairs] after weighting (the loop back-propagates their mean).
+    Counters are per sample: a teacher call on a batch of 8 counts 8 teacher NFE."""
+    loss: torch.Tensor
+    pairs: int
+    teacher_nfe: int = 0
+    student_forward: int = 0      # student evaluations, with or without gradient
+    student_backward: int = 0     # samples back-propagated through the student
+
+
+@dataclasses.dataclass
+class StepRNG:
+    """Generators for one training step: `device` for tensors (noise), `cpu` for host-side draws (dropout seeds,
+    index choices) so that drawing a seed never synchronises with the device."""
+    device: torch.Generator
+    cpu: torch.Generator
+
+    def seed(self) -> int:
+        """A fresh 63-bit seed (e.g. for `engine.networks.dropout.dropout_generator`)."""
+        return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=self.cpu).item())
+
+    def randn(self, shape, device, dtype=torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=self.device, device=device, dtype=dtype)
+
+    @staticmethod
+    def for_step(seed: int, rank: int, nimg: int, device: torch.device | str = "cpu") -> "StepRNG":
+        """Deterministic generators from (seed, rank, images seen): a step's randomness depends on nothing else."""
+        digest = hashlib.sha256(f"{seed}/{rank}/{nimg}".encode()).digest()
+        a, b = int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:16], "little") >> 1
+        device = torch.device(device)
+        dev = torch.Generator(device=device)
+        dev.manual_seed(a)
+        cpu = torch.Generator()
+        cpu.manual_seed(b)
+        return StepRNG(device=dev, cpu=cpu)
+
+
+class Objective:
+    """Base class: subclasses implement `__call__` and, where the loss consumes other than one image per pair,
+    `images_per_step`. `set_progress(nimg)` lets schedule-dependent objectives (ECT's stage) follow the image
+    count; `state_dict`/`load_state_dict` carry any state that is not a function of the image count."""
+
+    name = "objective"
+
+    def images_per_step(self, batch_size: int) -> int:
+        return batch_size
+
+    def set_progress(self, nimg: int) -> None:
+        pass
+
+    def log_values(self) -> dict:
+        """Scalars worth logging (e.g. the ECT stage); host values only."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:  # pragma: no cover
+        raise NotImplementedError

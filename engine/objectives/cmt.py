@@ -1,0 +1,190 @@
+"""Consistency Mid-Training (spec/cm.md §3.1) and the paper's two ablations, KD and Slow CMT (spec/cm.md §8.1).
+
+All three regress the student f(x, σ) onto the endpoint of a frozen teacher's DPM-Solver++ solve (spec/cm.md §2)
+on the log-SNR grid σ_0 = σ_max > … > σ_N = σ_min; they differ in which (input, σ) pairs they train on:
+
+    CMT       one solve per trajectory from x_T; every state x_0 … x_{N−1} of it is an input, all with the same
+              target x_N: N pairs per trajectory, one teacher call per pair.
+    KD        one solve per trajectory; only (x_T, σ_max) → x_N: one pair per trajectory, N teacher calls per pair.
+    SlowCMT   one solve per pair: pair i is the forward-noised x = y + σ_j ε at a grid level j = j_i and its
+              target is the solve from x over σ_j … σ_N (N − j teacher calls).
+
+The teacher is any denoiser `teacher(x, sigma, labels=None) -> x0`; it is frozen here (eval mode, no gradients)
+and called with the data labels (the reference's teacher is unconditional and gets none; an unconditional
+EDMPrecond drops labels itself). The solves run without gradients in the data's dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.distances import resolve_distance
+from engine.objectives.edm import noise_dtype
+from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
+from engine.solvers import THIRD_ORDER_RULES, dpm_solver_pp
+
+PRIORS = ("data", "noise")
+
+
+def freeze(teacher):
+    """Eval mode and no parameter gradients for an nn.Module teacher; other callables are returned as they are."""
+    if isinstance(teacher, nn.Module):
+        teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def tile(labels, n: int):
+    """Labels [m] or [m, L] repeated n times along the batch: entry j·m + b = labels[b] (step-major)."""
+    if labels is None:
+        return None
+    return labels.repeat(n, *([1] * (labels.ndim - 1)))
+
+
+class _TeacherSolve(Objective):
+    """Shared knobs and the teacher solve of CMT, KD and Slow CMT."""
+
+    def __init__(self, teacher, nfe: int, order: int, sigma_max: float, sigma_min: float, distance,
+                 third_order: str):
+        if int(nfe) != nfe or nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+        if order not in (1, 2, 3):
+            raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}")
+        if third_order not in THIRD_ORDER_RULES:
+            raise ValueError(f"third_order must be one of {THIRD_ORDER_RULES}, got {third_order!r}")
+        self.teacher = freeze(teacher)
+        self.nfe, self.order, self.third_order = int(nfe), int(order), third_order
+        self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
+        self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], spec/cm.md §2.2
+        self.distance = resolve_distance(distance)
+
+    def solve(self, x: torch.Tensor, sigmas: torch.Tensor, labels) -> torch.Tensor:
+        """The teacher trajectory [len(sigmas), *x.shape] from x at sigmas[0] (no gradients).
+
+        The loop's bf16 autocast (CUDA) is switched off here: the reference integrates the teacher in fp32, and
+        the targets of every pair come from this one solve."""
+        with torch.autocast(x.device.type, enabled=False):
+            return dpm_solver_pp(self.teacher, x, sigmas, order=self.order, labels=labels,
+                                 third_order=self.third_order)
+
+
+class _FromPrior(_TeacherSolve):
+    """CMT and KD start each trajectory at σ_max from the prior chosen by `prior`."""
+
+    def __init__(self, teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order)
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        self.prior = prior
+
+    def start(self, images: torch.Tensor, rng: StepRNG) -> torch.Tensor:
+        """x_T = y + σ_max ε ('data', the reference, spec/cm.md §3.1 step 4) or σ_max ε ('noise'); one draw
+        of ε [m, ...] either way, as the reference's single `randn_like`."""
+        if images.shape[0] < 1:
+            raise ValueError("an empty batch: CMT/KD need at least one trajectory per step")
+        eps = rng.randn(images.shape, images.device, noise_dtype(images))
+        if self.prior == "data":
+            return images.to(eps.dtype) + self.sigma_max * eps
+        return self.sigma_max * eps
+
+
+class CMT(_FromPrior):
+    """Consistency mid-training, the reference's `DPMSolverLoss` (spec/cm.md §3.1).
+
+    Per step, m = `trajectories_per_batch` images y, one teacher solve each (N = nfe steps), and N·m pairs laid out
+    step-major exactly as the reference: entry k = j·m + b has input x_j[b] (j = 0 … N−1; x_0 = x_T), σ = σ_j and
+    target x_N[b]. Unit weights. The stage's `batch_size` counts pairs, so it must be trajectories_per_batch × nfe
+    (8 × 16 = 128 in the paper); unlike the reference no loaded image is discarded (it keeps only ⌊B/16⌋ of
+    each per-GPU batch, spec/cm.md §3.1 step 1).
+
+    `distance` has no default: the reference's is LPIPS, which needs pretrained weights; pass
+    `perceptual(lpips_module)` for it, or a name / callable (engine.objectives.distances)."""
+
+    name = "cmt"
+
+    def __init__(self, teacher, nfe: int = 16, order: int = 3, *, trajectories_per_batch: int = 8,
+                 sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, prior: str = "data", distance,
+                 third_order: str = "upstream"):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order)
+        if int(trajectories_per_batch) != trajectories_per_batch or trajectories_per_batch < 1:
+            raise ValueError(f"trajectories_per_batch must be a positive integer, got {trajectories_per_batch!r}")
+        self.trajectories_per_batch = int(trajectories_per_batch)
+
+    def images_per_step(self, batch_size: int) -> int:
+        pairs = self.trajectories_per_batch * self.nfe
+        if batch_size != pairs:
+            raise ValueError(f"CMT trains on trajectories_per_batch × nfe = {self.trajectories_per_batch} × "
+                             f"{self.nfe} = {pairs} pairs per step, but the stage's batch_size is {batch_size}; "
+                             f"set batch_size={pairs} or trajectories_per_batch={batch_size / self.nfe:g}")
+        return self.trajectories_per_batch
+
+    def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        # m is whatever this call was given (per rank, it may be a share of trajectories_per_batch).
+        m, N = images.shape[0], self.nfe
+        x_T = self.start(images, rng)
+        traj = self.solve(x_T, self.sigmas, labels)                   # [N + 1, m, ...], no grad
+        X = traj[:N].reshape(N * m, *x_T.shape[1:])                   # entry j·m + b = x_j[b]  (a view)
+        Y = traj[N].repeat(N, *([1] * (x_T.ndim - 1)))                # entry j·m + b = x_N[b]
+        tau = self.sigmas[:N].to(device=x_T.device, dtype=x_T.dtype).repeat_interleave(m)  # σ_j, step-major
+        S = net(X, tau, tile(labels, N))
+        loss = self.distance(S, Y)
+        return LossOutput(loss=loss, pairs=N * m, teacher_nfe=N * m, student_forward=N * m,
+                          student_backward=N * m)
+
+
+class KD(_FromPrior):
+    """Knowledge-distillation initialisation, the paper's "KD-style" ablation (spec/cm.md §8.1): one pair per
+    trajectory, (x_T, σ_max) → x_N. Pairs = trajectories = images per step = batch_size; N teacher calls per pair.
+    `distance` as in CMT."""
+
+    name = "kd"
+
+    def __init__(self, teacher, nfe: int = 16, order: int = 3, *, sigma_max: float = SIGMA_MAX,
+                 sigma_min: float = SIGMA_MIN, prior: str = "data", distance, third_order: str = "upstream"):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order)
+
+    def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        m, N = images.shape[0], self.nfe
+        x_T = self.start(images, rng)
+        target = self.solve(x_T, self.sigmas, labels)[N]
+        sigma = torch.full((m,), self.sigma_max, device=x_T.device, dtype=x_T.dtype)
+        loss = self.distance(net(x_T, sigma, labels), target)
+        return LossOutput(loss=loss, pairs=m, teacher_nfe=N * m, student_forward=m, student_backward=m)
+
+
+class SlowCMT(_TeacherSolve):
+    """"Slow CMT" (spec/cm.md §8.1): every pair gets its own teacher solve, so pairs are independent.
+
+    Pair i (one data image y_i each) uses grid level j_i = (i + o) mod N with one random offset o per step
+    (stratified: each level gets ⌊B/N⌋ or ⌈B/N⌉ pairs); input x_i = y_i + σ_{j_i} ε_i (forward noising), σ = σ_{j_i};
+    target = the endpoint of DPM-Solver++ from x_i over the sub-grid σ_{j_i} … σ_N (same order, with its own
+    warm-up and lower-order tail). Solves sharing a level are batched: at most N solver runs per step.
+    Teacher NFE = Σ_i (N − j_i)."""
+
+    name = "slow_cmt"
+
+    def __init__(self, teacher, nfe: int = 16, order: int = 3, *, sigma_max: float = SIGMA_MAX,
+                 sigma_min: float = SIGMA_MIN, distance, third_order: str = "upstream"):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order)
+
+    def levels(self, batch: int, rng: StepRNG) -> list[int]:
+        """Grid index j_i of each pair (host-side, from rng.cpu)."""
+        o = int(torch.randint(0, self.nfe, (1,), generator=rng.cpu).item())
+        return [(i + o) % self.nfe for i in range(batch)]
+
+    def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        B, N, device = images.shape[0], self.nfe, images.device
+        if B < 1:
+            raise ValueError("an empty batch")
+        j = self.levels(B, rng)
+        eps = rng.randn(images.shape, device, noise_dtype(images))
+        sigma = self.sigmas[j].to(device=device, dtype=eps.dtype)                      # [B]
+        x = images.to(eps.dtype) + sigma.reshape(-1, *([1] * (eps.ndim - 1))) * eps
+        target = torch.empty_like(x)
+        for level in sorted(set(j)):
+            idx = torch.tensor([i for i in range(B) if j[i] == level], device=device)
+            sub_labels = None if labels is None else labels[idx]
+            target[idx] = self.solve(x[idx], self.sigmas[level:], sub_labels)[-1]
+        loss = self.distance(net(x, sigma, labels), target)
+        return LossOutput(loss=loss, pairs=B, teacher_nfe=sum(N - level for level in j), student_forward=B,
+                          student_backward=B)

@@ -1,0 +1,159 @@
+"""What every recipe shares: the flags, the run directory, running a stage, and the comparison report.
+
+A recipe is a plain Python file that builds `StageConfig`s and objectives and calls `Run.stage(...)` for each stage
+of each arm; this module keeps the recipes free of plumbing. Shared flags only (STYLE.md):
+
+    --out DIR        run directory (resolved config, logs, grids, checkpoints, results.json); rerun to resume
+    --data PATH      dataset (EDM zip/folder) for recipes that need one
+    --teacher PATH   EDM/ECT/CMT teacher .pkl for recipes that need one
+    --kimg-scale X   multiplies every stage's budget (and its intervals)
+    --device DEV     cpu | cuda | cuda:N (default: cuda if available)
+    --seed N         the run's seed; a CPU run is deterministic for a given seed
+    --smoke          a few iterations of everything on tiny networks / synthetic data (what CI runs)
+    --dry-run        print and save the resolved configuration, train nothing
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+
+from engine.loop import StageConfig, StageResult, initialise, train_stage
+
+
+def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=default_out, help=f"run directory (default {default_out})")
+    ap.add_argument("--data", default=None, help="dataset zip/folder in EDM's format")
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint (.pkl from EDM/ECT/CMT)")
+    ap.add_argument("--kimg-scale", type=float, default=1.0, help="multiply every stage's budget")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (CI)")
+    ap.add_argument("--dry-run", action="store_true", help="print and save the resolved config; train nothing")
+    args = ap.parse_args(argv)
+    if args.kimg_scale <= 0:
+        ap.error("--kimg-scale must be positive")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def scaled(cfg: StageConfig, factor: float) -> StageConfig:
+    """The stage with budget and intervals multiplied by `factor` (--kimg-scale)."""
+    if factor == 1.0:
+        return cfg
+    scale = lambda v: None if v is None else v * factor
+    return dataclasses.replace(cfg, total_kimg=cfg.total_kimg * factor, log_kimg=cfg.log_kimg * factor,
+                               ckpt_kimg=cfg.ckpt_kimg * factor, eval_kimg=scale(cfg.eval_kimg),
+                               lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor)
+
+
+class Run:
+    """A run directory shared by the stages of one or more arms."""
+
+    def __init__(self, args: argparse.Namespace, recipe: str, config: dict):
+        self.args, self.recipe, self.out = args, recipe, args.out
+        self.device = torch.device(args.device)
+        os.makedirs(self.out, exist_ok=True)
+        resolved = dict(recipe=recipe, flags=vars(args), config=config)
+        text = json.dumps(resolved, indent=1, default=_jsonable)
+        print(f"[{recipe}] resolved configuration:\n{text}", flush=True)
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            f.write(text)
+        self.results: dict = {"recipe": recipe, "runs": {}}
+
+    def stage(self, arm: str, kind: str, cfg: StageConfig, net, objective, data, init=None, evaluate=None,
+              grid=None, shared_by: tuple[str, ...] = ()) -> StageResult:
+        """Initialise `net` from `init` (None = random, a module = copy weights), train it under `<out>/<arm>/`,
+        and record it as stage `kind` ('pre' | 'mid' | 'post') of `arm` — or, for a stage several arms start
+        from (the pre-trained teacher), of every arm in `shared_by`."""
+        cfg = scaled(cfg, self.args.kimg_scale)
+        net = initialise(net, init).to(self.device)
+        res = train_stage(cfg, net, objective, data, os.path.join(self.out, arm), self.device, evaluate=evaluate,
+                          grid=grid)
+        for a in shared_by or (arm,):
+            entry = self.results["runs"].setdefault(a, {"kimg": {}, "wall_s": 0.0, "stages": {}})
+            entry["kimg"][kind] = res.nimg / 1000
+            entry["wall_s"] += res.wall_s
+            entry["stages"][kind] = dict(name=cfg.name, kimg=res.nimg / 1000, wall_s=res.wall_s,
+                                         counters=res.counters, eval_history=res.eval_history)
+        return res
+
+    def record_metrics(self, arm: str, one_step: dict, two_step: dict) -> None:
+        self.results["runs"][arm]["one_step"] = one_step
+        self.results["runs"][arm]["two_step"] = two_step
+
+    def finish(self, metric_keys: list[str], plot_keys: list[str]) -> dict:
+        """Print the comparison table (`metric_keys` of one_step/two_step), write results.json and the plot of
+        the evaluation records' `plot_keys` against kimg."""
+        runs = self.results["runs"]
+        table = format_table(runs, metric_keys)
+        print(table, flush=True)
+        self.results["table"] = table
+        with open(os.path.join(self.out, "results.json"), "w") as f:
+            json.dump(self.results, f, indent=1, default=_jsonable)
+        if plot_keys:
+            plot_history(runs, plot_keys, os.path.join(self.out, "metrics_vs_kimg.png"))
+        return self.results
+
+
+def format_table(runs: dict, metric_keys: list[str]) -> str:
+    head = ["arm", *[f"1-step {k}" for k in metric_keys], *[f"2-step {k}" for k in metric_keys],
+            "kimg pre/mid/post", "wall s"]
+    rows = []
+    for arm, r in runs.items():
+        k = r.get("kimg", {})
+        rows.append([arm, *[_fmt(r.get("one_step", {}).get(m)) for m in metric_keys],
+                     *[_fmt(r.get("two_step", {}).get(m)) for m in metric_keys],
+                     "/".join(_fmt(k.get(s, 0.0), 4) for s in ("pre", "mid", "post")), f"{r.get('wall_s', 0):.0f}"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def plot_history(runs: dict, metric_keys: list[str], path: str) -> None:
+    """Metric against cumulative kimg (pre-training excluded) for every arm, one panel per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metric_keys), figsize=(5 * len(metric_keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], metric_keys):
+        for arm, r in runs.items():
+            offset, xs, ys = 0.0, [], []
+            for kind in ("mid", "post"):
+                st = r.get("stages", {}).get(kind)
+                if st is None:
+                    continue
+                for rec in st["eval_history"]:
+                    if key in rec and rec[key] is not None:
+                        xs.append(offset + rec["kimg"])
+                        ys.append(rec[key])
+                offset += st["kimg"]
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, label=arm)
+        ax.set_xlabel("kimg after pre-training (mid + post)")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _jsonable(o):
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)

@@ -1,0 +1,101 @@
+"""The loop's small units: learning-rate schedules, EMA, the resumable sampler, the checkpoint ring."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoints import save_checkpoint
+from engine.data.sampler import ResumableSampler
+from engine.ema import EMA, std_to_exp
+from engine.lr_schedules import learning_rate
+from engine.run_state import CheckpointRing
+from engine.train_log import truncate_jsonl
+
+
+def test_linear_decay_matches_cmt_formula():
+    # spec/cm.md §3.4: lr_k = 2e-4 (1 − k/300000) with the counter before the step
+    total = 300_000 * 128
+    for k in (0, 1, 150_000, 299_999):
+        assert learning_rate("linear", 128 * k, lr=2e-4, total_nimg=total) == pytest.approx(2e-4 * (1 - k / 300_000))
+    assert learning_rate("linear", 0, lr=2e-4, total_nimg=total) == 2e-4
+
+
+def test_inv_sqrt_and_rampup_match_edm2():
+    ref = 70_000 * 2048
+    for nimg in (0, ref // 2, ref, 4 * ref):
+        expect = 1e-2 / math.sqrt(max(nimg / ref, 1))
+        assert learning_rate("inv_sqrt", nimg, lr=1e-2, total_nimg=1, ref_nimg=ref) == pytest.approx(expect)
+    assert learning_rate("constant", 5e6, lr=1e-3, total_nimg=1, rampup_nimg=1e7) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        learning_rate("cosine", 0, lr=1, total_nimg=1)
+
+
+def test_power_ema_exponent_solves_the_std_equation():
+    for std in (0.01, 0.05, 0.10, 0.2):
+        g = std_to_exp(std)
+        assert (g + 1) / ((g + 2) ** 2 * (g + 3)) == pytest.approx(std ** 2, rel=1e-10)
+    # the values EDM2 quotes (Karras et al. 2024): σ_rel 0.05 ↔ γ 16.97, σ_rel 0.10 ↔ γ 6.94
+    assert std_to_exp(0.05) == pytest.approx(16.97, abs=0.01)
+    assert std_to_exp(0.10) == pytest.approx(6.94, abs=0.01)
+
+
+def test_constant_ema_update_and_power_beta():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, beta=0.9)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net, 128, 128)
+    for b, e, p in zip(before, ema.module.parameters(), net.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+    pe = EMA(net, std=0.05)
+    g = std_to_exp(0.05)
+    assert pe.beta_at(1280, 128) == pytest.approx((1 - 0.1) ** (g + 1))
+    with pytest.raises(ValueError, match="exactly one"):
+        EMA(net, beta=0.9, std=0.05)
+
+
+def test_sampler_is_a_function_of_position_and_splits_over_ranks():
+    s = ResumableSampler(10, seed=3)
+    stream = torch.cat([s.indices(p, 4) for p in range(0, 40, 4)])
+    # every epoch is a permutation
+    for e in range(4):
+        assert sorted(stream[10 * e:10 * e + 10].tolist()) == list(range(10))
+    # a fresh sampler (as after a resume) continues identically from any position
+    assert torch.equal(ResumableSampler(10, seed=3).indices(12, 4), stream[12:16])
+    # two ranks together see exactly the global batch
+    r0, r1 = s.indices(8, 6, rank=0, world_size=2), s.indices(8, 6, rank=1, world_size=2)
+    assert sorted(torch.cat([r0, r1]).tolist()) == sorted(stream[8:14].tolist())
+    assert not torch.equal(ResumableSampler(10, seed=4).indices(0, 10), stream[:10])
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        s.indices(0, 5, rank=0, world_size=2)
+
+
+def test_ring_keeps_last_k_and_falls_back_over_a_truncated_checkpoint(tmp_path, capsys):
+    ring = CheckpointRing(str(tmp_path / "ck"), keep=2)
+    for n in (100, 200, 300):
+        ring.save({"nimg": n, "w": torch.full((3,), float(n))}, n)
+    assert [n for n, _ in ring.list()] == [200, 300]
+    newest = ring.list()[-1][1]
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated, e.g. by a full disk
+    state, path = ring.latest()
+    assert state["nimg"] == 200 and path.endswith("ckpt-000000000200.pt")
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    assert os.path.exists(newest)  # never deleted: nothing is lost to a false alarm
+    # temporaries of a save killed mid-write are cleaned at start-up
+    stale = tmp_path / "ck" / ".ckpt-000000000400.pt.123.abcd.tmp"
+    stale.write_bytes(b"partial")
+    CheckpointRing(str(tmp_path / "ck"), keep=2)
+    assert not stale.exists()
+
+
+def test_truncate_jsonl_drops_lines_past_resume_point_and_partial_line(tmp_path):
+    p = tmp_path / "log.jsonl"
+    p.write_text('{"kimg": 1.0}\n{"kimg": 2.0}\n{"kimg": 3.0}\n{"kimg": 4.')
+    truncate_jsonl(str(p), 2.0)
+    assert p.read_text() == '{"kimg": 1.0}\n{"kimg": 2.0}\n'
