@@ -1,0 +1,20 @@
+"""Evaluation metrics of the embedded default runs (and the general Fréchet distance later FIDs reuse).
+
+* `frechet_distance`, `feature_statistics`, `FeatureStatistics` — float64 Fréchet distance of feature sets.
+* `flow_map_error` — E‖f(x_σ, σ) − Ψ_{σ→σ_end}(x_σ)‖² against the exact PF-ODE flow of a Gaussian mixture.
+* `sliced_wasserstein` — sliced 2-Wasserstein distance between two sample sets (unequal sizes allowed).
+* `DigitsMetrics` — classifier-feature FD and class histograms for digits samples; the classifier is trained
+  once and cached (`load_digits_classifier`).
+"""
+from engine.metrics.digits_classifier import (DigitsClassifier, DigitsClassifierConfig, DigitsMetrics,
+                                              class_histogram, default_cache_dir, digits_classifier_path,
+                                              load_digits_classifier, to_classifier_input,
+                                              train_digits_classifier)
+from engine.metrics.flow_map import FlowMapError, flow_map_error, reference_ode_steps
+from engine.metrics.frechet import FeatureStatistics, feature_statistics, frechet_distance
+from engine.metrics.sliced_wasserstein import sliced_wasserstein, wasserstein_1d_squared
+
+__all__ = ["frechet_distance", "feature_statistics", "FeatureStatistics", "flow_map_error", "FlowMapError",
+           "reference_ode_steps", "sliced_wasserstein", "wasserstein_1d_squared", "DigitsMetrics",
+           "DigitsClassifier", "DigitsClassifierConfig", "load_digits_classifier", "train_digits_classifier",
+           "digits_classifier_path", "default_cache_dir", "to_classifier_input", "class_histogram"]
