@@ -1,0 +1,80 @@
+"""The loop end to end on tiny problems: what it logs and counts, that a NaN stops it without touching what was
+saved, and that a changed configuration is not silently resumed."""
+import json
+import os
+
+import pytest
+import torch
+
+from engine.data import GaussianMixture
+from engine.data.sampler import TensorSource
+from engine.loop import NonFiniteError, StageConfig, train_stage
+from engine.networks import build_network
+from engine.objectives import EDMLoss, LossOutput
+from engine.objectives.base import Objective
+from engine.precond import EDMPrecond
+
+
+def tiny_setup():
+    gm = GaussianMixture.random(4, (2,), std=0.1, seed=0)
+    data = TensorSource(gm.sample(256, generator=torch.Generator().manual_seed(0)).float())
+    torch.manual_seed(0)
+    net = EDMPrecond(build_network("gmm-mlp", hidden_channels=16, num_blocks=1))
+    return net, data
+
+
+def cfg(**kw):
+    base = dict(name="s", total_kimg=0.16, batch_size=32, lr=1e-3, log_kimg=0.064, ckpt_kimg=0.064, seed=1)
+    return StageConfig(**{**base, **kw})
+
+
+def test_logs_counters_and_release(tmp_path):
+    net, data = tiny_setup()
+    res = train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
+    assert res.nimg == 160 and res.counters["steps"] == 5
+    assert res.counters["images"] == res.counters["pairs"] == res.counters["student_backward"] == 160
+    recs = [json.loads(l) for l in open(tmp_path / "s" / "log.jsonl")]
+    assert [r["kimg"] for r in recs] == [0.064, 0.128, 0.16]
+    assert all(r["loss"] > 0 and r["teacher_nfe_per_pair"] == 0 and r["student_forward_per_pair"] == 1
+               for r in recs)
+    # the linear schedule: the rate logged at the last step is lr·(1 − 128/160)
+    assert recs[-1]["lr"] == pytest.approx(1e-3 * (1 - 128 / 160))
+    assert (tmp_path / "s" / "ema.safetensors").exists() and (tmp_path / "s" / "config.json").exists()
+
+
+class NaNAfter(Objective):
+    """EDM loss that turns NaN from the k-th call on."""
+
+    def __init__(self, k):
+        self.inner, self.k, self.calls = EDMLoss(), k, 0
+
+    def __call__(self, net, images, labels, rng):
+        self.calls += 1
+        out = self.inner(net, images, labels, rng)
+        if self.calls >= self.k:
+            out = LossOutput(loss=out.loss * float("nan"), pairs=out.pairs, student_forward=out.student_forward,
+                             student_backward=out.student_backward)
+        return out
+
+
+def test_nonfinite_loss_stops_the_stage_and_keeps_saved_checkpoints(tmp_path):
+    net, data = tiny_setup()
+    with pytest.raises(NonFiniteError, match=r"non-finite between 0.064 and 0.128 kimg.*ckpt-000000000064.pt"):
+        train_stage(cfg(), net, NaNAfter(3), data, str(tmp_path))
+    ckpts = sorted(os.listdir(tmp_path / "s" / "checkpoints"))
+    assert ckpts == ["ckpt-000000000064.pt"]  # the good one, and nothing written after the NaN step
+    state = torch.load(tmp_path / "s" / "checkpoints" / ckpts[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
+    assert not (tmp_path / "s" / "ema.safetensors").exists()
+
+
+def test_changed_configuration_is_not_resumed(tmp_path):
+    net, data = tiny_setup()
+    train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
+    net2, _ = tiny_setup()
+    with pytest.raises(RuntimeError, match="different configuration"):
+        train_stage(cfg(lr=2e-3), net2, EDMLoss(), data, str(tmp_path))
+    # a rerun of the finished stage with the same configuration trains nothing and returns the same EMA
+    net3, _ = tiny_setup()
+    again = train_stage(cfg(), net3, EDMLoss(), data, str(tmp_path))
+    assert again.counters["steps"] == 5
