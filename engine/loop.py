@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -84,7 +85,7 @@ def initialise(net: nn.Module, source) -> nn.Module:
     return load_network_state(net, state, ignore=TEACHER_ONLY_KEYS)
 
 
-def _optimizer(cfg: StageConfig, params, device: torch.device):
+def make_optimizer(cfg: StageConfig, params, device: torch.device):
     cuda = device.type == "cuda"
     if cfg.optimizer == "adam":  # fused kernel on CUDA: one launch for the whole update
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -100,6 +101,35 @@ def _crossed(before: int, after: int, every_kimg: float | None) -> bool:
         return False
     every = max(1, round(every_kimg * 1000))
     return after // every > before // every
+
+
+def _warn_if_ema_too_long(cfg: StageConfig, total_nimg: int) -> None:
+    """A constant-β EMA over a stage shorter than a few 1/(1−β) steps still holds mostly the initial weights at the
+    end (0.999 over 250 steps keeps 78% of them), so every metric taken on it measures the init, not the training.
+    The power-function EMA (`ema_std`) scales with the stage and has no such failure."""
+    if cfg.ema_beta is None:
+        return
+    steps = math.ceil(total_nimg / cfg.batch_size)
+    kept = cfg.ema_beta ** steps
+    if kept > 0.1:
+        warnings.warn(f"stage {cfg.name!r}: EMA beta={cfg.ema_beta} over {steps} steps keeps {kept:.0%} of the "
+                      f"initial weights at the end; use a smaller beta or the power-function EMA (ema_std)",
+                      stacklevel=3)
+
+
+def train_step(net: nn.Module, objective: Objective, opt, params, images, labels, rng: StepRNG, autocast,
+               grad_clip: float | None, device: torch.device):
+    """One optimisation step, the unit the benchmarks (bench/) time: the objective's forward under the step's
+    dropout seed and autocast, backward of the mean per-pair loss, gradient clipping, optimizer step. Returns
+    (the objective's LossOutput, the mean loss, the gradient norm), the last two on device (no host sync)."""
+    with dropout_generator(rng.seed(), device), autocast:
+        out = objective(net, images, labels, rng)
+    loss = out.loss.float().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+    opt.step()
+    return out, loss, grad_norm
 
 
 def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, run_dir: str,
@@ -119,8 +149,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
 
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = _optimizer(cfg, params, device)
+    opt = make_optimizer(cfg, params, device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
+    _warn_if_ema_too_long(cfg, total_nimg)
     sampler = ResumableSampler(len(data), seed=cfg.seed)
     nimg = data_pos = 0
     counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
@@ -160,14 +191,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
             rng = StepRNG.for_step(cfg.seed, rank, nimg, device)
             n_images = objective.images_per_step(cfg.batch_size)
             images, labels = data.batch(sampler.indices(data_pos, n_images), device)
-            with dropout_generator(rng.seed(), device), autocast:
-                out = objective(net, images, labels, rng)
-            loss = out.loss.float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            out, loss, grad_norm = train_step(net, objective, opt, params, images, labels, rng, autocast,
+                                              cfg.grad_clip, device)
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
-            opt.step()
             ema.update(net, nimg + cfg.batch_size, cfg.batch_size)
             before, nimg, data_pos = nimg, nimg + cfg.batch_size, data_pos + n_images
             for k, v in dict(images=n_images, pairs=out.pairs, teacher_nfe=out.teacher_nfe,
