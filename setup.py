@@ -51,7 +51,8 @@ setup(
     # a range here would let pip pull a multi-GB CUDA build when torch is missing, so only a floor is given.
     install_requires=["torch>=2.4", "numpy>=1.24", "scikit-learn>=1.2", "pillow>=9", "safetensors>=0.4",
                       "tqdm>=4.60", "matplotlib>=3.5"],
-    extras_require={"test": ["pytest>=7", "scipy>=1.10"]},
+    # Triton for the tests: CPU machines check the kernels in its interpreter (CUDA builds of torch bring it anyway)
+    extras_require={"test": ["pytest>=7", "scipy>=1.10", "triton>=3.2"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

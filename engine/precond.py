@@ -14,7 +14,9 @@ import math
 import torch
 from torch import nn
 
+from engine import ops
 from engine.schedules import SIGMA_DATA
+from kernels.precond import skip_out_reference
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,22 +71,29 @@ class _Precond(nn.Module):
     def label_dim(self) -> int:
         return int(getattr(self.model, "label_dim", 0))
 
+    def boundary(self) -> bool:
+        """Whether the consistency boundary condition D(x, σ_min) = x is in force (engine.ops.precond_output)."""
+        return False
+
     def skip_out(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(c_skip, c_out) at σ (any shape), the coefficients the output side applies."""
+        return skip_out_reference(sigma, self.sigma_data, self.sigma_min, self.boundary())
 
     def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        sigma = as_sigma(sigma, x, dtype)
-        sd = self.sigma_data
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = (sigma.log() / 4).reshape(-1).expand(x.shape[0])
-        c_skip, c_out = self.skip_out(sigma)
+        sigma = as_sigma(sigma, x, dtype).reshape(-1)  # [B] or [1]
+        c_noise = (sigma.log() / 4).expand(x.shape[0])
         class_labels = as_class_labels(labels, self.label_dim, x.shape[0], x.device, dtype)
-        F_x = self.model(c_in * x, c_noise, class_labels=class_labels, augment_labels=augment_labels)
-        # The reference casts F to float32 before the skip combination (spec/cm.md §1.2): under bf16 autocast
-        # the backbone returns bf16, the output side stays in fp32.
-        return c_skip * x + c_out * F_x.to(dtype)
+        # Input side c_in·x, stored in the backbone's compute dtype (bf16 under CUDA autocast: the cast its first
+        # layer makes anyway). Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does
+        # (spec/cm.md §1.2): under autocast the backbone returns bf16 and the combination stays fp32.
+        net_dtype = dtype
+        if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            net_dtype = torch.get_autocast_dtype(x.device.type)
+        x_in = ops.precond_input(x, sigma, self.sigma_data, net_dtype)
+        F_x = self.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
+        return ops.precond_output(x, F_x, sigma, self.sigma_data, self.sigma_min, self.boundary())
 
     def round_sigma(self, sigma):
         """EDM's round_sigma is the identity for these wrappers."""
@@ -94,10 +103,6 @@ class _Precond(nn.Module):
 class EDMPrecond(_Precond):
     """EDM preconditioning (spec/cm.md §1.2): c_skip = σ_d²/(σ²+σ_d²), c_out = σσ_d/√(σ²+σ_d²),
     c_in = 1/√(σ²+σ_d²), c_noise = ln(σ)/4."""
-
-    def skip_out(self, sigma):
-        sd = self.sigma_data
-        return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
 
 
 class CMPrecond(_Precond):
@@ -113,9 +118,5 @@ class CMPrecond(_Precond):
                  sigma_max: float = math.inf):
         super().__init__(model, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max)
 
-    def skip_out(self, sigma):
-        sd = self.sigma_data
-        if self.training:
-            return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        s = sigma - self.sigma_min
-        return sd ** 2 / (s ** 2 + sd ** 2), s * sd / (sigma ** 2 + sd ** 2).sqrt()
+    def boundary(self) -> bool:
+        return not self.training

@@ -6,15 +6,19 @@ host in float64 from the σ grid; only the state arithmetic happens in the state
 
 `dpm_solver_pp` is the teacher of CMT mid-training (spec/cm.md §2): multistep DPM-Solver++ (data prediction)
 on the EDM schedule α = 1, σ_t = t, λ = −ln σ, with one denoiser call per step and the whole trajectory
-returned. Its update is written as x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel (kernels/)
-and this reference path compute the same sums from the same float64 coefficients.
+returned. Its update is written as x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel
+(kernels/dpm_solver.py) and the PyTorch reference beside it compute the same sums from the same float64
+coefficients; `engine.ops` picks one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
 import torch
+
+from engine import ops
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -94,18 +98,54 @@ def dpm_solver_pp_coefficients(sigmas, order: int = 3, lower_order_final: bool =
     return coef, orders
 
 
-def dpm_solver_pp_update(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float]) -> torch.Tensor:
-    """Reference update x_next = a·x + Σ_j b_j·M_j (history newest first). This is the math the fused kernel
-    implements; kept separate so the dispatch point can swap it."""
-    a, *b = (float(c) for c in coef)
-    out = x * a
-    for bj, m in zip(b, history):
-        if bj != 0.0:
-            out = out + bj * m
-    return out
+@dataclasses.dataclass
+class DPMSolverPlan:
+    """Everything about a DPM-Solver++ solve that does not depend on the state: the σ grid, the per-step orders
+    and float64-derived coefficients (host), and the σ of each denoiser call as a device tensor. Built once per
+    grid and device, so that a solve touches the host for nothing (CUDA-graph capture needs exactly that)."""
+    sigmas: torch.Tensor          # float64, host, [N + 1]
+    orders: list[int]             # [N]
+    coefs: list[list[float]]      # [N][(a, b0, b1, b2)]
+    call_sigmas: torch.Tensor     # [N] σ_0 … σ_{N−1} on the state's device, in the state's dtype
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.orders)
+
+
+def dpm_solver_plan(sigmas, order: int = 3, lower_order_final: bool = True, third_order: str = "upstream",
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DPMSolverPlan:
+    s = _check_grid(sigmas)
+    coef, orders = dpm_solver_pp_coefficients(s, order, lower_order_final, third_order)
+    return DPMSolverPlan(sigmas=s, orders=orders, coefs=coef.tolist(),
+                         call_sigmas=s[:-1].to(device=device, dtype=dtype))
 
 
 @torch.no_grad()
+def run_dpm_solver(denoiser: Denoiser, x_T: torch.Tensor, plan: DPMSolverPlan, labels=None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The solve itself (see `dpm_solver_pp`): N denoiser calls and N fused updates, nothing on the host."""
+    n = plan.num_steps
+    shape = (n + 1, *x_T.shape)
+    if out is None:
+        out = torch.empty(shape, dtype=x_T.dtype, device=x_T.device)
+    elif tuple(out.shape) != shape or out.dtype != x_T.dtype or out.device != x_T.device:
+        raise ValueError(f"trajectory buffer must be {shape} {x_T.dtype} on {x_T.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if plan.call_sigmas.device != x_T.device or plan.call_sigmas.dtype != x_T.dtype:
+        raise ValueError(f"the plan's σ are {plan.call_sigmas.dtype} on {plan.call_sigmas.device}; the state is "
+                         f"{x_T.dtype} on {x_T.device}")
+    out[0] = x_T
+    history: list[torch.Tensor] = []  # denoiser outputs, newest first, at most 3
+    for i in range(1, n + 1):
+        sigma = plan.call_sigmas[i - 1].expand(x_T.shape[0])
+        history.insert(0, denoiser(out[i - 1], sigma, labels).to(x_T.dtype))
+        del history[3:]
+        # x_i = a·x_{i−1} + Σ b_j M_j, written straight into its trajectory slot (fused kernel on CUDA).
+        ops.dpm_solver_update(out[i - 1], history[:plan.orders[i - 1]], plan.coefs[i - 1], out=out[i])
+    return out
+
+
 def dpm_solver_pp(denoiser: Denoiser, x_T: torch.Tensor, sigmas, order: int = 3, labels=None,
                   lower_order_final: bool = True, third_order: str = "upstream",
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,23 +155,8 @@ def dpm_solver_pp(denoiser: Denoiser, x_T: torch.Tensor, sigmas, order: int = 3,
     last σ; no final denoising step (spec/cm.md §2.6). Exactly one denoiser call per step, at σ_0 … σ_{N−1}
     (spec/cm.md §2.4). `out` may be a preallocated trajectory buffer of that shape and x_T's dtype.
     `third_order` selects the order-3 rule (see `dpm_solver_pp_coefficients`; the default is CMT's)."""
-    s = _check_grid(sigmas)
-    coef, _ = dpm_solver_pp_coefficients(s, order, lower_order_final, third_order)
-    n = len(s) - 1
-    shape = (n + 1, *x_T.shape)
-    if out is None:
-        out = torch.empty(shape, dtype=x_T.dtype, device=x_T.device)
-    elif tuple(out.shape) != shape or out.dtype != x_T.dtype:
-        raise ValueError(f"trajectory buffer must be {shape} {x_T.dtype}, got {tuple(out.shape)} {out.dtype}")
-    out[0] = x_T
-    sig_dev = s.to(device=x_T.device, dtype=x_T.dtype)
-    history: list[torch.Tensor] = []  # denoiser outputs, newest first, at most 3
-    for i in range(1, n + 1):
-        sigma = sig_dev[i - 1].expand(x_T.shape[0])
-        history.insert(0, denoiser(out[i - 1], sigma, labels).to(x_T.dtype))
-        del history[3:]
-        out[i] = dpm_solver_pp_update(out[i - 1], history, coef[i - 1].tolist())
-    return out
+    plan = dpm_solver_plan(sigmas, order, lower_order_final, third_order, x_T.device, x_T.dtype)
+    return run_dpm_solver(denoiser, x_T, plan, labels, out)
 
 
 # ---- EDM's Euler and Heun samplers ---------------------------------------------------------------------------

@@ -2,16 +2,17 @@
 
     EDMLoss   teacher pre-training (spec/cm.md §1.1)
     CMT       consistency mid-training on teacher DPM-Solver++ trajectories (spec/cm.md §3.1)
+    CachedCMT CMT on trajectories pre-generated to disk (engine/trajectory_cache.py)
     KD        the KD-style ablation: (x_T, σ_max) → teacher endpoint
     SlowCMT   the "Slow CMT" ablation: one teacher solve per pair
     ECT       easy consistency tuning (spec/cm.md §4.1)
     ECD       easy consistency distillation, one teacher Euler/Heun step per pair (spec/cm.md §4.5)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
-from engine.objectives.cmt import CMT, KD, SlowCMT
+from engine.objectives.cmt import CMT, KD, CachedCMT, SlowCMT
 from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_distance, squared_l2
 from engine.objectives.ect import ECD, ECT
 from engine.objectives.edm import EDMLoss
 
-__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "KD", "SlowCMT", "ECT", "ECD",
+__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
            "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

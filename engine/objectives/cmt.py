@@ -10,7 +10,8 @@ on the log-SNR grid σ_0 = σ_max > … > σ_N = σ_min; they differ in which (i
               target is the solve from x over σ_j … σ_N (N − j teacher calls).
 
 The teacher is any denoiser `teacher(x, sigma, labels=None) -> x0`; it is frozen here (eval mode, no gradients)
-and called with the data labels (the reference's teacher is unconditional and gets none; an unconditional
+and its full-grid solve is CUDA-graph captured on GPUs (`graphs=False` to switch that off; engine/teacher.py). It is
+called with the data labels (the reference's teacher is unconditional and gets none; an unconditional
 EDMPrecond drops labels itself). The solves run without gradients in the data's dtype.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
 from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
 from engine.solvers import THIRD_ORDER_RULES, dpm_solver_pp
+from engine.teacher import TeacherSolver
 
 PRIORS = ("data", "noise")
 
@@ -45,7 +47,7 @@ class _TeacherSolve(Objective):
     """Shared knobs and the teacher solve of CMT, KD and Slow CMT."""
 
     def __init__(self, teacher, nfe: int, order: int, sigma_max: float, sigma_min: float, distance,
-                 third_order: str):
+                 third_order: str, graphs: bool = True):
         if int(nfe) != nfe or nfe < 1:
             raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
         if order not in (1, 2, 3):
@@ -57,6 +59,8 @@ class _TeacherSolve(Objective):
         self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
         self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], spec/cm.md §2.2
         self.distance = resolve_distance(distance)
+        # the full-grid solve, CUDA-graph captured on GPUs (engine/teacher.py)
+        self.solver = TeacherSolver(self.teacher, self.sigmas, self.order, third_order=third_order, graphs=graphs)
 
     def solve(self, x: torch.Tensor, sigmas: torch.Tensor, labels) -> torch.Tensor:
         """The teacher trajectory [len(sigmas), *x.shape] from x at sigmas[0] (no gradients).
@@ -64,6 +68,8 @@ class _TeacherSolve(Objective):
         The loop's bf16 autocast (CUDA) is switched off here: the reference integrates the teacher in fp32, and
         the targets of every pair come from this one solve."""
         with torch.autocast(x.device.type, enabled=False):
+            if sigmas is self.sigmas:
+                return self.solver(x, labels)
             return dpm_solver_pp(self.teacher, x, sigmas, order=self.order, labels=labels,
                                  third_order=self.third_order)
 
@@ -71,8 +77,8 @@ class _TeacherSolve(Objective):
 class _FromPrior(_TeacherSolve):
     """CMT and KD start each trajectory at σ_max from the prior chosen by `prior`."""
 
-    def __init__(self, teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order):
-        super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order)
+    def __init__(self, teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs=True):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order, graphs)
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         self.prior = prior
@@ -104,8 +110,8 @@ class CMT(_FromPrior):
 
     def __init__(self, teacher, nfe: int = 16, order: int = 3, *, trajectories_per_batch: int = 8,
                  sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, prior: str = "data", distance,
-                 third_order: str = "upstream"):
-        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order)
+                 third_order: str = "upstream", graphs: bool = True):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs)
         if int(trajectories_per_batch) != trajectories_per_batch or trajectories_per_batch < 1:
             raise ValueError(f"trajectories_per_batch must be a positive integer, got {trajectories_per_batch!r}")
         self.trajectories_per_batch = int(trajectories_per_batch)
@@ -120,16 +126,50 @@ class CMT(_FromPrior):
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         # m is whatever this call was given (per rank, it may be a share of trajectories_per_batch).
-        m, N = images.shape[0], self.nfe
         x_T = self.start(images, rng)
         traj = self.solve(x_T, self.sigmas, labels)                   # [N + 1, m, ...], no grad
-        X = traj[:N].reshape(N * m, *x_T.shape[1:])                   # entry j·m + b = x_j[b]  (a view)
-        Y = traj[N].repeat(N, *([1] * (x_T.ndim - 1)))                # entry j·m + b = x_N[b]
-        tau = self.sigmas[:N].to(device=x_T.device, dtype=x_T.dtype).repeat_interleave(m)  # σ_j, step-major
-        S = net(X, tau, tile(labels, N))
-        loss = self.distance(S, Y)
-        return LossOutput(loss=loss, pairs=N * m, teacher_nfe=N * m, student_forward=N * m,
-                          student_backward=N * m)
+        return trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, teacher_nfe=True)
+
+
+def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance,
+                          teacher_nfe: bool) -> LossOutput:
+    """CMT's pairs from trajectories [N + 1, m, ...] on the grid `sigmas` [N + 1] (spec/cm.md §3.1): entry
+    k = j·m + b has input x_j[b], σ = σ_j and target x_N[b] — step-major, as the reference lays them out."""
+    N, m = traj.shape[0] - 1, traj.shape[1]
+    X = traj[:N].reshape(N * m, *traj.shape[2:])                      # entry j·m + b = x_j[b]  (a view)
+    Y = traj[N].repeat(N, *([1] * (traj.ndim - 2)))                    # entry j·m + b = x_N[b]
+    tau = sigmas[:N].to(device=traj.device, dtype=traj.dtype).repeat_interleave(m)  # σ_j, step-major
+    S = net(X, tau, tile(labels, N))
+    loss = distance(S, Y)
+    return LossOutput(loss=loss, pairs=N * m, teacher_nfe=N * m if teacher_nfe else 0, student_forward=N * m,
+                      student_backward=N * m)
+
+
+class CachedCMT(Objective):
+    """CMT on pre-generated trajectories (engine/trajectory_cache.py, `TrajectorySource`): the source yields
+    trajectories [m, N + 1, ...] in place of images, and the pairs, σ's and targets are exactly CMT's — with no
+    teacher call, so a step is one back-propagated student evaluation per pair. `spec` is the store's StoreSpec
+    (its σ grid is the one the trajectories were solved on). Teacher NFE are counted when the store is written,
+    not here."""
+
+    name = "cmt_cached"
+
+    def __init__(self, spec, *, trajectories_per_batch: int = 8, distance):
+        if int(trajectories_per_batch) != trajectories_per_batch or trajectories_per_batch < 1:
+            raise ValueError(f"trajectories_per_batch must be a positive integer, got {trajectories_per_batch!r}")
+        self.trajectories_per_batch = int(trajectories_per_batch)
+        self.nfe = int(spec.nfe)
+        self.sigmas = spec.sigmas()
+        self.distance = resolve_distance(distance)
+
+    images_per_step = CMT.images_per_step
+
+    def __call__(self, net, trajectories: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        if trajectories.ndim < 3 or trajectories.shape[1] != self.nfe + 1:
+            raise ValueError(f"CachedCMT takes trajectories [m, {self.nfe + 1}, ...] from a TrajectorySource, got "
+                             f"{tuple(trajectories.shape)}")
+        return trajectory_pairs_loss(net, trajectories.transpose(0, 1), self.sigmas, labels, self.distance,
+                                     teacher_nfe=False)
 
 
 class KD(_FromPrior):
@@ -140,8 +180,9 @@ class KD(_FromPrior):
     name = "kd"
 
     def __init__(self, teacher, nfe: int = 16, order: int = 3, *, sigma_max: float = SIGMA_MAX,
-                 sigma_min: float = SIGMA_MIN, prior: str = "data", distance, third_order: str = "upstream"):
-        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order)
+                 sigma_min: float = SIGMA_MIN, prior: str = "data", distance, third_order: str = "upstream",
+                 graphs: bool = True):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs)
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         m, N = images.shape[0], self.nfe

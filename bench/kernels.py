@@ -1,0 +1,291 @@
+"""Fast-teacher benchmarks: the fused DPM-Solver++ update, the CUDA-graph teacher, the trajectory cache, and the
+CMT iteration against the ECT iteration.
+
+    python bench/kernels.py              # a GPU: every table; JSON to bench/results/, markdown to stdout
+    python bench/kernels.py --record     # the same, and the tables appended to bench/RESULTS.md
+    python bench/kernels.py --smoke      # CPU, tiny sizes, two repetitions: checks that the script runs
+
+1. Fused update: effective bandwidth (the bytes the update must move: read x and k outputs, write one state)
+   of the Triton kernel, of PyTorch's eager sequence for the same expanded update (4 kernels), of the upstream
+   difference form (D1_0, D1_1, D1, D2 then the φ-sum, as LuChengTHU/dpm-solver and sony/cmt write it), and of a
+   device-to-device copy of one state (the bandwidth ceiling).
+2. Teacher trajectory, 16 NFE on the CIFAR-10 DDPM++ teacher at 8 trajectories: eager with the reference math,
+   eager with the kernels, CUDA-graph replay, and reading 8 stored trajectories from a trajectory store.
+3. One training iteration (engine.loop.train_step, the same function training runs; RAdam, bf16 autocast) on the
+   CIFAR-10 DDPM++ student at 128 pairs: ECT (the post-training objective of recipes/cifar10_cmt_ect.py), CMT
+   with the eager teacher, CMT with the graph teacher and kernels, and CMT on cached trajectories; each with the
+   squared-L2 distance and with LPIPS (random VGG weights: same cost as the real ones).
+
+Timings: warm-up iterations first (Triton compilation, cuDNN autotuning, graph capture), then the median of the
+timed repetitions (CUDA events around each). Networks have random weights; speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from engine import ops  # noqa: E402
+from engine.data.sampler import TensorSource  # noqa: E402
+from engine.loop import StageConfig, make_optimizer, train_step  # noqa: E402
+from engine.lpips import LPIPS  # noqa: E402
+from engine.networks import build_network  # noqa: E402
+from engine.objectives import CMT, ECT, CachedCMT, StepRNG, perceptual, squared_l2  # noqa: E402
+from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
+from engine.schedules import logsnr_sigmas  # noqa: E402
+from engine.solvers import dpm_solver_pp_coefficients  # noqa: E402
+from engine.teacher import TeacherSolver  # noqa: E402
+from engine import trajectory_cache as tc  # noqa: E402
+from kernels import dpm_solver as kdpm  # noqa: E402
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    old = os.environ.get("ENGINE_KERNELS")
+    os.environ["ENGINE_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ENGINE_KERNELS", None)
+        else:
+            os.environ["ENGINE_KERNELS"] = old
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, reps: int, warmup: int) -> float:
+    """Median seconds of `fn()` over `reps` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ---- 1. the fused update ----------------------------------------------------------------------------------------
+
+def upstream_difference_form(x, m0, m1, m2, t, s0, s1, s2):
+    """The third-order multistep update as the reference code writes it (spec/cm.md §2.5): one kernel per op."""
+    lam = lambda v: -math.log(v)
+    h, h0, h1 = lam(t) - lam(s0), lam(s0) - lam(s1), lam(s1) - lam(s2)
+    r0, r1 = h0 / h, h1 / h
+    phi1 = math.expm1(-h)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    d1_0 = (1.0 / r0) * (m0 - m1)
+    d1_1 = (1.0 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    return (t / s0) * x - phi1 * m0 + phi2 * d1 - phi3 * d2
+
+
+def bench_update(device, sizes, dtypes, reps, warmup):
+    sig = logsnr_sigmas(16)
+    coef, _ = dpm_solver_pp_coefficients(sig)
+    step = 6  # a third-order step
+    c = coef[step].tolist()
+    t, s0, s1, s2 = (sig[step + 1 - j].item() for j in range(4))
+    rows = []
+    for n in sizes:
+        for dtype in dtypes:
+            x, m0, m1, m2 = (torch.randn(n, device=device).to(dtype) for _ in range(4))
+            out = torch.empty_like(x)
+            useful = 5 * n * x.element_size()  # read x, M0, M1, M2; write x_next
+            fused = median_time(lambda: kdpm.update_triton(x, [m0, m1, m2], c, out), device, reps, warmup)
+            eager = median_time(lambda: kdpm.update_reference(x, [m0, m1, m2], c, out), device, reps, warmup)
+            upstream = median_time(lambda: upstream_difference_form(x, m0, m1, m2, t, s0, s1, s2), device, reps,
+                                   warmup)
+            copy = median_time(lambda: out.copy_(x), device, reps, warmup)
+            copy_bw = 2 * n * x.element_size() / copy
+            rows.append(dict(elements=n, dtype=str(dtype).replace("torch.", ""),
+                             fused_us=fused * 1e6, eager_us=eager * 1e6, upstream_us=upstream * 1e6,
+                             copy_us=copy * 1e6, fused_GBs=useful / fused / 1e9, eager_GBs=useful / eager / 1e9,
+                             upstream_GBs=useful / upstream / 1e9, copy_GBs=copy_bw / 1e9,
+                             fused_over_copy_bw=(useful / fused) / copy_bw,
+                             speedup_vs_eager=eager / fused, speedup_vs_upstream=upstream / fused))
+    return rows
+
+
+# ---- 2. the teacher trajectory -----------------------------------------------------------------------------------
+
+def bench_teacher(device, teacher, shape, trajectories, reps, warmup, store_dir):
+    sig = logsnr_sigmas(16)
+    x_T = torch.randn(trajectories, *shape, device=device) * 80
+    rows = {}
+    with kernel_mode("ref"):
+        eager_ref = TeacherSolver(teacher, sig, graphs=False)
+        rows["eager_reference_ms"] = median_time(lambda: eager_ref(x_T), device, reps, warmup) * 1e3
+    with kernel_mode("auto" if device.type == "cuda" else "ref"):
+        eager_k = TeacherSolver(teacher, sig, graphs=False)
+        rows["eager_kernels_ms"] = median_time(lambda: eager_k(x_T), device, reps, warmup) * 1e3
+        graph = TeacherSolver(teacher, sig)
+        rows["graph_ms"] = median_time(lambda: graph(x_T), device, reps, warmup) * 1e3
+        rows["graph_replays"] = graph.replays
+        # a store of 64 trajectories; each timed read takes 8 random ones to the device
+        images = torch.rand(64, *shape) * 2 - 1
+        spec = tc.StoreSpec(num_trajectories=64, shape=list(shape), chunk=32, teacher="bench (random weights)")
+        tc.write_store(store_dir, spec, teacher, TensorSource(images), device, batch=trajectories, progress=False)
+        source = tc.TrajectorySource(store_dir)
+        g = torch.Generator().manual_seed(0)
+        rows["cache_read_ms"] = median_time(
+            lambda: source.batch(torch.randperm(64, generator=g)[:trajectories], device), device, reps, warmup) * 1e3
+    rows["graph_speedup"] = rows["eager_kernels_ms"] / rows["graph_ms"]
+    rows["graph_speedup_vs_reference"] = rows["eager_reference_ms"] / rows["graph_ms"]
+    return rows, source
+
+
+# ---- 3. iterations -----------------------------------------------------------------------------------------------
+
+def bench_iterations(device, student_fn, teacher, shape, batch, trajectories, reps, warmup, source, lpips):
+    images = TensorSource(torch.rand(1024, *shape, device=device) * 2 - 1)
+    distances = {"l2": squared_l2}
+    if lpips is not None:
+        distances["lpips"] = perceptual(lpips)
+    cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=1e-4, optimizer="radam")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    results = {}
+    arms = [("ect", lambda d: ECT(q=4096, distance=d), images, "auto"),
+            ("cmt_eager_teacher", lambda d: CMT(teacher, trajectories_per_batch=trajectories, distance=d,
+                                                graphs=False), images, "ref"),
+            ("cmt_graph_teacher", lambda d: CMT(teacher, trajectories_per_batch=trajectories, distance=d), images,
+             "auto"),
+            ("cmt_cached", lambda d: CachedCMT(source.spec, trajectories_per_batch=trajectories, distance=d), source,
+             "auto")]
+    for dname, dist in distances.items():
+        for arm, make, data, mode in arms:
+            with kernel_mode(mode if device.type == "cuda" else "ref"):
+                torch.manual_seed(0)
+                net = student_fn().to(device).train()
+                params = [p for p in net.parameters() if p.requires_grad]
+                opt = make_optimizer(cfg, params, device)
+                objective = make(dist)
+                state = {"nimg": 0}
+
+                def step():
+                    n = objective.images_per_step(batch)
+                    idx = torch.arange(state["nimg"], state["nimg"] + n) % len(data)
+                    x, y = data.batch(idx, device)
+                    rng = StepRNG.for_step(0, 0, state["nimg"], device)
+                    train_step(net, objective, opt, params, x, y, rng, autocast, None, device)
+                    state["nimg"] += batch
+
+                results[f"{arm}/{dname}"] = median_time(step, device, reps, warmup) * 1e3
+        ect = results[f"ect/{dname}"]
+        for arm, *_ in arms[1:]:
+            results[f"{arm}/{dname}/over_ect"] = results[f"{arm}/{dname}"] / ect
+    return results
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+def machine(device) -> str:
+    import triton
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    return (f"{gpu}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"{os.cpu_count()} CPU threads")
+
+
+def markdown(res: dict) -> str:
+    lines = [f"### Fast teacher — {res['date']}", "", f"Machine: {res['machine']}", "",
+             f"Command: `{res['command']}`", ""]
+    lines += ["Fused DPM-Solver++ update (order 3; GB/s = bytes the update must move / time):", "",
+              "| elements | dtype | fused µs | eager µs | upstream µs | copy µs | fused GB/s | copy GB/s | "
+              "fused / copy bw | × vs eager | × vs upstream |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["update"]:
+        lines.append(f"| {r['elements']} | {r['dtype']} | {r['fused_us']:.1f} | {r['eager_us']:.1f} | "
+                     f"{r['upstream_us']:.1f} | {r['copy_us']:.1f} | {r['fused_GBs']:.0f} | {r['copy_GBs']:.0f} | "
+                     f"{r['fused_over_copy_bw']:.2f} | {r['speedup_vs_eager']:.2f} | {r['speedup_vs_upstream']:.2f} |")
+    t = res["teacher"]
+    lines += ["", f"Teacher trajectory (16 NFE, {res['trajectories']} trajectories, {res['network']}):", "",
+              "| eager, reference math | eager, kernels | CUDA graph | cache read | graph × vs eager kernels | "
+              "graph × vs eager reference |", "|---|---|---|---|---|---|",
+              f"| {t['eager_reference_ms']:.2f} ms | {t['eager_kernels_ms']:.2f} ms | {t['graph_ms']:.2f} ms | "
+              f"{t['cache_read_ms']:.2f} ms | {t['graph_speedup']:.2f} | {t['graph_speedup_vs_reference']:.2f} |"]
+    it = res["iterations"]
+    lines += ["", f"Training iteration (train_step, {res['batch']} pairs, {res['network']}, RAdam, "
+              f"bf16 autocast on CUDA), ms and ratio to ECT:", "",
+              "| distance | ECT | CMT eager teacher | CMT graph teacher | CMT cached |", "|---|---|---|---|---|"]
+    for d in [d for d in ("l2", "lpips") if f"ect/{d}" in it]:
+        cells = [f"{it[f'ect/{d}']:.1f}"] + [f"{it[f'{a}/{d}']:.1f} ({it[f'{a}/{d}/over_ect']:.2f}×)"
+                                             for a in ("cmt_eager_teacher", "cmt_graph_teacher", "cmt_cached")]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that the script runs")
+    p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = p.parse_args(argv)
+    device = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not a.smoke:
+        raise SystemExit("bench/kernels.py measures GPU speed and needs CUDA; use --smoke to check it on a CPU")
+    if a.smoke:
+        reps, warmup, sizes, dtypes = 2, 1, [4099], [torch.float32, torch.bfloat16]
+        net_name, net_kw, shape, batch, trajectories = "digits-ddpmpp", dict(model_channels=8), (1, 8, 8), 32, 2
+    else:
+        reps, warmup = a.reps, a.warmup
+        sizes, dtypes = [8 * 3 * 32 * 32, 128 * 3 * 32 * 32, 1 << 26], [torch.float32, torch.bfloat16]
+        net_name, net_kw, shape, batch, trajectories = "cifar10-ddpmpp", {}, (3, 32, 32), 128, 8
+    torch.manual_seed(0)
+    teacher = EDMPrecond(build_network(net_name + ("-teacher" if not a.smoke else ""), **net_kw))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student_fn = lambda: CMPrecond(build_network(net_name, **net_kw))
+    lpips = None if a.smoke else LPIPS.random(0).to(device)  # LPIPS at 224² is minutes per step on a CPU
+    res = dict(date=datetime.date.today().isoformat(), machine=machine(device),
+               command="python bench/kernels.py" + (" --smoke" if a.smoke else ""), network=net_name,
+               trajectories=trajectories, batch=batch, kernels=ops.backend_name(torch.zeros(1, device=device)))
+    with kernel_mode("triton"):  # the fused kernel itself, also on CPU (interpreter) for the smoke run
+        res["update"] = bench_update(device, sizes, dtypes, reps, warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        res["teacher"], source = bench_teacher(device, teacher, shape, trajectories, reps, warmup,
+                                               os.path.join(tmp, "store"))
+        res["iterations"] = bench_iterations(device, student_fn, teacher, shape, batch, trajectories,
+                                             max(2, reps // 5), max(1, warmup // 2), source, lpips)
+    text = markdown(res)
+    print(text)
+    os.makedirs(a.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(a.out, f"kernels-{'smoke-' if a.smoke else ''}{stamp}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    if a.record:
+        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+            f.write("\n" + text)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The one dispatch point between the PyTorch reference math and the fused kernels in kernels/.
+
+    ENGINE_KERNELS=auto     (default) Triton kernels for CUDA tensors when Triton is installed, the reference
+                            otherwise;
+    ENGINE_KERNELS=triton   always the kernels; on CPU tensors they run in Triton's interpreter (this is how
+                            CI checks them without a GPU); an error if Triton is not installed;
+    ENGINE_KERNELS=ref      always the reference.
+
+The variable is read at every call, so a test can switch it with monkeypatch. `engine.solvers.dpm_solver_pp` and
+the preconditioning wrappers (`engine.precond`) call these functions and nothing else for the fused math.
+
+Under `torch.compile` the kernel path goes through the registered ops (`torch.ops.engine.*`, which have fake
+implementations); in eager mode it launches the kernels directly, saving the custom-op wrapper's host overhead
+on what is a launch-bound path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from kernels import dpm_solver as _dpm
+from kernels import precond as _pre
+from kernels import runtime
+
+MODES = ("auto", "triton", "ref")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("ENGINE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"ENGINE_KERNELS={mode!r} is not one of {MODES}")
+    return mode
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether calls on `x` take the Triton path."""
+    mode = kernel_mode()
+    if mode == "ref":
+        return False
+    if mode == "triton":
+        runtime.require()
+        return x.device.type in ("cuda", "cpu")
+    return x.device.type == "cuda" and runtime.triton is not None
+
+
+def backend_name(x: torch.Tensor) -> str:
+    """'triton' (compiled, CUDA), 'triton-interpreter' (CPU) or 'ref', for logs and benchmark tables."""
+    if not use_kernels(x):
+        return "ref"
+    return "triton" if x.device.type == "cuda" else "triton-interpreter"
+
+
+def dpm_solver_update(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float],
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x_next = a·x + b0·M0 + b1·M1 + b2·M2 (history newest first, spec/cm.md §2.5), written into `out` when
+    given (a slot of the trajectory buffer)."""
+    if not use_kernels(x):
+        return _dpm.update_reference(x, history, coef, out)
+    history = [m.contiguous() for m in history]
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    coef = [float(c) for c in coef]
+    if torch.compiler.is_compiling():
+        torch.ops.engine.dpm_solver_update(x, history, coef, out)
+    else:
+        _dpm.update_triton(x, history, coef, out)
+    return out
+
+
+def precond_input(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """c_in·x with c_in = 1/√(σ² + σ_d²) per sample (spec/cm.md §1.2), in `out_dtype` (default x's dtype):
+    the network's input, already in its compute dtype. `sigma`: [B] or [1]. Differentiable in x and σ."""
+    out_dtype = out_dtype or x.dtype
+    if not use_kernels(x):
+        return _pre.input_reference(x, sigma, sigma_data, out_dtype)
+    return _pre.precond_input(x, sigma, sigma_data, out_dtype)
+
+
+def precond_output(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigma_data: float,
+                   sigma_min: float = 0.0, boundary: bool = False) -> torch.Tensor:
+    """D = c_skip·x + c_out·F in x's dtype (fp32 for training; spec/cm.md §1.2–1.3). EDM: c_skip = σ_d²/(σ²+σ_d²),
+    c_out = σσ_d/√(σ²+σ_d²); with `boundary` (consistency model, eval mode) σ − σ_min replaces σ in c_skip and in
+    c_out's numerator, so D(x, σ_min) = x. Differentiable in x, F and σ."""
+    if not use_kernels(x):
+        return _pre.output_reference(x, F, sigma, sigma_data, sigma_min, boundary)
+    return _pre.precond_output(x, F, sigma, sigma_data, sigma_min, boundary)

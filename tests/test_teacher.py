@@ -1,0 +1,81 @@
+"""The CUDA-graph teacher (engine/teacher.py): eager fallback on CPU equal to dpm_solver_pp, and on a GPU the
+captured trajectories equal to the eager ones."""
+import logging
+
+import pytest
+import torch
+
+from engine.data import GaussianMixture
+from engine.networks import build_network
+from engine.precond import EDMPrecond
+from engine.schedules import logsnr_sigmas
+from engine.solvers import dpm_solver_pp
+from engine.teacher import TeacherSolver
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def small_unet(label_dim=0):
+    torch.manual_seed(0)
+    net = build_network("digits-ddpmpp", img_resolution=8, model_channels=8, label_dim=label_dim, dropout=0.1)
+    return EDMPrecond(net).eval().requires_grad_(False)
+
+
+def test_cpu_runs_eagerly_equal_to_dpm_solver_pp(caplog):
+    teacher = small_unet()
+    sig = logsnr_sigmas(16)
+    solver = TeacherSolver(teacher, sig)
+    x_T = torch.randn(3, 1, 8, 8) * 80
+    with caplog.at_level(logging.INFO, logger="engine.teacher"):
+        traj = solver(x_T)
+        solver(x_T)
+    assert torch.equal(traj, dpm_solver_pp(teacher, x_T, sig))
+    assert solver.replays == 0
+    reasons = [r.getMessage() for r in caplog.records]
+    assert reasons == ["teacher trajectory runs eagerly: CUDA graphs need CUDA tensors; the state is on cpu"]
+
+
+def test_eager_reasons():
+    teacher = small_unet()
+    x = torch.zeros(2, 1, 8, 8)
+    assert "switched off" in TeacherSolver(teacher, logsnr_sigmas(4), graphs=False).eager_reason(x)
+    assert "CUDA tensors" in TeacherSolver(teacher, logsnr_sigmas(4)).eager_reason(x)
+
+
+def test_class_labels_become_one_hot_outside_the_graph():
+    teacher = small_unet(label_dim=10)
+    sig = logsnr_sigmas(6)
+    x_T = torch.randn(4, 1, 8, 8) * 80
+    labels = torch.tensor([0, 3, 9, 3])
+    traj = TeacherSolver(teacher, sig)(x_T, labels)
+    assert torch.equal(traj, dpm_solver_pp(teacher, x_T, sig, labels=labels))
+    with pytest.raises(ValueError, match="class index out of range"):
+        TeacherSolver(teacher, sig)(x_T, torch.tensor([0, 1, 2, 10]))
+
+
+@cuda
+@pytest.mark.gpu
+def test_graph_replay_equals_eager_on_gpu(caplog):
+    teacher = small_unet(label_dim=10).cuda()
+    sig = logsnr_sigmas(16)
+    solver = TeacherSolver(teacher, sig)
+    for batch in (8, 5, 8):                              # a second shape gets its own graph; 8 replays again
+        x_T = torch.randn(batch, 1, 8, 8, device="cuda") * 80
+        labels = torch.randint(0, 10, (batch,), device="cuda")
+        traj = solver(x_T, labels)
+        ref = solver.eager(x_T, labels)
+        torch.testing.assert_close(traj, ref, rtol=1e-5, atol=1e-5)
+    assert solver.replays == 3 and len([g for g in solver._captured.values() if g is not None]) == 2
+
+
+@cuda
+@pytest.mark.gpu
+def test_capture_failure_falls_back_with_a_reason(caplog):
+    """The analytic teacher computes on the host (a device → host copy): capture fails, eager runs."""
+    gm = GaussianMixture.random(4, (1, 8, 8), seed=0)
+    solver = TeacherSolver(gm.denoise, logsnr_sigmas(8))
+    x_T = torch.randn(3, 1, 8, 8, device="cuda") * 80
+    with caplog.at_level(logging.INFO, logger="engine.teacher"):
+        traj = solver(x_T)
+    assert any("capture of the teacher trajectory failed" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(traj, dpm_solver_pp(gm.denoise, x_T, logsnr_sigmas(8)))
