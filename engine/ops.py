@@ -1,7 +1,7 @@
 """The one dispatch point between the PyTorch reference math and the fused kernels in kernels/.
 
-    ENGINE_KERNELS=auto     (default) Triton kernels for CUDA tensors when Triton is installed, the reference
-                            otherwise;
+    ENGINE_KERNELS=auto     (default) Triton kernels for CUDA tensors (not float64) when Triton is installed,
+                            the reference otherwise;
     ENGINE_KERNELS=triton   always the kernels; on CPU tensors they run in Triton's interpreter (this is how
                             CI checks them without a GPU); an error if Triton is not installed;
     ENGINE_KERNELS=ref      always the reference.
@@ -42,7 +42,8 @@ def use_kernels(x: torch.Tensor) -> bool:
     if mode == "triton":
         runtime.require()
         return x.device.type in ("cuda", "cpu")
-    return x.device.type == "cuda" and runtime.triton is not None
+    # float64 stays on the reference: it is for references, and the kernels receive their scalars as fp32
+    return x.device.type == "cuda" and x.dtype != torch.float64 and runtime.triton is not None
 
 
 def backend_name(x: torch.Tensor) -> str:

@@ -104,7 +104,8 @@ class TeacherSolver:
     @staticmethod
     def _key(x: torch.Tensor, labels) -> tuple:
         lab = None if labels is None else (tuple(labels.shape), labels.dtype)
-        return tuple(x.shape), x.dtype, x.device, lab
+        # autocast changes which kernels the network records, so it is part of what a graph was captured for
+        return tuple(x.shape), x.dtype, x.device, lab, torch.is_autocast_enabled(x.device.type)
 
     def _log_once(self, key, message: str) -> None:
         if key not in self._logged:

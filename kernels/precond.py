@@ -67,7 +67,10 @@ if runtime.triton is not None:
         acc_t = tl.float64 if FP64 else tl.float32
         s = tl.load(sig_ptr + (offs // row) * sig_stride, mask=mask, other=1.0).to(acc_t)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        y = x / tl.sqrt(s * s + sd2)
+        if FP64:
+            y = x / tl.sqrt(s * s + sd2)
+        else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
+            y = tl.div_rn(x, tl.sqrt_rn(s * s + sd2))
         if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
             u = (y).to(tl.float32).to(tl.uint32, bitcast=True)
             r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
@@ -83,8 +86,12 @@ if runtime.triton is not None:
         acc_t = tl.float64 if FP64 else tl.float32
         s = tl.load(sig_ptr + (offs // row) * sig_stride, mask=mask, other=1.0).to(acc_t)
         e = s - smin if BOUNDARY else s
-        c_skip = sd * sd / (e * e + sd * sd)
-        c_out = e * sd / tl.sqrt(s * s + sd * sd)
+        if FP64:
+            c_skip = sd * sd / (e * e + sd * sd)
+            c_out = e * sd / tl.sqrt(s * s + sd * sd)
+        else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
+            c_skip = tl.div_rn(sd * sd, e * e + sd * sd)
+            c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_t)
         y = c_skip * x + c_out * f
@@ -105,8 +112,12 @@ if runtime.triton is not None:
         acc_t = tl.float64 if FP64 else tl.float32
         s = tl.load(sig_ptr + (offs // row) * sig_stride, mask=mask, other=1.0).to(acc_t)
         e = s - smin if BOUNDARY else s
-        c_skip = sd * sd / (e * e + sd * sd)
-        c_out = e * sd / tl.sqrt(s * s + sd * sd)
+        if FP64:
+            c_skip = sd * sd / (e * e + sd * sd)
+            c_out = e * sd / tl.sqrt(s * s + sd * sd)
+        else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
+            c_skip = tl.div_rn(sd * sd, e * e + sd * sd)
+            c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if BF16_X:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
             u = (c_skip * g).to(tl.float32).to(tl.uint32, bitcast=True)
