@@ -148,7 +148,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     ring = CheckpointRing(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
 
     net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
+    # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they share the optimizer
+    objective.to(device)
+    params = [p for p in net.parameters() if p.requires_grad] + list(objective.parameters())
     opt = make_optimizer(cfg, params, device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
     _warn_if_ema_too_long(cfg, total_nimg)

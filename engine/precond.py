@@ -79,20 +79,33 @@ class _Precond(nn.Module):
         """(c_skip, c_out) at σ (any shape), the coefficients the output side applies."""
         return skip_out_reference(sigma, self.sigma_data, self.sigma_min, self.boundary())
 
-    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
+    def _inputs(self, x, sigma, labels):
         dtype = compute_dtype(x)
         x = x.to(dtype)
         sigma = as_sigma(sigma, x, dtype).reshape(-1)  # [B] or [1]
-        c_noise = (sigma.log() / 4).expand(x.shape[0])
-        class_labels = as_class_labels(labels, self.label_dim, x.shape[0], x.device, dtype)
+        return x, sigma, as_class_labels(labels, self.label_dim, x.shape[0], x.device, dtype)
+
+    def _backbone(self, x, sigma, class_labels, augment_labels):
         # Input side c_in·x, stored in the backbone's compute dtype (bf16 under CUDA autocast: the cast its first
-        # layer makes anyway). Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does
-        # (spec/cm.md §1.2): under autocast the backbone returns bf16 and the combination stays fp32.
-        net_dtype = dtype
-        if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        # layer makes anyway).
+        net_dtype = x.dtype
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
             net_dtype = torch.get_autocast_dtype(x.device.type)
         x_in = ops.precond_input(x, sigma, self.sigma_data, net_dtype)
-        F_x = self.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
+        c_noise = (sigma.log() / 4).expand(x.shape[0])
+        return self.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
+
+    def backbone_output(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
+        """F(c_in·x, c_noise(σ)) in the compute dtype: the raw output that D = c_skip·x + c_out·F combines. For σ =
+        σ_d·tan t and x = x_t/cos t it is −F of TrigFlow's parameterisation (spec/mf.md §5.1), which sCM uses."""
+        x, sigma, class_labels = self._inputs(x, sigma, labels)
+        return self._backbone(x, sigma, class_labels, augment_labels).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
+        x, sigma, class_labels = self._inputs(x, sigma, labels)
+        F_x = self._backbone(x, sigma, class_labels, augment_labels)
+        # Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does (spec/cm.md §1.2): under
+        # autocast the backbone returns bf16 and the combination stays fp32.
         return ops.precond_output(x, F_x, sigma, self.sigma_data, self.sigma_min, self.boundary())
 
     def round_sigma(self, sigma):

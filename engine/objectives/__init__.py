@@ -7,12 +7,14 @@
     SlowCMT   the "Slow CMT" ablation: one teacher solve per pair
     ECT       easy consistency tuning (spec/cm.md §4.1)
     ECD       easy consistency distillation, one teacher Euler/Heun step per pair (spec/cm.md §4.5)
+    SCT, SCD  continuous-time consistency training / distillation with TrigFlow (spec/mf.md §5)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import CMT, KD, CachedCMT, SlowCMT
 from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_distance, squared_l2
 from engine.objectives.ect import ECD, ECT
 from engine.objectives.edm import EDMLoss
+from engine.objectives.scm import SCD, SCT
 
 __all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
-           "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]
+           "SCT", "SCD", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

@@ -72,6 +72,14 @@ class Objective:
         """Scalars worth logging (e.g. the ECT stage); host values only."""
         return {}
 
+    def parameters(self) -> list:
+        """Trained parameters the objective owns (optimised with the network's), e.g. an adaptive loss weight."""
+        return []
+
+    def to(self, device) -> "Objective":
+        """Move owned modules (not frozen teachers, which the caller places) to `device`."""
+        return self
+
     def state_dict(self) -> dict:
         return {}
 
