@@ -5,19 +5,21 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses resolve string annotations through sys.modules
+    sys.modules[f"bench_{name}"] = mod  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_kernels_bench_smoke(tmp_path, capsys):
-    res = load("kernels").main(["--smoke", "--out", str(tmp_path)])
+    res = load("fast_teacher").main(["--smoke", "--out", str(tmp_path)])
     assert {r["dtype"] for r in res["update"]} == {"float32", "bfloat16"}
     for r in res["update"]:
         assert r["fused_us"] > 0 and r["copy_GBs"] > 0 and r["speedup_vs_eager"] > 0
@@ -30,4 +32,43 @@ def test_kernels_bench_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Fused DPM-Solver++ update" in printed and "| l2 |" in printed
     files = os.listdir(tmp_path)
-    assert len(files) == 1 and json.load(open(tmp_path / files[0]))["command"] == "python bench/kernels.py --smoke"
+    assert len(files) == 1 and json.load(open(tmp_path / files[0]))["command"] == "python bench/fast_teacher.py --smoke"
+
+
+def test_nfe_profile_measured_counts_equal_the_closed_form(capsys):
+    records = load("nfe_profile").main(["--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == records
+    keys = {"method", "config", "teacher_nfe_per_pair", "student_forward_per_pair", "student_backward_per_pair",
+            "closed_form_teacher_nfe_per_pair"}
+    assert all(keys <= set(r) for r in records)
+    assert {r["method"] for r in records} == {"cmt", "slow_cmt", "kd", "cd_euler", "cd_heun", "ct", "sct", "scd",
+                                              "cmt_cache"}
+    cmt = [r["config"] for r in records if r["method"] == "cmt"]
+    assert cmt == [f"N={n}, order={k}, c=1" for n in (8, 16, 32) for k in (1, 2, 3)]
+    for r in records:
+        assert r["teacher_nfe_per_pair"] == r["closed_form_teacher_nfe_per_pair"], r
+        assert r["student_backward_per_pair"] == 1
+        # one student pass per pair for the regression methods, two (with / without gradient) for the rest
+        two = r["method"] in ("cd_euler", "cd_heun", "ct", "sct", "scd")
+        assert r["student_forward_per_pair"] == (2 if two else 1), r
+
+
+def test_closed_form_accounting():
+    nfe = load("nfe_profile")
+    assert nfe.closed_form_cmt(16, 3) == 1.0
+    # a 3-step multistep solver bootstrapped by a 2-call single-step method: 16 pairs for 18 teacher calls
+    assert nfe.closed_form_cmt(16, 3, c=2) == 18 / 16
+
+
+def test_throughput_bench_smoke(tmp_path):
+    res = load("throughput").main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"cmt", "cmt_graph", "cmt_cache", "ect", "ecd_euler", "ecd_heun", "sct", "scd"}
+    assert rows["cmt"]["relative_to_cmt"] == 1.0
+    assert rows["cmt"]["teacher_nfe_per_pair"] == 1 and rows["cmt_cache"]["teacher_nfe_per_pair"] == 0
+    assert rows["ecd_heun"]["teacher_nfe_per_pair"] == 2
+    assert all(r["ms"] > 0 and r["pairs_per_s"] > 0 for r in rows.values())
+    assert rows["cmt"]["images_per_s"] * 16 == pytest.approx(rows["cmt"]["pairs_per_s"])
+    exts = sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path))
+    assert exts == [".json", ".md", ".png"]

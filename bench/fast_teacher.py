@@ -1,9 +1,9 @@
 """Fast-teacher benchmarks: the fused DPM-Solver++ update, the CUDA-graph teacher, the trajectory cache, and the
 CMT iteration against the ECT iteration.
 
-    python bench/kernels.py              # a GPU: every table; JSON to bench/results/, markdown to stdout
-    python bench/kernels.py --record     # the same, and the tables appended to bench/RESULTS.md
-    python bench/kernels.py --smoke      # CPU, tiny sizes, two repetitions: checks that the script runs
+    python bench/fast_teacher.py              # a GPU: every table; JSON to bench/results/, markdown to stdout
+    python bench/fast_teacher.py --record     # the same, and the tables appended to bench/RESULTS.md
+    python bench/fast_teacher.py --smoke      # CPU, tiny sizes, two repetitions: checks that the script runs
 
 1. Fused update: effective bandwidth (the bytes the update must move: read x and k outputs, write one state)
    of the Triton kernel, of PyTorch's eager sequence for the same expanded update (4 kernels), of the upstream
@@ -22,73 +22,31 @@ timed repetitions (CUDA events around each). Networks have random weights; speed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from common import StepBench, kernel_mode, machine, median_time  # noqa: E402
 from engine import ops  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.loop import StageConfig, make_optimizer, train_step  # noqa: E402
 from engine.lpips import LPIPS  # noqa: E402
 from engine.networks import build_network  # noqa: E402
-from engine.objectives import CMT, ECT, CachedCMT, StepRNG, perceptual, squared_l2  # noqa: E402
+from engine.objectives import CMT, ECT, CachedCMT, perceptual, squared_l2  # noqa: E402
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
 from engine.schedules import logsnr_sigmas  # noqa: E402
 from engine.solvers import dpm_solver_pp_coefficients  # noqa: E402
 from engine.teacher import TeacherSolver  # noqa: E402
 from engine import trajectory_cache as tc  # noqa: E402
 from kernels import dpm_solver as kdpm  # noqa: E402
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str):
-    old = os.environ.get("ENGINE_KERNELS")
-    os.environ["ENGINE_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("ENGINE_KERNELS", None)
-        else:
-            os.environ["ENGINE_KERNELS"] = old
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn, device, reps: int, warmup: int) -> float:
-    """Median seconds of `fn()` over `reps` timed calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 # ---- 1. the fused update ----------------------------------------------------------------------------------------
@@ -170,8 +128,6 @@ def bench_iterations(device, student_fn, teacher, shape, batch, trajectories, re
     distances = {"l2": squared_l2}
     if lpips is not None:
         distances["lpips"] = perceptual(lpips)
-    cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=1e-4, optimizer="radam")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     results = {}
     arms = [("ect", lambda d: ECT(q=4096, distance=d), images, "auto"),
             ("cmt_eager_teacher", lambda d: CMT(teacher, trajectories_per_batch=trajectories, distance=d,
@@ -184,21 +140,8 @@ def bench_iterations(device, student_fn, teacher, shape, batch, trajectories, re
         for arm, make, data, mode in arms:
             with kernel_mode(mode if device.type == "cuda" else "ref"):
                 torch.manual_seed(0)
-                net = student_fn().to(device).train()
-                params = [p for p in net.parameters() if p.requires_grad]
-                opt = make_optimizer(cfg, params, device)
-                objective = make(dist)
-                state = {"nimg": 0}
-
-                def step():
-                    n = objective.images_per_step(batch)
-                    idx = torch.arange(state["nimg"], state["nimg"] + n) % len(data)
-                    x, y = data.batch(idx, device)
-                    rng = StepRNG.for_step(0, 0, state["nimg"], device)
-                    train_step(net, objective, opt, params, x, y, rng, autocast, None, device)
-                    state["nimg"] += batch
-
-                results[f"{arm}/{dname}"] = median_time(step, device, reps, warmup) * 1e3
+                results[f"{arm}/{dname}"] = StepBench(student_fn(), make(dist), data, batch, device).time(
+                    reps, warmup) * 1e3
         ect = results[f"ect/{dname}"]
         for arm, *_ in arms[1:]:
             results[f"{arm}/{dname}/over_ect"] = results[f"{arm}/{dname}"] / ect
@@ -206,13 +149,6 @@ def bench_iterations(device, student_fn, teacher, shape, batch, trajectories, re
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-
-def machine(device) -> str:
-    import triton
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    return (f"{gpu}; torch {torch.__version__}; triton {triton.__version__}; "
-            f"{os.cpu_count()} CPU threads")
-
 
 def markdown(res: dict) -> str:
     lines = [f"### Fast teacher — {res['date']}", "", f"Machine: {res['machine']}", "",
@@ -252,7 +188,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     device = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not a.smoke:
-        raise SystemExit("bench/kernels.py measures GPU speed and needs CUDA; use --smoke to check it on a CPU")
+        raise SystemExit("bench/fast_teacher.py measures GPU speed and needs CUDA; use --smoke to check it on a CPU")
     if a.smoke:
         reps, warmup, sizes, dtypes = 2, 1, [4099], [torch.float32, torch.bfloat16]
         net_name, net_kw, shape, batch, trajectories = "digits-ddpmpp", dict(model_channels=8), (1, 8, 8), 32, 2
@@ -266,7 +202,7 @@ def main(argv=None) -> dict:
     student_fn = lambda: CMPrecond(build_network(net_name, **net_kw))
     lpips = None if a.smoke else LPIPS.random(0).to(device)  # LPIPS at 224² is minutes per step on a CPU
     res = dict(date=datetime.date.today().isoformat(), machine=machine(device),
-               command="python bench/kernels.py" + (" --smoke" if a.smoke else ""), network=net_name,
+               command="python bench/fast_teacher.py" + (" --smoke" if a.smoke else ""), network=net_name,
                trajectories=trajectories, batch=batch, kernels=ops.backend_name(torch.zeros(1, device=device)))
     with kernel_mode("triton"):  # the fused kernel itself, also on CPU (interpreter) for the smoke run
         res["update"] = bench_update(device, sizes, dtypes, reps, warmup)

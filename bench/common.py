@@ -1,0 +1,94 @@
+"""What the benchmark scripts share: timing (median of device-synchronised repetitions after warm-up), the kernel
+switch, a machine description, and timing one real training step (engine.loop.train_step) of an objective."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.loop import StageConfig, make_optimizer, train_step  # noqa: E402
+from engine.objectives import StepRNG  # noqa: E402
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """ENGINE_KERNELS set to `mode` inside the block (engine/ops.py reads it at every call)."""
+    old = os.environ.get("ENGINE_KERNELS")
+    os.environ["ENGINE_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ENGINE_KERNELS", None)
+        else:
+            os.environ["ENGINE_KERNELS"] = old
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device: torch.device, reps: int, warmup: int) -> float:
+    """Median seconds of `fn()` over `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine(device: torch.device) -> str:
+    try:
+        import triton
+        tri = f"triton {triton.__version__}"
+    except ImportError:
+        tri = "no triton"
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
+    return f"{what}; torch {torch.__version__}; {tri}; {torch.get_num_threads()} torch threads"
+
+
+class StepBench:
+    """One objective's real training step on a fresh student: RAdam, bf16 autocast on CUDA, the loop's per-step
+    RNG. `step()` runs one iteration; `time(reps, warmup)` its median seconds."""
+
+    def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4):
+        self.net = student.to(device).train()
+        self.objective = objective.to(device)
+        self.params = [p for p in self.net.parameters() if p.requires_grad] + list(objective.parameters())
+        cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=lr, optimizer="radam")
+        self.opt = make_optimizer(cfg, self.params, device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.data, self.batch, self.device, self.nimg = data, batch, device, 0
+        self.last = None
+
+    def step(self):
+        n = self.objective.images_per_step(self.batch)
+        idx = torch.arange(self.nimg, self.nimg + n) % len(self.data)
+        x, y = self.data.batch(idx, self.device)
+        rng = StepRNG.for_step(0, 0, self.nimg, self.device)
+        self.last, _, _ = train_step(self.net, self.objective, self.opt, self.params, x, y, rng, self.autocast,
+                                     None, self.device)
+        self.nimg += self.batch
+
+    def time(self, reps: int, warmup: int) -> float:
+        return median_time(self.step, self.device, reps, warmup)
