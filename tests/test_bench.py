@@ -62,13 +62,15 @@ def test_closed_form_accounting():
 
 
 def test_throughput_bench_smoke(tmp_path):
-    res = load("throughput").main(["--smoke", "--out", str(tmp_path)])
+    # --peak-tflops makes the CPU run take the MFU path (FLOPs counted over one step, JVPs included)
+    res = load("throughput").main(["--smoke", "--peak-tflops", "1", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"cmt", "cmt_graph", "cmt_cache", "ect", "ecd_euler", "ecd_heun", "sct", "scd"}
     assert rows["cmt"]["relative_to_cmt"] == 1.0
     assert rows["cmt"]["teacher_nfe_per_pair"] == 1 and rows["cmt_cache"]["teacher_nfe_per_pair"] == 0
     assert rows["ecd_heun"]["teacher_nfe_per_pair"] == 2
-    assert all(r["ms"] > 0 and r["pairs_per_s"] > 0 for r in rows.values())
+    assert all(r["ms"] > 0 and r["pairs_per_s"] > 0 and r["mfu"] > 0 for r in rows.values())
+    assert rows["sct"]["tflops"] > rows["ect"]["tflops"]  # the JVP's FLOPs are counted
     assert rows["cmt"]["images_per_s"] * 16 == pytest.approx(rows["cmt"]["pairs_per_s"])
     exts = sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path))
     assert exts == [".json", ".md", ".png"]
