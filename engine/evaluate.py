@@ -1,0 +1,191 @@
+"""Few-step evaluation with the published protocols: FID (Inception, spec/cm.md §7) and FD_DINOv2 (edm2_latent.md
+§5.1) of 1- and 2-step samples (or any listed σ schedule), with fixed seeds, across ranks.
+
+    python -m engine.evaluate --net runs/x/cmt_ect/post_ect/ema.safetensors --stats refs/cifar10-32x32.npz \\
+        --inception inception-2015-12-05.pt [--metrics fid] [--num-samples 50000] [--schedules 80 80,0.821] \\
+        [--seed-start 0] [--batch 128] [--out eval/] [--save-samples]
+    torchrun --nproc_per_node=8 -m engine.evaluate ...        # the same samples, split over ranks
+
+Protocol. Sample i (i = seed − seed_start) uses its own generator seeded with its seed: z ~ N(0, I) (CMT's
+sampler, spec/cm.md §3.5: x = σ_max·z, then f, re-noise at each intermediate σ with that generator's next
+draw), a uniformly random class for class-conditional networks. Samples become uint8 as the reference code
+does: clamp(x·127.5 + 128, 0, 255) then truncation. Global batches of `--batch` consecutive seeds are dealt to
+ranks round-robin, so every batch is computed with the same composition at any world size: the samples, and so
+the features and metrics, are identical on 1 or N processes. Statistics use the unbiased covariance of EDM /
+EDM2 (the CMT/ECT code divides by N; spec/cm.md §7.2 — a 2e-5 relative difference at 50k). EDM and EDM2
+report the best of three seed ranges; run three times with --seed-start 0, 50000, 100000 for that.
+
+Latent networks: the Python API takes `decode` (latents → images in [−1, 1]); the command evaluates pixel-space
+networks only.
+
+The report (`report.json`) names everything the number depends on: network file and hash, sample count, seed
+range, schedules, detector files and hashes, statistics file and hash, covariance convention, world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import dist
+from engine.image_grid import save_image_grid
+from engine.metrics.frechet import FeatureStatistics, frechet_distance
+from engine.metrics.reference_stats import METRICS, file_sha256, load_detectors, load_stats
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """'80' → (80,): one step; '80,0.821' → two steps (σ_max, then re-noise to 0.821)."""
+    try:
+        s = tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"a schedule is comma-separated σ values, got {text!r}") from e
+    if not s or any(b >= a for a, b in zip(s[:-1], s[1:])) or s[-1] <= 0:
+        raise argparse.ArgumentTypeError(f"a schedule's σ values must be positive and decreasing, got {text!r}")
+    return s
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[−1, 1] floats → uint8 as the reference metric code: clamp(x·127.5 + 128, 0, 255), truncated."""
+    return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None) -> torch.Tensor:
+    """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    labels = None
+    if label_dim:
+        labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
+    x = z * schedule[0]
+    for k, s in enumerate(schedule):
+        x = net(x, torch.full((len(seeds),), s, device=device), labels).to(torch.float32)
+        if k + 1 < len(schedule):
+            eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = x + schedule[k + 1] * eps
+    if decode is not None:
+        x = decode(x)
+    return to_uint8(x)
+
+
+def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 128, detectors=None,
+             stats=None, device="cpu", decode=None, progress: bool = True, keep_samples: bool = False) -> dict:
+    """Samples and metrics for each schedule; on rank 0 the result dict, on other ranks None.
+
+    `detectors`: {metric: feature network}; `stats`: reference statistics (engine.metrics.reference_stats)."""
+    detectors = detectors or {}
+    label_dim = int(getattr(getattr(net, "model", None), "label_dim", 0) or 0)
+    nbatches = (num + batch - 1) // batch
+    mine = list(range(dist.rank(), nbatches, dist.world_size()))
+    out = {}
+    for schedule in schedules:
+        key = f"{len(schedule)}-step" + ("" if len(schedule) < 2 else " σ=" + ",".join(f"{s:g}" for s in schedule))
+        local = []
+        t0 = time.time()
+        for b in tqdm(mine, desc=key, disable=not progress or dist.rank() != 0):
+            seeds = list(range(seed_start + b * batch, seed_start + min((b + 1) * batch, num)))
+            images = sample_batch(net, seeds, shape, schedule, label_dim, device, decode)
+            feats = {m: d(images).cpu() for m, d in detectors.items()}
+            local.append((b, images.cpu() if keep_samples or b == 0 else None, feats))
+        gathered = dist.gather_objects(local)
+        if gathered is None:
+            continue
+        parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
+        res = {"schedule": list(schedule), "seconds": time.time() - t0}
+        if keep_samples:
+            res["samples"] = torch.cat([p[1] for p in parts])
+        res["grid"] = parts[0][1][:64]
+        for m in detectors:
+            acc = FeatureStatistics(detectors[m].feature_dim)
+            for p in parts:
+                acc.update(p[2][m])
+            mu, sigma = acc.mu_sigma(unbiased=True)
+            if stats is not None:
+                if m not in stats:
+                    raise ValueError(f"the reference statistics have no {m!r} entry")
+                res[m] = frechet_distance(mu, sigma, *stats[m])
+        out[key] = res
+    return out if dist.rank() == 0 else None
+
+
+def _load_net(path: str, device):
+    if path.endswith(".safetensors"):
+        from engine.checkpoints import load_safetensors_network
+        net = load_safetensors_network(path)
+    elif path.endswith(".pkl"):
+        from engine.checkpoints import load_edm_pickle
+        net = load_edm_pickle(path)  # the wrapper of the file: ECMPrecond → CMPrecond
+    else:
+        raise SystemExit(f"--net: expected a release (.safetensors) or an EDM/ECT/CMT snapshot (.pkl), got {path}")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def main(argv=None) -> dict | None:
+    p = argparse.ArgumentParser(description="FID / FD_DINOv2 of few-step samples (see the module docstring)")
+    p.add_argument("--net", required=True)
+    p.add_argument("--stats", default=None, help="reference statistics (.npz EDM or .pkl EDM2)")
+    p.add_argument("--metrics", default="fid", help="comma list of fid, fd_dinov2, or 'none' (samples only)")
+    p.add_argument("--inception", default=None)
+    p.add_argument("--dinov2", default=None)
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--schedules", nargs="+", type=parse_schedule, default=[(80.0,), (80.0, 0.821)])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--out", default="eval")
+    p.add_argument("--save-samples", action="store_true", help="also write samples.npz (uint8, in seed order)")
+    a = p.parse_args(argv)
+    device = dist.init()
+    metrics = [] if a.metrics == "none" else a.metrics.split(",")
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise SystemExit(f"--metrics: unknown {', '.join(bad)}; known: {', '.join(METRICS)} or none")
+    if metrics and not a.stats:
+        raise SystemExit("--stats is needed to compute " + ", ".join(metrics))
+    if not os.path.exists(a.net):
+        raise SystemExit(f"--net: {a.net} not found")
+    try:
+        stats = load_stats(a.stats) if metrics else None
+        detectors = load_detectors(metrics, a.inception, a.dinov2, device)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    net = _load_net(a.net, device)
+    m = net.model
+    shape = (m.init_kwargs.get("in_channels", 3), m.img_resolution, m.img_resolution)
+    res = evaluate(net, shape, a.schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
+                   keep_samples=a.save_samples)
+    if res is not None:
+        os.makedirs(a.out, exist_ok=True)
+        report = {"net": a.net, "net_sha256": file_sha256(a.net), "num_samples": a.num_samples,
+                  "seeds": [a.seed_start, a.seed_start + a.num_samples - 1], "batch": a.batch,
+                  "world_size": dist.world_size(), "uint8": "clamp(x*127.5+128, 0, 255), truncated",
+                  "covariance": "unbiased (N-1)",
+                  "stats": None if not metrics else {"file": a.stats, "sha256": file_sha256(a.stats)},
+                  "detectors": {mm: {"file": f, "sha256": file_sha256(f)} for mm, f in
+                                (("fid", a.inception or os.environ.get("ENGINE_INCEPTION_WEIGHTS")),
+                                 ("fd_dinov2", a.dinov2 or os.environ.get("ENGINE_DINOV2_WEIGHTS"))) if mm in metrics},
+                  "results": {}}
+        samples = {}
+        for key, r in res.items():
+            report["results"][key] = {k: v for k, v in r.items() if k not in ("samples", "grid")}
+            name = key.split(" ")[0]
+            save_image_grid(r["grid"].float() / 127.5 - 1, os.path.join(a.out, f"grid-{name}.png"))
+            if a.save_samples:
+                samples[name] = r["samples"].numpy()
+        if a.save_samples:
+            np.savez(os.path.join(a.out, "samples.npz"), **samples)
+        with open(os.path.join(a.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        for key, r in report["results"].items():
+            print(key, " ".join(f"{mm}={r[mm]:.4f}" for mm in metrics))
+    dist.barrier()
+    dist.shutdown()
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""DINOv2 ViT-L/14, the feature network of FD_DINOv2 (edm2_latent.md §5.1): 1024-d final-norm CLS token.
+
+Implemented here and loaded from the released weight file `dinov2_vitl14_pretrain.pth` (the state dict the
+`facebookresearch/dinov2` hub entry `dinov2_vitl14` loads): `cls_token`, `pos_embed` [1, 1 + 37², 1024] (trained
+at 518²), `mask_token`, `patch_embed.proj.*`, `blocks.<i>.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
+mlp.fc2, ls2.gamma}`, `norm.*`. 24 pre-norm blocks, 16 heads, LayerNorm ε = 1e-6, LayerScale, GELU MLP of 4096.
+
+Preprocessing as EDM2's protocol: uint8 images resized to 224×224 (bicubic, antialiased), /255, normalised with
+ImageNet's mean and std. At 224² the 37×37 position grid is resampled to 16×16 as DINOv2 does: bicubic
+interpolation with scale factor (16 + 0.1)/37 (its `interpolate_offset`), no antialiasing.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
+WHERE = ("pass its path (--dinov2), or set ENGINE_DINOV2_WEIGHTS; it is the `dinov2_vitl14` checkpoint of "
+         "facebookresearch/dinov2 (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, heads)
+        self.ls1 = _LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _Mlp(dim, mlp)
+        self.ls2 = _LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DINOv2(nn.Module):
+    """`net(images_uint8) -> [N, 1024]`. Defaults are ViT-L/14; smaller widths serve the tests."""
+
+    def __init__(self, dim: int = 1024, depth: int = 24, heads: int = 16, mlp: int = 4096, patch: int = 14,
+                 train_size: int = 518, input_size: int = 224):
+        super().__init__()
+        self.patch, self.input_size = patch, input_size
+        grid = train_size // patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # used only for masked pre-training; kept for loading
+        self.patch_embed = _PatchEmbed(patch, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.feature_dim = dim
+        self.eval().requires_grad_(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"the DINOv2 detector takes uint8 images (0…255), got {images.dtype}")
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be [N, 1 or 3, H, W], got {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        x = F.interpolate(images.to(torch.float32), size=(self.input_size, self.input_size), mode="bicubic",
+                          antialias=True, align_corners=False) / 255
+        mean = torch.tensor(MEAN, device=x.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(STD, device=x.device).reshape(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def position_embedding(self, h: int, w: int) -> torch.Tensor:
+        """The trained grid's position embedding resampled to h × w patches (DINOv2's interpolate_pos_encoding)."""
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        m = int(math.isqrt(grid.shape[1]))
+        if (h, w) == (m, m):
+            return self.pos_embed
+        grid = grid.reshape(1, m, m, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic", antialias=False)
+        if grid.shape[-2:] != (h, w):
+            raise RuntimeError(f"position grid resampled to {tuple(grid.shape[-2:])}, expected {(h, w)}")
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(cls.dtype)], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(h, w)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0].float()
+
+    @classmethod
+    def from_file(cls, path=None) -> "DINOv2":
+        path = path or os.environ.get("ENGINE_DINOV2_WEIGHTS")
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights ({WEIGHTS_FILE})"
+                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        net = cls()
+        net.load_state_dict(read_dinov2_state(path, net), strict=True)
+        return net
+
+
+def read_dinov2_state(path, net: DINOv2) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    unexpected = [k for k in state if k not in expected]
+    if missing or wrong or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}")
+        if wrong:
+            parts.append(f"wrong shape {', '.join(wrong[:3])}")
+        raise ValueError(f"{path} is not DINOv2 ViT-L/14 ({WEIGHTS_FILE}): " + "; ".join(parts))
+    return {k: state[k].float() for k in expected}

@@ -1,0 +1,169 @@
+"""Reference statistics files, compatible with EDM and EDM2 in both directions, and the command that computes them
+from a dataset (spec/cm.md §7.2, edm2_latent.md §5.1).
+
+  * `.npz` (EDM's `fid-refs/*.npz`): `mu` [2048] and `sigma` [2048, 2048], float64 — FID only;
+  * `.pkl` (EDM2's `dataset-refs/*.pkl`): a plain pickle of `{num_images, fid: {mu, sigma},
+    fd_dinov2: {mu, sigma}}` with NumPy arrays. Read with an unpickler that admits dicts, numbers and NumPy
+    arrays only, so a hostile file cannot run code.
+
+Both conventions use the unbiased covariance (divides by N − 1). In memory a statistics set is
+`{"num_images": int | None, "fid": (mu, sigma), "fd_dinov2": (mu, sigma)}` (metrics absent when not computed).
+
+    python -m engine.metrics.reference_stats --data datasets/cifar10-32x32.zip --out refs/cifar10-32x32.pkl \\
+        --inception inception-2015-12-05.pt [--dinov2 dinov2_vitl14_pretrain.pth] [--batch 64]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import pickle
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.checkpoints import _atomic_write
+from engine.metrics.frechet import FeatureStatistics
+
+METRICS = ("fid", "fd_dinov2")
+
+
+class StatsError(ValueError):
+    pass
+
+
+class _NumpyOnly(pickle.Unpickler):
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a statistics file may hold only dicts, numbers and NumPy arrays; it asks for "
+                                     f"{module}.{name}")
+
+
+def _pair(d, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        mu, sigma = np.asarray(d["mu"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64)
+    except (KeyError, TypeError) as e:
+        raise StatsError(f"{where}: expected 'mu' and 'sigma'") from e
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise StatsError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not form [D] and [D, D]")
+    return mu, sigma
+
+
+def load_stats(path) -> dict:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference statistics {path} not found; compute them with "
+                                f"`python -m engine.metrics.reference_stats --data <dataset.zip> --out {path}` or "
+                                f"use EDM's / EDM2's published files")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {"num_images": None, "fid": _pair(z, path)}
+        except (ValueError, OSError) as e:
+            raise StatsError(f"{path}: not a readable .npz ({e})") from e
+    with open(path, "rb") as f:
+        try:
+            obj = _NumpyOnly(f).load()
+        except Exception as e:
+            raise StatsError(f"{path}: not a statistics pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or not any(m in obj for m in METRICS):
+        raise StatsError(f"{path}: expected {{num_images, fid: {{mu, sigma}}, fd_dinov2: {{mu, sigma}}}}")
+    out = {"num_images": None if obj.get("num_images") is None else int(obj["num_images"])}
+    for m in METRICS:
+        if m in obj:
+            out[m] = _pair(obj[m], f"{path}[{m!r}]")
+    return out
+
+
+def save_stats(path, stats: dict) -> None:
+    """Write atomically: `.npz` (FID only, EDM) or `.pkl` (EDM2)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".npz"):
+        extra = [m for m in METRICS if m in stats and m != "fid"]
+        if "fid" not in stats or extra:
+            raise StatsError(f"{path}: an .npz holds FID statistics only (EDM's format); use .pkl for "
+                             f"{', '.join(extra) or 'these statistics'}")
+        mu, sigma = stats["fid"]
+        buf = io.BytesIO()
+        np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        _atomic_write(path, lambda f: f.write(buf.getvalue()))
+        return
+    obj = {"num_images": stats.get("num_images")}
+    for m in METRICS:
+        if m in stats:
+            mu, sigma = stats[m]
+            obj[m] = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_detectors(metrics, inception=None, dinov2=None, device="cpu") -> dict:
+    """{metric: feature network} for the requested metrics, from local weight files (named when missing)."""
+    out = {}
+    for m in metrics:
+        if m == "fid":
+            from engine.metrics.inception import InceptionV3
+            out[m] = InceptionV3.from_file(inception).to(device)
+        elif m == "fd_dinov2":
+            from engine.metrics.dinov2 import DINOv2
+            out[m] = DINOv2.from_file(dinov2).to(device)
+        else:
+            raise ValueError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
+    return out
+
+
+@torch.no_grad()
+def dataset_stats(dataset, detectors: dict, batch: int = 64, device="cpu", progress: bool = True) -> dict:
+    """Statistics over every image of an EDM-format dataset (engine.data.ImageDataset, uint8 CHW)."""
+    acc = {m: FeatureStatistics(net.feature_dim) for m, net in detectors.items()}
+    for lo in tqdm(range(0, len(dataset), batch), desc="reference features", disable=not progress):
+        images = torch.from_numpy(np.stack([dataset[i][0] for i in range(lo, min(lo + batch, len(dataset)))]))
+        images = images.to(device)
+        for m, net in detectors.items():
+            acc[m].update(net(images).cpu())
+    out = {"num_images": len(dataset)}
+    out.update({m: a.mu_sigma(unbiased=True) for m, a in acc.items()})
+    return out
+
+
+def main(argv=None) -> None:
+    from engine.data import ImageDataset
+    p = argparse.ArgumentParser(description="Reference statistics of a dataset (EDM .npz or EDM2 .pkl)")
+    p.add_argument("--data", required=True, help="dataset zip or folder in EDM's format")
+    p.add_argument("--out", required=True, help=".pkl (EDM2: FID and FD_DINOv2) or .npz (EDM: FID only)")
+    p.add_argument("--metrics", default=None, help="comma list of fid, fd_dinov2 (default: fid, plus "
+                                                   "fd_dinov2 for a .pkl)")
+    p.add_argument("--inception", default=None, help="inception-2015-12-05.pt or pytorch-fid's .pth")
+    p.add_argument("--dinov2", default=None, help="dinov2_vitl14_pretrain.pth")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    metrics = a.metrics.split(",") if a.metrics else (["fid"] if a.out.endswith(".npz") else list(METRICS))
+    if not os.path.exists(a.data):
+        raise SystemExit(f"--data: {a.data} not found")
+    try:
+        detectors = load_detectors(metrics, a.inception, a.dinov2, a.device)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    stats = dataset_stats(ImageDataset(a.data), detectors, a.batch, a.device)
+    save_stats(a.out, stats)
+    print(f"{a.out}: {', '.join(metrics)} over {stats['num_images']} images (sha256 {file_sha256(a.out)[:16]})")
+
+
+if __name__ == "__main__":
+    main()
