@@ -7,7 +7,8 @@ A real run needs three files, and says which when one is missing:
   * the EDM teacher snapshot (`edm-<dataset>-uncond-vp.pkl`), passed with --teacher;
   * ImageNet VGG16 weights for LPIPS (`vgg16-397923af.pth`, see engine/lpips.py).
 `--smoke` replaces them with a synthetic dataset zip, a tiny random teacher and a random LPIPS backbone and runs
-every stage for a few steps (what CI runs).
+every stage for a few steps (what CI runs). With ENGINE_INCEPTION_WEIGHTS and ENGINE_FID_STATS set, a real run ends
+with 1- and 2-step FID-50k (engine/evaluate.py's protocol); otherwise it prints the evaluation command.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class PaperSettings:
     ckpt_kimg: float = 1_280.0
     log_kimg: float = 12.8
     grid_kimg: float = 1_280.0
+    fid_samples: int = 50_000             # FID-50k at the end (when the detector and statistics are given)
 
     @property
     def teacher_file(self) -> str:
@@ -132,8 +134,27 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
     mid = run.stage("cmt_ect", "mid", stage_cfg("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_ema), copy.deepcopy(student),
                     CMT(teacher, nfe=s.nfe, trajectories_per_batch=s.trajectories_per_batch, distance=distance),
                     data, init=student, grid=grid_fn(s.mid_t_mid))
-    run.stage("cmt_ect", "post", stage_cfg("post_ect", s.post_kimg, s.post_lr, s.post_ema), copy.deepcopy(student),
-              ECT(q=s.q), data, init=mid.ema, grid=grid_fn(s.mid_t_post))
-    # FID (50k samples, Inception) is computed by the evaluation command, not inside the run.
-    run.record_metrics("cmt_ect", one_step={}, two_step={})
-    return run.finish([], [])
+    post = run.stage("cmt_ect", "post", stage_cfg("post_ect", s.post_kimg, s.post_lr, s.post_ema),
+                     copy.deepcopy(student), ECT(q=s.q), data, init=mid.ema, grid=grid_fn(s.mid_t_post))
+    one, two = _fid(post.ema, s, run, args.smoke)
+    run.record_metrics("cmt_ect", one_step=one, two_step=two)
+    return run.finish(["fid"] if one else [], [])
+
+
+def _fid(ema, s: PaperSettings, run, smoke: bool) -> tuple[dict, dict]:
+    """1- and 2-step FID-50k of the post-trained EMA with the evaluation protocol of engine/evaluate.py, when the
+    Inception detector and the reference statistics are given (ENGINE_INCEPTION_WEIGHTS, ENGINE_FID_STATS);
+    otherwise the command that computes them later is printed."""
+    release = os.path.join(run.out, "cmt_ect", "post_ect", "ema.safetensors")
+    inception, stats = os.environ.get("ENGINE_INCEPTION_WEIGHTS"), os.environ.get("ENGINE_FID_STATS")
+    if smoke or not (inception and stats):
+        print(f"FID: python -m engine.evaluate --net {release} --stats <refs/{s.dataset}.npz> "
+              f"--inception inception-2015-12-05.pt --schedules 80 80,{s.mid_t_post:g}  (or set "
+              f"ENGINE_INCEPTION_WEIGHTS and ENGINE_FID_STATS to have the recipe compute it)")
+        return {}, {}
+    from engine.evaluate import evaluate
+    from engine.metrics.reference_stats import load_detectors, load_stats
+    res = evaluate(ema.eval(), (3, s.resolution, s.resolution), [(80.0,), (80.0, s.mid_t_post)], s.fid_samples,
+                   detectors=load_detectors(["fid"], inception, device=run.device), stats=load_stats(stats),
+                   device=run.device)
+    return {"fid": res["1-step"]["fid"]}, {"fid": res[f"2-step σ=80,{s.mid_t_post:g}"]["fid"]}

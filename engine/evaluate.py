@@ -156,6 +156,9 @@ def main(argv=None) -> dict | None:
     net = _load_net(a.net, device)
     m = net.model
     shape = (m.init_kwargs.get("in_channels", 3), m.img_resolution, m.img_resolution)
+    if shape[0] not in (1, 3):
+        raise SystemExit(f"{a.net} generates {shape[0]}-channel latents; decode them to images with the Python API "
+                         f"(engine.evaluate.evaluate(..., decode=vae_decode)) — the command has no VAE decoder")
     res = evaluate(net, shape, a.schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
                    keep_samples=a.save_samples)
     if res is not None:

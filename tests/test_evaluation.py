@@ -248,3 +248,25 @@ def test_fid_api_with_a_detector(tmp_path, inception_file):
     stats = {"fid": (f.mean(0), np.cov(f, rowvar=False))}
     res = evaluate(net, (3, 8, 8), [(80.0,)], num=6, batch=3, detectors=det, stats=stats, progress=False)
     assert res["1-step"]["fid"] == pytest.approx(0.0, abs=1e-6)  # the same samples at another batch size
+
+
+def test_paper_recipe_fid_step(tmp_path, inception_file, monkeypatch, capsys):
+    """The paper recipes end with 1- and 2-step FID when the detector and statistics are given, else print the
+    command; the FID is the evaluation protocol's (same samples, same detector)."""
+    import dataclasses
+    import types
+    from engine import cm_recipes
+    path, _ = inception_file
+    net, _ = tiny_net(tmp_path)
+    s = dataclasses.replace(cm_recipes.PaperSettings(dataset="x", resolution=8, q=4), fid_samples=5)
+    run = types.SimpleNamespace(out=str(tmp_path), device="cpu")
+    assert cm_recipes._fid(net, s, run, smoke=False) == ({}, {})
+    assert "python -m engine.evaluate --net" in capsys.readouterr().out
+    det = {"fid": InceptionV3.from_file(path)}
+    res = evaluate(net, (3, 8, 8), [(80.0,)], num=5, batch=5, detectors=det, progress=False, keep_samples=True)
+    f = det["fid"](res["1-step"]["samples"]).double().numpy()
+    save_stats(tmp_path / "ref.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False))})
+    monkeypatch.setenv("ENGINE_INCEPTION_WEIGHTS", path)
+    monkeypatch.setenv("ENGINE_FID_STATS", str(tmp_path / "ref.npz"))
+    one, two = cm_recipes._fid(net, s, run, smoke=False)
+    assert one["fid"] == pytest.approx(0.0, abs=1e-6) and two["fid"] > 0
