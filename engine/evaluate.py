@@ -15,8 +15,8 @@ the features and metrics, are identical on 1 or N processes. Statistics use the 
 EDM2 (the CMT/ECT code divides by N; spec/cm.md §7.2 — a 2e-5 relative difference at 50k). EDM and EDM2
 report the best of three seed ranges; run three times with --seed-start 0, 50000, 100000 for that.
 
-Latent networks: the Python API takes `decode` (latents → images in [−1, 1]); the command evaluates pixel-space
-networks only.
+Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent convention (engine/vae.py, --vae);
+the Python API takes any `decode` (latents → uint8 images, or floats in [−1, 1]).
 
 The report (`report.json`) names everything the number depends on: network file and hash, sample count, seed
 range, schedules, detector files and hashes, statistics file and hash, covariance convention, world size.
@@ -69,8 +69,8 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
             eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
             x = x + schedule[k + 1] * eps
     if decode is not None:
-        x = decode(x)
-    return to_uint8(x)
+        x = decode(x)  # uint8 images (engine.vae.LatentDecoder), or floats in [−1, 1]
+    return x if x.dtype == torch.uint8 else to_uint8(x)
 
 
 def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 128, detectors=None,
@@ -132,6 +132,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--metrics", default="fid", help="comma list of fid, fd_dinov2, or 'none' (samples only)")
     p.add_argument("--inception", default=None)
     p.add_argument("--dinov2", default=None)
+    p.add_argument("--vae", default=None, help="SD VAE safetensors, for latent networks (EDM2 convention)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=[(80.0,), (80.0, 0.821)])
@@ -156,11 +157,15 @@ def main(argv=None) -> dict | None:
     net = _load_net(a.net, device)
     m = net.model
     shape = (m.init_kwargs.get("in_channels", 3), m.img_resolution, m.img_resolution)
+    decode = None
     if shape[0] not in (1, 3):
-        raise SystemExit(f"{a.net} generates {shape[0]}-channel latents; decode them to images with the Python API "
-                         f"(engine.evaluate.evaluate(..., decode=vae_decode)) — the command has no VAE decoder")
+        from engine.vae import LatentDecoder
+        try:
+            decode = LatentDecoder.from_file(a.vae).to(device)  # EDM2 latents → uint8 (edm2_latent.md §3.1)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{a.net} generates {shape[0]}-channel latents: {e}")
     res = evaluate(net, shape, a.schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
-                   keep_samples=a.save_samples)
+                   decode=decode, keep_samples=a.save_samples)
     if res is not None:
         os.makedirs(a.out, exist_ok=True)
         report = {"net": a.net, "net_sha256": file_sha256(a.net), "num_samples": a.num_samples,

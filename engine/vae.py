@@ -1,0 +1,174 @@
+"""The Stable Diffusion VAE decoder (`stabilityai/sd-vae-ft-mse`, diffusers `AutoencoderKL`) and EDM2's latent
+convention (edm2_latent.md §3.1), for evaluating latent-space networks: final latents → uint8 images.
+
+    decode = LatentDecoder.from_file("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")
+    images = decode(final_latents)          # uint8 [N, 3, 8H, 8W]
+
+EDM2's convention: model-space ("final") latents are raw VAE latents standardised per channel,
+final = raw·scale_c + bias_c (the table in the spec); decoding inverts that, runs the VAE decoder in float32, and
+maps its output — which lives in [0, 1], because EDM2 encodes pixels/255 rather than SD's [−1, 1] — to uint8 as
+clamp(x, 0, 1)·255 truncated. The decoder is implemented here; its weights are read from the diffusers
+safetensors file (`post_quant_conv.*`, `decoder.*`; the encoder's tensors are ignored), in either of diffusers'
+attention namings (`to_q/to_k/to_v/to_out.0` or the older `query/key/value/proj_attn`, as in sd-vae-ft-mse).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
+BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
+WHERE = ("pass its path (--vae) or set ENGINE_VAE_WEIGHTS; it is diffusion_pytorch_model.safetensors of the "
+         "Hugging Face repository stabilityai/sd-vae-ft-mse")
+
+
+def _norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class _Resnet(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class _Attention(nn.Module):
+    """One-head self-attention over the H·W positions, with diffusers' current names."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.group_norm = _norm(c)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)
+        a = F.scaled_dot_product_attention(self.to_q(t)[:, None], self.to_k(t)[:, None], self.to_v(t)[:, None])
+        return x + self.to_out[0](a[:, 0]).transpose(1, 2).reshape(n, c, h, w)
+
+
+class _Mid(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(c, c), _Resnet(c, c)])
+        self.attentions = nn.ModuleList([_Attention(c)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class _Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Up(nn.Module):
+    def __init__(self, cin, cout, upsample: bool, layers: int = 3):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else cout, cout) for i in range(layers)])
+        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if upsample else None
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, latent=4, channels=(128, 256, 512, 512), out=3):
+        super().__init__()
+        rev = list(reversed(channels))
+        self.conv_in = nn.Conv2d(latent, rev[0], 3, padding=1)
+        self.mid_block = _Mid(rev[0])
+        self.up_blocks = nn.ModuleList(
+            [_Up(rev[max(i - 1, 0)], rev[i], upsample=i < len(rev) - 1) for i in range(len(rev))])
+        self.conv_norm_out = _norm(rev[-1])
+        self.conv_out = nn.Conv2d(rev[-1], out, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class LatentDecoder(nn.Module):
+    """EDM2 final latents [N, 4, h, w] → uint8 images [N, 3, 8h, 8w]. `channels` other than SD's serve the tests."""
+
+    def __init__(self, channels=(128, 256, 512, 512)):
+        super().__init__()
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.decoder = _Decoder(channels=channels)
+        self.register_buffer("scale", torch.tensor(SCALE).reshape(1, 4, 1, 1))
+        self.register_buffer("bias", torch.tensor(BIAS).reshape(1, 4, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def raw_latents(self, final: torch.Tensor) -> torch.Tensor:
+        return (final.to(torch.float32) - self.bias) / self.scale
+
+    @torch.no_grad()
+    def forward(self, final: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        outs = []
+        for part in self.raw_latents(final).split(chunk):
+            x = self.decoder(self.post_quant_conv(part))
+            outs.append((x.clamp(0, 1) * 255).to(torch.uint8))  # truncation, as EDM2 (edm2_latent.md §3.1)
+        return torch.cat(outs)
+
+    @classmethod
+    def from_file(cls, path=None) -> "LatentDecoder":
+        path = path or os.environ.get("ENGINE_VAE_WEIGHTS")
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"decoding latents needs the SD VAE (diffusion_pytorch_model.safetensors)"
+                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        net = cls()
+        net.load_vae_state(read_vae_file(path))
+        return net
+
+    def load_vae_state(self, state: dict) -> "LatentDecoder":
+        """Load diffusers' AutoencoderKL tensors (decoder part), either attention naming."""
+        renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+        ours = {}
+        for k, v in state.items():
+            if not (k.startswith("decoder.") or k.startswith("post_quant_conv.")):
+                continue
+            for old, new in renames.items():
+                k = k.replace(old, new)
+            if k.startswith("decoder.mid_block.attentions.0.to_") and v.ndim == 4:  # old 1×1-conv storage
+                v = v[:, :, 0, 0]
+            ours[k] = v.float()
+        expected = {k: v for k, v in self.state_dict().items() if k not in ("scale", "bias")}
+        missing = [k for k in expected if k not in ours]
+        wrong = [f"{k} {tuple(ours[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in ours and ours[k].shape != v.shape]
+        unexpected = [k for k in ours if k not in expected]
+        if missing or wrong or unexpected:
+            parts = [f"missing {', '.join(missing[:4])}" if missing else "",
+                     f"wrong shape {', '.join(wrong[:3])}" if wrong else "",
+                     f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""]
+            raise ValueError("not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: "
+                             + "; ".join(p for p in parts if p))
+        self.load_state_dict({**ours, "scale": self.scale, "bias": self.bias})
+        return self
+
+
+def read_vae_file(path) -> dict:
+    from safetensors.torch import load_file
+    try:
+        return load_file(os.fspath(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from e
