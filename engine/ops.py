@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from kernels import dpm_solver as _dpm
+from kernels import jvp_attention as _attn
 from kernels import precond as _pre
 from kernels import runtime
 
@@ -89,3 +90,10 @@ def precond_output(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigma_
     if not use_kernels(x):
         return _pre.output_reference(x, F, sigma, sigma_data, sigma_min, boundary)
     return _pre.precond_output(x, F, sigma, sigma_data, sigma_min, boundary)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
+    the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
+    (kernels/jvp_attention.py; spec/mf.md §2.3). float64 included."""
+    return _attn.attention(q, k, v, scale)

@@ -2,14 +2,15 @@
 
 SongUNet and DhariwalUNet reproduce NVlabs/edm's networks with identical state_dict names, so EDM / ECT /
 CMT checkpoints load by name; MLPNet is a small backbone for vector data. Named configurations live in
-`configs.py`.
+`configs.py`. `DiT` (dit.py) is the DiT/SiT/Mean Flow transformer, `net(x, t, r, labels)` (spec/mf.md §3).
 """
 
 from .configs import CONFIGS, NetworkConfig, build_network
 from .dhariwal_unet import DhariwalUNet
+from .dit import DiT
 from .mlp import MLPNet
 from .song_unet import SongUNet
 
 MLPDenoiser = MLPNet  # name used in the package brief; same class
 
-__all__ = ['SongUNet', 'DhariwalUNet', 'MLPNet', 'MLPDenoiser', 'build_network', 'CONFIGS', 'NetworkConfig']
+__all__ = ['SongUNet', 'DhariwalUNet', 'DiT', 'MLPNet', 'MLPDenoiser', 'build_network', 'CONFIGS', 'NetworkConfig']
