@@ -1,0 +1,260 @@
+"""Flow matching, Mean Flow and CMT for Mean Flow (spec/mf.md §1, §4), for networks with the flow-map signature
+`net(z, t, r, labels) -> u(z, r, t)` (engine.networks.DiT; t = 1 is noise, spec/mf.md §0).
+
+    FlowMatching  SiT pre-training: z = (1 − t)x + tε, v = ε − x, ‖u(z, t, t) − v‖²
+    MeanFlow      u_tgt = ṽ − (t − r)·[J_z u·ṽ + ∂_t u], L = e / sg((e + c)^p), e = Σ(u − sg(u_tgt))²
+    CMTMeanFlow   pairs (z_{t_i}, z_{t_j}) of a teacher trajectory with the average-velocity target
+                  (z_{t_i} − z_{t_j}) / (t_i − t_j); plain squared L2 (spec/mf.md §4.4)
+
+Mean Flow's JVP is a no-grad `torch.func.jvp` of the network along (ṽ, 0, 1) in (z, r, t), taken only on the rows
+with r ≠ t (rows with r = t have (t − r)·du/dt = 0), and the prediction is an ordinary forward — spec/mf.md §1.3
+option (b): only the ordinary forward carries gradients, so a DDP/FSDP wrapper sees a normal forward, and the
+JVP may run on the unwrapped module (`jvp_net`). Classifier-free guidance is folded into the target as the
+official code does (§1.6); label dropout sends the first rows of the batch to the null class with the unguided v.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.cmt import freeze
+from engine.objectives.edm import noise_dtype
+
+PAIR_RULES = ("nonadjacent28", "all36", "drop_start28", "drop_end28", "grid8")
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def logit_normal(n: int, mu: float, sigma: float, rng: StepRNG, device, dtype) -> torch.Tensor:
+    return torch.sigmoid(rng.randn([n], device, dtype) * sigma + mu)
+
+
+def null_labels(net, labels, batch: int, device):
+    """Class indices, with the network's null class for an unconditional batch."""
+    num = int(getattr(net, "num_classes", 0))
+    if labels is None:
+        return torch.full((batch,), num, dtype=torch.long, device=device)
+    return labels.long()
+
+
+class FlowMatching(Objective):
+    """Flow-matching (SiT / REPA convention) pre-training of a flow-map network at r = t: the instantaneous
+    velocity. t ~ logit-normal(μ, σ); label dropout to the null class with probability `label_dropout`."""
+
+    name = "fm"
+
+    def __init__(self, mu: float = -0.4, sigma: float = 1.0, label_dropout: float = 0.1):
+        self.mu, self.sigma, self.label_dropout = float(mu), float(sigma), float(label_dropout)
+
+    def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
+        x = images.to(noise_dtype(images))
+        B, device = x.shape[0], x.device
+        t = logit_normal(B, self.mu, self.sigma, rng, device, x.dtype)
+        eps = rng.randn(x.shape, device, x.dtype)
+        z = (1 - _view(t, x)) * x + _view(t, x) * eps
+        y = null_labels(net, labels, B, device)
+        if self.label_dropout > 0 and labels is not None:
+            drop = torch.rand(B, generator=rng.device, device=device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, int(net.num_classes)), y)
+        u = net(z, t, t, y)
+        loss = (u.to(x.dtype) - (eps - x)).square().reshape(B, -1).sum(1)
+        return LossOutput(loss=loss, pairs=B, student_forward=B, student_backward=B)
+
+
+class MeanFlow(Objective):
+    """Mean Flow (spec/mf.md §1.11, official semantics). Defaults: ImageNet (μ −0.4, σ 1.0, 75% of rows r = t),
+    adaptive weight p = 1, c = 0.01, label dropout 0.1; guidance ω, κ on [t_start, t_end] (ω = 1, κ = 0: none).
+    `jvp_net`, if given, is the module the JVP runs on (the unwrapped network under DDP/FSDP)."""
+
+    name = "mf"
+
+    def __init__(self, mu: float = -0.4, sigma: float = 1.0, r_equals_t: float = 0.75, p: float = 1.0,
+                 c: float = 0.01, label_dropout: float = 0.1, omega: float = 1.0, kappa: float = 0.0,
+                 t_start: float = 0.0, t_end: float = 1.0, jvp_net=None):
+        if not 0 <= r_equals_t <= 1:
+            raise ValueError(f"r_equals_t is a fraction of the batch, got {r_equals_t}")
+        self.mu, self.sigma, self.r_equals_t = float(mu), float(sigma), float(r_equals_t)
+        self.p, self.c, self.label_dropout = float(p), float(c), float(label_dropout)
+        self.omega, self.kappa, self.t_start, self.t_end = float(omega), float(kappa), float(t_start), float(t_end)
+        self.jvp_net = jvp_net
+
+    @property
+    def guided(self) -> bool:
+        return not (self.omega == 1.0 and self.kappa == 0.0)
+
+    def sample_times(self, B: int, rng: StepRNG, device, dtype):
+        a = logit_normal(B, self.mu, self.sigma, rng, device, dtype)
+        b = logit_normal(B, self.mu, self.sigma, rng, device, dtype)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        n_eq = math.floor(self.r_equals_t * B)          # the first rows get r = t (deterministic count)
+        r = torch.cat([t[:n_eq], r[n_eq:]])
+        return t, r, n_eq
+
+    def target_velocity(self, net, z, t, v, y, rng: StepRNG, labels_given: bool):
+        """ṽ (guided inside the interval) and the number of no-grad network evaluations spent on it."""
+        B = z.shape[0]
+        evals = 0
+        v_tilde = v
+        if self.guided:
+            with torch.no_grad():
+                null = torch.full_like(y, int(net.num_classes))
+                u_null = net(z, t, t, null).to(z.dtype)
+                evals += B
+                guided = self.omega * v + (1 - self.omega - self.kappa) * u_null
+                if self.kappa != 0:
+                    guided = guided + self.kappa * net(z, t, t, y).to(z.dtype)
+                    evals += B
+            inside = _view((t >= self.t_start) & (t <= self.t_end), z)
+            v_tilde = torch.where(inside, guided, v)
+        n_drop = 0
+        if self.label_dropout > 0 and labels_given:
+            # Binomial(B, p) rows, the first ones (the official code's choice: mostly the r = t rows)
+            n_drop = int(torch.binomial(torch.tensor([float(B)]), torch.tensor([self.label_dropout]),
+                                        generator=rng.cpu).item())
+            y = torch.cat([torch.full_like(y[:n_drop], int(net.num_classes)), y[n_drop:]])
+            v_tilde = torch.cat([v[:n_drop], v_tilde[n_drop:]])  # dropped rows: the unguided v
+        return v_tilde, y, evals
+
+    def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
+        x = images.to(noise_dtype(images))
+        B, device = x.shape[0], x.device
+        t, r, n_eq = self.sample_times(B, rng, device, x.dtype)
+        eps = rng.randn(x.shape, device, x.dtype)
+        z = (1 - _view(t, x)) * x + _view(t, x) * eps
+        v = eps - x
+        y = null_labels(net, labels, B, device)
+        v_tilde, y, evals = self.target_velocity(net, z, t, v, y, rng, labels is not None)
+        # du/dt along (ṽ, 0, 1) in (z, r, t), no grad, only where r ≠ t
+        jnet = self.jvp_net or net
+        dudt = torch.zeros_like(x)
+        if n_eq < B:
+            sl = slice(n_eq, B)
+            with torch.no_grad():
+                _, d = torch.func.jvp(lambda zz, rr, tt: jnet(zz, tt, rr, y[sl]).to(zz.dtype),
+                                      (z[sl], r[sl], t[sl]), (v_tilde[sl], torch.zeros_like(r[sl]),
+                                                              torch.ones_like(t[sl])))
+            dudt = torch.cat([dudt[:n_eq], d])
+        u_tgt = (v_tilde - _view(t - r, x) * dudt).detach()
+        u = net(z, t, r, y).to(x.dtype)
+        e = (u - u_tgt).square().reshape(B, -1).sum(1)
+        loss = e / (e.detach() + self.c) ** self.p
+        return LossOutput(loss=loss, pairs=B, student_forward=B + evals + (B - n_eq), student_backward=B)
+
+
+@torch.no_grad()
+def mean_flow_sample(net, noise: torch.Tensor, steps: int = 1, labels=None) -> torch.Tensor:
+    """k-step Mean Flow sampling on the uniform grid t_i = 1 − i/k: z ← z − (t_i − t_{i+1})·u(z, t_{i+1}, t_i)."""
+    z = noise
+    B = z.shape[0]
+    for i in range(steps):
+        t_cur, t_next = 1 - i / steps, 1 - (i + 1) / steps
+        t = torch.full((B,), t_cur, device=z.device, dtype=z.dtype)
+        r = torch.full((B,), t_next, device=z.device, dtype=z.dtype)
+        z = z - (t_cur - t_next) * net(z, t, r, labels).to(z.dtype)
+    return z
+
+
+def pair_indices(rule: str, steps: int = 8) -> list[tuple[int, int]]:
+    """Pairs (i, j) of trajectory states, i the input and j the target end, for the states z_{t_k}, t_k = k/steps
+    (index k; k = steps is the noise). spec/mf.md §4.3."""
+    if rule not in PAIR_RULES:
+        raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
+    ks = range(steps + 1)
+    pairs = [(i, j) for i in ks for j in ks if i > j]
+    if rule == "nonadjacent28":
+        pairs = [(i, j) for i, j in pairs if i - j >= 2]
+    elif rule == "drop_start28":
+        pairs = [(i, j) for i, j in pairs if i <= steps - 1]
+    elif rule == "drop_end28":
+        pairs = [(i, j) for i, j in pairs if j >= 1]
+    return pairs
+
+
+class CMTMeanFlow(Objective):
+    """CMT mid-training for Mean Flow (spec/mf.md §4). Per step `trajectories_per_batch` teacher trajectories on
+    the uniform grid t_k = k/N (N = 8; the 'grid8' rule uses 7 steps), from ε with the data's labels:
+
+      teacher='mf'   one Mean Flow step per interval: z_{k−1} = z_k − (1/N)·u_T(z_k, t_{k−1}, t_k)   (N NFE)
+      teacher='fm'   Heun on the flow-matching velocity (Euler predictor, trapezoidal corrector, the last step
+                     plain Euler), with CFG weight `guidance` on the velocity (2N − 1 NFE, ×2 with CFG)
+
+    and every pair of the rule gives input (z_{t_i}, r = t_j, t = t_i) and target (z_{t_i} − z_{t_j})/(t_i − t_j),
+    loss ‖u_θ − target‖² summed over elements (no weighting). `batch_size` = trajectories × pairs per trajectory."""
+
+    name = "cmt_mf"
+
+    def __init__(self, teacher, teacher_kind: str = "mf", pair_rule: str = "nonadjacent28",
+                 trajectories_per_batch: int = 4, steps: int = 8, guidance: float | None = None):
+        if teacher_kind not in ("mf", "fm"):
+            raise ValueError(f"teacher_kind must be 'mf' (Mean Flow teacher) or 'fm' (flow matching), got "
+                             f"{teacher_kind!r}")
+        self.teacher, self.kind = freeze(teacher), teacher_kind
+        self.steps = 7 if pair_rule == "grid8" else int(steps)
+        self.pairs = pair_indices(pair_rule, self.steps)
+        self.rule, self.trajectories_per_batch = pair_rule, int(trajectories_per_batch)
+        self.guidance = None if guidance is None else float(guidance)
+
+    def images_per_step(self, batch_size: int) -> int:
+        n = self.trajectories_per_batch * len(self.pairs)
+        if batch_size != n:
+            raise ValueError(f"CMT-MF trains on trajectories_per_batch × pairs = {self.trajectories_per_batch} × "
+                             f"{len(self.pairs)} ({self.rule}) = {n} pairs per step, but batch_size is {batch_size}")
+        return self.trajectories_per_batch
+
+    def velocity(self, z, t: float, y):
+        B = z.shape[0]
+        tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
+        v = self.teacher(z, tt, tt, y).to(z.dtype)
+        if self.guidance is not None:
+            v_null = self.teacher(z, tt, tt, torch.full_like(y, int(self.teacher.num_classes))).to(z.dtype)
+            v = v_null + self.guidance * (v - v_null)
+        return v
+
+    @torch.no_grad()
+    def trajectory(self, eps: torch.Tensor, y) -> tuple[torch.Tensor, int]:
+        """States [N + 1, m, ...] indexed by k (t_k = k/N; index N is ε) and the teacher NFE per trajectory."""
+        N, B = self.steps, eps.shape[0]
+        states = [None] * (N + 1)
+        states[N] = z = eps
+        nfe = 0
+        per_call = 2 if self.guidance is not None else 1
+        for k in range(N, 0, -1):
+            t, s = k / N, (k - 1) / N
+            if self.kind == "mf":
+                tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
+                ss = torch.full((B,), s, device=z.device, dtype=z.dtype)
+                z = z - (t - s) * self.teacher(z, tt, ss, y).to(z.dtype)
+                nfe += 1
+            else:
+                d = self.velocity(z, t, y)
+                z_pred = z - (t - s) * d
+                nfe += per_call
+                if k > 1:  # trapezoidal corrector, except on the last interval (REPA's Heun)
+                    z_pred = z - (t - s) * 0.5 * (d + self.velocity(z_pred, s, y))
+                    nfe += per_call
+                z = z_pred
+            states[k - 1] = z
+        return torch.stack(states), nfe
+
+    def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
+        m, device = images.shape[0], images.device
+        eps = rng.randn(images.shape, device, noise_dtype(images))
+        y = null_labels(self.teacher, labels, m, device)
+        traj, nfe = self.trajectory(eps, y)
+        N = self.steps
+        i = torch.tensor([p[0] for p in self.pairs], device=device)
+        j = torch.tensor([p[1] for p in self.pairs], device=device)
+        zi, zj = traj[i], traj[j]                                     # [P, m, ...]
+        ti, tj = i.to(eps.dtype) / N, j.to(eps.dtype) / N
+        target = (zi - zj) / _view(ti - tj, zi)
+        P = len(self.pairs)
+        z_in = zi.reshape(P * m, *eps.shape[1:])                      # pair-major: entry p·m + b
+        t_in, r_in = ti.repeat_interleave(m), tj.repeat_interleave(m)
+        u = net(z_in, t_in, r_in, y.repeat(P)).to(eps.dtype)
+        loss = (u - target.reshape(P * m, *eps.shape[1:])).square().reshape(P * m, -1).sum(1)
+        return LossOutput(loss=loss, pairs=P * m, teacher_nfe=nfe * m, student_forward=P * m,
+                          student_backward=P * m)
