@@ -9,8 +9,9 @@ Mean Flow and sCM need exactly that JVP. This op computes the primal with the fu
     Ȯ = (P∘Ṡ)V − μ∘O + PV̇
 
 evaluated one block of queries at a time, so no more than [block, N] of S lives at once. The C++ extension
-(csrc/) computes the same tangent in one pass with an online softmax; this file is its reference and the path
-used when the extension is not built. Inputs [batch, heads, seq, head_dim], any head_dim, float64 included.
+(csrc/jvp_attention.cpp, `engine._C.attention_jvp`) computes the same tangent in one pass with an online
+softmax on CPU tensors and is used when built (ENGINE_KERNELS=ref forces this file's path); this file is its
+reference and the path otherwise. Inputs [batch, heads, seq, head_dim], any head_dim, float64 included.
 """
 from __future__ import annotations
 
@@ -54,6 +55,41 @@ def attention_tangent(q, k, v, out, dq, dk, dv, scale: float) -> torch.Tensor:
     return torch.cat(res, dim=-2)
 
 
+def _extension():
+    """The compiled CPU kernel (csrc/jvp_attention.cpp, built by setup.py as engine._C), or None."""
+    try:
+        from engine import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "attention_jvp") else None
+
+
+@torch.library.custom_op("engine::attention_jvp_cpu", mutates_args=(), device_types="cpu")
+def attention_jvp_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                      dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) from the one-pass online-softmax kernel. A registered op, so that it can be called on the
+    functorch-wrapped tensors a forward-mode rule receives."""
+    out, tangent = _extension().attention_jvp(q, k, v, dq, dk, dv, float(scale))
+    return out, tangent
+
+
+@attention_jvp_cpu.register_fake
+def _(q, k, v, dq, dk, dv, scale):
+    shape = (*q.shape[:3], v.shape[-1])
+    return q.new_empty(shape), q.new_empty(shape)
+
+
+def attention_tangent_extension(q, k, v, dq, dk, dv, scale: float) -> torch.Tensor:
+    """Ȯ from the one-pass online-softmax kernel (CPU)."""
+    zeros = lambda t, d: torch.zeros_like(t) if d is None else d.to(t.dtype)
+    return torch.ops.engine.attention_jvp_cpu(q, k, v, zeros(q, dq), zeros(k, dk), zeros(v, dv), float(scale))[1]
+
+
+def use_extension(q: torch.Tensor) -> bool:
+    import os
+    return q.device.type == "cpu" and os.environ.get("ENGINE_KERNELS", "auto") != "ref" and _extension() is not None
+
+
 class JVPAttention(torch.autograd.Function):
     """softmax(s·QKᵀ)V: fused primal and backward, explicit forward-mode rule."""
 
@@ -81,6 +117,8 @@ class JVPAttention(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, _dscale):
         q, k, v, out = ctx.saved_tensors
+        if use_extension(q):
+            return attention_tangent_extension(q, k, v, dq, dk, dv, ctx.scale).to(out.dtype)
         return attention_tangent(q, k, v, out, dq, dk, dv, ctx.scale).to(out.dtype)
 
 

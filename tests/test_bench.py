@@ -74,3 +74,10 @@ def test_throughput_bench_smoke(tmp_path):
     assert rows["cmt"]["images_per_s"] * 16 == pytest.approx(rows["cmt"]["pairs_per_s"])
     exts = sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path))
     assert exts == [".json", ".md", ".png"]
+
+
+def test_jvp_bench_smoke(tmp_path):
+    res = load("jvp").main(["--smoke", "--out", str(tmp_path)])
+    assert [r["variant"] for r in res["rows"]] == ["mf_extension", "mf_math_attention", "flow_matching"]
+    assert all(r["ms"] > 0 and r["peak_gib"] > 0 for r in res["rows"])
+    assert res["mf_over_fm"] > 1  # a Mean Flow step does more work than a flow-matching step

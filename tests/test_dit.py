@@ -2,6 +2,7 @@
 sizes and state_dict as spec/mf.md §3, and the JVP of a whole DiT against float64 finite differences and against
 torch.func.jvp through explicit attention."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,18 @@ import torch
 from engine import ops
 from engine.networks import DiT
 from engine.networks.dit import sincos_pos_embed
+from kernels import jvp_attention
 from kernels.jvp_attention import attention_reference
+
+
+def require_extension():
+    """The C++ extension is built by the README's install (setup.py); a build that failed must not pass as a
+    skip. ENGINE_BUILD_EXT=0 (a deliberate pure-Python install) skips instead."""
+    if jvp_attention._extension() is None:
+        if os.environ.get("ENGINE_BUILD_EXT") == "0":
+            pytest.skip("built without the C++ extension (ENGINE_BUILD_EXT=0)")
+        pytest.fail("the C++ extension engine._C is not built; reinstall with "
+                    "`pip install --no-build-isolation -e .` (setup.py prints why a build failed)")
 
 
 @pytest.mark.parametrize("name,params,keys", [("B/4", 131_165_248, 136), ("B/2", 131_091_472, 136),
@@ -74,10 +86,15 @@ def test_zero_output_at_init_and_null_class():
         net(x, t, None, torch.zeros(2, 10))
 
 
+@pytest.mark.parametrize("path", ["extension", "ref"])
 @pytest.mark.parametrize("hidden,heads", [(72, 1), (128, 2)])  # head dims 72 (as XL/2) and 64
-def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, monkeypatch):
-    """The JVP along (v, 0, 1) of u(z, r, t) — Mean Flow's tangent — through the op's forward-AD rule; 49 tokens
-    (not a multiple of any block)."""
+def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, path, monkeypatch):
+    """The JVP along (v, 0, 1) of u(z, r, t) — Mean Flow's tangent — through the op's forward-AD rule (the C++
+    one-pass kernel, or the PyTorch reference with ENGINE_KERNELS=ref); 49 tokens (not a multiple of any block)."""
+    if path == "ref":
+        monkeypatch.setenv("ENGINE_KERNELS", "ref")
+    else:
+        require_extension()
     net = small(hidden, heads)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 4, 14, 14, generator=g, dtype=torch.float64)
@@ -122,3 +139,21 @@ def test_attention_op_backward_and_jvp():
     assert torch.autograd.gradcheck(ops.attention, small_in)
     with pytest.raises(ValueError, match="\\[batch, heads, seq, head_dim\\]"):
         ops.attention(q[0], k[0], v[0])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_extension_kernel_against_float64(dtype, tol):
+    """The one-pass online-softmax tangent (csrc/jvp_attention.cpp) against the float64 reference, head dims 72
+    and 64, 1 and 61 keys."""
+    require_extension()
+    for n, d in ((61, 72), (1, 64), (37, 64)):
+        g = torch.Generator().manual_seed(n)
+        ts = [torch.randn(2, 3, n, d, generator=g, dtype=torch.float64) for _ in range(6)]
+        q, k, v, dq, dk, dv = ts
+        out = attention_reference(q, k, v)
+        ref = jvp_attention.attention_tangent(q, k, v, out, dq, dk, dv, d ** -0.5)
+        o, t = torch.ops.engine.attention_jvp_cpu(*[x.to(dtype) for x in ts], d ** -0.5)
+        assert (o.double() - out).abs().max() <= tol * out.abs().max() + tol
+        assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
+    with pytest.raises(RuntimeError, match="each tangent must have its primal's shape"):
+        torch.ops.engine.attention_jvp_cpu(q, k, v, dq[:, :, :1], dk, dv, 0.1)
