@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.networks import DhariwalUNet, MLPNet, SongUNet
+from engine.networks import DhariwalUNet, DiT, MLPNet, SongUNet
 from engine.precond import CMPrecond, EDMPrecond
 
 __all__ = [
@@ -55,7 +55,7 @@ class CheckpointError(ValueError):
 
 # The only classes a checkpoint can make us build. Keys are the names stored in our descriptions.
 PRECONDS: dict[str, type[nn.Module]] = {'EDMPrecond': EDMPrecond, 'CMPrecond': CMPrecond}
-BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet}
+BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet, 'DiT': DiT}
 
 # Reference wrapper class → ours, and the reference backbones we accept (spec/cm.md §1.2, §1.3, §5).
 _REFERENCE_PRECONDS = {'EDMPrecond': 'EDMPrecond', 'ECMPrecond': 'CMPrecond'}

@@ -28,18 +28,19 @@ def check_results(out, arms):
     return res
 
 
-@pytest.mark.parametrize("name", ["gmm_cmt_ect", "digits_cmt_ect"])
+@pytest.mark.parametrize("name", ["gmm_cmt_ect", "digits_cmt_ect", "digits_cmt_mf"])
 def test_embedded_recipes_smoke(tmp_path, name):
     out = str(tmp_path / name)
     res = load(name).main(["--smoke", "--out", out, "--device", "cpu"])
-    check_results(out, ["cmt_ect", "ect"])
-    assert res["runs"]["cmt_ect"]["kimg"]["mid"] > 0 and res["runs"]["ect"]["kimg"]["post"] > 0
+    cmt, base = ("cmt_mf", "mf") if name.endswith("_mf") else ("cmt_ect", "ect")
+    check_results(out, [cmt, base])
+    assert res["runs"][cmt]["kimg"]["mid"] > 0 and res["runs"][base]["kimg"]["post"] > 0
     assert os.path.getsize(os.path.join(out, "metrics_vs_kimg.png")) > 0
-    for v in res["runs"]["cmt_ect"]["one_step"].values():
+    for v in res["runs"][cmt]["one_step"].values():
         assert v == v and v >= 0  # finite, non-negative metrics
     # rerunning the same command resumes every finished stage instead of training again
     again = load(name).main(["--smoke", "--out", out, "--device", "cpu"])
-    assert again["runs"]["cmt_ect"]["one_step"] == res["runs"]["cmt_ect"]["one_step"]
+    assert again["runs"][cmt]["one_step"] == res["runs"][cmt]["one_step"]
 
 
 @pytest.mark.parametrize("name", ["cifar10_cmt_ect", "ffhq64_cmt_ect", "afhqv2_64_cmt_ect"])
