@@ -55,6 +55,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def is_flow_map(net) -> bool:
+    """A Mean Flow network `net(z, t, r, labels)` (engine.networks.DiT), as opposed to a consistency function."""
+    return bool(getattr(net, "mean_flow", False))
+
+
+def default_schedules(net) -> list[tuple[float, ...]]:
+    """1 and 2 steps: σ (80,), (80, 0.821) for consistency models; t (1,), (1, 0.5) for Mean Flow."""
+    return [(1.0,), (1.0, 0.5)] if is_flow_map(net) else [(80.0,), (80.0, 0.821)]
+
+
 def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None) -> torch.Tensor:
     """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in)."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -62,12 +72,22 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
     labels = None
     if label_dim:
         labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
-    x = z * schedule[0]
-    for k, s in enumerate(schedule):
-        x = net(x, torch.full((len(seeds),), s, device=device), labels).to(torch.float32)
-        if k + 1 < len(schedule):
-            eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-            x = x + schedule[k + 1] * eps
+    n = len(seeds)
+    if is_flow_map(net):
+        # Mean Flow (spec/mf.md §1.8): the schedule lists the t each step starts from (1 = noise); the last step
+        # ends at 0: z ← z − (t − r)·u(z, r, t)
+        x = z
+        for k, t in enumerate(schedule):
+            r = schedule[k + 1] if k + 1 < len(schedule) else 0.0
+            T, R = (torch.full((n,), v, device=device) for v in (t, r))
+            x = x - (t - r) * net(x, T, R, labels).to(torch.float32)
+    else:
+        x = z * schedule[0]
+        for k, s in enumerate(schedule):
+            x = net(x, torch.full((n,), s, device=device), labels).to(torch.float32)
+            if k + 1 < len(schedule):
+                eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                x = x + schedule[k + 1] * eps
     if decode is not None:
         x = decode(x)  # uint8 images (engine.vae.LatentDecoder), or floats in [−1, 1]
     return x if x.dtype == torch.uint8 else to_uint8(x)
@@ -79,12 +99,13 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
 
     `detectors`: {metric: feature network}; `stats`: reference statistics (engine.metrics.reference_stats)."""
     detectors = detectors or {}
-    label_dim = int(getattr(getattr(net, "model", None), "label_dim", 0) or 0)
+    label_dim = int(getattr(getattr(net, "model", net), "label_dim", 0) or 0)
     nbatches = (num + batch - 1) // batch
     mine = list(range(dist.rank(), nbatches, dist.world_size()))
     out = {}
     for schedule in schedules:
-        key = f"{len(schedule)}-step" + ("" if len(schedule) < 2 else " σ=" + ",".join(f"{s:g}" for s in schedule))
+        var = "t" if is_flow_map(net) else "σ"
+        key = f"{len(schedule)}-step" + ("" if len(schedule) < 2 else f" {var}=" + ",".join(f"{s:g}" for s in schedule))
         local = []
         t0 = time.time()
         for b in tqdm(mine, desc=key, disable=not progress or dist.rank() != 0):
@@ -116,7 +137,7 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
 def _load_net(path: str, device):
     if path.endswith(".safetensors"):
         from engine.checkpoints import load_safetensors_network
-        net = load_safetensors_network(path)
+        net = load_safetensors_network(path)  # a CMPrecond consistency model or a Mean Flow DiT
     elif path.endswith(".pkl"):
         from engine.checkpoints import load_edm_pickle
         net = load_edm_pickle(path)  # the wrapper of the file: ECMPrecond → CMPrecond
@@ -132,10 +153,14 @@ def main(argv=None) -> dict | None:
     p.add_argument("--metrics", default="fid", help="comma list of fid, fd_dinov2, or 'none' (samples only)")
     p.add_argument("--inception", default=None)
     p.add_argument("--dinov2", default=None)
-    p.add_argument("--vae", default=None, help="SD VAE safetensors, for latent networks (EDM2 convention)")
+    p.add_argument("--vae", default=None, help="SD VAE safetensors, for latent networks")
+    p.add_argument("--latent-convention", choices=["edm2", "sd"], default="edm2",
+                   help="edm2: standardised latents, decoder output in [0, 1]; sd: latents × 0.18215, output in "
+                        "[−1, 1] (Mean Flow / DiT, spec/mf.md §7.1)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--seed-start", type=int, default=0)
-    p.add_argument("--schedules", nargs="+", type=parse_schedule, default=[(80.0,), (80.0, 0.821)])
+    p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
+                   help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 1,0.5)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--out", default="eval")
     p.add_argument("--save-samples", action="store_true", help="also write samples.npz (uint8, in seed order)")
@@ -155,16 +180,17 @@ def main(argv=None) -> dict | None:
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     net = _load_net(a.net, device)
-    m = net.model
+    m = getattr(net, "model", net)
     shape = (m.init_kwargs.get("in_channels", 3), m.img_resolution, m.img_resolution)
+    schedules = a.schedules or default_schedules(net)
     decode = None
     if shape[0] not in (1, 3):
         from engine.vae import LatentDecoder
         try:
-            decode = LatentDecoder.from_file(a.vae).to(device)  # EDM2 latents → uint8 (edm2_latent.md §3.1)
+            decode = LatentDecoder.from_file(a.vae, convention=a.latent_convention).to(device)
         except FileNotFoundError as e:
             raise SystemExit(f"{a.net} generates {shape[0]}-channel latents: {e}")
-    res = evaluate(net, shape, a.schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
+    res = evaluate(net, shape, schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
                    decode=decode, keep_samples=a.save_samples)
     if res is not None:
         os.makedirs(a.out, exist_ok=True)

@@ -4,10 +4,11 @@ convention (edm2_latent.md §3.1), for evaluating latent-space networks: final l
     decode = LatentDecoder.from_file("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")
     images = decode(final_latents)          # uint8 [N, 3, 8H, 8W]
 
-EDM2's convention: model-space ("final") latents are raw VAE latents standardised per channel,
+Two conventions. `edm2` (edm2_latent.md §3.1): model-space ("final") latents are raw VAE latents standardised per channel,
 final = raw·scale_c + bias_c (the table in the spec); decoding inverts that, runs the VAE decoder in float32, and
 maps its output — which lives in [0, 1], because EDM2 encodes pixels/255 rather than SD's [−1, 1] — to uint8 as
-clamp(x, 0, 1)·255 truncated. The decoder is implemented here; its weights are read from the diffusers
+clamp(x, 0, 1)·255 truncated. `sd` (DiT / SiT / Mean Flow, spec/mf.md §7.1): latents are raw × 0.18215 and the
+decoder output is in SD's [−1, 1], mapped as clamp((x + 1)/2, 0, 1)·255. The decoder is implemented here; its weights are read from the diffusers
 safetensors file (`post_quant_conv.*`, `decoder.*`; the encoder's tensors are ignored), in either of diffusers'
 attention namings (`to_q/to_k/to_v/to_out.0` or the older `query/key/value/proj_attn`, as in sd-vae-ft-mse).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
+SD_SCALING = 0.18215  # the SD convention of DiT / SiT / Mean Flow latents (spec/mf.md §7.1)
 WHERE = ("pass its path (--vae) or set ENGINE_VAE_WEIGHTS; it is diffusion_pytorch_model.safetensors of the "
          "Hugging Face repository stabilityai/sd-vae-ft-mse")
 
@@ -110,8 +112,11 @@ class _Decoder(nn.Module):
 class LatentDecoder(nn.Module):
     """EDM2 final latents [N, 4, h, w] → uint8 images [N, 3, 8h, 8w]. `channels` other than SD's serve the tests."""
 
-    def __init__(self, channels=(128, 256, 512, 512)):
+    def __init__(self, channels=(128, 256, 512, 512), convention: str = "edm2"):
         super().__init__()
+        if convention not in ("edm2", "sd"):
+            raise ValueError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
+        self.convention = convention
         self.post_quant_conv = nn.Conv2d(4, 4, 1)
         self.decoder = _Decoder(channels=channels)
         self.register_buffer("scale", torch.tensor(SCALE).reshape(1, 4, 1, 1))
@@ -119,6 +124,8 @@ class LatentDecoder(nn.Module):
         self.eval().requires_grad_(False)
 
     def raw_latents(self, final: torch.Tensor) -> torch.Tensor:
+        if self.convention == "sd":
+            return final.to(torch.float32) / SD_SCALING
         return (final.to(torch.float32) - self.bias) / self.scale
 
     @torch.no_grad()
@@ -126,16 +133,18 @@ class LatentDecoder(nn.Module):
         outs = []
         for part in self.raw_latents(final).split(chunk):
             x = self.decoder(self.post_quant_conv(part))
+            if self.convention == "sd":  # SD's [−1, 1] images, ADM/DiT's conversion (spec/mf.md §7.1)
+                x = (x + 1) / 2
             outs.append((x.clamp(0, 1) * 255).to(torch.uint8))  # truncation, as EDM2 (edm2_latent.md §3.1)
         return torch.cat(outs)
 
     @classmethod
-    def from_file(cls, path=None) -> "LatentDecoder":
+    def from_file(cls, path=None, convention: str = "edm2") -> "LatentDecoder":
         path = path or os.environ.get("ENGINE_VAE_WEIGHTS")
         if not path or not os.path.exists(path):
             raise FileNotFoundError(f"decoding latents needs the SD VAE (diffusion_pytorch_model.safetensors)"
                                     f"{': not found: ' + str(path) if path else ''}; {WHERE}")
-        net = cls()
+        net = cls(convention=convention)
         net.load_vae_state(read_vae_file(path))
         return net
 

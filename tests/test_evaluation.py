@@ -316,3 +316,31 @@ def test_latent_network_samples_are_decoded():
     z = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(i)) for i in range(3)]) * 80
     with torch.no_grad():  # one batch of 3 here against batches of 2 and 1 there: one grey level of rounding
         assert (s.int() - dec(net(z, torch.full((3,), 80.0))).int()).abs().max() <= 1
+
+
+def test_mean_flow_networks_are_sampled_with_their_own_sampler(tmp_path):
+    """A DiT release goes through the Mean Flow sampler (t schedules, z ← z − (t − r)·u), per-seed noise."""
+    from engine.evaluate import default_schedules
+    from engine.networks import DiT
+    from engine.objectives import mean_flow_sample
+    from engine.vae import LatentDecoder
+    torch.manual_seed(0)
+    net = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    assert default_schedules(net) == [(1.0,), (1.0, 0.5)]
+    res = evaluate(net, (4, 4, 4), default_schedules(net), num=3, batch=3, progress=False, keep_samples=True,
+                   decode=lambda x: x.clamp(-1, 1))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    z = torch.stack([torch.randn((4, 4, 4), generator=g) for g in gens])
+    y = torch.tensor([int(torch.randint(5, (1,), generator=g)) for g in gens])
+    for steps, key in ((1, "1-step"), (2, "2-step t=1,0.5")):
+        expected = to_uint8(mean_flow_sample(net, z, steps, y).clamp(-1, 1))
+        assert (res[key]["samples"].int() - expected.int()).abs().max() <= 1
+    sd = LatentDecoder(channels=(32, 32, 64, 64), convention="sd")
+    raw = torch.randn(1, 4, 2, 2)
+    with torch.no_grad():
+        x = sd.decoder(sd.post_quant_conv(raw))
+    assert torch.equal(sd(raw * 0.18215), (((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8))
