@@ -604,6 +604,26 @@ def build_from_description(desc: dict) -> nn.Module:
     return PRECONDS[precond](backbone, **sigmas)
 
 
+def state_mismatch(expected: dict, state: dict, ignore=()) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape) keys of `state` against `expected` (a module's state_dict);
+    keys in `ignore` may be present without being expected."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in ignore]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, wrong
+
+
+def mismatch_summary(expected: dict, state: dict, limit: int = 4) -> str | None:
+    """One line naming the first few missing, unexpected and wrong-shape keys, or None when `state` fits."""
+    missing, unexpected, wrong = state_mismatch(expected, state)
+    more = lambda names: ", ".join(names[:limit]) + (" …" if len(names) > limit else "")
+    parts = [f"missing {more(missing)}" if missing else "",
+             f"unexpected {more(unexpected)}" if unexpected else "",
+             "wrong shape " + ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                                        for k in wrong[:3]) if wrong else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
 def load_network_state(module: nn.Module, state_dict: dict[str, torch.Tensor], *, ignore=()) -> nn.Module:
     """Copy `state_dict` into `module` by name, strictly: every key of the module must be present with the
     same shape, and the source may hold no other key except those in `ignore` (e.g. `TEACHER_ONLY_KEYS` when
@@ -613,10 +633,8 @@ def load_network_state(module: nn.Module, state_dict: dict[str, torch.Tensor], *
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f'state dict entries that are not tensors: {_names(not_tensors)}')
-    missing = [k for k in dst if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in dst and k not in ignore]
-    shapes = [f'{k}: checkpoint {list(state_dict[k].shape)} vs network {list(dst[k].shape)}'
-              for k in dst if k in state_dict and state_dict[k].shape != dst[k].shape]
+    missing, unexpected, wrong = state_mismatch(dst, state_dict, ignore)
+    shapes = [f'{k}: checkpoint {list(state_dict[k].shape)} vs network {list(dst[k].shape)}' for k in wrong]
     filters = [k for k in dst if k.endswith('resample_filter') and k in state_dict
                and state_dict[k].shape == dst[k].shape
                and not torch.equal(state_dict[k].to(dst[k].dtype).cpu(), dst[k].cpu())]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoints import mismatch_summary
+
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
 SD_SCALING = 0.18215  # the SD convention of DiT / SiT / Mean Flow latents (spec/mf.md §7.1)
@@ -161,16 +163,9 @@ class LatentDecoder(nn.Module):
                 v = v[:, :, 0, 0]
             ours[k] = v.float()
         expected = {k: v for k, v in self.state_dict().items() if k not in ("scale", "bias")}
-        missing = [k for k in expected if k not in ours]
-        wrong = [f"{k} {tuple(ours[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-                 if k in ours and ours[k].shape != v.shape]
-        unexpected = [k for k in ours if k not in expected]
-        if missing or wrong or unexpected:
-            parts = [f"missing {', '.join(missing[:4])}" if missing else "",
-                     f"wrong shape {', '.join(wrong[:3])}" if wrong else "",
-                     f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""]
-            raise ValueError("not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: "
-                             + "; ".join(p for p in parts if p))
+        problems = mismatch_summary(expected, ours)
+        if problems:
+            raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: {problems}")
         self.load_state_dict({**ours, "scale": self.scale, "bias": self.bias})
         return self
 

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoints import mismatch_summary
+from engine.metrics.detector_input import uint8_rgb
+
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
 WHERE = ("pass its path (--dinov2), or set ENGINE_DINOV2_WEIGHTS; it is the `dinov2_vitl14` checkpoint of "
          "facebookresearch/dinov2 (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
@@ -99,12 +102,7 @@ class DINOv2(nn.Module):
         self.eval().requires_grad_(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8:
-            raise ValueError(f"the DINOv2 detector takes uint8 images (0…255), got {images.dtype}")
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be [N, 1 or 3, H, W], got {tuple(images.shape)}")
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
+        images = uint8_rgb(images, "DINOv2")
         x = F.interpolate(images.to(torch.float32), size=(self.input_size, self.input_size), mode="bicubic",
                           antialias=True, align_corners=False) / 255
         mean = torch.tensor(MEAN, device=x.device).reshape(1, 3, 1, 1)
@@ -151,17 +149,7 @@ def read_dinov2_state(path, net: DINOv2) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    unexpected = [k for k in state if k not in expected]
-    if missing or wrong or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}")
-        if wrong:
-            parts.append(f"wrong shape {', '.join(wrong[:3])}")
-        raise ValueError(f"{path} is not DINOv2 ViT-L/14 ({WEIGHTS_FILE}): " + "; ".join(parts))
+    problems = mismatch_summary(expected, state)
+    if problems:
+        raise ValueError(f"{path} is not DINOv2 ViT-L/14 ({WEIGHTS_FILE}): {problems}")
     return {k: state[k].float() for k in expected}

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoints import mismatch_summary
+from engine.metrics.detector_input import uint8_rgb
+
 DETECTOR_FILES = ("inception-2015-12-05.pt", "pt_inception-2015-12-05-6726825d.pth")
 WHERE = ("pass its path (--inception), or set ENGINE_INCEPTION_WEIGHTS; the TorchScript file is "
          "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
@@ -196,12 +199,7 @@ class InceptionV3(nn.Module):
     @staticmethod
     def preprocess(images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, C, H, W] → float [N, 3, 299, 299] scaled to [−1, 1], resized as NVIDIA's detector does."""
-        if images.dtype != torch.uint8:
-            raise ValueError(f"the FID detector takes uint8 images (0…255), got {images.dtype}")
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be [N, 1 or 3, H, W], got {tuple(images.shape)}")
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
+        images = uint8_rgb(images, "FID")
         n, c, h, w = images.shape
         x = images.to(torch.float32)
         theta = torch.eye(2, 3, device=x.device)
@@ -312,15 +310,7 @@ def read_inception_state(path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
         state = from_pytorch_fid(state) if "Conv2d_1a_3x3.conv.weight" in state else state
     expected = InceptionV3().state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not the inception-2015-12-05 detector: "
-                         + "; ".join(s for s in (
-                             f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}" if missing else "",
-                             f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}"
-                             if unexpected else "",
-                             f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if s))
+    problems = mismatch_summary(expected, state)
+    if problems:
+        raise ValueError(f"{path} is not the inception-2015-12-05 detector: {problems}")
     return {k: state[k].float() for k in expected}
