@@ -20,35 +20,13 @@ from torch import nn
 
 from engine.checkpoints import mismatch_summary
 from engine.metrics.detector_input import uint8_rgb
+from engine.networks.dit import Attention, Mlp
 
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
 WHERE = ("pass its path (--dinov2), or set ENGINE_DINOV2_WEIGHTS; it is the `dinov2_vitl14` checkpoint of "
          "facebookresearch/dinov2 (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class _LayerScale(nn.Module):
@@ -64,10 +42,10 @@ class _Block(nn.Module):
     def __init__(self, dim, heads, mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.ls1 = _LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _Mlp(dim, mlp)
+        self.mlp = Mlp(dim, mlp, approximate="none")
         self.ls2 = _LayerScale(dim)
 
     def forward(self, x):

@@ -55,7 +55,9 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-class _Attention(nn.Module):
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's tensor names (`qkv`, `proj`), through engine.ops.attention."""
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -68,14 +70,17 @@ class _Attention(nn.Module):
         return self.proj(ops.attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
-class _Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+class Mlp(nn.Module):
+    """fc1 → GELU → fc2 (timm's names); DiT uses the tanh approximation, ViTs the exact GELU."""
+
+    def __init__(self, dim, hidden, approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = approximate
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def _modulate(x, shift, scale):
@@ -86,9 +91,9 @@ class DiTBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = _Attention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
