@@ -3,6 +3,8 @@ switch, a machine description, and timing one real training step (engine.loop.tr
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import platform
 import statistics
@@ -65,6 +67,23 @@ def machine(device: torch.device) -> str:
         tri = "no triton"
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
     return f"{what}; torch {torch.__version__}; {tri}; {torch.get_num_threads()} torch threads"
+
+
+def write_results(res: dict, text: str, out: str, name: str, smoke: bool, record: bool,
+                  markdown: bool = False) -> str:
+    """`<out>/<name>-<stamp>[-smoke].json` (and `.md` with `markdown`); with `record`, the table appended to
+    bench/RESULTS.md. Returns the path without extension (for files a script adds beside, e.g. a plot)."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}{'-smoke' if smoke else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    if markdown:
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+    if record:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
+            f.write("\n" + text)
+    return stem
 
 
 class StepBench:

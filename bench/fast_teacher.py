@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import StepBench, kernel_mode, machine, median_time  # noqa: E402
+from common import StepBench, kernel_mode, machine, median_time, write_results  # noqa: E402
 from engine import ops  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.lpips import LPIPS  # noqa: E402
@@ -213,13 +212,7 @@ def main(argv=None) -> dict:
                                              max(2, reps // 5), max(1, warmup // 2), source, lpips)
     text = markdown(res)
     print(text)
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    with open(os.path.join(a.out, f"kernels-{'smoke-' if a.smoke else ''}{stamp}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    if a.record:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    write_results(res, text, a.out, "fast_teacher", a.smoke, a.record)
     return res
 
 

@@ -98,13 +98,8 @@ def main(argv=None) -> dict:
         f"Mean Flow with the op / with math attention: {res['extension_over_math']:.2f}×; Mean Flow / flow "
         f"matching: {res['mf_over_fm']:.2f}× (goal on a GPU: ≤ 1.4×).", ""])
     print(text)
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-smoke" if a.smoke else "")
-    with open(os.path.join(a.out, f"jvp-{stamp}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    if a.record:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    from common import write_results
+    write_results(res, text, a.out, "jvp", a.smoke, a.record)
     return res
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import StepBench, kernel_mode, machine, sync  # noqa: E402
+from common import StepBench, kernel_mode, machine, sync, write_results  # noqa: E402
 from engine import trajectory_cache as tc  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.networks import build_network  # noqa: E402
@@ -191,16 +190,8 @@ def main(argv=None) -> dict:
     res["nfe_profile"] = nfe_profile.profile()
     text = markdown(res)
     print(text)
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-smoke" if a.smoke else "")
-    with open(os.path.join(a.out, f"throughput-{stamp}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(a.out, f"throughput-{stamp}.md"), "w") as f:
-        f.write(text)
-    plot(res, res["nfe_profile"], os.path.join(a.out, f"throughput-{stamp}.png"))
-    if a.record:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    stem = write_results(res, text, a.out, "throughput", a.smoke, a.record, markdown=True)
+    plot(res, res["nfe_profile"], stem + ".png")
     return res
 
 
