@@ -312,3 +312,12 @@ class DigitsMetrics:
         out = {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
         out.update(class_histogram(torch.cat(preds), self.ref_class_freq))
         return out
+
+    def few_step(self, sample, steps=(1, 2)) -> dict:
+        """The embedded recipes' evaluation record: {fd_<k>step, class_tv_<k>step} of `sample(k)` (k-step
+        samples in [−1, 1]) for each k in `steps`."""
+        out = {}
+        for k in steps:
+            m = self(sample(k))
+            out[f"fd_{k}step"], out[f"class_tv_{k}step"] = m["fd"], m["tv_data"]
+        return out
