@@ -95,5 +95,7 @@ def precond_output(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigma_
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
     the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
-    (kernels/jvp_attention.py; spec/mf.md §2.3). float64 included."""
-    return _attn.attention(q, k, v, scale)
+    (kernels/jvp_attention.py; spec/mf.md §2.3) — the C++ one-pass kernel for CPU tensors when it is built and
+    ENGINE_KERNELS is not 'ref', the PyTorch reference otherwise. float64 included."""
+    tangent_kernel = q.device.type == "cpu" and kernel_mode() != "ref" and _attn.extension() is not None
+    return _attn.attention(q, k, v, scale, tangent_kernel)

@@ -10,8 +10,8 @@ Mean Flow and sCM need exactly that JVP. This op computes the primal with the fu
 
 evaluated one block of queries at a time, so no more than [block, N] of S lives at once. The C++ extension
 (csrc/jvp_attention.cpp, `engine._C.attention_jvp`) computes the same tangent in one pass with an online
-softmax on CPU tensors and is used when built (ENGINE_KERNELS=ref forces this file's path); this file is its
-reference and the path otherwise. Inputs [batch, heads, seq, head_dim], any head_dim, float64 included.
+softmax on CPU tensors; engine.ops.attention uses it when built (ENGINE_KERNELS=ref forces this file's path);
+this file is its reference and the path otherwise. Inputs [batch, heads, seq, head_dim], any head_dim, float64 included.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def attention_tangent(q, k, v, out, dq, dk, dv, scale: float) -> torch.Tensor:
     return torch.cat(res, dim=-2)
 
 
-def _extension():
+def extension():
     """The compiled CPU kernel (csrc/jvp_attention.cpp, built by setup.py as engine._C), or None."""
     try:
         from engine import _C
@@ -69,7 +69,7 @@ def attention_jvp_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: tor
                       dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, Ȯ) from the one-pass online-softmax kernel. A registered op, so that it can be called on the
     functorch-wrapped tensors a forward-mode rule receives."""
-    out, tangent = _extension().attention_jvp(q, k, v, dq, dk, dv, float(scale))
+    out, tangent = extension().attention_jvp(q, k, v, dq, dk, dv, float(scale))
     return out, tangent
 
 
@@ -85,22 +85,17 @@ def attention_tangent_extension(q, k, v, dq, dk, dv, scale: float) -> torch.Tens
     return torch.ops.engine.attention_jvp_cpu(q, k, v, zeros(q, dq), zeros(k, dk), zeros(v, dv), float(scale))[1]
 
 
-def use_extension(q: torch.Tensor) -> bool:
-    import os
-    return q.device.type == "cpu" and os.environ.get("ENGINE_KERNELS", "auto") != "ref" and _extension() is not None
-
-
 class JVPAttention(torch.autograd.Function):
     """softmax(s·QKᵀ)V: fused primal and backward, explicit forward-mode rule."""
 
     @staticmethod
-    def forward(q, k, v, scale):
+    def forward(q, k, v, scale, tangent_kernel):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.scale = scale
+        q, k, v, scale, tangent_kernel = inputs
+        ctx.scale, ctx.tangent_kernel = scale, tangent_kernel
         ctx.save_for_backward(q, k, v)
         ctx.save_for_forward(q, k, v, output)
 
@@ -112,20 +107,21 @@ class JVPAttention(torch.autograd.Function):
             o = F.scaled_dot_product_attention(q_, k_, v_, scale=ctx.scale)
             needed = [t for t in (q_, k_, v_) if t.requires_grad]
             grads = iter(torch.autograd.grad(o, needed, grad)) if needed else iter(())
-        return tuple(next(grads) if t.requires_grad else None for t in (q_, k_, v_)) + (None,)
+        return tuple(next(grads) if t.requires_grad else None for t in (q_, k_, v_)) + (None, None)
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, _dscale):
+    def jvp(ctx, dq, dk, dv, _dscale, _dkernel):
         q, k, v, out = ctx.saved_tensors
-        if use_extension(q):
+        if ctx.tangent_kernel:
             return attention_tangent_extension(q, k, v, dq, dk, dv, ctx.scale).to(out.dtype)
         return attention_tangent(q, k, v, out, dq, dk, dv, ctx.scale).to(out.dtype)
 
 
-def attention(q, k, v, scale: float | None = None) -> torch.Tensor:
-    """[B, H, N, d] → [B, H, N, d]; works under autograd and under torch.func.jvp / forward AD."""
+def attention(q, k, v, scale: float | None = None, tangent_kernel: bool = False) -> torch.Tensor:
+    """[B, H, N, d] → [B, H, N, d]; works under autograd and under torch.func.jvp / forward AD. With
+    `tangent_kernel` (CPU tensors, extension built; engine.ops decides) the tangent comes from the C++ kernel."""
     if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"attention takes q, k, v as [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return JVPAttention.apply(q, k, v, scale)
+    return JVPAttention.apply(q, k, v, scale, bool(tangent_kernel))

@@ -18,7 +18,7 @@ from kernels.jvp_attention import attention_reference
 def require_extension():
     """The C++ extension is built by the README's install (setup.py); a build that failed must not pass as a
     skip. ENGINE_BUILD_EXT=0 (a deliberate pure-Python install) skips instead."""
-    if jvp_attention._extension() is None:
+    if jvp_attention.extension() is None:
         if os.environ.get("ENGINE_BUILD_EXT") == "0":
             pytest.skip("built without the C++ extension (ENGINE_BUILD_EXT=0)")
         pytest.fail("the C++ extension engine._C is not built; reinstall with "
