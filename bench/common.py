@@ -87,14 +87,15 @@ def write_results(res: dict, text: str, out: str, name: str, smoke: bool, record
 
 
 class StepBench:
-    """One objective's real training step on a fresh student: RAdam, bf16 autocast on CUDA, the loop's per-step
-    RNG. `step()` runs one iteration; `time(reps, warmup)` its median seconds."""
+    """One objective's real training step on a fresh student: RAdam (or `optimizer`), bf16 autocast on CUDA, the
+    loop's per-step RNG. `step()` runs one iteration; `time(reps, warmup)` its median seconds."""
 
-    def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4):
+    def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4,
+                 optimizer: str = "radam"):
         self.net = student.to(device).train()
         self.objective = objective.to(device)
         self.params = [p for p in self.net.parameters() if p.requires_grad] + list(objective.parameters())
-        cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=lr, optimizer="radam")
+        cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=lr, optimizer=optimizer)
         self.opt = make_optimizer(cfg, self.params, device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.data, self.batch, self.device, self.nimg = data, batch, device, 0

@@ -1,6 +1,14 @@
-"""One Mean Flow training iteration with the forward-AD attention op (fused primal and backward, tangent from the
-C++ one-pass kernel on CPU) against `torch.func.jvp` through explicit math attention (what public Mean Flow code
-falls back to), and against a plain flow-matching iteration of the same network and batch.
+"""One Mean Flow training iteration with the engine's JVP paths against `torch.func.jvp` through explicit math
+attention (what public Mean Flow code falls back to), and against a plain flow-matching iteration of the same
+network and batch:
+
+    mf_dual            the default: the DiT's dual-stream JVP (primal and tangent batched through each linear
+                       layer; attention (O, Ȯ) from the one-pass kernel: the C++ block on CPU, Triton on CUDA)
+    mf_forward_ad      torch.func.jvp through the attention op's forward-AD rule (same kernels for the tangent)
+    mf_math_attention  torch.func.jvp through explicit attention
+    flow_matching      the plain flow-matching iteration
+
+Besides the whole iteration, each Mean Flow variant times its JVP alone (no grad, the whole batch).
 
     python bench/jvp.py                       # CPU: DiT-B/4, batch 8;  GPU: DiT-XL/2, batch 32
     python bench/jvp.py --name B/4 --batch 8 --record
@@ -26,11 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-VARIANTS = ("mf_extension", "mf_math_attention", "flow_matching")
+VARIANTS = ("mf_dual", "mf_forward_ad", "mf_math_attention", "flow_matching")
 
 
 def run_variant(a) -> dict:
-    from common import StepBench
+    from common import StepBench, median_time
     from engine import ops
     from engine.data.sampler import TensorSource
     from engine.networks import DiT
@@ -42,7 +50,8 @@ def run_variant(a) -> dict:
     torch.manual_seed(0)
     net = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2) if a.smoke else \
         DiT.from_name(a.name, input_size=32, in_channels=4, num_classes=1000)
-    objective = FlowMatching() if a.variant == "flow_matching" else MeanFlow(omega=1.0, kappa=0.5)
+    objective = FlowMatching() if a.variant == "flow_matching" else \
+        MeanFlow(omega=1.0, kappa=0.5, jvp="dual" if a.variant == "mf_dual" else "func")
     size = 8 if a.smoke else 32
     data = TensorSource(torch.randn(4 * a.batch, 4, size, size, device=device),
                         torch.randint(0, 1000, (4 * a.batch,), device=device))
@@ -52,7 +61,13 @@ def run_variant(a) -> dict:
     seconds = bench.time(a.reps, a.warmup)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(variant=a.variant, ms=seconds * 1e3, peak_gib=peak / 2 ** 30, device=device.type)
+    jvp_ms = None
+    if a.variant != "flow_matching":  # the JVP alone, whole batch, after the iteration's peak was read
+        z, v = torch.randn(2, a.batch, 4, size, size, device=device)
+        t = torch.rand(a.batch, device=device)
+        r, y = t * 0.5, torch.randint(0, 1000, (a.batch,), device=device)
+        jvp_ms = 1e3 * median_time(lambda: objective.time_derivative(net, z, r, t, y, v), device, a.reps, a.warmup)
+    return dict(variant=a.variant, ms=seconds * 1e3, jvp_ms=jvp_ms, peak_gib=peak / 2 ** 30, device=device.type)
 
 
 def main(argv=None) -> dict:
@@ -88,15 +103,18 @@ def main(argv=None) -> dict:
     res = dict(date=datetime.date.today().isoformat(), machine=machine(torch.device("cuda" if gpu else "cpu")),
                command="python bench/jvp.py " + " ".join(argv), network="tiny DiT" if a.smoke else f"DiT-{a.name}",
                batch=a.batch, rows=rows,
-               extension_over_math=by["mf_extension"]["ms"] / by["mf_math_attention"]["ms"],
-               mf_over_fm=by["mf_extension"]["ms"] / by["flow_matching"]["ms"])
+               dual_over_math=by["mf_dual"]["ms"] / by["mf_math_attention"]["ms"],
+               dual_jvp_over_math_jvp=by["mf_dual"]["jvp_ms"] / by["mf_math_attention"]["jvp_ms"],
+               mf_over_fm=by["mf_dual"]["ms"] / by["flow_matching"]["ms"])
+    jvp = lambda r: "–" if r["jvp_ms"] is None else f"{r['jvp_ms']:.1f}"
     text = "\n".join([
         f"### Mean Flow JVP — {res['date']}", "", f"Machine: {res['machine']}", "", f"Command: `{res['command']}`",
         "", f"{res['network']}, batch {a.batch}, Mean Flow with guidance (ω 1, κ 0.5), 25% of rows with r ≠ t:", "",
-        "| variant | ms / iteration | peak memory GiB |", "|---|---|---|",
-        *[f"| {r['variant']} | {r['ms']:.1f} | {r['peak_gib']:.2f} |" for r in rows], "",
-        f"Mean Flow with the op / with math attention: {res['extension_over_math']:.2f}×; Mean Flow / flow "
-        f"matching: {res['mf_over_fm']:.2f}× (goal on a GPU: ≤ 1.4×).", ""])
+        "| variant | ms / iteration | ms / JVP alone (whole batch) | peak memory GiB |", "|---|---|---|---|",
+        *[f"| {r['variant']} | {r['ms']:.1f} | {jvp(r)} | {r['peak_gib']:.2f} |" for r in rows], "",
+        f"Mean Flow iteration, dual-stream JVP / math-attention torch.func.jvp: {res['dual_over_math']:.2f}×; "
+        f"the JVP alone: {res['dual_jvp_over_math_jvp']:.2f}×; Mean Flow (dual) / flow matching: "
+        f"{res['mf_over_fm']:.2f}× (goal on a GPU: ≤ 1.4×).", ""])
     print(text)
     from common import write_results
     write_results(res, text, a.out, "jvp", a.smoke, a.record)

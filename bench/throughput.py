@@ -4,11 +4,16 @@
     python bench/throughput.py --channels 32 --batch 64          # CPU: the same network at reduced width
     python bench/throughput.py ... --record                      # also append the tables to bench/RESULTS.md
     python bench/throughput.py --smoke                           # tiny, two repetitions: checks the script runs
+    python bench/throughput.py --family dit                      # GPU: CMT-MF into XL/2 (B/4 teacher) vs MF vs FM
+    python bench/throughput.py --family dit --student B/4 --trajectories 1        # CPU: 28 pairs, B/4 student
 
 Methods (each one real training step, engine.loop.train_step: RAdam, bf16 autocast on CUDA, per-step RNG):
 CMT (its 16-NFE DPM-Solver++ teacher trajectory included; eager teacher with the reference math, CUDA-graph
 teacher with the kernels, trajectories read from a store), ECT (CT), ECD with an Euler and with a Heun teacher step
-(CD-Euler, CD-Heun), sCT and sCD (TrigFlow, one JVP). Mean Flow joins when the engine has it. Per method: median
+(CD-Euler, CD-Heun), sCT and sCD (TrigFlow, one JVP). `--family dit` compares the flow-map pipeline on a DiT
+instead (spec/mf.md §2.6): CMT-MF mid-training (a B/4 teacher's 8-step trajectories, 28 pairs each), Mean Flow
+post-training (guidance folded in, dual-stream JVP) and plain flow matching, at the same pairs per iteration,
+normalised to CMT-MF = 1; Adam, as those recipes. Per method: median
 time per iteration after warm-up (device-synchronised), images/s (data images consumed), pairs/s (training pairs),
 peak memory (CUDA), and on a GPU model FLOPs utilisation from FLOPs counted with torch.utils.flop_counter over one
 step. Times are normalised to CMT = 1 in the layout of the paper's Table 10 (which reports CT 0.79, CD-Euler 0.98,
@@ -33,7 +38,9 @@ from common import StepBench, kernel_mode, machine, sync, write_results  # noqa:
 from engine import trajectory_cache as tc  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.networks import build_network  # noqa: E402
-from engine.objectives import CMT, ECD, ECT, SCD, SCT, CachedCMT, squared_l2  # noqa: E402
+from engine.networks import DiT  # noqa: E402
+from engine.objectives import (CMT, ECD, ECT, SCD, SCT, CachedCMT, CMTMeanFlow, FlowMatching, MeanFlow,  # noqa: E402
+                               squared_l2)
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
 
 PAPER_TABLE_10 = {"ect": 0.79, "ecd_euler": 0.98, "ecd_heun": 1.17}  # CIFAR-10, relative to CMT = 1
@@ -119,12 +126,62 @@ def run(a) -> dict:
                 batch=a.batch, trajectories=a.trajectories, rows=rows, paper_table_10=PAPER_TABLE_10)
 
 
+def dit(name: str, smoke: bool) -> DiT:
+    if smoke:
+        return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=1000)
+    return DiT.from_name(name, input_size=32, in_channels=4, num_classes=1000)
+
+
+def run_dit(a) -> dict:
+    """CMT-MF vs Mean Flow vs flow matching on one DiT, `trajectories × 28` pairs per iteration."""
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    teacher = dit(a.teacher, a.smoke).to(device).eval().requires_grad_(False)
+    size = 8 if a.smoke else 32
+    data = TensorSource(torch.randn(4 * a.batch, 4, size, size, device=device),
+                        torch.randint(0, 1000, (4 * a.batch,), device=device))
+    guidance = dict(omega=0.2, kappa=0.92, t_end=0.75)  # the XL/2 settings (spec/mf.md §1.6)
+    methods_ = [("cmt_mf", f"CMT-MF mid-training ({a.teacher} teacher, 8 steps, nonadjacent28)",
+                 lambda: CMTMeanFlow(teacher, trajectories_per_batch=a.trajectories)),
+                ("mf", "Mean Flow (guidance folded in, dual-stream JVP)", lambda: MeanFlow(**guidance)),
+                ("fm", "flow matching (SiT)", lambda: FlowMatching())]
+    peak = peak_tflops(device, a.peak_tflops)
+    rows = []
+    for name, label, make in methods_:
+        torch.manual_seed(0)
+        bench = StepBench(dit(a.student, a.smoke), make(), data, a.batch, device, optimizer="adam")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = bench.time(a.reps, a.warmup)
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        flops = count_flops(bench) if peak else None
+        sync(device)
+        n_images = bench.objective.images_per_step(a.batch)
+        rows.append(dict(method=name, label=label, ms=seconds * 1e3, images_per_s=n_images / seconds,
+                         pairs_per_s=a.batch / seconds, peak_mem_gib=mem,
+                         tflops=None if flops is None else flops / 1e12,
+                         mfu=None if flops is None else flops / seconds / (peak * 1e12),
+                         teacher_nfe_per_pair=bench.last.teacher_nfe / bench.last.pairs))
+    for r in rows:
+        r["relative_to_cmt"] = r["ms"] / rows[0]["ms"]
+    return dict(date=datetime.date.today().isoformat(), machine=machine(device), device=device.type,
+                command="python bench/throughput.py " + " ".join(a.argv), family="dit",
+                network="tiny DiT" if a.smoke else f"DiT-{a.student} (teacher DiT-{a.teacher})", batch=a.batch,
+                trajectories=a.trajectories, rows=rows, paper_table_10={})
+
+
 def markdown(res: dict) -> str:
+    if res.get("family") == "dit":
+        head = (f"Network {res['network']}, {res['batch']} pairs per iteration ({res['trajectories']} CMT-MF "
+                f"trajectories × 28), Adam, median of repeated iterations after warm-up:")
+        rel = "relative to CMT-MF"
+    else:
+        head = (f"Network {res['network']}, {res['batch']} pairs per iteration ({res['trajectories']} CMT "
+                f"trajectories × 16), squared-L2 distances, median of repeated iterations after warm-up:")
+        rel = "relative to CMT (paper's Table 10)"
     lines = [f"### Throughput — {res['date']}", "", f"Machine: {res['machine']}", "",
-             f"Command: `{res['command']}`", "",
-             f"Network {res['network']}, {res['batch']} pairs per iteration ({res['trajectories']} CMT trajectories "
-             f"× 16), squared-L2 distances, median of repeated iterations after warm-up:", "",
-             "| method | ms / iteration | relative to CMT (paper's Table 10) | images/s | pairs/s | teacher NFE / pair "
+             f"Command: `{res['command']}`", "", head, "",
+             f"| method | ms / iteration | {rel} | images/s | pairs/s | teacher NFE / pair "
              "| peak GiB | MFU |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         paper = res["paper_table_10"].get(r["method"])
@@ -165,10 +222,15 @@ def plot(res: dict, profile: list[dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=["unet", "dit"], default="unet",
+                   help="unet: CMT vs the consistency baselines; dit: CMT-MF vs Mean Flow vs flow matching")
     p.add_argument("--network", default="cifar10-ddpmpp")
+    p.add_argument("--student", default="XL/2", help="--family dit: the student DiT")
+    p.add_argument("--teacher", default="B/4", help="--family dit: the CMT-MF teacher DiT")
     p.add_argument("--channels", type=int, default=None, help="model_channels override (reduced width)")
-    p.add_argument("--batch", type=int, default=128, help="training pairs per iteration")
-    p.add_argument("--trajectories", type=int, default=None, help="CMT trajectories per iteration (batch / 16)")
+    p.add_argument("--batch", type=int, default=None, help="training pairs per iteration (default: CMT's, "
+                   "128 = 8 × 16 for unet, 112 = 4 × 28 for dit)")
+    p.add_argument("--trajectories", type=int, default=None, help="CMT trajectories per iteration")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
@@ -179,13 +241,19 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     a.argv = argv
+    per = 28 if a.family == "dit" else 16   # pairs per trajectory
     if a.smoke:
-        a.network, a.channels, a.batch, a.reps, a.warmup, a.device = "digits-ddpmpp", 8, 32, 2, 1, "cpu"
+        a.network, a.channels, a.reps, a.warmup, a.device = "digits-ddpmpp", 8, 2, 1, "cpu"
+        a.batch, a.trajectories = 2 * per, 2
+    if a.batch is None:
+        a.trajectories = a.trajectories or (4 if a.family == "dit" else 8)
+        a.batch = a.trajectories * per
     if a.trajectories is None:
-        a.trajectories = a.batch // 16
-    if a.trajectories * 16 != a.batch:
-        raise SystemExit(f"--batch {a.batch} must be 16 × --trajectories (CMT's 16-NFE trajectories give 16 pairs each)")
-    res = run(a)
+        a.trajectories = a.batch // per
+    if a.trajectories * per != a.batch:
+        raise SystemExit(f"--batch {a.batch} must be {per} × --trajectories (CMT's trajectories give {per} pairs "
+                         f"each)")
+    res = run_dit(a) if a.family == "dit" else run(a)
     import nfe_profile
     res["nfe_profile"] = nfe_profile.profile()
     text = markdown(res)

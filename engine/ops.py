@@ -92,10 +92,27 @@ def precond_output(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigma_
     return _pre.precond_output(x, F, sigma, sigma_data, sigma_min, boundary)
 
 
+def attention_backend(q: torch.Tensor) -> str:
+    """Where the attention tangent (and the dual path's (O, Ȯ)) comes from for tensors like `q`: 'triton' for CUDA
+    tensors with Triton (and for CPU tensors under ENGINE_KERNELS=triton: the interpreter), 'cpp' for CPU tensors
+    when the C++ extension is built, 'ref' otherwise or under ENGINE_KERNELS=ref."""
+    if use_kernels(q) and (q.device.type == "cuda" or kernel_mode() == "triton"):
+        return "triton"
+    if q.device.type == "cpu" and kernel_mode() != "ref" and _attn.extension() is not None:
+        return "cpp"
+    return "ref"
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
     the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
-    (kernels/jvp_attention.py; spec/mf.md §2.3) — the C++ one-pass kernel for CPU tensors when it is built and
-    ENGINE_KERNELS is not 'ref', the PyTorch reference otherwise. float64 included."""
-    tangent_kernel = q.device.type == "cpu" and kernel_mode() != "ref" and _attn.extension() is not None
-    return _attn.attention(q, k, v, scale, tangent_kernel)
+    (kernels/jvp_attention.py; spec/mf.md §2.3) from `attention_backend(q)`. float64 included."""
+    return _attn.attention(q, k, v, scale, attention_backend(q))
+
+
+def attention_jvp(q, k, v, dq, dk, dv, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) in one call for explicit tangents (None = zero): the manual dual-stream JVP of the DiT
+    (engine/networks/dit_jvp.py) calls this instead of going through forward AD. No autograd."""
+    import math
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _attn.attention_jvp(q, k, v, dq, dk, dv, scale, attention_backend(q))

@@ -9,9 +9,11 @@ Mean Flow and sCM need exactly that JVP. This op computes the primal with the fu
     Ȯ = (P∘Ṡ)V − μ∘O + PV̇
 
 evaluated one block of queries at a time, so no more than [block, N] of S lives at once. The C++ extension
-(csrc/jvp_attention.cpp, `engine._C.attention_jvp`) computes the same tangent in one pass with an online
-softmax on CPU tensors; engine.ops.attention uses it when built (ENGINE_KERNELS=ref forces this file's path);
-this file is its reference and the path otherwise. Inputs [batch, heads, seq, head_dim], any head_dim, float64 included.
+(csrc/jvp_attention.cpp, `engine._C.attention_jvp`) computes (O, Ȯ) in one pass with an online softmax on CPU
+tensors; the Triton kernel below does the same on CUDA tensors (and in Triton's interpreter on CPU, which is how CI
+checks it). engine.ops.attention chooses the tangent backend ('cpp' | 'triton' | 'ref'); the blockwise PyTorch
+tangent here is the reference and the path when neither kernel applies. Inputs [batch, heads, seq, head_dim], any
+head_dim (the Triton kernel pads it to a power of two with masked loads: 72, XL/2's, runs as 128), float64 included.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from kernels import runtime
 
 QUERY_BLOCK = 256
 
@@ -79,23 +83,146 @@ def _(q, k, v, dq, dk, dv, scale):
     return q.new_empty(shape), q.new_empty(shape)
 
 
-def attention_tangent_extension(q, k, v, dq, dk, dv, scale: float) -> torch.Tensor:
-    """Ȯ from the one-pass online-softmax kernel (CPU)."""
+# ---- Triton: the same one-pass (O, Ȯ) on CUDA tensors (interpreter on CPU) ----------------------------------------
+
+BLOCK_M, BLOCK_N = 64, 64
+if runtime.triton is not None:
+    import triton.language as tl
+
+    def _attention_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr, n_q, n_k, d, dvd, scale,
+                              FP64: tl.constexpr, IEEE: tl.constexpr, BF16_OUT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+        # One program: BLOCK_M query rows of one (batch, head); keys streamed in BLOCK_N blocks (spec/mf.md §2.3).
+        # Head dims d, dvd are padded to the powers of two D, DV by masked loads (zeros add nothing to the dots).
+        # Reductions are tl.reduce with the standard combine functions (what tl.max / tl.sum expand to): the
+        # interpreter launched per call (kernels/runtime.py) cannot call the library's jit wrappers.
+        bh = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cd, cv = tl.arange(0, D), tl.arange(0, DV)
+        acc_t = tl.float64 if FP64 else tl.float32
+        # Operands are widened to fp32 on load (fp64 stays fp64): bf16/fp16 values are exact in tf32, so their
+        # dots on tensor cores are exact products with fp32 sums, and the interpreter (no bf16 arithmetic) runs
+        # the same math; only the probabilities' rounding to tf32 in the P·V dots is GPU-only (≤ 2⁻¹¹ relative,
+        # below the bf16 store). fp32 inputs use IEEE dots.
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        qmask = (rows[:, None] < n_q) & (cd[None, :] < d)
+        q_off = bh * n_q * d + rows[:, None] * d + cd[None, :]
+        q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(acc_t)
+        dq = tl.load(dq_ptr + q_off, mask=qmask, other=0.0).to(acc_t)
+        m = tl.full([BLOCK_M], float("-inf"), acc_t)
+        l = tl.full([BLOCK_M], 0.0, acc_t)
+        mass = tl.full([BLOCK_M], 0.0, acc_t)                 # M = Σ e·Ṡ
+        a = tl.full([BLOCK_M, DV], 0.0, acc_t)                # A = Σ e·V
+        b = tl.full([BLOCK_M, DV], 0.0, acc_t)                # B + C = Σ e·Ṡ·V + Σ e·V̇
+        for start in range(0, n_k, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            kmask = (keys[:, None] < n_k) & (cd[None, :] < d)
+            k_off = bh * n_k * d + keys[:, None] * d + cd[None, :]
+            k = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(acc_t)
+            dk = tl.load(dk_ptr + k_off, mask=kmask, other=0.0).to(acc_t)
+            vmask = (keys[:, None] < n_k) & (cv[None, :] < dvd)
+            v_off = bh * n_k * dvd + keys[:, None] * dvd + cv[None, :]
+            v = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(acc_t)
+            dv = tl.load(dv_ptr + v_off, mask=vmask, other=0.0).to(acc_t)
+            s = tl.dot(q, tl.trans(k), out_dtype=acc_t, input_precision=prec) * scale
+            ds = (tl.dot(dq, tl.trans(k), out_dtype=acc_t, input_precision=prec)
+                  + tl.dot(q, tl.trans(dk), out_dtype=acc_t, input_precision=prec)) * scale
+            s = tl.where(keys[None, :] < n_k, s, float("-inf"))
+            m_new = tl.maximum(m, tl.reduce(s, 1, tl.standard._elementwise_max))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(s - m_new[:, None])
+            eds = tl.where(keys[None, :] < n_k, e * ds, 0.0)
+            l = l * alpha + tl.reduce(e, 1, tl.standard._sum_combine)
+            mass = mass * alpha + tl.reduce(eds, 1, tl.standard._sum_combine)
+            a = a * alpha[:, None] + tl.dot(e, v, out_dtype=acc_t, input_precision=prec)
+            b = b * alpha[:, None] + tl.dot(eds, v, out_dtype=acc_t, input_precision=prec) \
+                + tl.dot(e, dv, out_dtype=acc_t, input_precision=prec)
+            m = m_new
+        o = a / l[:, None]
+        do = b / l[:, None] - (mass / l)[:, None] * o
+        omask = (rows[:, None] < n_q) & (cv[None, :] < dvd)
+        o_off = bh * n_q * dvd + rows[:, None] * dvd + cv[None, :]
+        if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
+            u = o.to(tl.float32).to(tl.uint32, bitcast=True)
+            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
+            tl.store(o_ptr + o_off, r.to(tl.bfloat16, bitcast=True), mask=omask)
+            u = do.to(tl.float32).to(tl.uint32, bitcast=True)
+            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)
+            tl.store(do_ptr + o_off, r.to(tl.bfloat16, bitcast=True), mask=omask)
+        else:
+            tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.store(do_ptr + o_off, do.to(do_ptr.dtype.element_ty), mask=omask)
+
+    _k_attention_jvp = runtime.Kernel(_attention_jvp_kernel)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())  # tl.dot needs every dimension ≥ 16
+
+
+@torch.library.custom_op("engine::attention_jvp_triton", mutates_args=())
+def attention_jvp_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                         dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) from the Triton kernel: compiled for CUDA tensors, Triton's interpreter for CPU tensors."""
+    runtime.require()
+    if q.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"attention_jvp_triton: unsupported dtype {q.dtype}")
+    for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t.shape != like.shape:
+            raise ValueError(f"attention_jvp_triton: {name} {tuple(t.shape)} must have its primal's shape "
+                             f"{tuple(like.shape)}")
+    q, k, v, dq, dk, dv = (t.contiguous() for t in (q, k, v, dq, dk, dv))
+    B, H, n_q, d = q.shape
+    n_k, dvd = k.shape[2], v.shape[3]
+    out = q.new_empty(B, H, n_q, dvd)
+    tangent = torch.empty_like(out)
+    if out.numel() == 0:
+        return out, tangent
+    grid = (runtime.cdiv(n_q, BLOCK_M), B * H)
+    _k_attention_jvp[grid](q, k, v, dq, dk, dv, out, tangent, n_q, n_k, d, dvd, float(scale),
+                           FP64=q.dtype == torch.float64, IEEE=q.dtype == torch.float32,
+                           BF16_OUT=q.dtype == torch.bfloat16, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=_pow2(d),
+                           DV=_pow2(dvd), num_warps=4)
+    return out, tangent
+
+
+@attention_jvp_triton.register_fake
+def _(q, k, v, dq, dk, dv, scale):
+    shape = (*q.shape[:3], v.shape[-1])
+    return q.new_empty(shape), q.new_empty(shape)
+
+
+BACKENDS = ("ref", "cpp", "triton")
+
+
+def attention_jvp(q, k, v, dq, dk, dv, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) together for tangents (Q̇, K̇, V̇) (None = zero), from the chosen backend: 'cpp' (the C++ one-pass
+    kernel, CPU), 'triton' (the Triton one-pass kernel) or 'ref' (fused SDPA primal + the blockwise tangent)."""
     zeros = lambda t, d: torch.zeros_like(t) if d is None else d.to(t.dtype)
-    return torch.ops.engine.attention_jvp_cpu(q, k, v, zeros(q, dq), zeros(k, dk), zeros(v, dv), float(scale))[1]
+    if backend == "cpp":
+        return torch.ops.engine.attention_jvp_cpu(q, k, v, zeros(q, dq), zeros(k, dk), zeros(v, dv), float(scale))
+    if backend == "triton":
+        return torch.ops.engine.attention_jvp_triton(q, k, v, zeros(q, dq), zeros(k, dk), zeros(v, dv),
+                                                     float(scale))
+    if backend == "ref":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out, attention_tangent(q, k, v, out, dq, dk, dv, scale).to(out.dtype)
+    raise ValueError(f"unknown attention tangent backend {backend!r}; expected one of {BACKENDS}")
 
 
 class JVPAttention(torch.autograd.Function):
     """softmax(s·QKᵀ)V: fused primal and backward, explicit forward-mode rule."""
 
     @staticmethod
-    def forward(q, k, v, scale, tangent_kernel):
+    def forward(q, k, v, scale, backend):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, tangent_kernel = inputs
-        ctx.scale, ctx.tangent_kernel = scale, tangent_kernel
+        q, k, v, scale, backend = inputs
+        ctx.scale, ctx.backend = scale, backend
         ctx.save_for_backward(q, k, v)
         ctx.save_for_forward(q, k, v, output)
 
@@ -110,18 +237,20 @@ class JVPAttention(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in (q_, k_, v_)) + (None, None)
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, _dscale, _dkernel):
+    def jvp(ctx, dq, dk, dv, _dscale, _dbackend):
         q, k, v, out = ctx.saved_tensors
-        if ctx.tangent_kernel:
-            return attention_tangent_extension(q, k, v, dq, dk, dv, ctx.scale).to(out.dtype)
-        return attention_tangent(q, k, v, out, dq, dk, dv, ctx.scale).to(out.dtype)
+        if ctx.backend == "ref":  # reuses the primal already computed
+            return attention_tangent(q, k, v, out, dq, dk, dv, ctx.scale).to(out.dtype)
+        return attention_jvp(q, k, v, dq, dk, dv, ctx.scale, ctx.backend)[1].to(out.dtype)
 
 
-def attention(q, k, v, scale: float | None = None, tangent_kernel: bool = False) -> torch.Tensor:
-    """[B, H, N, d] → [B, H, N, d]; works under autograd and under torch.func.jvp / forward AD. With
-    `tangent_kernel` (CPU tensors, extension built; engine.ops decides) the tangent comes from the C++ kernel."""
+def attention(q, k, v, scale: float | None = None, backend: str = "ref") -> torch.Tensor:
+    """[B, H, N, d] → [B, H, N, d]; works under autograd and under torch.func.jvp / forward AD. `backend` (engine.ops
+    decides) names where the tangent comes from: 'cpp', 'triton' or 'ref' (see attention_jvp)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention tangent backend {backend!r}; expected one of {BACKENDS}")
     if q.ndim != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"attention takes q, k, v as [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return JVPAttention.apply(q, k, v, scale, bool(tangent_kernel))
+    return JVPAttention.apply(q, k, v, scale, backend)

@@ -80,6 +80,17 @@ def test_throughput_bench_smoke(tmp_path):
 
 def test_jvp_bench_smoke(tmp_path):
     res = load("jvp").main(["--smoke", "--out", str(tmp_path)])
-    assert [r["variant"] for r in res["rows"]] == ["mf_extension", "mf_math_attention", "flow_matching"]
+    assert [r["variant"] for r in res["rows"]] == ["mf_dual", "mf_forward_ad", "mf_math_attention", "flow_matching"]
     assert all(r["ms"] > 0 and r["peak_gib"] > 0 for r in res["rows"])
+    assert all(r["jvp_ms"] > 0 for r in res["rows"][:3]) and res["rows"][3]["jvp_ms"] is None
     assert res["mf_over_fm"] > 1  # a Mean Flow step does more work than a flow-matching step
+
+
+def test_throughput_bench_dit_family(tmp_path):
+    """--family dit: CMT-MF (teacher trajectories shared by 28 pairs each), Mean Flow and flow matching."""
+    res = load("throughput").main(["--family", "dit", "--smoke", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["cmt_mf", "mf", "fm"] and rows["cmt_mf"]["relative_to_cmt"] == 1.0
+    assert rows["cmt_mf"]["teacher_nfe_per_pair"] == pytest.approx(8 / 28)
+    assert rows["mf"]["teacher_nfe_per_pair"] == 0 and res["batch"] == 56
+    assert rows["cmt_mf"]["images_per_s"] * 28 == pytest.approx(rows["cmt_mf"]["pairs_per_s"])

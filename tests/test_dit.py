@@ -86,15 +86,17 @@ def test_zero_output_at_init_and_null_class():
         net(x, t, None, torch.zeros(2, 10))
 
 
-@pytest.mark.parametrize("path", ["extension", "ref"])
+@pytest.mark.parametrize("jvp", ["func", "dual"])
+@pytest.mark.parametrize("path", ["extension", "triton", "ref"])
 @pytest.mark.parametrize("hidden,heads", [(72, 1), (128, 2)])  # head dims 72 (as XL/2) and 64
-def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, path, monkeypatch):
-    """The JVP along (v, 0, 1) of u(z, r, t) — Mean Flow's tangent — through the op's forward-AD rule (the C++
-    one-pass kernel, or the PyTorch reference with ENGINE_KERNELS=ref); 49 tokens (not a multiple of any block)."""
-    if path == "ref":
-        monkeypatch.setenv("ENGINE_KERNELS", "ref")
-    else:
+def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, path, jvp, monkeypatch):
+    """The JVP along (v, 0, 1) of u(z, r, t) — Mean Flow's tangent — through torch.func.jvp and the op's
+    forward-AD rule ('func'), or the DiT's dual-stream jvp (primal and tangent batched through each linear layer,
+    'dual'), with the C++ one-pass kernel, the Triton kernel (interpreter) or the PyTorch reference; 49 tokens
+    (not a multiple of any block)."""
+    if path == "extension":
         require_extension()
+    monkeypatch.setenv("ENGINE_KERNELS", {"extension": "auto", "triton": "triton", "ref": "ref"}[path])
     net = small(hidden, heads)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 4, 14, 14, generator=g, dtype=torch.float64)
@@ -104,7 +106,10 @@ def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, pat
     labels = torch.tensor([3, 10])
     f = lambda zz, rr, tt: net(zz, tt, rr, labels)
     with torch.no_grad():
-        u, du = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        if jvp == "func":
+            u, du = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        else:
+            u, du = net.jvp(z, t, r, labels, v, torch.ones_like(t), torch.zeros_like(r))
         h = 1e-6
         fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
         assert (du - fd).abs().max() <= 1e-6 * fd.abs().max()
@@ -114,7 +119,8 @@ def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, pat
     assert (du - du_ref).abs().max() <= 1e-6 * du_ref.abs().max()
 
 
-def test_dit_jvp_fp32_within_dtype_tolerance():
+@pytest.mark.parametrize("jvp", ["func", "dual"])
+def test_dit_jvp_fp32_within_dtype_tolerance(jvp):
     net64 = small()
     net32 = small().float()  # the same weights, rounded
     z = torch.randn(2, 4, 14, 14, dtype=torch.float64)
@@ -122,8 +128,11 @@ def test_dit_jvp_fp32_within_dtype_tolerance():
     t, r = torch.tensor([0.9, 0.3], dtype=torch.float64), torch.tensor([0.1, 0.3], dtype=torch.float64)
     with torch.no_grad():
         _, d64 = torch.func.jvp(lambda zz, tt: net64(zz, tt, r), (z, t), (v, torch.ones_like(t)))
-        _, d32 = torch.func.jvp(lambda zz, tt: net32(zz, tt, r.float()), (z.float(), t.float()),
-                                (v.float(), torch.ones_like(t.float())))
+        if jvp == "func":
+            _, d32 = torch.func.jvp(lambda zz, tt: net32(zz, tt, r.float()), (z.float(), t.float()),
+                                    (v.float(), torch.ones_like(t.float())))
+        else:
+            _, d32 = net32.jvp(z.float(), t.float(), r.float(), None, v.float(), torch.ones(2), torch.zeros(2))
     assert (d32.double() - d64).abs().max() <= 1e-4 * d64.abs().max()
 
 
@@ -157,3 +166,44 @@ def test_extension_kernel_against_float64(dtype, tol):
         assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
     with pytest.raises(RuntimeError, match="each tangent must have its primal's shape"):
         torch.ops.engine.attention_jvp_cpu(q, k, v, dq[:, :, :1], dk, dv, 0.1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_triton_kernel_against_float64(dtype, tol):
+    """The Triton one-pass (O, Ȯ) kernel (the CUDA path) in Triton's interpreter: head dims 72 (padded to 128),
+    64 and 16; 61, 1 and 130 keys (130 crosses two key blocks and ends inside a third)."""
+    pytest.importorskip("triton")
+    for n, d in ((61, 72), (1, 64), (130, 16)):
+        g = torch.Generator().manual_seed(n)
+        ts = [torch.randn(2, 3, n, d, generator=g, dtype=torch.float64) for _ in range(6)]
+        q, k, v, dq, dk, dv = ts
+        out = attention_reference(q, k, v)
+        ref = jvp_attention.attention_tangent(q, k, v, out, dq, dk, dv, d ** -0.5)
+        o, t = torch.ops.engine.attention_jvp_triton(*[x.to(dtype) for x in ts], d ** -0.5)
+        assert o.dtype == dtype and t.dtype == dtype
+        assert (o.double() - out).abs().max() <= tol * out.abs().max() + tol
+        assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
+    with pytest.raises(ValueError, match="must have its primal's shape"):
+        torch.ops.engine.attention_jvp_triton(q, k, v, dq[:, :, :1], dk, dv, 0.1)
+
+
+def test_attention_block_extension_equals_its_pytorch_reference(monkeypatch):
+    """engine._C.attention_block_jvp (stacked-stream GEMMs, (O, Ȯ) written in the projection's layout) against
+    the same block in PyTorch (dit_jvp.attention_block on the reference backend); bad shapes are named."""
+    require_extension()
+    from engine import _C
+    from engine.networks.dit import Attention
+    from engine.networks.dit_jvp import attention_block
+    torch.manual_seed(0)
+    attn = Attention(144, 2).double()
+    x, dx = torch.randn(3, 37, 144, dtype=torch.float64), torch.randn(3, 37, 144, dtype=torch.float64)
+    o, do = _C.attention_block_jvp(x, dx, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 2,
+                                   72 ** -0.5)
+    monkeypatch.setenv("ENGINE_KERNELS", "ref")
+    o_ref, do_ref = attention_block(attn, x, dx)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(do, do_ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="not divisible by 5 heads"):
+        _C.attention_block_jvp(x, dx, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 5, 0.1)
+    with pytest.raises(RuntimeError, match="must be \\[batch, seq, dim\\] of one shape"):
+        _C.attention_block_jvp(x, dx[:1], attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 2, 0.1)

@@ -29,12 +29,13 @@ def data(B=8, seed=1):
     return torch.randn(B, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 10, (B,), generator=g)
 
 
+@pytest.mark.parametrize("jvp", ["dual", "func"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_mean_flow_loss_equals_direct_recomputation(guided):
+def test_mean_flow_loss_equals_direct_recomputation(guided, jvp):
     net = net64()
     x, y = data()
     obj = MeanFlow(omega=1.0 if not guided else 0.6, kappa=0.0 if not guided else 0.3, t_end=0.8,
-                   label_dropout=0.25)
+                   label_dropout=0.25, jvp=jvp)
     out = obj(net, x, y, StepRNG.for_step(0, 0, 64))
 
     rng = StepRNG.for_step(0, 0, 64)   # the same draws in the same order
@@ -69,18 +70,30 @@ def test_mean_flow_loss_equals_direct_recomputation(guided):
     assert out.student_forward == 8 + 2 + (16 if guided else 0)  # forward, JVP on the 2 r ≠ t rows, CFG passes
 
 
-def test_mean_flow_gradients_equal_the_explicit_attention_path(monkeypatch):
+@pytest.mark.parametrize("jvp,kernels", [("dual", "auto"), ("dual", "triton"), ("func", "auto")])
+def test_mean_flow_gradients_equal_the_explicit_attention_path(jvp, kernels, monkeypatch):
+    """The loss's gradients with the extension's paths (dual-stream JVP with the C++ block, or with the Triton
+    kernel in the interpreter; torch.func.jvp through the op's forward-AD rule) against torch.func.jvp through
+    explicit math attention."""
     x, y = data()
     grads = []
-    for patch in (False, True):
+    for reference in (False, True):
         net = net64()
-        if patch:
-            monkeypatch.setattr(ops, "attention", lambda q, k, v, scale=None: attention_reference(q, k, v, scale))
-        out = MeanFlow(omega=0.5, kappa=0.2)(net, x, y, StepRNG.for_step(1, 0, 0))
-        out.loss.mean().backward()
+        with monkeypatch.context() as m:
+            if reference:
+                m.setattr(ops, "attention", lambda q, k, v, scale=None: attention_reference(q, k, v, scale))
+            else:
+                m.setenv("ENGINE_KERNELS", kernels)
+            obj = MeanFlow(omega=0.5, kappa=0.2, jvp="func" if reference else jvp)
+            out = obj(net, x, y, StepRNG.for_step(1, 0, 0))
+            out.loss.mean().backward()
         grads.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="dual-stream jvp"):
+        MeanFlow(jvp="dual")(lambda z, t, r, labels: z, x, None, StepRNG.for_step(1, 0, 0))
+    with pytest.raises(ValueError, match="jvp must be one of"):
+        MeanFlow(jvp="double-backward")
 
 
 def test_flow_matching_loss():

@@ -31,6 +31,13 @@ naming the offending file:
   or corrupt raises DatasetError naming it when it is first read; so does an image whose decoded shape
   differs from the dataset's (only possible with validate="first").
 
+Latent datasets (EDM2's `dataset_tool.py encode`, spec/edm2_latent.md §3.2): the same container holding `.npy`
+members instead of images, `00000/img-mean-std-00000000.npy` …, each a float array [2·C, H, W] with the VAE
+posterior mean (first C channels) and std (last C) of one image; the same dataset.json. `ImageDataset` reads them
+too (`is_latent`): items are then float32 [2·C, H, W] arrays (headers checked at construction as for images; no
+mixing of images and .npy files). `write_latent_dataset` writes them. The training-time posterior sample and its
+scaling are engine/objectives/latent.py's.
+
 Cost at construction, per image, on a 2-core CPU with a warm page cache: listing the zip and reading the
 labels ~11 us; the header scan ~20 us more for a PNG (its IHDR chunk is parsed directly) or ~55 us more
 for other formats (through PIL); so about 40 s for 1.28M ImageNet PNGs with validate="headers", versus
@@ -60,6 +67,8 @@ __all__ = [
     "ImageDataset",
     "write_image_dataset",
     "edm_image_name",
+    "write_latent_dataset",
+    "edm_latent_name",
     "uint8_to_float",
     "float_to_uint8",
     "LABELS_FILENAME",
@@ -118,6 +127,18 @@ def edm_image_name(idx: int) -> str:
     """Archive name EDM's dataset_tool gives image `idx`: 1234 -> '00001/img00001234.png' (1000 per folder)."""
     s = f"{idx:08d}"
     return f"{s[:5]}/img{s}.png"
+
+
+def edm_latent_name(idx: int) -> str:
+    """Archive name EDM2's dataset_tool gives latent `idx`: 1234 -> '00001/img-mean-std-00001234.npy'."""
+    return f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy"
+
+
+def _npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read(f)
+    return tuple(shape), dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,9 +258,37 @@ def write_image_dataset(dest, images, labels=None, *, layout: str = "auto", over
     Everything is written to a hidden temporary sibling of dest and renamed into place at the end, so an
     interrupted or failed write leaves dest as it was and removes the temporary.
     """
-    dest = Path(dest)
     images_nhwc = _as_nhwc(images, layout)
     labels = _as_labels(labels, len(images_nhwc))
+    return _write_members(Path(dest), lambda: _encode_members(images_nhwc, labels), overwrite)
+
+
+def write_latent_dataset(dest, moments, labels=None, *, overwrite: bool = False) -> Path:
+    """Write VAE posterior moments float [N, 2·C, H, W] (mean channels, then std channels) and optional class
+    labels as an EDM2 latent dataset (`edm_latent_name` members + dataset.json), atomically as
+    `write_image_dataset`. Used by tests and smoke runs; real latents come from the SD VAE encoder."""
+    m = np.asarray(moments)
+    if m.ndim != 4 or m.shape[1] % 2 or m.shape[2] != m.shape[3] or not np.issubdtype(m.dtype, np.floating):
+        raise DatasetError(f"moments must be float [N, 2·C, H, W] (mean and std channels, square), got "
+                           f"{m.dtype} {m.shape}")
+    if not (m[:, m.shape[1] // 2:] >= 0).all():
+        raise DatasetError("the std channels (the second half) of the moments must be >= 0")
+    labels = _as_labels(labels, len(m))
+
+    def members():
+        names = []
+        for i, item in enumerate(m):
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(item.astype(np.float32)))
+            names.append(edm_latent_name(i))
+            yield names[-1], buf.getvalue()
+        meta = {"labels": None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]}
+        yield LABELS_FILENAME, json.dumps(meta).encode("utf-8")
+    return _write_members(Path(dest), members, overwrite)
+
+
+def _write_members(dest: Path, members, overwrite: bool) -> Path:
+    """Write the (name, bytes) pairs of `members()` into a zip or folder beside `dest`, then publish it."""
     is_zip = dest.suffix.lower() == ".zip"
     fillable = not is_zip and dest.is_dir() and not any(dest.iterdir())  # an empty folder, as EDM allows
     # Fail before the (possibly long) write if dest is taken; _publish checks again atomically.
@@ -252,13 +301,13 @@ def write_image_dataset(dest, images, labels=None, *, layout: str = "auto", over
             # open(..., 'xb') rather than mkstemp: the file gets the usual umask permissions, not 0600.
             with open(tmp, "xb") as f:
                 with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-                    for name, data in _encode_members(images_nhwc, labels):
+                    for name, data in members():
                         zf.writestr(name, data)
                 f.flush()
                 os.fsync(f.fileno())  # the archive's bytes reach disk before its name does
         else:
             tmp.mkdir()
-            for name, data in _encode_members(images_nhwc, labels):
+            for name, data in members():
                 path = tmp / name
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(data)
@@ -396,14 +445,23 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _select_images(self, names: Sequence[str], allow_extra_files: bool) -> list[str]:
         exts = _image_extensions()
-        images, extra = [], []
+        images, latents, extra = [], [], []
         for n in names:
-            if os.path.splitext(n)[1].lower() in exts:
+            ext = os.path.splitext(n)[1].lower()
+            if ext == ".npy":
+                latents.append(n)
+            elif ext in exts:
                 images.append(n)
             elif n != LABELS_FILENAME:
                 extra.append(n)
+        if images and latents:
+            raise DatasetError(f"{self.path} mixes images ('{sorted(images)[0]}') and .npy latents "
+                               f"('{sorted(latents)[0]}'); a dataset holds one kind")
+        self.is_latent = bool(latents)
+        images = images or latents
         if not images:
-            raise DatasetError(f"{self.path} contains no image files (files with an extension PIL registers, e.g. .png)")
+            raise DatasetError(f"{self.path} contains no image files (files with an extension PIL registers, e.g. "
+                               f".png) and no .npy latents")
         extra.sort()
         if extra and not allow_extra_files:
             raise DatasetError(
@@ -414,6 +472,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _probe(self, name: str, decode: bool) -> tuple[int, int, int]:
         """(C, H, W) of one image from its header, or from its pixels when `decode`."""
+        if self.is_latent:
+            return self._probe_latent(name, decode)
         try:
             with self._open(name) as f:
                 header = None if decode else _png_header(f)
@@ -435,6 +495,23 @@ class ImageDataset(torch.utils.data.Dataset):
         if w != h:
             raise DatasetError(f"{self._where(name)} is {w}x{h} (WxH); images must be square")
         return _MODE_CHANNELS[mode], h, w
+
+    def _probe_latent(self, name: str, decode: bool) -> tuple[int, int, int]:
+        """(C, H, W) of one .npy latent from its header (EDM2 reshapes to [−1, H, W]), or from its data."""
+        try:
+            with self._open(name) as f:
+                shape, dtype = _npy_header(f)
+                if decode:
+                    f.seek(0)
+                    np.load(io.BytesIO(f.read()), allow_pickle=False)
+        except Exception as e:
+            raise DatasetError(f"{self._where(name)} cannot be read as a .npy array ({type(e).__name__}: {e})") from e
+        if len(shape) < 2 or not np.issubdtype(dtype, np.floating):
+            raise DatasetError(f"{self._where(name)} is {dtype} {shape}; a latent is a float array [channels, H, W]")
+        h, w = shape[-2:]
+        if h != w:
+            raise DatasetError(f"{self._where(name)} is {w}x{h} (WxH); latents must be square")
+        return int(np.prod(shape[:-2], dtype=np.int64)), h, w
 
     def _scan_images(self, validate: str) -> list[int]:
         names = self._image_names if validate != "first" else self._image_names[:1]
@@ -493,6 +570,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         name = self._image_names[raw_idx]
+        if self.is_latent:
+            try:
+                with self._open(name) as f:
+                    a = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            except Exception as e:
+                raise DatasetError(f"{self._where(name)} cannot be read as a .npy array ({type(e).__name__}: {e})") from e
+            if a.size != int(np.prod(self._image_shape)) or not np.issubdtype(a.dtype, np.floating):
+                raise DatasetError(f"{self._where(name)} holds {a.dtype} {a.shape}, but the dataset's latents are "
+                                   f"float {_fmt(self._image_shape)}")
+            return a.reshape(self._image_shape).astype(np.float32)
         try:
             with self._open(name) as f, PIL.Image.open(f) as img:
                 image = np.asarray(img)  # decodes here; corrupt pixel data surfaces now, not at construction

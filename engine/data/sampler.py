@@ -75,3 +75,28 @@ class ImageDatasetSource:
             return x, None
         y = torch.stack([torch.as_tensor(lab) for _, lab in items]).argmax(dim=1).to(device)
         return x, y
+
+
+class LatentSource:
+    """A latent dataset on disk (`ImageDataset` over EDM2 `.npy` members): items are the VAE posterior moments
+    float32 [2·C, H, W] (mean, then std); the objective draws the posterior sample (engine/objectives/latent.py),
+    so each step sees a fresh one from the step's own random stream. One-hot labels become class indices."""
+
+    def __init__(self, dataset):
+        if not getattr(dataset, "is_latent", False):
+            raise ValueError(f"{dataset.path} holds images, not .npy latents; use ImageDatasetSource")
+        if dataset.num_channels % 2:
+            raise ValueError(f"{dataset.path}: latents have {dataset.num_channels} channels; the EDM2 format "
+                             f"stores mean and std, an even number (8 for the SD VAE)")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, idx: torch.Tensor, device):
+        items = [self.dataset[int(i)] for i in idx]
+        x = torch.stack([torch.from_numpy(m) for m, _ in items]).to(device)
+        if not self.dataset.has_labels:
+            return x, None
+        y = torch.stack([torch.as_tensor(lab) for _, lab in items]).argmax(dim=1).to(device)
+        return x, y

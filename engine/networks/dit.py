@@ -210,6 +210,12 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
 
+    def jvp(self, x, t, r, labels, dx, dt, dr) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, du) along (ẋ, ṫ, ṙ) without autograd, primal and tangent batched through every linear layer
+        (engine/networks/dit_jvp.py); equals torch.func.jvp of forward."""
+        from engine.networks.dit_jvp import dit_jvp
+        return dit_jvp(self, x, t, r, labels, dx, dt, dr)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # other Mean Flow codebases name the second time embedder h_embedder (spec/mf.md §3.3)
         state_dict = {k.replace("h_embedder.", "r_embedder.", 1) if k.startswith("h_embedder.") else k: v

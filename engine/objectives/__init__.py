@@ -9,14 +9,16 @@
     ECD       easy consistency distillation, one teacher Euler/Heun step per pair (spec/cm.md §4.5)
     SCT, SCD  continuous-time consistency training / distillation with TrigFlow (spec/mf.md §5)
     FlowMatching, MeanFlow, CMTMeanFlow   flow-map objectives for DiT-style networks (spec/mf.md §1, §4)
+    LatentPosterior  any of them on VAE posterior samples of stored latent moments (engine/objectives/latent.py)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import CMT, KD, CachedCMT, SlowCMT
 from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_distance, squared_l2
 from engine.objectives.ect import ECD, ECT
 from engine.objectives.edm import EDMLoss
+from engine.objectives.latent import LatentPosterior
 from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow, mean_flow_sample
 from engine.objectives.scm import SCD, SCT
 
 __all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
-           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]
+           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

@@ -6,8 +6,10 @@
     CMTMeanFlow   pairs (z_{t_i}, z_{t_j}) of a teacher trajectory with the average-velocity target
                   (z_{t_i} − z_{t_j}) / (t_i − t_j); plain squared L2 (spec/mf.md §4.4)
 
-Mean Flow's JVP is a no-grad `torch.func.jvp` of the network along (ṽ, 0, 1) in (z, r, t), taken only on the rows
-with r ≠ t (rows with r = t have (t − r)·du/dt = 0), and the prediction is an ordinary forward — spec/mf.md §1.3
+Mean Flow's JVP is a no-grad JVP of the network along (ṽ, 0, 1) in (z, r, t), taken only on the rows with r ≠ t
+(rows with r = t have (t − r)·du/dt = 0): by default the network's own dual-stream `jvp` when it has one (the DiT:
+primal and tangent batched through each linear layer, attention (O, Ȯ) in one kernel pass;
+engine/networks/dit_jvp.py), `torch.func.jvp` otherwise or with jvp='func'. The prediction is an ordinary forward — spec/mf.md §1.3
 option (b): only the ordinary forward carries gradients, so a DDP/FSDP wrapper sees a normal forward, and the
 JVP may run on the unwrapped module (`jvp_net`). Classifier-free guidance is folded into the target as the
 official code does (§1.6); label dropout sends the first rows of the batch to the null class with the unguided v.
@@ -22,6 +24,7 @@ from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
 
+JVP_MODES = ("auto", "dual", "func")
 PAIR_RULES = ("nonadjacent28", "all36", "drop_start28", "drop_end28", "grid8")
 
 
@@ -68,19 +71,22 @@ class FlowMatching(Objective):
 class MeanFlow(Objective):
     """Mean Flow (spec/mf.md §1.11, official semantics). Defaults: ImageNet (μ −0.4, σ 1.0, 75% of rows r = t),
     adaptive weight p = 1, c = 0.01, label dropout 0.1; guidance ω, κ on [t_start, t_end] (ω = 1, κ = 0: none).
-    `jvp_net`, if given, is the module the JVP runs on (the unwrapped network under DDP/FSDP)."""
+    `jvp_net`, if given, is the module the JVP runs on (the unwrapped network under DDP/FSDP); `jvp`: 'auto' (the
+    network's dual-stream `jvp` method when it has one), 'dual' (require it) or 'func' (torch.func.jvp)."""
 
     name = "mf"
 
     def __init__(self, mu: float = -0.4, sigma: float = 1.0, r_equals_t: float = 0.75, p: float = 1.0,
                  c: float = 0.01, label_dropout: float = 0.1, omega: float = 1.0, kappa: float = 0.0,
-                 t_start: float = 0.0, t_end: float = 1.0, jvp_net=None):
+                 t_start: float = 0.0, t_end: float = 1.0, jvp_net=None, jvp: str = "auto"):
+        if jvp not in JVP_MODES:
+            raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
         if not 0 <= r_equals_t <= 1:
             raise ValueError(f"r_equals_t is a fraction of the batch, got {r_equals_t}")
         self.mu, self.sigma, self.r_equals_t = float(mu), float(sigma), float(r_equals_t)
         self.p, self.c, self.label_dropout = float(p), float(c), float(label_dropout)
         self.omega, self.kappa, self.t_start, self.t_end = float(omega), float(kappa), float(t_start), float(t_end)
-        self.jvp_net = jvp_net
+        self.jvp_net, self.jvp_mode = jvp_net, jvp
 
     @property
     def guided(self) -> bool:
@@ -119,6 +125,18 @@ class MeanFlow(Objective):
             v_tilde = torch.cat([v[:n_drop], v_tilde[n_drop:]])  # dropped rows: the unguided v
         return v_tilde, y, evals
 
+    @torch.no_grad()
+    def time_derivative(self, jnet, z, r, t, y, v_tilde) -> torch.Tensor:
+        """du/dt = J_z u·ṽ + ∂_t u (spec/mf.md §1.2), no grad."""
+        dual = getattr(jnet, "jvp", None)
+        if self.jvp_mode == "dual" and dual is None:
+            raise TypeError(f"jvp='dual' needs a network with a dual-stream jvp method (engine.networks.DiT); "
+                            f"{type(jnet).__name__} has none")
+        if self.jvp_mode != "func" and dual is not None:
+            return dual(z, t, r, y, v_tilde, torch.ones_like(t), torch.zeros_like(r))[1].to(z.dtype)
+        return torch.func.jvp(lambda zz, rr, tt: jnet(zz, tt, rr, y).to(zz.dtype), (z, r, t),
+                              (v_tilde, torch.zeros_like(r), torch.ones_like(t)))[1]
+
     def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
         x = images.to(noise_dtype(images))
         B, device = x.shape[0], x.device
@@ -129,14 +147,10 @@ class MeanFlow(Objective):
         y = null_labels(net, labels, B, device)
         v_tilde, y, evals = self.target_velocity(net, z, t, v, y, rng, labels is not None)
         # du/dt along (ṽ, 0, 1) in (z, r, t), no grad, only where r ≠ t
-        jnet = self.jvp_net or net
         dudt = torch.zeros_like(x)
         if n_eq < B:
             sl = slice(n_eq, B)
-            with torch.no_grad():
-                _, d = torch.func.jvp(lambda zz, rr, tt: jnet(zz, tt, rr, y[sl]).to(zz.dtype),
-                                      (z[sl], r[sl], t[sl]), (v_tilde[sl], torch.zeros_like(r[sl]),
-                                                              torch.ones_like(t[sl])))
+            d = self.time_derivative(self.jvp_net or net, z[sl], r[sl], t[sl], y[sl], v_tilde[sl])
             dudt = torch.cat([dudt[:n_eq], d])
         u_tgt = (v_tilde - _view(t - r, x) * dudt).detach()
         u = net(z, t, r, y).to(x.dtype)

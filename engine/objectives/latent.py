@@ -1,0 +1,80 @@
+"""Training on VAE latents stored as posterior moments (EDM2's latent datasets, spec/edm2_latent.md §3.1; the
+Mean Flow ImageNet-256 setup, spec/mf.md §7.1): every time an example is drawn, a fresh posterior sample
+
+    z = mean + std·n,  n ~ N(0, I)
+
+is taken and mapped to model space, then the wrapped objective runs on it as on any image batch:
+
+    convention 'sd'    z·0.18215                    (DiT / SiT / Mean Flow)
+    convention 'edm2'  z·scale_c + bias_c per channel  (EDM2: standardised to std 0.5)
+
+The noise comes from the step's random stream (drawn first, so the inner objective's draws follow it), so a
+resumed or re-sharded run replays exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.vae import BIAS, SCALE, SD_SCALING
+
+CONVENTIONS = ("sd", "edm2")
+
+
+def posterior_sample(moments: torch.Tensor, noise: torch.Tensor, convention: str) -> torch.Tensor:
+    """Model-space latents from moments [B, 2C, H, W] and unit noise [B, C, H, W]."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
+    if moments.ndim != 4 or moments.shape[1] != 2 * noise.shape[1]:
+        raise ValueError(f"moments must be [B, 2·C, H, W] (mean, then std); got {tuple(moments.shape)} for noise "
+                         f"{tuple(noise.shape)}")
+    mean, std = moments.chunk(2, dim=1)
+    z = mean + std * noise
+    if convention == "sd":
+        return z * SD_SCALING
+    if z.shape[1] != len(SCALE):
+        raise ValueError(f"the edm2 convention is for the SD VAE's 4 latent channels, got {z.shape[1]}")
+    scale = torch.tensor(SCALE, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
+    bias = torch.tensor(BIAS, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
+    return z * scale + bias
+
+
+class LatentPosterior(Objective):
+    """`inner` on posterior samples of the moments the loader gives (engine.data.sampler.LatentSource)."""
+
+    def __init__(self, inner: Objective, convention: str = "sd"):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
+        self.inner, self.convention = inner, convention
+        self.name = f"{inner.name}@latents"
+
+    def __call__(self, net, moments, labels, rng: StepRNG) -> LossOutput:
+        if moments.ndim != 4 or moments.shape[1] % 2:
+            raise ValueError(f"expected posterior moments [B, 2·C, H, W] from a latent dataset, got "
+                             f"{tuple(moments.shape)}")
+        c = moments.shape[1] // 2
+        noise = rng.randn((moments.shape[0], c, *moments.shape[2:]), moments.device, torch.float32)
+        return self.inner(net, posterior_sample(moments.float(), noise, self.convention), labels, rng)
+
+    # everything else is the inner objective's
+    def images_per_step(self, batch_size: int) -> int:
+        return self.inner.images_per_step(batch_size)
+
+    def set_progress(self, nimg: int) -> None:
+        self.inner.set_progress(nimg)
+
+    def log_values(self) -> dict:
+        return self.inner.log_values()
+
+    def parameters(self) -> list:
+        return self.inner.parameters()
+
+    def to(self, device) -> "LatentPosterior":
+        self.inner.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
