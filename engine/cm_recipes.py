@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from engine import dist
 from engine.checkpoints import load_edm_pickle
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.sampler import ImageDatasetSource
@@ -80,7 +81,9 @@ def _smoke_inputs(out: str, s: PaperSettings):
     low = torch.rand(64, 3, 4, 4, generator=g)  # smooth random images: upsampled 4×4 colour fields
     img = torch.nn.functional.interpolate(low, size=s.resolution, mode="bilinear", align_corners=False)
     path = os.path.join(out, "smoke-data.zip")
-    write_image_dataset(path, (img * 255).round().to(torch.uint8).numpy(), overwrite=True)
+    if dist.rank() == 0:  # under torchrun one rank writes it, the others wait
+        write_image_dataset(path, (img * 255).round().to(torch.uint8).numpy(), overwrite=True)
+    dist.barrier()
     torch.manual_seed(0)
     tiny = dict(img_resolution=s.resolution, in_channels=3, out_channels=3, model_channels=16,
                 channel_mult=[1, 1], num_blocks=1, attn_resolutions=[s.resolution // 2])

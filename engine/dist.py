@@ -1,41 +1,77 @@
-"""The one place that talks to torch.distributed: process-group setup from torchrun's environment and the few
-collectives the engine needs. Without torchrun (no WORLD_SIZE, or 1) everything is a single-process no-op.
+"""The one place that talks to torch.distributed: process groups from torchrun's environment, per-rank sharding,
+model wrapping (FSDP2 / DDP), the collectives the loop needs, and sharded checkpoints. Nothing else in the engine
+imports torch.distributed. Without torchrun (no WORLD_SIZE) everything here is a single-process no-op.
 
-    python -m torch.distributed.run --nproc_per_node=N -m engine.evaluate ...   # or torchrun
+    torchrun --nproc_per_node=N recipes/<name>.py ...          # every recipe
+    torchrun --nproc_per_node=N -m engine.evaluate ...
 
-Backend: NCCL when CUDA is available, gloo otherwise (CPU runs, CI).
+Process group: NCCL when CUDA is available, gloo otherwise (CPU runs, CI).
+
+Data parallelism. The global batch (a stage's `batch_size` pairs, and the images its objective consumes for them)
+is divided evenly over the ranks; the sampler deals each rank a contiguous share of the global index list
+(`ResumableSampler.indices(position, count, rank, world)`), and a step's random numbers are drawn for the global
+batch from (seed, images seen) with each rank keeping its rows (engine.objectives.base.StepRNG). So a run's data and
+noise do not depend on the world size, and a checkpoint resumes at any world size.
+
+Wrapping (`wrap`, after the network is built and initialised):
+  fsdp  FSDP2 `fully_shard` on every block (the modules whose class name ends in "Block": DiTBlock, UNetBlock)
+        and on the root; on CUDA with bf16 parameters in compute and fp32 gradient reduction
+        (MixedPrecisionPolicy); parameters, gradients and optimizer state are sharded DTensors;
+  ddp   DistributedDataParallel (small models: one all-reduce per step, replicated state);
+  auto  fsdp when distributed, nothing otherwise.
+Forward-mode work (Mean Flow's JVP, sCM's tangents) runs on `unwrap(net)` — the DDP wrapper cannot be traced by
+torch.func and its gradient hooks must not see the no-grad JVP (spec/mf.md §2.7); FSDP2 modules are used in place,
+with their parameters gathered around code that reads weights directly (`unsharded`). A frozen teacher may be
+sharded too (`shard_frozen`): its parameters are gathered block by block at each use.
+
+Checkpoints (`save_sharded` / `load_sharded`): torch.distributed.checkpoint (DCP) directories of the logical,
+fully-qualified state (model, EMA, optimizer), each rank writing its shards, written under a temporary name and
+renamed into place by rank 0 after every rank has finished, so a directory that exists is complete. DCP reshards on
+load, so a checkpoint written at world size 2 resumes at 1 and the reverse. `full_state` gathers a consolidated
+state dict (the safetensors release export uses it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import torch
 import torch.distributed as td
+from torch import nn
+
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
+
+
+# ---- process group ----------------------------------------------------------------------------------------------
+
+def is_distributed() -> bool:
+    return td.is_available() and td.is_initialized()
 
 
 def world_size() -> int:
-    return td.get_world_size() if td.is_available() and td.is_initialized() else 1
+    return td.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
-    return td.get_rank() if td.is_available() and td.is_initialized() else 0
+    return td.get_rank() if is_distributed() else 0
 
 
 def init() -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) if there is one;
-    return this rank's device (cuda:LOCAL_RANK, or cpu)."""
+    return this rank's device (cuda:LOCAL_RANK, or cpu). Safe to call more than once."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
-    if n > 1 and not td.is_initialized():
+    if n > 1 and not is_distributed():
         td.init_process_group(backend="nccl" if cuda else "gloo")
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def shutdown() -> None:
-    if td.is_available() and td.is_initialized():
+    if is_distributed():
         td.destroy_process_group()
 
 
@@ -51,3 +87,236 @@ def gather_objects(obj) -> list | None:
     out = [None] * world_size() if rank() == 0 else None
     td.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor (in place, returned)."""
+    if world_size() > 1:
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+        t /= world_size()
+    return t
+
+
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on any (so that all ranks take the same branch, e.g. stop on NaN)."""
+    t = torch.as_tensor(flag, dtype=torch.float32).reshape(1).clone()
+    if world_size() > 1:
+        t = t.to(_collective_device())
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---- per-rank sharding ------------------------------------------------------------------------------------------
+
+def local_share(total: int, what: str) -> int:
+    """`total` items of the global batch divided over the ranks; a clear error when they do not divide evenly."""
+    n = world_size()
+    if total % n:
+        raise ValueError(f"{what}: {total} per global batch cannot be divided evenly over {n} ranks ({total / n:g} "
+                         f"each); choose a global batch that is a multiple of the world size")
+    return total // n
+
+
+def to_scalar_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly-DTensor scalar (FSDP's gradient norm is a replicated DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---- wrapping ---------------------------------------------------------------------------------------------------
+
+def resolve_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown data-parallel strategy {strategy!r}; expected one of {STRATEGIES}")
+    if world_size() == 1:
+        return "none"
+    return "fsdp" if strategy == "auto" else strategy
+
+
+def fsdp_units(net: nn.Module) -> list[nn.Module]:
+    """The modules sharded as their own FSDP units: every module whose class name ends in 'Block' and that is not
+    inside another such module (DiT's DiTBlock, the U-Nets' UNetBlock), in module order."""
+    units, inside = [], set()
+    for name, m in net.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if type(m).__name__.endswith("Block"):
+            units.append(m)
+            inside.add(name)
+    return units
+
+
+def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (world_size(),))
+
+
+def _fully_shard(net: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = _mesh(device)
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if device.type == "cuda":
+        # bf16 compute, fp32 reduction; inputs are not cast (σ, t and the preconditioning stay fp32; the loop's
+        # autocast decides the matmul dtype)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)
+    for unit in fsdp_units(net):
+        fully_shard(unit, **kw)
+    fully_shard(net, **kw)
+    return net
+
+
+def wrap(net: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """The network as the optimizer and the objective see it under `strategy` (see the module docstring)."""
+    strategy = resolve_strategy(strategy)
+    if strategy == "none":
+        return net
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return _fully_shard(net, device)
+
+
+def shard_frozen(module: nn.Module, device: torch.device) -> nn.Module:
+    """Shard a frozen module (a large teacher) over the ranks; its forwards gather parameters block by block.
+    Every rank must then call it the same number of times, which the objectives do (same code, local batch)."""
+    if world_size() == 1:
+        return module
+    return _fully_shard(module, device)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module itself under a DDP wrapper (forward-mode AD and direct weight reads run on it); FSDP2 shards in
+    place, so an FSDP module is returned as is."""
+    return net.module if type(net).__name__ == "DistributedDataParallel" else net
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(*modules: nn.Module):
+    """Gather the FSDP-sharded parameters of `modules` (each its own unit, not its children's) for code that reads
+    weights directly instead of calling forward (the DiT's dual-stream JVP); a no-op for unsharded modules."""
+    sharded = [m for m in modules if is_distributed() and is_sharded(m)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
+# ---- state ------------------------------------------------------------------------------------------------------
+
+def full_state(module: nn.Module) -> dict:
+    """A consolidated (unsharded) CPU state dict of `module`, on every rank."""
+    if not (is_distributed() and is_sharded(module)):
+        return {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                   broadcast_from_rank0=False))
+    # cpu_offload leaves the full state on rank 0 only; the others receive it
+    return broadcast_object(state if rank() == 0 else None)
+
+
+def train_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts keyed by parameter name, sharded as the model is: the form DCP saves and
+    reshards. Works for plain, DDP and FSDP models."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return get_state_dict(unwrap(model), optimizer)
+
+
+def set_train_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def set_full_train_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Load a single-process checkpoint (full tensors; the optimizer's state keyed by parameter index, as
+    `optimizer.state_dict()` writes it) into a sharded model and its optimizer: every rank reads the same file and
+    keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    by_name = {"state": {names[i]: v for i, v in optim_state["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in optim_state["param_groups"]]}
+    set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def set_full_module_state(module: nn.Module, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(unwrap(module), state, options=StateDictOptions(full_state_dict=True))
+
+
+def module_state(module: nn.Module) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(unwrap(module))
+
+
+def set_module_state(module: nn.Module, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(unwrap(module), state)
+
+
+def save_sharded(directory: str, state: dict, extra: dict) -> None:
+    """Write `state` (nested dicts of possibly-sharded tensors) with DCP into `directory`, plus `extra` (plain
+    Python values, rank 0's) as extra.pt, atomically: written to a hidden sibling, renamed when every rank is
+    done. An existing `directory` is replaced."""
+    import torch.distributed.checkpoint as dcp
+    parent, name = os.path.split(os.path.abspath(directory))
+    tmp = os.path.join(parent, f".{name}.tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    if rank() == 0:
+        from engine.checkpoints import save_checkpoint
+        save_checkpoint(os.path.join(tmp, "extra.pt"), extra)
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(directory):
+            old = os.path.join(parent, f".{name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        _fsync_dir(parent)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_sharded(directory: str, state: dict) -> dict:
+    """Fill `state` (the same structure save_sharded wrote, as this run shards it) from `directory` in place and
+    return the extra values. DCP reads each rank's shards from whatever layout wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from engine.checkpoints import load_checkpoint
+    if not os.path.isfile(os.path.join(directory, ".metadata")):
+        raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no .metadata)")
+    extra = load_checkpoint(os.path.join(directory, "extra.pt"))
+    dcp.load(state, checkpoint_id=directory)
+    return extra

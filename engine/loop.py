@@ -2,12 +2,18 @@
 
 Everything is counted in images (kimg): `batch_size` student samples (pairs) per step, budgets and intervals in
 kimg, so a recipe means the same at any batch size or device count. Each step's randomness comes from generators
-seeded by (seed, rank, images seen) and the data order from (seed, data position), so a checkpoint needs only the
-model, EMA, optimizer, objective state and counters, and rerunning the same command resumes bit-identically
-(on CPU; on CUDA up to the non-determinism of its kernels).
+seeded by (seed, images seen) — each rank keeping its rows of the global batch's draws, dropout seeded per rank —
+and the data order from (seed, data position), so a checkpoint needs only the model, EMA, optimizer, objective
+state and counters, and rerunning the same command resumes bit-identically (on CPU; on CUDA up to the
+non-determinism of its kernels), at the same or another world size.
+
+Under torchrun (engine/dist.py) the global batch is divided evenly over the ranks, the network is wrapped
+(`StageConfig.parallel`: FSDP2 by default, DDP, or none), logs, grids, evaluations and releases are rank 0's, and
+checkpoints are sharded torch.distributed.checkpoint directories (either form resumes at any world size).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -20,14 +26,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.checkpoints import TEACHER_ONLY_KEYS, export_safetensors, load_network_state
+from engine import dist
+from engine.checkpoints import CheckpointError, TEACHER_ONLY_KEYS, export_safetensors, load_network_state
 from engine.data.sampler import ResumableSampler
 from engine.ema import EMA
 from engine.image_grid import save_image_grid
 from engine.lr_schedules import learning_rate
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import Objective, StepRNG
-from engine.run_state import CheckpointRing
+from engine.run_state import CheckpointRing, warn_unreadable
 from engine.train_log import TrainLog
 
 
@@ -57,11 +64,14 @@ class StageConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     bf16: bool = True                           # bf16 autocast on CUDA (CPU runs are always fp32)
+    parallel: str = "auto"                      # under torchrun: 'fsdp' (auto) | 'ddp' | 'none' (engine/dist.py)
+    shard_teacher: bool = False                 # under torchrun: FSDP-shard the objective's frozen teacher too
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change the trained weights (intervals and logging excluded)."""
+        """Hash of the settings that change the trained weights (intervals, logging and the parallel layout,
+        which changes only the sharding, excluded)."""
         d = dataclasses.asdict(self)
-        for k in ("log_kimg", "eval_kimg", "keep_checkpoints"):
+        for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -121,63 +131,163 @@ def train_step(net: nn.Module, objective: Objective, opt, params, images, labels
                grad_clip: float | None, device: torch.device):
     """One optimisation step, the unit the benchmarks (bench/) time: the objective's forward under the step's
     dropout seed and autocast, backward of the mean per-pair loss, gradient clipping, optimizer step. Returns
-    (the objective's LossOutput, the mean loss, the gradient norm), the last two on device (no host sync)."""
+    (the objective's LossOutput, the mean loss, the gradient norm), the last two on device (no host sync).
+
+    `params` is the list of trained parameters, or a pair (network's, objective's) when the objective owns some:
+    under data parallelism the wrapper reduces the network's gradients and the objective's are averaged here; the
+    clipping norm is over both."""
     with dropout_generator(rng.seed(), device), autocast:
         out = objective(net, images, labels, rng)
     loss = out.loss.float().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+    net_params, obj_params = params if isinstance(params, tuple) else (params, [])
+    for p in obj_params:
+        if p.grad is not None:
+            dist.all_reduce_mean(p.grad)
+    grad_norm = clip_gradients(net_params, obj_params, grad_clip)
     opt.step()
     return out, loss, grad_norm
+
+
+def clip_gradients(net_params, obj_params, max_norm: float | None) -> torch.Tensor:
+    """Clip to a global norm over both parameter lists; the norm (a plain tensor, FSDP's DTensor unwrapped)."""
+    if not obj_params:
+        return dist.to_scalar_tensor(torch.nn.utils.clip_grad_norm_(net_params, max_norm or math.inf))
+    norms = [dist.to_scalar_tensor(torch.nn.utils.clip_grad_norm_(g, math.inf)) for g in (net_params, obj_params)]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    if max_norm:  # one host sync, only when an objective with parameters is clipped
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        for g in (net_params, obj_params):
+            grads = [p.grad for p in g if p.grad is not None]
+            if grads and coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+    return total
+
+
+class _Optimizers:
+    """The network's optimizer and, when the objective owns parameters, a second one with the same settings
+    (so that the network's optimizer state is exactly what a sharded checkpoint of the network describes)."""
+
+    def __init__(self, net_opt, obj_opt=None):
+        self.net, self.obj = net_opt, obj_opt
+
+    @property
+    def param_groups(self):
+        return self.net.param_groups + (self.obj.param_groups if self.obj else [])
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in (self.net, self.obj):
+            if o is not None:
+                o.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for o in (self.net, self.obj):
+            if o is not None:
+                o.step()
 
 
 def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, run_dir: str,
                 device: torch.device | str = "cpu",
                 evaluate: Callable[[nn.Module], dict] | None = None,
-                grid: Callable[[nn.Module], torch.Tensor] | None = None,
-                rank: int = 0) -> StageResult:
+                grid: Callable[[nn.Module], torch.Tensor] | None = None) -> StageResult:
     """Train `net` (already initialised, on `device`) with `objective` on `data` (a source with `len` and
-    `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any."""
+    `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any.
+    Under torchrun every rank calls this with the same arguments; the returned networks are plain (unsharded)
+    modules on every rank."""
     device = torch.device(device)
+    rank, world = dist.rank(), dist.world_size()
+    lead = rank == 0
     stage_dir = os.path.join(run_dir, cfg.name)
-    os.makedirs(stage_dir, exist_ok=True)
-    with open(os.path.join(stage_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
+    # the global batch and the images it consumes, divided evenly over the ranks (clear errors otherwise)
+    n_images = objective.images_per_step(cfg.batch_size)
+    dist.local_share(cfg.batch_size, f"stage {cfg.name!r}: batch_size (pairs per step)")
+    per = getattr(objective, "trajectories_per_batch", None)
+    dist.local_share(n_images, f"stage {cfg.name!r}: {objective.name} consumes {n_images} "
+                               + ("trajectories" if per else "images") + " per step")
+    if lead:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
+    dist.barrier()
     total_nimg = round(cfg.total_kimg * 1000)
     ring = CheckpointRing(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
 
     net.train()
-    # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they share the optimizer
+    # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they get their own optimizer
     objective.to(device)
-    params = [p for p in net.parameters() if p.requires_grad] + list(objective.parameters())
-    opt = make_optimizer(cfg, params, device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
     _warn_if_ema_too_long(cfg, total_nimg)
+    strategy = dist.resolve_strategy(cfg.parallel)
+    shell = None
+    if strategy != "none":  # a plain CPU copy to hold the consolidated weights at the end
+        shell = copy.deepcopy(net.cpu())
+        net.to(device)
+        if cfg.shard_teacher and getattr(objective, "teacher", None) is not None:
+            dist.shard_frozen(objective.teacher, device)
+    model = dist.wrap(net, strategy, device)
+    if strategy == "fsdp":
+        dist.wrap(ema.module, "fsdp", device)  # sharded like the model: the update is shard-local
+    net_params = [p for p in model.parameters() if p.requires_grad]
+    obj_params = list(objective.parameters())
+    params = (net_params, obj_params) if obj_params else net_params
+
+    def optimizers() -> _Optimizers:
+        return _Optimizers(make_optimizer(cfg, net_params, device),
+                           make_optimizer(cfg, obj_params, device) if obj_params else None)
+    opt = optimizers()
     sampler = ResumableSampler(len(data), seed=cfg.seed)
     nimg = data_pos = 0
     counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
     wall, history = 0.0, []
 
-    found = ring.latest(map_location=device)
-    if found is not None:
-        state, path = found
-        if state["fingerprint"] != cfg.fingerprint():
+    # ---- resume: the newest checkpoint that loads, in either form, at any world size --------------------------
+    tried_sharded = False
+    for _, path in reversed(ring.list()):
+        error = None
+        try:
+            extra = _load_checkpoint(path, model, ema.module, opt, device)
+        except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
+            error = e
+        if dist.any_rank(error is not None):  # every rank falls back together if any could not read it
+            warn_unreadable(path, error or "another rank could not read it")
+            tried_sharded |= os.path.isdir(path)
+            opt = optimizers()  # a failed load may have initialised optimizer state
+            continue
+        if extra["fingerprint"] != cfg.fingerprint():
             raise RuntimeError(f"{path} was written by a different configuration of stage {cfg.name!r}; "
                                f"use another --out directory or remove {stage_dir}")
-        load_network_state(net, state["net"])
-        load_network_state(ema.module, state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        nimg, data_pos, wall = state["nimg"], state["data_pos"], state["wall_s"]
-        counters, history = dict(state["counters"]), list(state["eval_history"])
+        objective.load_state_dict(extra["objective"])
+        nimg, data_pos, wall = extra["nimg"], extra["data_pos"], extra["wall_s"]
+        counters, history = dict(extra["counters"]), list(extra["eval_history"])
+        if lead:
+            print(f"resuming stage {cfg.name!r} from {path} ({nimg / 1000:g} kimg, world size {world})", flush=True)
+        break
+    else:
+        if tried_sharded:  # a failed sharded load may have written into the weights: do not train on from them
+            raise RuntimeError(f"no checkpoint in {ring.directory} could be read (see the warnings above); move "
+                               f"the directory away to train stage {cfg.name!r} from its initialisation")
 
-    def checkpoint_state() -> dict:
-        return dict(fingerprint=cfg.fingerprint(), net=net.state_dict(), ema=ema.module.state_dict(),
-                    optimizer=opt.state_dict(), objective=objective.state_dict(), nimg=nimg, data_pos=data_pos,
-                    wall_s=wall, counters=counters, eval_history=history)
+    def save_checkpoint(at: int) -> None:
+        extra = dict(fingerprint=cfg.fingerprint(), objective=objective.state_dict(), nimg=nimg,
+                     data_pos=data_pos, wall_s=wall, counters=counters, eval_history=history,
+                     objective_optimizer=opt.obj.state_dict() if opt.obj else None)
+        if dist.is_distributed():
+            net_state, opt_state = dist.train_state(model, opt.net)
+            ring.save_sharded(dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema.module)), extra,
+                              at)
+        else:
+            ring.save(dict(extra, net=net.state_dict(), ema=ema.module.state_dict(), optimizer=opt.net.state_dict()),
+                      at)
 
-    log = TrainLog(stage_dir, cfg.total_kimg, nimg / 1000, desc=cfg.name)
+    def full_ema() -> nn.Module:
+        """The EMA network as one plain module (rank 0 evaluates it; all ranks take part in gathering it)."""
+        if strategy != "fsdp":
+            return dist.unwrap(ema.module)
+        state = dist.full_state(ema.module)
+        return load_network_state(copy.deepcopy(shell), state).to(device).eval()
+
+    log = TrainLog(stage_dir, cfg.total_kimg, nimg / 1000, desc=cfg.name) if lead else _NoLog()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -190,18 +300,17 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
                                ref_nimg=cfg.lr_ref_kimg * 1000, rampup_nimg=cfg.lr_rampup_kimg * 1000)
             for g in opt.param_groups:
                 g["lr"] = lr
-            rng = StepRNG.for_step(cfg.seed, rank, nimg, device)
-            n_images = objective.images_per_step(cfg.batch_size)
-            images, labels = data.batch(sampler.indices(data_pos, n_images), device)
-            out, loss, grad_norm = train_step(net, objective, opt, params, images, labels, rng, autocast,
+            rng = StepRNG.for_step(cfg.seed, rank, nimg, device, world)
+            images, labels = data.batch(sampler.indices(data_pos, n_images, rank, world), device)
+            out, loss, grad_norm = train_step(model, objective, opt, params, images, labels, rng, autocast,
                                               cfg.grad_clip, device)
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
-            ema.update(net, nimg + cfg.batch_size, cfg.batch_size)
+            ema.update(model, nimg + cfg.batch_size, cfg.batch_size)
             before, nimg, data_pos = nimg, nimg + cfg.batch_size, data_pos + n_images
-            for k, v in dict(images=n_images, pairs=out.pairs, teacher_nfe=out.teacher_nfe,
-                             student_forward=out.student_forward, student_backward=out.student_backward,
-                             steps=1).items():
-                counters[k] += v
+            for k, v in dict(images=n_images, pairs=out.pairs * world, teacher_nfe=out.teacher_nfe * world,
+                             student_forward=out.student_forward * world,
+                             student_backward=out.student_backward * world, steps=1).items():
+                counters[k] += v  # global counts (every rank does the same work on its share)
             loss_sum += loss.detach()
             steps_since_log += 1
             log.advance(cfg.batch_size / 1000)
@@ -209,11 +318,12 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
             # ---- bookkeeping at image-count boundaries -------------------------------------------------------
             done = nimg >= total_nimg
             if _crossed(before, nimg, cfg.log_kimg) or done:
-                if nonfinite.item():
+                if dist.any_rank(nonfinite):
                     raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, nimg, ring))
                 now = time.time()
                 wall += now - t_last
-                record = dict(kimg=nimg / 1000, loss=(loss_sum / steps_since_log).item(), lr=lr,
+                mean_loss = dist.all_reduce_mean(loss_sum / steps_since_log).item()
+                record = dict(kimg=nimg / 1000, loss=mean_loss, lr=lr,
                               grad_norm=grad_norm.item(), kimg_per_s=steps_since_log * cfg.batch_size / 1000
                               / max(now - t_last, 1e-9), wall_s=wall, **counters, **objective.log_values())
                 for k in ("teacher_nfe", "student_forward", "student_backward"):
@@ -221,28 +331,81 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
                 log.write(record)
                 loss_sum.zero_()
                 steps_since_log, t_last, last_good_kimg = 0, now, nimg / 1000
-            if evaluate is not None and (_crossed(before, nimg, cfg.eval_kimg) or done):
-                metrics = dict(kimg=nimg / 1000, **evaluate(ema.module))
-                history.append(metrics)
-                log.write(dict(metrics, event="eval"))
+            evaluating = evaluate is not None and (_crossed(before, nimg, cfg.eval_kimg) or done)
+            drawing = grid is not None and (_crossed(before, nimg, cfg.eval_kimg) or done)
+            if evaluating or drawing:
+                averaged = full_ema()
+                if lead and evaluating:
+                    metrics = dict(kimg=nimg / 1000, **evaluate(averaged))
+                    history.append(metrics)
+                    log.write(dict(metrics, event="eval"))
+                if lead and drawing:
+                    save_image_grid(grid(averaged), os.path.join(stage_dir, "grids",
+                                                                 f"kimg-{nimg // 1000:06d}.png"))
+                history = dist.broadcast_object(history)
+                dist.barrier()
                 t_last = time.time()  # evaluation time is not training time
-            if grid is not None and (_crossed(before, nimg, cfg.eval_kimg) or done):
-                save_image_grid(grid(ema.module), os.path.join(stage_dir, "grids", f"kimg-{nimg // 1000:06d}.png"))
-                t_last = time.time()
             if _crossed(before, nimg, cfg.ckpt_kimg) or done:
-                if nonfinite.item():  # never save a state that went through a NaN step
+                if dist.any_rank(nonfinite):  # never save a state that went through a NaN step
                     raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, nimg, ring))
                 wall += time.time() - t_last
                 t_last = time.time()
-                ring.save(checkpoint_state(), nimg)
+                save_checkpoint(nimg)
                 last_good_kimg = nimg / 1000
     finally:
         log.close()
 
     # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
-    export_safetensors(ema.module, os.path.join(stage_dir, "ema.safetensors"),
-                       metadata=dict(stage=cfg.name, kimg=nimg / 1000, config=dataclasses.asdict(cfg)))
-    return StageResult(net=net, ema=ema.module, nimg=nimg, counters=counters, wall_s=wall, eval_history=history)
+    final_ema = full_ema()
+    if strategy != "none":
+        final_net = load_network_state(copy.deepcopy(shell), dist.full_state(model)).to(device)
+    else:
+        final_net = net
+    if lead:
+        export_safetensors(final_ema, os.path.join(stage_dir, "ema.safetensors"),
+                           metadata=dict(stage=cfg.name, kimg=nimg / 1000, config=dataclasses.asdict(cfg)))
+    dist.barrier()
+    return StageResult(net=final_net, ema=final_ema.eval(), nimg=nimg, counters=counters, wall_s=wall,
+                       eval_history=history)
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def advance(self, kimg: float) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _load_checkpoint(path: str, model: nn.Module, ema_module: nn.Module, opt: _Optimizers,
+                     device: torch.device) -> dict:
+    """Load a checkpoint of either form into the (possibly sharded) model, EMA and optimizers; its plain values."""
+    from engine.checkpoints import load_checkpoint
+    if os.path.isdir(path):
+        net_state, opt_state = dist.train_state(model, opt.net)
+        tensors = dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema_module))
+        extra = dist.load_sharded(path, tensors)
+        dist.set_train_state(model, opt.net, tensors["net"], tensors["optimizer"])
+        dist.set_module_state(ema_module, tensors["ema"])
+    else:
+        extra = load_checkpoint(path, map_location=device)
+        if dist.is_distributed() and dist.is_sharded(model):
+            dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
+            dist.set_full_module_state(ema_module, extra["ema"])
+        else:
+            load_network_state(dist.unwrap(model), extra["net"])
+            load_network_state(dist.unwrap(ema_module), extra["ema"])
+            opt.net.load_state_dict(extra["optimizer"])
+    if opt.obj is not None:
+        if extra.get("objective_optimizer") is None:
+            raise CheckpointError(f"{path} has no optimizer state for the objective's parameters")
+        opt.obj.load_state_dict(extra["objective_optimizer"])
+    return extra
 
 
 def _nonfinite_message(cfg: StageConfig, good_kimg: float, nimg: int, ring: CheckpointRing) -> str:

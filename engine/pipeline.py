@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from engine import dist
 from engine.loop import StageConfig, StageResult, initialise, train_stage
 
 
@@ -37,7 +38,11 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
     args = ap.parse_args(argv)
     if args.kimg_scale <= 0:
         ap.error("--kimg-scale must be positive")
+    # under torchrun: join the process group; each rank trains on its own GPU (cuda:LOCAL_RANK)
+    local = dist.init()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dist.is_distributed() and args.device == "cuda":
+        args.device = str(local)
     return args
 
 
@@ -57,12 +62,15 @@ class Run:
     def __init__(self, args: argparse.Namespace, recipe: str, config: dict):
         self.args, self.recipe, self.out = args, recipe, args.out
         self.device = torch.device(args.device)
-        os.makedirs(self.out, exist_ok=True)
-        resolved = dict(recipe=recipe, flags=vars(args), config=config)
+        self.lead = dist.rank() == 0  # under torchrun rank 0 prints and writes the run's files
+        resolved = dict(recipe=recipe, flags=vars(args), world_size=dist.world_size(), config=config)
         text = json.dumps(resolved, indent=1, default=_jsonable)
-        print(f"[{recipe}] resolved configuration:\n{text}", flush=True)
-        with open(os.path.join(self.out, "config.json"), "w") as f:
-            f.write(text)
+        if self.lead:
+            os.makedirs(self.out, exist_ok=True)
+            print(f"[{recipe}] resolved configuration:\n{text}", flush=True)
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                f.write(text)
+        dist.barrier()
         self.results: dict = {"recipe": recipe, "runs": {}}
 
     def stage(self, arm: str, kind: str, cfg: StageConfig, net, objective, data, init=None, evaluate=None,
@@ -91,12 +99,14 @@ class Run:
         the evaluation records' `plot_keys` against kimg."""
         runs = self.results["runs"]
         table = format_table(runs, metric_keys)
-        print(table, flush=True)
         self.results["table"] = table
-        with open(os.path.join(self.out, "results.json"), "w") as f:
-            json.dump(self.results, f, indent=1, default=_jsonable)
-        if plot_keys:
-            plot_history(runs, plot_keys, os.path.join(self.out, "metrics_vs_kimg.png"))
+        if self.lead:
+            print(table, flush=True)
+            with open(os.path.join(self.out, "results.json"), "w") as f:
+                json.dump(self.results, f, indent=1, default=_jsonable)
+            if plot_keys:
+                plot_history(runs, plot_keys, os.path.join(self.out, "metrics_vs_kimg.png"))
+        dist.barrier()
         return self.results
 
 

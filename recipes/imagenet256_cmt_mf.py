@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 
+from engine import dist
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.sampler import LatentSource
 from engine.loop import StageConfig
@@ -67,7 +68,7 @@ class Config:
 
 def smoke(cfg: Config) -> Config:
     return dataclasses.replace(cfg, latent_size=8, num_classes=10, teacher_batch=16, teacher_kimg=0.064,
-                               trajectories_per_batch=1, mid_kimg=0.056, post_batch=8, post_kimg=0.032,
+                               trajectories_per_batch=2, mid_kimg=0.112, post_batch=8, post_kimg=0.032,
                                log_kimg=0.016, ckpt_kimg=0.032, grid_kimg=0.064, ema_beta=0.3, tiny=True)
 
 
@@ -87,7 +88,9 @@ def smoke_latents(out: str, cfg: Config) -> str:
     mean = centres[labels] + rng.normal(0, 1, size=(n, 4, cfg.latent_size, cfg.latent_size))
     std = rng.uniform(0.1, 0.5, size=mean.shape)
     path = os.path.join(out, "smoke-latents.zip")
-    write_latent_dataset(path, np.concatenate([mean, std], axis=1).astype(np.float32), labels, overwrite=True)
+    if dist.rank() == 0:  # under torchrun one rank writes it, the others wait
+        write_latent_dataset(path, np.concatenate([mean, std], axis=1).astype(np.float32), labels, overwrite=True)
+    dist.barrier()
     return path
 
 

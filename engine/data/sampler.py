@@ -3,7 +3,8 @@ resumed run needs to save only the image count (STYLE.md: resume by rerunning th
 
 The stream is an endless sequence of epochs; epoch e is a permutation of the dataset drawn from a generator seeded
 with (seed, e). A global batch of B images starting at position p takes stream entries p … p+B−1; with W ranks,
-rank r takes entries p + r, p + r + W, … so that the union over ranks is the same global batch at any W."""
+rank r takes the contiguous share p + r·B/W … p + (r+1)·B/W − 1, so that the concatenation over ranks is the same
+global batch at any W, row for row — the rows each rank's noise is drawn for (engine.objectives.base.StepRNG)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,9 @@ class ResumableSampler:
         """Dataset indices of this rank's share of the global batch [position, position + count)."""
         if count % world_size:
             raise ValueError(f"a global batch of {count} images cannot be split evenly over {world_size} ranks")
+        share = count // world_size
         out = []
-        for k in range(position + rank, position + count, world_size):
+        for k in range(position + rank * share, position + (rank + 1) * share):
             e, i = divmod(k, self.num_items)
             out.append(int(self._epoch(e)[i]))
         return torch.tensor(out, dtype=torch.long)

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine import ops
+from engine import dist, ops
 
 _GELU_C = math.sqrt(2 / math.pi)
 
@@ -52,6 +52,8 @@ def gelu_tanh(x, dx):
 
 def layer_norm(x, dx, eps):
     """LayerNorm without affine over the last dim: y = (x − μ)·rstd, ẏ = rstd·(ẋc − y·mean(y·ẋc))."""
+    if x.numel() == 0:  # a rank whose rows all have r = t still takes part (FSDP gathers collectively)
+        return x, dx
     y = F.layer_norm(x, x.shape[-1:], eps=eps)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
     dxc = dx - dx.mean(-1, keepdim=True)
@@ -109,7 +111,13 @@ def block(blk, x, dx, c, dc):
 
 @torch.no_grad()
 def dit_jvp(net, x, t, r, labels, dx, dt, dr) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, du) of `net(x, t, r, labels)` (engine.networks.DiT) along (ẋ, ṫ, ṙ); t, r, ṫ, ṙ: [B] or scalars."""
+    """(u, du) of `net(x, t, r, labels)` (engine.networks.DiT) along (ẋ, ṫ, ṙ); t, r, ṫ, ṙ: [B] or scalars.
+    Under FSDP the weights are read directly, so each unit's parameters are gathered around its use."""
+    with dist.unsharded(net):
+        return _dit_jvp(net, x, t, r, labels, dx, dt, dr)
+
+
+def _dit_jvp(net, x, t, r, labels, dx, dt, dr):
     if any(blk.mlp.approximate != "tanh" for blk in net.blocks):
         raise NotImplementedError("the dual-stream JVP implements the DiT's GELU-tanh MLP only")
     B = x.shape[0]
@@ -128,7 +136,8 @@ def dit_jvp(net, x, t, r, labels, dx, dt, dr) -> tuple[torch.Tensor, torch.Tenso
         e, de = timestep(net.r_embedder, t - r, dt - dr)
         c, dc = c + e, dc + de
     for blk in net.blocks:
-        h, dh = block(blk, h, dh, c, dc)
+        with dist.unsharded(blk):
+            h, dh = block(blk, h, dh, c, dc)
     fl = net.final_layer
     mod, dmod = linear(*silu(c, dc), fl.adaLN_modulation[1])
     (shift, scale), (dshift, dscale) = mod.chunk(2, 1), dmod.chunk(2, 1)

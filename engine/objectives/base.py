@@ -31,28 +31,64 @@ class LossOutput:
 @dataclasses.dataclass
 class StepRNG:
     """Generators for one training step: `device` for tensors (noise), `cpu` for host-side draws (dropout seeds,
-    index choices) so that drawing a seed never synchronises with the device."""
+    index choices) so that drawing a seed never synchronises with the device.
+
+    Under data parallelism (`rank` of `world`, each rank holding an equal share of the global batch) the streams
+    are seeded from (seed, images seen) alone and are the same on every rank; a batch-shaped draw (`randn`,
+    `rand`: first dimension = this rank's rows) generates the numbers of the whole global batch and keeps this
+    rank's rows, and per-step host draws (counts, offsets) are made identically everywhere, with `rows()` telling
+    an objective where its rows sit in the global batch. A step's randomness therefore does not depend on the
+    world size: N ranks see exactly the numbers one process sees for the same global batch, which is what lets a
+    checkpoint resume at another world size and a 2-process run be checked against a 1-process run. What is
+    genuinely per rank — the network's dropout masks, drawn on the local batch — is seeded from
+    (seed, rank, images seen) through `seed()`."""
     device: torch.Generator
     cpu: torch.Generator
+    rank: int = 0
+    world: int = 1
 
     def seed(self) -> int:
-        """A fresh 63-bit seed (e.g. for `engine.networks.dropout.dropout_generator`)."""
-        return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=self.cpu).item())
+        """A fresh 63-bit seed for this rank (e.g. for `engine.networks.dropout.dropout_generator`). Every rank
+        draws from the shared host stream (so later draws stay aligned) and mixes in its rank."""
+        s = int(torch.randint(0, 2 ** 63 - 1, (1,), generator=self.cpu).item())
+        if self.rank == 0:
+            return s
+        return int.from_bytes(hashlib.sha256(f"{s}/{self.rank}".encode()).digest()[:8], "little") >> 1
+
+    def rows(self, local: int) -> tuple[int, int]:
+        """(offset, global count) of this rank's `local` rows in the global batch."""
+        return self.rank * local, self.world * local
+
+    def _rows_of(self, draw, shape, device, dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        if self.world == 1:
+            return draw(shape, generator=self.device, device=device, dtype=dtype)
+        n = shape[0]
+        full = draw((n * self.world, *shape[1:]), generator=self.device, device=device, dtype=dtype)
+        return full[self.rank * n:(self.rank + 1) * n]
 
     def randn(self, shape, device, dtype=torch.float32) -> torch.Tensor:
-        return torch.randn(shape, generator=self.device, device=device, dtype=dtype)
+        """N(0, 1) numbers for this rank's rows (shape[0] = local rows) of the global batch's draw."""
+        return self._rows_of(torch.randn, shape, device, dtype)
+
+    def rand(self, shape, device, dtype=torch.float32) -> torch.Tensor:
+        """U[0, 1) numbers for this rank's rows of the global batch's draw."""
+        return self._rows_of(torch.rand, shape, device, dtype)
 
     @staticmethod
-    def for_step(seed: int, rank: int, nimg: int, device: torch.device | str = "cpu") -> "StepRNG":
-        """Deterministic generators from (seed, rank, images seen): a step's randomness depends on nothing else."""
-        digest = hashlib.sha256(f"{seed}/{rank}/{nimg}".encode()).digest()
+    def for_step(seed: int, rank: int, nimg: int, device: torch.device | str = "cpu", world: int = 1) -> "StepRNG":
+        """Deterministic generators from (seed, images seen), sliced for `rank` of `world`: a step's randomness
+        depends on nothing else (the digest keeps the single-process form "seed/0/nimg")."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        digest = hashlib.sha256(f"{seed}/0/{nimg}".encode()).digest()
         a, b = int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:16], "little") >> 1
         device = torch.device(device)
         dev = torch.Generator(device=device)
         dev.manual_seed(a)
         cpu = torch.Generator()
         cpu.manual_seed(b)
-        return StepRNG(device=dev, cpu=cpu)
+        return StepRNG(device=dev, cpu=cpu, rank=rank, world=world)
 
 
 class Objective:

@@ -209,9 +209,10 @@ class SlowCMT(_TeacherSolve):
         super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order)
 
     def levels(self, batch: int, rng: StepRNG) -> list[int]:
-        """Grid index j_i of each pair (host-side, from rng.cpu)."""
+        """Grid index j_i of each pair (host-side, from rng.cpu; i counted in the global batch)."""
         o = int(torch.randint(0, self.nfe, (1,), generator=rng.cpu).item())
-        return [(i + o) % self.nfe for i in range(batch)]
+        first, _ = rng.rows(batch)
+        return [(first + i + o) % self.nfe for i in range(batch)]
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         B, N, device = images.shape[0], self.nfe, images.device

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from engine import dist
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
@@ -38,10 +39,15 @@ def logit_normal(n: int, mu: float, sigma: float, rng: StepRNG, device, dtype) -
 
 def null_labels(net, labels, batch: int, device):
     """Class indices, with the network's null class for an unconditional batch."""
-    num = int(getattr(net, "num_classes", 0))
+    num = int(getattr(dist.unwrap(net), "num_classes", 0))
     if labels is None:
         return torch.full((batch,), num, dtype=torch.long, device=device)
     return labels.long()
+
+
+def null_class(net) -> int:
+    """The index of the network's null (unconditional) class; attributes are read through a DDP wrapper."""
+    return int(dist.unwrap(net).num_classes)
 
 
 class FlowMatching(Objective):
@@ -61,8 +67,8 @@ class FlowMatching(Objective):
         z = (1 - _view(t, x)) * x + _view(t, x) * eps
         y = null_labels(net, labels, B, device)
         if self.label_dropout > 0 and labels is not None:
-            drop = torch.rand(B, generator=rng.device, device=device) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, int(net.num_classes)), y)
+            drop = rng.rand([B], device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, null_class(net)), y)
         u = net(z, t, t, y)
         loss = (u.to(x.dtype) - (eps - x)).square().reshape(B, -1).sum(1)
         return LossOutput(loss=loss, pairs=B, student_forward=B, student_backward=B)
@@ -96,7 +102,10 @@ class MeanFlow(Objective):
         a = logit_normal(B, self.mu, self.sigma, rng, device, dtype)
         b = logit_normal(B, self.mu, self.sigma, rng, device, dtype)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        n_eq = math.floor(self.r_equals_t * B)          # the first rows get r = t (deterministic count)
+        # the first rows of the (global) batch get r = t, a deterministic count; under data parallelism this
+        # rank's share of them is what falls in its rows
+        first, total = rng.rows(B)
+        n_eq = min(max(math.floor(self.r_equals_t * total) - first, 0), B)
         r = torch.cat([t[:n_eq], r[n_eq:]])
         return t, r, n_eq
 
@@ -107,7 +116,7 @@ class MeanFlow(Objective):
         v_tilde = v
         if self.guided:
             with torch.no_grad():
-                null = torch.full_like(y, int(net.num_classes))
+                null = torch.full_like(y, null_class(net))
                 u_null = net(z, t, t, null).to(z.dtype)
                 evals += B
                 guided = self.omega * v + (1 - self.omega - self.kappa) * u_null
@@ -119,21 +128,27 @@ class MeanFlow(Objective):
         n_drop = 0
         if self.label_dropout > 0 and labels_given:
             # Binomial(B, p) rows, the first ones (the official code's choice: mostly the r = t rows)
-            n_drop = int(torch.binomial(torch.tensor([float(B)]), torch.tensor([self.label_dropout]),
+            first, total = rng.rows(B)
+            n_drop = int(torch.binomial(torch.tensor([float(total)]), torch.tensor([self.label_dropout]),
                                         generator=rng.cpu).item())
-            y = torch.cat([torch.full_like(y[:n_drop], int(net.num_classes)), y[n_drop:]])
+            n_drop = min(max(n_drop - first, 0), B)          # this rank's share of the first rows
+            y = torch.cat([torch.full_like(y[:n_drop], null_class(net)), y[n_drop:]])
             v_tilde = torch.cat([v[:n_drop], v_tilde[n_drop:]])  # dropped rows: the unguided v
         return v_tilde, y, evals
 
     @torch.no_grad()
     def time_derivative(self, jnet, z, r, t, y, v_tilde) -> torch.Tensor:
-        """du/dt = J_z u·ṽ + ∂_t u (spec/mf.md §1.2), no grad."""
+        """du/dt = J_z u·ṽ + ∂_t u (spec/mf.md §1.2), no grad, on the unwrapped module (spec/mf.md §2.7)."""
+        jnet = dist.unwrap(jnet)
         dual = getattr(jnet, "jvp", None)
         if self.jvp_mode == "dual" and dual is None:
             raise TypeError(f"jvp='dual' needs a network with a dual-stream jvp method (engine.networks.DiT); "
                             f"{type(jnet).__name__} has none")
         if self.jvp_mode != "func" and dual is not None:
             return dual(z, t, r, y, v_tilde, torch.ones_like(t), torch.zeros_like(r))[1].to(z.dtype)
+        if dist.is_distributed() and dist.is_sharded(jnet):
+            raise TypeError("jvp='func' (torch.func.jvp) cannot trace an FSDP-sharded network; use the dual-stream "
+                            "JVP (jvp='auto' with engine.networks.DiT) or StageConfig(parallel='ddp')")
         return torch.func.jvp(lambda zz, rr, tt: jnet(zz, tt, rr, y).to(zz.dtype), (z, r, t),
                               (v_tilde, torch.zeros_like(r), torch.ones_like(t)))[1]
 
@@ -148,7 +163,7 @@ class MeanFlow(Objective):
         v_tilde, y, evals = self.target_velocity(net, z, t, v, y, rng, labels is not None)
         # du/dt along (ṽ, 0, 1) in (z, r, t), no grad, only where r ≠ t
         dudt = torch.zeros_like(x)
-        if n_eq < B:
+        if n_eq < B or dist.is_distributed():  # sharded weights are gathered collectively: every rank takes part
             sl = slice(n_eq, B)
             d = self.time_derivative(self.jvp_net or net, z[sl], r[sl], t[sl], y[sl], v_tilde[sl])
             dudt = torch.cat([dudt[:n_eq], d])

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from engine import dist
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
@@ -118,6 +119,11 @@ class _SCM(Objective):
         return F_minus, g
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        if dist.is_distributed():
+            # the tangent and the prediction go through `backbone_output`, not the module's forward, which neither
+            # a DDP wrapper (gradient sync) nor FSDP (parameter gathering) intercepts
+            raise NotImplementedError("sCT/sCD run in a single process for now; under torchrun use CMT, ECT, ECD "
+                                      "or Mean Flow")
         dtype = noise_dtype(images)
         x0 = images.to(dtype)
         B, device = x0.shape[0], x0.device

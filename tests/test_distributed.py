@@ -1,0 +1,203 @@
+"""Data parallelism on CPU with gloo (engine/dist.py, engine/loop.py): the objectives' sharded randomness, a
+2-process run against a 1-process run with the same global batch (CMT, ECT, Mean Flow), checkpoints that resume
+at another world size, an elastic restart after SIGKILL, the errors for batches that do not divide, and a recipe
+under torchrun. The multi-process runs go through tests/dist_harness.py under torch.distributed.run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import dist
+from engine.loop import StageConfig, train_stage
+from engine.networks import DiT, SongUNet
+from engine.objectives import CMT, ECT, CMTMeanFlow, FlowMatching, MeanFlow, SlowCMT, StepRNG, squared_l2
+from engine.precond import CMPrecond, EDMPrecond
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(ROOT, "tests", "dist_harness.py")
+
+
+def launch(args, nproc=None, extra=()):
+    """Run the harness: plainly (nproc None) or under torch.distributed.run; returns the completed process."""
+    cmd = [sys.executable, HARNESS, *args] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+         HARNESS, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return done
+
+
+def run_ok(args, nproc=None, extra=()):
+    done = launch(args, nproc, extra)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def losses(out):
+    path = os.path.join(out, "stage", "log.jsonl")
+    return {round(r["kimg"] * 1000): r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
+
+
+def final(out):
+    return torch.load(os.path.join(out, "final.pt"), weights_only=True)
+
+
+def assert_losses_close(a, b, rtol=1e-5):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert abs(a[k] - b[k]) <= rtol * abs(a[k]), (k, a[k], b[k])
+
+
+def assert_states_close(a, b, rtol=1e-9):
+    for part in ("net", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=rtol, atol=rtol)
+
+
+# ---- in one process: the objectives' randomness is a function of the global batch ---------------------------------
+
+def _unet():
+    return SongUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=[1, 2],
+                    num_blocks=1, attn_resolutions=[4], dropout=0.0).double()
+
+
+def _dit():
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+               num_classes=4).double()
+
+
+def _per_image_losses(objective, net, x, y, world, pairs_per_image=1):
+    """Per-pair losses of ranks 0..world−1 on their contiguous shares, arranged image-major like one process."""
+    parts = []
+    m = x.shape[0] // world
+    for r in range(world):
+        sl = slice(r * m, (r + 1) * m)
+        out = objective(net, x[sl], None if y is None else y[sl], StepRNG.for_step(3, r, 40, "cpu", world))
+        loss = out.loss.detach()
+        if pairs_per_image > 1:  # CMT's layout is step-major within a call: entry j·m + b
+            loss = loss.reshape(pairs_per_image, m).t().reshape(-1)
+        parts.append(loss)
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("name", ["cmt", "slow_cmt", "ect", "mf", "fm", "cmt_mf"])
+def test_sharded_objectives_equal_the_unsharded_batch(name):
+    """Rank r of 2 on its half of the batch computes exactly the per-pair losses one process computes for those
+    rows: noise, times, r = t rows, label dropout and Slow-CMT levels all follow the global batch."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, 4, (8,), generator=g)
+    teacher = EDMPrecond(_unet()).eval().requires_grad_(False)
+    per, labels = 1, None
+    if name == "cmt":
+        objective, net, per = CMT(teacher, nfe=4, trajectories_per_batch=8, distance=squared_l2, graphs=False), \
+            CMPrecond(_unet()), 4
+    elif name == "slow_cmt":
+        objective, net = SlowCMT(teacher, nfe=4, distance=squared_l2), CMPrecond(_unet())
+    elif name == "ect":
+        objective, net = ECT(q=4), CMPrecond(_unet())
+    elif name == "cmt_mf":
+        objective, net, per, labels = CMTMeanFlow(_dit().eval().requires_grad_(False), trajectories_per_batch=8), \
+            _dit(), 28, y
+    else:
+        objective = MeanFlow(omega=0.6, kappa=0.2, label_dropout=0.5) if name == "mf" else FlowMatching(
+            label_dropout=0.5)
+        net, labels = _dit(), y
+    one = _per_image_losses(objective, net, x, labels, 1, per)
+    two = _per_image_losses(objective, net, x, labels, 2, per)
+    torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-12)
+
+
+def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_path):
+    """CMT's trajectories are per global batch: 2 trajectories cannot be shared by 4 ranks (the reference code
+    silently trains on nothing then, spec/cm.md §3.1)."""
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    teacher = EDMPrecond(_unet()).eval().requires_grad_(False)
+    cmt = CMT(teacher, nfe=4, trajectories_per_batch=2, distance=squared_l2, graphs=False)
+    cfg = StageConfig(name="s", total_kimg=0.008, batch_size=8, lr=1e-3)
+    with pytest.raises(ValueError, match="cmt consumes 2 trajectories per step: 2 per global batch cannot be "
+                                         "divided evenly over 4 ranks"):
+        train_stage(cfg, CMPrecond(_unet()), cmt, None, str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size \\(pairs per step\\): 6 per global batch cannot be divided"):
+        train_stage(StageConfig(name="s", total_kimg=0.006, batch_size=6, lr=1e-3), CMPrecond(_unet()), ECT(q=4),
+                    None, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown data-parallel strategy 'zero3'"):
+        dist.resolve_strategy("zero3")
+
+
+# ---- multi-process, through torchrun -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["cmt", "ect", "mf"])
+def test_two_processes_equal_one(objective, tmp_path):
+    """FSDP2 over 2 gloo processes against one process, same global batch of 8: every one of the 20 per-step
+    losses within 1e-5 relative, and the final weights (float64) within 1e-9."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_ok(["--objective", objective, "--out", one])
+    run_ok(["--objective", objective, "--out", two], nproc=2)
+    assert sorted(os.listdir(os.path.join(two, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dirs
+    assert_losses_close(losses(one), losses(two))
+    assert len(losses(one)) == 20
+    assert_states_close(final(one), final(two))
+
+
+def test_ddp_equals_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_ok(["--objective", "mf", "--out", one])
+    run_ok(["--objective", "mf", "--out", two, "--parallel", "ddp"], nproc=2)
+    assert_losses_close(losses(one), losses(two))
+    assert_states_close(final(one), final(two))
+
+
+@pytest.mark.parametrize("first,second", [(2, None), (None, 2)])
+def test_checkpoint_resumes_at_another_world_size(first, second, tmp_path):
+    """Stop after step 10's checkpoint at one world size, resume at the other (2 → 1: a DCP directory read by one
+    process; 1 → 2: a single-process file sharded on load): the losses of steps 11–20 equal an uninterrupted
+    run's, the next step's included."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_ok(["--objective", "mf", "--out", ref])
+    run_ok(["--objective", "mf", "--out", out, "--stop-at", "10"], nproc=first)
+    assert not os.path.exists(os.path.join(out, "final.pt"))
+    done = run_ok(["--objective", "mf", "--out", out], nproc=second)
+    form = "ckpt-000000000080" + (".pt" if first is None else " ")
+    assert f"resuming stage 'stage' from {os.path.join(out, 'stage', 'checkpoints', form)}" in done.stdout + " "
+    a, b = losses(ref), losses(out)
+    assert min(k for k in b) == 8 and 88 in b   # the resumed run logged the 11th step (88 images) afresh
+    assert_losses_close(a, b)
+    assert_states_close(final(ref), final(out))
+
+
+def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path):
+    """Rank 1 is SIGKILLed at step 12 of 20; torchrun (--max-restarts=1) restarts both ranks, which resume from the
+    step-10 checkpoint and finish; the final weights equal an uninterrupted 2-process run's."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_ok(["--objective", "ect", "--out", ref], nproc=2)
+    done = run_ok(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
+    assert "SIGKILL" in done.stderr or "exitcode: -9" in done.stderr
+    assert "resuming stage 'stage' from " + os.path.join(out, "stage", "checkpoints", "ckpt-000000000080") \
+        in done.stdout
+    assert_losses_close(losses(ref), losses(out), rtol=1e-12)
+    assert_states_close(final(ref), final(out), rtol=0)
+
+
+def test_recipe_runs_under_torchrun(tmp_path):
+    """The ImageNet-256 CMT-MF recipe's three stages (teacher, CMT, Mean Flow with FSDP-gathered evaluation grids)
+    on 2 processes, with rank 0 writing the run's files."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "recipes", "imagenet256_cmt_mf.py"), "--smoke", "--out", out, "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["runs"]["cmt_mf"]["kimg"] == {"pre": 0.064, "mid": 0.112, "post": 0.032}
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["world_size"] == 2
+    for stage in ("pre_mf_teacher", "mid_cmt", "post_mf"):
+        assert os.path.exists(os.path.join(out, "cmt_mf", stage, "ema.safetensors"))
+        assert os.listdir(os.path.join(out, "cmt_mf", stage, "grids"))
