@@ -1,7 +1,9 @@
 """What every recipe shares: the flags, the run directory, running a stage, and the comparison report.
 
 A recipe is a plain Python file that builds `StageConfig`s and objectives and calls `Run.stage(...)` for each stage
-of each arm; this module keeps the recipes free of plumbing. Shared flags only (STYLE.md):
+of each arm; this module keeps the recipes free of plumbing. Every recipe also runs under torchrun
+(`torchrun --nproc_per_node=N recipes/<name>.py ...`): `parse_flags` joins the process group and picks this rank's
+GPU, and rank 0 prints and writes the run's files. Shared flags only (STYLE.md):
 
     --out DIR        run directory (resolved config, logs, grids, checkpoints, results.json); rerun to resume
     --data PATH      dataset (EDM zip/folder) for recipes that need one

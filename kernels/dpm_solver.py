@@ -54,7 +54,6 @@ def _check(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[floa
 
 
 if runtime.triton is not None:
-    import triton
     import triton.language as tl
 
     def _update_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, out_ptr, a, b0, b1, b2, n,

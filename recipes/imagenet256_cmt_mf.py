@@ -10,7 +10,7 @@ Paper: CMT-XL/2 1-NFE FID 3.34 in 760 A100-h total (38 h teacher + 135 h mid + 5
 Settings the paper does not state, and the choice made (spec/mf.md §4.5 marks them unresolved):
   teacher epochs: 80 (the MF-B/4 ablation schedule); post-training length: 93 epochs, i.e. the 587 A100-h of
   Table 4 at MF-XL/2's throughput per image (1520 A100-h for 240 epochs) — both are plain Config fields.
-Sized for: a multi-GPU node; wall time not measured here (no GPU run has been made).
+Sized for: a multi-GPU node (torchrun, FSDP2; docs/scaling.md); wall time not measured here (no GPU run has been made).
 Needs: --data, an ImageNet-256 latent dataset in EDM2's .npy format: one float32 [8, 32, 32] array per image
 (sd-vae-ft-mse posterior mean, then std, of the ADM center crop scaled to [−1, 1] — SD's range, not EDM2's [0, 1]),
 named 00000/img-mean-std-00000000.npy …, with dataset.json class labels (engine/data/image_dataset.py). Each step
@@ -19,6 +19,7 @@ ENGINE_FID_STATS (ADM's VIRTUAL_imagenet256_labeled statistics) and ENGINE_VAE_W
 and 2-step FID-50k; otherwise it prints the evaluation command.
 
     python recipes/imagenet256_cmt_mf.py --data datasets/imagenet256-sdvae-latents.zip
+    torchrun --nproc_per_node=8 recipes/imagenet256_cmt_mf.py --data datasets/imagenet256-sdvae-latents.zip
     python recipes/imagenet256_cmt_mf.py --smoke        # synthetic latents and tiny DiTs, every stage (CI)
 """
 from __future__ import annotations

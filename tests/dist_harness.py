@@ -78,12 +78,13 @@ def main():
     p.add_argument("--parallel", default="auto")
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--shard-teacher", action="store_true")
     a = p.parse_args()
     device = dist.init()
     net, objective, data = build(a.objective)
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",
                       lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=5 * BATCH / 1000,
-                      parallel=a.parallel, keep_checkpoints=10)
+                      parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher)
     res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at), data, a.out, device)
     if dist.rank() == 0:
         torch.save(dict(net=res.net.state_dict(), ema=res.ema.state_dict()), os.path.join(a.out, "final.pt"))

@@ -94,3 +94,23 @@ def test_throughput_bench_dit_family(tmp_path):
     assert rows["cmt_mf"]["teacher_nfe_per_pair"] == pytest.approx(8 / 28)
     assert rows["mf"]["teacher_nfe_per_pair"] == 0 and res["batch"] == 56
     assert rows["cmt_mf"]["images_per_s"] * 28 == pytest.approx(rows["cmt_mf"]["pairs_per_s"])
+
+
+def test_memory_plan_is_computed_and_docs_are_current():
+    """docs/scaling.md's memory plan is bench/memory_plan.py's output: the DiT inputs are the engine's own
+    networks (trained parameters as spec/mf.md §3), the per-GPU sums add up, CMT's trajectory limit is where the
+    trajectories stop dividing, and the committed tables equal a fresh computation."""
+    mp = load("memory_plan")
+    p = mp.plan()
+    assert p["b4"]["params"] == 131_165_248 and p["xl2"]["params"] == 676_440_592
+    assert p["xl2"]["act_bf16"] < p["xl2"]["act_fp32"] and p["xl2"]["act_fp32"] > 0
+    assert p["xxl_unit"] == mp.edm2_largest_block_params(448)
+    rows = {(r["run"], r["world"]): r for r in p["rows"]}
+    cmt = "EDM2-XXL CMT mid-training, teacher replicated"
+    assert rows[(cmt, 8)]["feasible"] and not rows[(cmt, 64)]["feasible"] and rows[(cmt, 64)]["min_global"] == 1024
+    assert not rows[("MF-XL/2 CMT mid-training (B/4 teacher)", 8)]["feasible"]
+    for r in p["rows"]:
+        assert abs(r["total"] - (r["state"] + r["gathered"] + r["teacher"] + r["activations"])) < 1e-9
+    fresh = mp.markdown(p).split("## Inputs", 1)[1]
+    committed = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "scaling.md")).read()
+    assert committed.split("## Inputs", 1)[1] == fresh, "docs/scaling.md is stale: rerun bench/memory_plan.py --write"

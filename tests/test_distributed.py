@@ -133,13 +133,14 @@ def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_pa
 
 # ---- multi-process, through torchrun -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", ["cmt", "ect", "mf"])
-def test_two_processes_equal_one(objective, tmp_path):
+@pytest.mark.parametrize("objective,flags", [("cmt", []), ("cmt", ["--shard-teacher"]), ("ect", []), ("mf", [])])
+def test_two_processes_equal_one(objective, flags, tmp_path):
     """FSDP2 over 2 gloo processes against one process, same global batch of 8: every one of the 20 per-step
-    losses within 1e-5 relative, and the final weights (float64) within 1e-9."""
+    losses within 1e-5 relative, and the final weights (float64) within 1e-9. CMT also with its frozen teacher
+    FSDP-sharded (gathered block by block inside the teacher's solve)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_ok(["--objective", objective, "--out", one])
-    run_ok(["--objective", objective, "--out", two], nproc=2)
+    run_ok(["--objective", objective, "--out", two, *flags], nproc=2)
     assert sorted(os.listdir(os.path.join(two, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dirs
     assert_losses_close(losses(one), losses(two))
     assert len(losses(one)) == 20
@@ -175,9 +176,17 @@ def test_checkpoint_resumes_at_another_world_size(first, second, tmp_path):
 def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path):
     """Rank 1 is SIGKILLed at step 12 of 20; torchrun (--max-restarts=1) restarts both ranks, which resume from the
     step-10 checkpoint and finish; the final weights equal an uninterrupted 2-process run's."""
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    ref = str(tmp_path / "ref")
     run_ok(["--objective", "ect", "--out", ref], nproc=2)
-    done = run_ok(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
+    for attempt in range(2):
+        out = str(tmp_path / f"out{attempt}")
+        done = launch(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
+        # Once in a full-suite run on 2 cores, the restarted job's gloo mesh failed to connect ("Connection
+        # refused" in connectFullMesh, before any of our code runs): that infrastructure failure, and only it,
+        # gets one more try
+        if done.returncode == 0 or "connectFullMesh" not in done.stderr:
+            break
+    assert done.returncode == 0, done.stderr[-4000:]
     assert "SIGKILL" in done.stderr or "exitcode: -9" in done.stderr
     assert "resuming stage 'stage' from " + os.path.join(out, "stage", "checkpoints", "ckpt-000000000080") \
         in done.stdout

@@ -17,7 +17,7 @@ from engine.evaluate import evaluate, sample_batch, to_uint8
 from engine.metrics import frechet_distance
 from engine.metrics.dinov2 import DINOv2, read_dinov2_state
 from engine.metrics.inception import PYTORCH_FID_NAMES, InceptionV3, read_inception_state
-from engine.metrics.reference_stats import StatsError, dataset_stats, load_stats, main as stats_main, save_stats
+from engine.metrics.reference_stats import StatsError, load_stats, main as stats_main, save_stats
 from engine.networks import build_network
 from engine.precond import CMPrecond
 

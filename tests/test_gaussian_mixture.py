@@ -1,6 +1,5 @@
 """The analytic teacher: its closed-form denoiser against Tweedie's formula on its own log-density (autograd),
 its sampler against the mixture's moments, and its class-conditional restriction."""
-import math
 
 import pytest
 import torch

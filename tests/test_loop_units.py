@@ -2,11 +2,9 @@
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from engine.checkpoints import save_checkpoint
 from engine.data.sampler import ResumableSampler
 from engine.ema import EMA, std_to_exp
 from engine.lr_schedules import learning_rate

@@ -11,7 +11,7 @@ from engine.loop import StageConfig, train_stage
 from engine.networks import build_network
 from engine.objectives import SCD, SCT, StepRNG
 from engine.objectives.scm import trig_F
-from engine.precond import CMPrecond, EDMPrecond
+from engine.precond import CMPrecond
 
 SD = 0.5
 

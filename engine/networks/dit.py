@@ -150,7 +150,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.r_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
         self.y_embedder = _LabelEmbedder(num_classes, hidden_size)
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(hidden_size, self.grid)).float()[None],
+        # torch.tensor (not from_numpy) so that construction under `torch.device("meta")` stays on meta
+        self.pos_embed = nn.Parameter(torch.tensor(sincos_pos_embed(hidden_size, self.grid), dtype=torch.float32)[None],
                                       requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
