@@ -82,6 +82,21 @@ def count_flops(bench: StepBench) -> float:
     return float(counter.get_total_flops())
 
 
+def measure(bench: StepBench, name: str, label: str, a, device: torch.device, peak: float | None) -> dict:
+    """One table row: median time per iteration, throughput, peak memory (CUDA) and MFU (when `peak` is known)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = bench.time(a.reps, a.warmup)
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    flops = count_flops(bench) if peak else None
+    sync(device)
+    n_images = bench.objective.images_per_step(a.batch)
+    return dict(method=name, label=label, ms=seconds * 1e3, images_per_s=n_images / seconds,
+                pairs_per_s=a.batch / seconds, peak_mem_gib=mem, tflops=None if flops is None else flops / 1e12,
+                mfu=None if flops is None else flops / seconds / (peak * 1e12),
+                teacher_nfe_per_pair=bench.last.teacher_nfe / bench.last.pairs)
+
+
 def run(a) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kw = {} if a.channels is None else dict(model_channels=a.channels)
@@ -105,18 +120,7 @@ def run(a) -> dict:
             with kernel_mode(mode if device.type == "cuda" else "ref"):
                 torch.manual_seed(0)
                 bench = StepBench(student_fn(), make(), sources[source], a.batch, device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds = bench.time(a.reps, a.warmup)
-                mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-                flops = count_flops(bench) if peak else None
-                sync(device)
-            n_images = bench.objective.images_per_step(a.batch)
-            rows.append(dict(method=name, label=label, ms=seconds * 1e3, images_per_s=n_images / seconds,
-                             pairs_per_s=a.batch / seconds, peak_mem_gib=mem,
-                             tflops=None if flops is None else flops / 1e12,
-                             mfu=None if flops is None else flops / seconds / (peak * 1e12),
-                             teacher_nfe_per_pair=bench.last.teacher_nfe / bench.last.pairs))
+                rows.append(measure(bench, name, label, a, device, peak))
     cmt = next(r["ms"] for r in rows if r["method"] == "cmt")
     for r in rows:
         r["relative_to_cmt"] = r["ms"] / cmt
@@ -150,18 +154,7 @@ def run_dit(a) -> dict:
     for name, label, make in methods_:
         torch.manual_seed(0)
         bench = StepBench(dit(a.student, a.smoke), make(), data, a.batch, device, optimizer="adam")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = bench.time(a.reps, a.warmup)
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-        flops = count_flops(bench) if peak else None
-        sync(device)
-        n_images = bench.objective.images_per_step(a.batch)
-        rows.append(dict(method=name, label=label, ms=seconds * 1e3, images_per_s=n_images / seconds,
-                         pairs_per_s=a.batch / seconds, peak_mem_gib=mem,
-                         tflops=None if flops is None else flops / 1e12,
-                         mfu=None if flops is None else flops / seconds / (peak * 1e12),
-                         teacher_nfe_per_pair=bench.last.teacher_nfe / bench.last.pairs))
+        rows.append(measure(bench, name, label, a, device, peak))
     for r in rows:
         r["relative_to_cmt"] = r["ms"] / rows[0]["ms"]
     return dict(date=datetime.date.today().isoformat(), machine=machine(device), device=device.type,

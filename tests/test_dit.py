@@ -150,41 +150,27 @@ def test_attention_op_backward_and_jvp():
         ops.attention(q[0], k[0], v[0])
 
 
+@pytest.mark.parametrize("kernel", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_extension_kernel_against_float64(dtype, tol):
-    """The one-pass online-softmax tangent (csrc/jvp_attention.cpp) against the float64 reference, head dims 72
-    and 64, 1 and 61 keys."""
-    require_extension()
-    for n, d in ((61, 72), (1, 64), (37, 64)):
+def test_tangent_kernels_against_float64(kernel, dtype, tol):
+    """The one-pass online-softmax (O, Ȯ) kernels against the float64 reference: the C++ one
+    (csrc/jvp_attention.cpp) and the Triton one (the CUDA path; here in Triton's interpreter, head dim 72 padded to
+    128). Head dims 72, 64 and 16; 61, 1, 37 and 130 keys (130 crosses two 64-key blocks and ends inside a third)."""
+    if kernel == "cpp":
+        require_extension()
+    op = torch.ops.engine.attention_jvp_cpu if kernel == "cpp" else torch.ops.engine.attention_jvp_triton
+    for n, d in ((61, 72), (1, 64), (37, 64), (130, 16)):
         g = torch.Generator().manual_seed(n)
         ts = [torch.randn(2, 3, n, d, generator=g, dtype=torch.float64) for _ in range(6)]
         q, k, v, dq, dk, dv = ts
         out = attention_reference(q, k, v)
         ref = jvp_attention.attention_tangent(q, k, v, out, dq, dk, dv, d ** -0.5)
-        o, t = torch.ops.engine.attention_jvp_cpu(*[x.to(dtype) for x in ts], d ** -0.5)
-        assert (o.double() - out).abs().max() <= tol * out.abs().max() + tol
-        assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
-    with pytest.raises(RuntimeError, match="each tangent must have its primal's shape"):
-        torch.ops.engine.attention_jvp_cpu(q, k, v, dq[:, :, :1], dk, dv, 0.1)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_triton_kernel_against_float64(dtype, tol):
-    """The Triton one-pass (O, Ȯ) kernel (the CUDA path) in Triton's interpreter: head dims 72 (padded to 128),
-    64 and 16; 61, 1 and 130 keys (130 crosses two key blocks and ends inside a third)."""
-    pytest.importorskip("triton")
-    for n, d in ((61, 72), (1, 64), (130, 16)):
-        g = torch.Generator().manual_seed(n)
-        ts = [torch.randn(2, 3, n, d, generator=g, dtype=torch.float64) for _ in range(6)]
-        q, k, v, dq, dk, dv = ts
-        out = attention_reference(q, k, v)
-        ref = jvp_attention.attention_tangent(q, k, v, out, dq, dk, dv, d ** -0.5)
-        o, t = torch.ops.engine.attention_jvp_triton(*[x.to(dtype) for x in ts], d ** -0.5)
+        o, t = op(*[x.to(dtype) for x in ts], d ** -0.5)
         assert o.dtype == dtype and t.dtype == dtype
         assert (o.double() - out).abs().max() <= tol * out.abs().max() + tol
         assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
-    with pytest.raises(ValueError, match="must have its primal's shape"):
-        torch.ops.engine.attention_jvp_triton(q, k, v, dq[:, :, :1], dk, dv, 0.1)
+    with pytest.raises((RuntimeError, ValueError), match="must have its primal's shape"):
+        op(q, k, v, dq[:, :, :1], dk, dv, 0.1)
 
 
 def test_attention_block_extension_equals_its_pytorch_reference(monkeypatch):
