@@ -52,7 +52,8 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "scikit-learn>=1.2", "pillow>=9", "safetensors>=0.4",
                       "tqdm>=4.60", "matplotlib>=3.5"],
     # Triton for the tests: CPU machines check the kernels in its interpreter (CUDA builds of torch bring it anyway)
-    extras_require={"test": ["pytest>=7", "scipy>=1.10", "triton>=3.2"]},
+    # diffusers: the reference AutoencoderKL the VAE tests compare against (it does not depend on torch)
+    extras_require={"test": ["pytest>=7", "scipy>=1.10", "triton>=3.2", "diffusers>=0.25"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

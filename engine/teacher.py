@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from engine import dist
 from engine.precond import as_class_labels
 from engine.solvers import DPMSolverPlan, dpm_solver_plan, run_dpm_solver
 
@@ -69,6 +70,8 @@ class TeacherSolver:
             return f"CUDA graphs need CUDA tensors; the state is on {x_T.device}"
         if isinstance(self.teacher, nn.Module) and self.teacher.training:
             return "the teacher is in training mode (dropout draws random numbers); call teacher.eval()"
+        if isinstance(self.teacher, nn.Module) and dist.is_distributed() and dist.is_sharded(self.teacher):
+            return "the teacher is FSDP-sharded (StageConfig.shard_teacher): its parameter gathers are collectives"
         return None
 
     def __call__(self, x_T: torch.Tensor, labels=None) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""The Stable Diffusion VAE decoder (`stabilityai/sd-vae-ft-mse`, diffusers `AutoencoderKL`) and EDM2's latent
-convention (edm2_latent.md §3.1), for evaluating latent-space networks: final latents → uint8 images.
+"""The Stable Diffusion VAE (`stabilityai/sd-vae-ft-mse`, diffusers `AutoencoderKL`) and the two latent
+conventions: the decoder for evaluating latent-space networks (final latents → uint8 images), the encoder for
+building latent datasets (uint8 images → posterior moments; `python -m engine.data.encode_latents`).
 
     decode = LatentDecoder.from_file("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")
     images = decode(final_latents)          # uint8 [N, 3, 8H, 8W]
+    moments = LatentEncoder.from_file(path, convention="sd")(images)   # [N, 8, H/8, W/8]: mean, std
 
 Two conventions. `edm2` (edm2_latent.md §3.1): model-space ("final") latents are raw VAE latents standardised per channel,
 final = raw·scale_c + bias_c (the table in the spec); decoding inverts that, runs the VAE decoder in float32, and
 maps its output — which lives in [0, 1], because EDM2 encodes pixels/255 rather than SD's [−1, 1] — to uint8 as
 clamp(x, 0, 1)·255 truncated. `sd` (DiT / SiT / Mean Flow, spec/mf.md §7.1): latents are raw × 0.18215 and the
-decoder output is in SD's [−1, 1], mapped as clamp((x + 1)/2, 0, 1)·255. The decoder is implemented here; its weights are read from the diffusers
-safetensors file (`post_quant_conv.*`, `decoder.*`; the encoder's tensors are ignored), in either of diffusers'
+decoder output is in SD's [−1, 1], mapped as clamp((x + 1)/2, 0, 1)·255. Both halves are implemented here; their weights are read from the diffusers
+safetensors file (`quant_conv.*`, `encoder.*` / `post_quant_conv.*`, `decoder.*`), in either of diffusers'
 attention namings (`to_q/to_k/to_v/to_out.0` or the older `query/key/value/proj_attn`, as in sd-vae-ft-mse).
 """
 from __future__ import annotations
@@ -93,6 +95,45 @@ class _Up(nn.Module):
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
+class _Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # diffusers' asymmetric padding (right and bottom only)
+
+
+class _Down(nn.Module):
+    def __init__(self, cin, cout, downsample: bool, layers: int = 2):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else cout, cout) for i in range(layers)])
+        self.downsamplers = nn.ModuleList([_Downsample(cout)]) if downsample else None
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, latent=4, channels=(128, 256, 512, 512), inp=3):
+        super().__init__()
+        self.conv_in = nn.Conv2d(inp, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            [_Down(channels[max(i - 1, 0)], channels[i], downsample=i < len(channels) - 1)
+             for i in range(len(channels))])
+        self.mid_block = _Mid(channels[-1])
+        self.conv_norm_out = _norm(channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], 2 * latent, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
 class _Decoder(nn.Module):
     def __init__(self, latent=4, channels=(128, 256, 512, 512), out=3):
         super().__init__()
@@ -152,22 +193,85 @@ class LatentDecoder(nn.Module):
 
     def load_vae_state(self, state: dict) -> "LatentDecoder":
         """Load diffusers' AutoencoderKL tensors (decoder part), either attention naming."""
-        renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-        ours = {}
-        for k, v in state.items():
-            if not (k.startswith("decoder.") or k.startswith("post_quant_conv.")):
-                continue
-            for old, new in renames.items():
-                k = k.replace(old, new)
-            if k.startswith("decoder.mid_block.attentions.0.to_") and v.ndim == 4:  # old 1×1-conv storage
-                v = v[:, :, 0, 0]
-            ours[k] = v.float()
+        ours = _vae_part(state, ("decoder.", "post_quant_conv."))
         expected = {k: v for k, v in self.state_dict().items() if k not in ("scale", "bias")}
         problems = mismatch_summary(expected, ours)
         if problems:
             raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: {problems}")
         self.load_state_dict({**ours, "scale": self.scale, "bias": self.bias})
         return self
+
+
+class LatentEncoder(nn.Module):
+    """uint8 images [N, 3, H, W] → the VAE posterior's moments [N, 8, H/8, W/8] (mean, then std = exp(½·logvar)
+    with logvar clamped to [−30, 20] as diffusers does): what latent datasets store (EDM2's `encode` format). The
+    input range follows the convention: `sd` feeds SD's [−1, 1] (DiT / SiT / Mean Flow latents, spec/mf.md §7.1),
+    `edm2` feeds [0, 1] as EDM2's dataset tool does (edm2_latent.md §3.1). Training draws the posterior sample
+    and applies the scaling (engine/objectives/latent.py)."""
+
+    def __init__(self, channels=(128, 256, 512, 512), convention: str = "sd"):
+        super().__init__()
+        if convention not in ("edm2", "sd"):
+            raise ValueError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
+        self.convention = convention
+        self.encoder = _Encoder(channels=channels)
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"the encoder takes uint8 RGB images [N, 3, H, W], got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if images.shape[2] % 8 or images.shape[3] % 8:
+            raise ValueError(f"image sides must be multiples of 8 (the VAE downsamples 8×), got "
+                             f"{tuple(images.shape[2:])}")
+        x = images.to(self.quant_conv.weight.dtype) / 255  # float32 weights (float64 in the reference test)
+        if self.convention == "sd":
+            x = x * 2 - 1
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)
+
+    @classmethod
+    def from_file(cls, path=None, convention: str = "sd") -> "LatentEncoder":
+        path = path or os.environ.get("ENGINE_VAE_WEIGHTS")
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"encoding images needs the SD VAE (diffusion_pytorch_model.safetensors)"
+                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        state = read_vae_file(path)
+        # the block widths as stored (128, 256, 512, 512 for SD's VAE), so smaller test VAEs load too
+        widths, i = [], 0
+        while f"encoder.down_blocks.{i}.resnets.0.conv1.weight" in state:
+            widths.append(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+            i += 1
+        net = cls(channels=tuple(widths) or (128, 256, 512, 512), convention=convention)
+        net.load_vae_state(state)
+        return net
+
+    def load_vae_state(self, state: dict) -> "LatentEncoder":
+        """Load diffusers' AutoencoderKL tensors (encoder part), either attention naming."""
+        ours = _vae_part(state, ("encoder.", "quant_conv."))
+        problems = mismatch_summary(self.state_dict(), ours)
+        if problems:
+            raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) encoder: {problems}")
+        self.load_state_dict(ours)
+        return self
+
+
+def _vae_part(state: dict, prefixes: tuple[str, ...]) -> dict:
+    """The tensors of one half of an AutoencoderKL file, in float32, with the older attention names
+    (query/key/value/proj_attn, stored as 1×1 convolutions in some files) mapped to the current ones."""
+    renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    ours = {}
+    for k, v in state.items():
+        if not k.startswith(prefixes):
+            continue
+        for old, new in renames.items():
+            k = k.replace(old, new)
+        if ".mid_block.attentions.0.to_" in k and v.ndim == 4:  # old 1×1-conv storage
+            v = v[:, :, 0, 0]
+        ours[k] = v.float()
+    return ours
 
 
 def read_vae_file(path) -> dict:

@@ -13,7 +13,9 @@ Settings the paper does not state, and the choice made (spec/mf.md §4.5 marks t
 Sized for: a multi-GPU node (torchrun, FSDP2; docs/scaling.md); wall time not measured here (no GPU run has been made).
 Needs: --data, an ImageNet-256 latent dataset in EDM2's .npy format: one float32 [8, 32, 32] array per image
 (sd-vae-ft-mse posterior mean, then std, of the ADM center crop scaled to [−1, 1] — SD's range, not EDM2's [0, 1]),
-named 00000/img-mean-std-00000000.npy …, with dataset.json class labels (engine/data/image_dataset.py). Each step
+named 00000/img-mean-std-00000000.npy …, with dataset.json class labels (engine/data/image_dataset.py) — what
+`python -m engine.data.encode_latents --data imagenet256.zip --vae .../diffusion_pytorch_model.safetensors --out
+datasets/imagenet256-sdvae-latents.zip` writes from an ADM-cropped 256² image dataset. Each step
 draws a fresh posterior sample ×0.18215 (engine/objectives/latent.py). With ENGINE_INCEPTION_WEIGHTS,
 ENGINE_FID_STATS (ADM's VIRTUAL_imagenet256_labeled statistics) and ENGINE_VAE_WEIGHTS set, the run ends with 1-
 and 2-step FID-50k; otherwise it prints the evaluation command.
@@ -101,7 +103,9 @@ def missing(args) -> str | None:
     found = f" — not found: {args.data}" if args.data else ""
     return (f"imagenet256_cmt_mf needs --data: the ImageNet-256 latent dataset in EDM2's .npy format (float32 "
             f"[8, 32, 32] sd-vae-ft-mse posterior mean and std per image, of the ADM 256² center crop in [−1, 1], "
-            f"with dataset.json labels), e.g. datasets/imagenet256-sdvae-latents.zip{found}.\n"
+            f"with dataset.json labels), e.g. datasets/imagenet256-sdvae-latents.zip{found}; make it with "
+            f"`python -m engine.data.encode_latents --data <ImageNet-256 zip> --vae <sd-vae-ft-mse safetensors> "
+            f"--out datasets/imagenet256-sdvae-latents.zip`.\n"
             f"Run with --smoke for a synthetic end-to-end check.")
 
 
