@@ -15,7 +15,8 @@ Needs: --data, an ImageNet-256 latent dataset in EDM2's .npy format: one float32
 (sd-vae-ft-mse posterior mean, then std, of the ADM center crop scaled to [−1, 1] — SD's range, not EDM2's [0, 1]),
 named 00000/img-mean-std-00000000.npy …, with dataset.json class labels (engine/data/image_dataset.py) — what
 `python -m engine.data.encode_latents --data imagenet256.zip --vae .../diffusion_pytorch_model.safetensors --out
-datasets/imagenet256-sdvae-latents.zip` writes from an ADM-cropped 256² image dataset. Each step
+datasets/imagenet256-sdvae-latents.zip` writes from an ADM-cropped 256² image dataset (EDM's format, e.g. from
+NVlabs/edm2 `dataset_tool.py convert --transform=center-crop-dhariwal --resolution=256x256`). Each step
 draws a fresh posterior sample ×0.18215 (engine/objectives/latent.py). With ENGINE_INCEPTION_WEIGHTS,
 ENGINE_FID_STATS (ADM's VIRTUAL_imagenet256_labeled statistics) and ENGINE_VAE_WEIGHTS set, the run ends with 1-
 and 2-step FID-50k; otherwise it prints the evaluation command.

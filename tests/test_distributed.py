@@ -85,7 +85,7 @@ def _per_image_losses(objective, net, x, y, world, pairs_per_image=1):
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("name", ["cmt", "slow_cmt", "ect", "mf", "fm", "cmt_mf"])
+@pytest.mark.parametrize("name", ["cmt", "slow_cmt", "ect", "mf", "fm", "cmt_mf", "cmt_mf_subset"])
 def test_sharded_objectives_equal_the_unsharded_batch(name):
     """Rank r of 2 on its half of the batch computes exactly the per-pair losses one process computes for those
     rows: noise, times, r = t rows, label dropout and Slow-CMT levels all follow the global batch."""
@@ -102,9 +102,10 @@ def test_sharded_objectives_equal_the_unsharded_batch(name):
         objective, net = SlowCMT(teacher, nfe=4, distance=squared_l2), CMPrecond(_unet())
     elif name == "ect":
         objective, net = ECT(q=4), CMPrecond(_unet())
-    elif name == "cmt_mf":
-        objective, net, per, labels = CMTMeanFlow(_dit().eval().requires_grad_(False), trajectories_per_batch=8), \
-            _dit(), 28, y
+    elif name.startswith("cmt_mf"):
+        k = 5 if name == "cmt_mf_subset" else None
+        objective = CMTMeanFlow(_dit().eval().requires_grad_(False), trajectories_per_batch=8, pairs_per_trajectory=k)
+        net, per, labels = _dit(), objective.per_trajectory, y
     else:
         objective = MeanFlow(omega=0.6, kappa=0.2, label_dropout=0.5) if name == "mf" else FlowMatching(
             label_dropout=0.5)

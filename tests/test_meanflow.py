@@ -164,6 +164,39 @@ def test_cmt_mf_pairs_and_targets_from_the_stored_trajectory(kind):
         obj.images_per_step(64)
 
 
+def test_cmt_mf_pair_subsets_per_trajectory():
+    """pairs_per_trajectory = 5 of nonadjacent28: each trajectory trains on 5 distinct pairs of the rule, different
+    trajectories on different subsets, with the same inputs and targets as the full construction."""
+    teacher, student = net64(seed=3).eval(), net64(seed=4)
+    obj = CMTMeanFlow(teacher, trajectories_per_batch=3, pairs_per_trajectory=5)
+    assert obj.images_per_step(15) == 3
+    x, y = data(3)
+    seen = {}
+
+    def spy(z, t, r, labels):
+        seen.update(z=z, t=t, r=r)
+        return student(z, t, r, labels)
+    out = obj(spy, x, y, StepRNG.for_step(0, 0, 0))
+    traj, _ = obj.trajectory(StepRNG.for_step(0, 0, 0).randn(x.shape, "cpu", torch.float64), y)
+    rule = set(pair_indices("nonadjacent28"))
+    chosen = []
+    for bb in range(3):
+        entries = [q * 3 + bb for q in range(5)]           # pair-major: entry q·m + b
+        pairs = [(round(seen["t"][e].item() * 8), round(seen["r"][e].item() * 8)) for e in entries]
+        assert len(set(pairs)) == 5 and set(pairs) <= rule
+        for e, (i, j) in zip(entries, pairs):
+            assert torch.equal(seen["z"][e], traj[i][bb])
+            target = (traj[i][bb] - traj[j][bb]) / ((i - j) / 8)
+            with torch.no_grad():
+                ref = (student(seen["z"][e:e + 1], seen["t"][e:e + 1], seen["r"][e:e + 1], y[bb:bb + 1])
+                       - target).square().sum()
+            assert out.loss[e].item() == pytest.approx(ref.item(), rel=1e-9)
+        chosen.append(frozenset(pairs))
+    assert len(set(chosen)) > 1 and out.pairs == 15
+    with pytest.raises(ValueError, match="pairs_per_trajectory must be in 1 … 28"):
+        CMTMeanFlow(teacher, pairs_per_trajectory=29)
+
+
 def test_mean_flow_sampling():
     net = net64().eval()
     eps = torch.randn(3, 2, 6, 6, dtype=torch.float64)

@@ -212,12 +212,15 @@ class CMTMeanFlow(Objective):
                      plain Euler), with CFG weight `guidance` on the velocity (2N − 1 NFE, ×2 with CFG)
 
     and every pair of the rule gives input (z_{t_i}, r = t_j, t = t_i) and target (z_{t_i} − z_{t_j})/(t_i − t_j),
-    loss ‖u_θ − target‖² summed over elements (no weighting). `batch_size` = trajectories × pairs per trajectory."""
+    loss ‖u_θ − target‖² summed over elements (no weighting). `batch_size` = trajectories × pairs per trajectory.
+    `pairs_per_trajectory` (default: all of the rule's) trains on a random subset of that many pairs per trajectory
+    instead — more trajectories for the same pairs per step (the paper uses all 28 of 4 trajectories)."""
 
     name = "cmt_mf"
 
     def __init__(self, teacher, teacher_kind: str = "mf", pair_rule: str = "nonadjacent28",
-                 trajectories_per_batch: int = 4, steps: int = 8, guidance: float | None = None):
+                 trajectories_per_batch: int = 4, steps: int = 8, guidance: float | None = None,
+                 pairs_per_trajectory: int | None = None):
         if teacher_kind not in ("mf", "fm"):
             raise ValueError(f"teacher_kind must be 'mf' (Mean Flow teacher) or 'fm' (flow matching), got "
                              f"{teacher_kind!r}")
@@ -226,12 +229,18 @@ class CMTMeanFlow(Objective):
         self.pairs = pair_indices(pair_rule, self.steps)
         self.rule, self.trajectories_per_batch = pair_rule, int(trajectories_per_batch)
         self.guidance = None if guidance is None else float(guidance)
+        k = len(self.pairs) if pairs_per_trajectory is None else int(pairs_per_trajectory)
+        if not 1 <= k <= len(self.pairs):
+            raise ValueError(f"pairs_per_trajectory must be in 1 … {len(self.pairs)} ({pair_rule}), got "
+                             f"{pairs_per_trajectory}")
+        self.per_trajectory = k
 
     def images_per_step(self, batch_size: int) -> int:
-        n = self.trajectories_per_batch * len(self.pairs)
+        n = self.trajectories_per_batch * self.per_trajectory
         if batch_size != n:
             raise ValueError(f"CMT-MF trains on trajectories_per_batch × pairs = {self.trajectories_per_batch} × "
-                             f"{len(self.pairs)} ({self.rule}) = {n} pairs per step, but batch_size is {batch_size}")
+                             f"{self.per_trajectory} ({self.rule}) = {n} pairs per step, but batch_size is "
+                             f"{batch_size}")
         return self.trajectories_per_batch
 
     def velocity(self, z, t: float, y):
@@ -274,16 +283,24 @@ class CMTMeanFlow(Objective):
         eps = rng.randn(images.shape, device, noise_dtype(images))
         y = null_labels(self.teacher, labels, m, device)
         traj, nfe = self.trajectory(eps, y)
-        N = self.steps
-        i = torch.tensor([p[0] for p in self.pairs], device=device)
-        j = torch.tensor([p[1] for p in self.pairs], device=device)
-        zi, zj = traj[i], traj[j]                                     # [P, m, ...]
+        N, P = self.steps, len(self.pairs)
+        i_all = torch.tensor([p[0] for p in self.pairs], device=device)
+        j_all = torch.tensor([p[1] for p in self.pairs], device=device)
+        if self.per_trajectory == P:                                  # every pair of every trajectory
+            sel = torch.arange(P, device=device).expand(m, P)
+        else:  # a random subset per trajectory, drawn for the global batch (the same on every rank)
+            first, total = rng.rows(m)
+            scores = torch.rand(total, P, generator=rng.cpu)[first:first + m]
+            sel = scores.argsort(dim=1)[:, :self.per_trajectory].to(device)
+        k = sel.shape[1]
+        i, j = i_all[sel].t(), j_all[sel].t()                         # [k, m]: pair-major, entry q·m + b
+        b = torch.arange(m, device=device).expand(k, m)
+        zi, zj = traj[i, b], traj[j, b]                               # [k, m, ...]
         ti, tj = i.to(eps.dtype) / N, j.to(eps.dtype) / N
-        target = (zi - zj) / _view(ti - tj, zi)
-        P = len(self.pairs)
-        z_in = zi.reshape(P * m, *eps.shape[1:])                      # pair-major: entry p·m + b
-        t_in, r_in = ti.repeat_interleave(m), tj.repeat_interleave(m)
-        u = net(z_in, t_in, r_in, y.repeat(P)).to(eps.dtype)
-        loss = (u - target.reshape(P * m, *eps.shape[1:])).square().reshape(P * m, -1).sum(1)
+        target = (zi - zj) / (ti - tj).reshape(k, m, *([1] * (eps.ndim - 1)))
+        z_in = zi.reshape(k * m, *eps.shape[1:])
+        u = net(z_in, ti.reshape(-1), tj.reshape(-1), y.repeat(k)).to(eps.dtype)
+        loss = (u - target.reshape(k * m, *eps.shape[1:])).square().reshape(k * m, -1).sum(1)
+        P = k
         return LossOutput(loss=loss, pairs=P * m, teacher_nfe=nfe * m, student_forward=P * m,
                           student_backward=P * m)
