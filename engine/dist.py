@@ -66,7 +66,19 @@ def init() -> torch.device:
     if cuda:
         torch.cuda.set_device(local)
     if n > 1 and not is_distributed():
-        td.init_process_group(backend="nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's workers share the agent's key-value store across restarts; the process group's keys
+            # (each rank's address) would survive from the failed attempt, and a restarted rank could read a dead
+            # peer's address before the peer rewrites it (seen: gloo "Connection refused" after an elastic
+            # restart). Each attempt therefore gets its own key prefix.
+            store = td.PrefixStore(f"engine/attempt-{restart}/",
+                                   td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), n,
+                                               is_master=False))
+            td.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=n)
+        else:
+            td.init_process_group(backend=backend)
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 

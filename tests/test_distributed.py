@@ -179,14 +179,8 @@ def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path):
     step-10 checkpoint and finish; the final weights equal an uninterrupted 2-process run's."""
     ref = str(tmp_path / "ref")
     run_ok(["--objective", "ect", "--out", ref], nproc=2)
-    for attempt in range(2):
-        out = str(tmp_path / f"out{attempt}")
-        done = launch(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
-        # Once in a full-suite run on 2 cores, the restarted job's gloo mesh failed to connect ("Connection
-        # refused" in connectFullMesh, before any of our code runs): that infrastructure failure, and only it,
-        # gets one more try
-        if done.returncode == 0 or "connectFullMesh" not in done.stderr:
-            break
+    out = str(tmp_path / "out")
+    done = launch(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
     assert done.returncode == 0, done.stderr[-4000:]
     assert "SIGKILL" in done.stderr or "exitcode: -9" in done.stderr
     assert "resuming stage 'stage' from " + os.path.join(out, "stage", "checkpoints", "ckpt-000000000080") \
