@@ -34,7 +34,7 @@ from engine.image_grid import save_image_grid
 from engine.lr_schedules import learning_rate
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import Objective, StepRNG
-from engine.run_state import CheckpointRing, warn_unreadable
+from engine.run_state import CheckpointRing
 from engine.train_log import TrainLog
 
 
@@ -242,18 +242,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     wall, history = 0.0, []
 
     # ---- resume: the newest checkpoint that loads, in either form, at any world size --------------------------
-    tried_sharded = False
-    for _, path in reversed(ring.list()):
-        error = None
-        try:
-            extra = _load_checkpoint(path, model, ema.module, opt, device)
-        except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
-            error = e
-        if dist.any_rank(error is not None):  # every rank falls back together if any could not read it
-            warn_unreadable(path, error or "another rank could not read it")
-            tried_sharded |= os.path.isdir(path)
-            opt = optimizers()  # a failed load may have initialised optimizer state
-            continue
+    found = ring.latest(load=lambda path: _load_checkpoint(path, model, ema.module, opt, device))
+    if found is not None:
+        extra, path = found
         if extra["fingerprint"] != cfg.fingerprint():
             raise RuntimeError(f"{path} was written by a different configuration of stage {cfg.name!r}; "
                                f"use another --out directory or remove {stage_dir}")
@@ -262,11 +253,12 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
         counters, history = dict(extra["counters"]), list(extra["eval_history"])
         if lead:
             print(f"resuming stage {cfg.name!r} from {path} ({nimg / 1000:g} kimg, world size {world})", flush=True)
-        break
-    else:
-        if tried_sharded:  # a failed sharded load may have written into the weights: do not train on from them
-            raise RuntimeError(f"no checkpoint in {ring.directory} could be read (see the warnings above); move "
-                               f"the directory away to train stage {cfg.name!r} from its initialisation")
+    elif any(os.path.isdir(path) for _, path in ring.list()):
+        # a failed sharded load may have written into the weights: do not train on from them
+        raise RuntimeError(f"no checkpoint in {ring.directory} could be read (see the warnings above); move "
+                           f"the directory away to train stage {cfg.name!r} from its initialisation")
+    elif ring.list():
+        opt = optimizers()  # a failed load may have initialised optimizer state
 
     def save_checkpoint(at: int) -> None:
         extra = dict(fingerprint=cfg.fingerprint(), objective=objective.state_dict(), nimg=nimg,

@@ -71,15 +71,22 @@ class CheckpointRing:
         for _, old in self.list()[:-self.keep]:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
-    def latest(self, map_location="cpu") -> tuple[dict, str] | None:
-        """The newest single-file checkpoint that loads, or None (sharded directories: engine/loop.py)."""
-        for nimg, path in reversed(self.list()):
-            if os.path.isdir(path):
-                continue
+    def latest(self, map_location="cpu", load=None):
+        """The newest checkpoint that loads on every rank, as (what `load(path)` returned, path), or None. `load`
+        defaults to reading a single-file checkpoint (the loop passes one that reads either form into the model).
+        A checkpoint any rank cannot read is reported and skipped in favour of the previous one, by all ranks
+        together."""
+        load = load or (lambda path: load_checkpoint(path, map_location=map_location))
+        for _, path in reversed(self.list()):
+            error = None
             try:
-                return load_checkpoint(path, map_location=map_location), path
-            except CheckpointError as e:
-                warn_unreadable(path, e)
+                result = load(path)
+            except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
+                error = e
+            if dist.any_rank(error is not None):
+                warn_unreadable(path, error or "another rank could not read it")
+                continue
+            return result, path
         return None
 
 
