@@ -43,7 +43,7 @@ __all__ = [
     'CheckpointError', 'PRECONDS', 'BACKBONES', 'TEACHER_ONLY_KEYS',
     'NetworkRecord', 'ReferenceCheckpoint', 'read_edm_pickle', 'build_edm_network', 'load_edm_pickle',
     'load_edm_training_state',
-    'describe_network', 'build_from_description', 'load_network_state',
+    'describe_network', 'build_from_description', 'load_network_state', 'weights_file',
     'save_checkpoint', 'load_checkpoint',
     'export_safetensors', 'load_safetensors_network', 'read_safetensors_metadata',
 ]
@@ -878,3 +878,12 @@ def load_safetensors_network(path) -> nn.Module:
     except CheckpointError as e:
         raise CheckpointError(f'{os.fspath(path)}: {e}') from None
     return module.eval().requires_grad_(False)
+
+
+def weights_file(path, env: str, needs: str, where: str) -> str:
+    """The path of a pretrained-weights file: `path`, else the environment variable `env`; FileNotFoundError saying
+    what `needs` it, the path that was not found, and `where` to get it when neither names an existing file."""
+    path = path or os.environ.get(env)
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{needs}{': not found: ' + str(path) if path else ''}; {where}")
+    return path

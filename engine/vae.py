@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary
+from engine.checkpoints import mismatch_summary, weights_file
 
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
@@ -183,10 +183,8 @@ class LatentDecoder(nn.Module):
 
     @classmethod
     def from_file(cls, path=None, convention: str = "edm2") -> "LatentDecoder":
-        path = path or os.environ.get("ENGINE_VAE_WEIGHTS")
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(f"decoding latents needs the SD VAE (diffusion_pytorch_model.safetensors)"
-                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        path = weights_file(path, "ENGINE_VAE_WEIGHTS", "decoding latents needs the SD VAE "
+                            "(diffusion_pytorch_model.safetensors)", WHERE)
         net = cls(convention=convention)
         net.load_vae_state(read_vae_file(path))
         return net
@@ -234,10 +232,8 @@ class LatentEncoder(nn.Module):
 
     @classmethod
     def from_file(cls, path=None, convention: str = "sd") -> "LatentEncoder":
-        path = path or os.environ.get("ENGINE_VAE_WEIGHTS")
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(f"encoding images needs the SD VAE (diffusion_pytorch_model.safetensors)"
-                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        path = weights_file(path, "ENGINE_VAE_WEIGHTS", "encoding images needs the SD VAE "
+                            "(diffusion_pytorch_model.safetensors)", WHERE)
         state = read_vae_file(path)
         # the block widths as stored (128, 256, 512, 512 for SD's VAE), so smaller test VAEs load too
         widths, i = [], 0

@@ -12,13 +12,12 @@ interpolation with scale factor (16 + 0.1)/37 (its `interpolate_offset`), no ant
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary
+from engine.checkpoints import mismatch_summary, weights_file
 from engine.metrics.detector_input import uint8_rgb
 from engine.networks.dit import Attention, Mlp
 
@@ -110,10 +109,8 @@ class DINOv2(nn.Module):
 
     @classmethod
     def from_file(cls, path=None) -> "DINOv2":
-        path = path or os.environ.get("ENGINE_DINOV2_WEIGHTS")
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights ({WEIGHTS_FILE})"
-                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        path = weights_file(path, "ENGINE_DINOV2_WEIGHTS", f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights "
+                            f"({WEIGHTS_FILE})", WHERE)
         net = cls()
         net.load_state_dict(read_dinov2_state(path, net), strict=True)
         return net

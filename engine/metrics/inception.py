@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary
+from engine.checkpoints import mismatch_summary, weights_file
 from engine.metrics.detector_input import uint8_rgb
 
 DETECTOR_FILES = ("inception-2015-12-05.pt", "pt_inception-2015-12-05-6726825d.pth")
@@ -218,10 +218,8 @@ class InceptionV3(nn.Module):
     # ---- weights ----------------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path=None) -> "InceptionV3":
-        path = path or os.environ.get("ENGINE_INCEPTION_WEIGHTS")
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(f"FID needs the Inception-v3 weights ({' or '.join(DETECTOR_FILES)})"
-                                    f"{': not found: ' + str(path) if path else ''}; {WHERE}")
+        path = weights_file(path, "ENGINE_INCEPTION_WEIGHTS", f"FID needs the Inception-v3 weights "
+                            f"({' or '.join(DETECTOR_FILES)})", WHERE)
         net = cls()
         net.load_state_dict(read_inception_state(path), strict=True)
         return net
