@@ -237,14 +237,10 @@ def unsharded(*modules: nn.Module):
 # ---- state ------------------------------------------------------------------------------------------------------
 
 def full_state(module: nn.Module) -> dict:
-    """A consolidated (unsharded) CPU state dict of `module`, on every rank."""
-    if not (is_distributed() and is_sharded(module)):
-        return {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                   broadcast_from_rank0=False))
-    # cpu_offload leaves the full state on rank 0 only; the others receive it
-    return broadcast_object(state if rank() == 0 else None)
+    """A consolidated (unsharded) CPU state dict of `module`, on every rank. Sharded tensors are all-gathered one
+    at a time (`full_tensor`) and moved to the CPU, so at most one full tensor sits on the device at once."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in unwrap(module).state_dict().items()}
 
 
 def train_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
