@@ -43,7 +43,7 @@ __all__ = [
     'CheckpointError', 'PRECONDS', 'BACKBONES', 'TEACHER_ONLY_KEYS',
     'NetworkRecord', 'ReferenceCheckpoint', 'read_edm_pickle', 'build_edm_network', 'load_edm_pickle',
     'load_edm_training_state',
-    'describe_network', 'build_from_description', 'load_network_state', 'weights_file',
+    'describe_network', 'build_from_description', 'load_network_state', 'weights_file', 'read_state_dict_file',
     'save_checkpoint', 'load_checkpoint',
     'export_safetensors', 'load_safetensors_network', 'read_safetensors_metadata',
 ]
@@ -79,11 +79,14 @@ def _names(names, limit=20) -> str:
 # Restricted unpickling of the reference formats (spec/cm.md §6.1, §6.2)
 
 class PersistentRecord:
-    """A `persistence.persistent_class` object as read here: class name and instance state; no code."""
+    """A `persistence.persistent_class` object as read here: class name and instance state; no code. The
+    defining module's source (`module_src`) is kept as text only — never compiled or executed — for readers
+    that check what it says (the FID detector's preprocessing, engine/metrics/inception_files.py)."""
 
-    def __init__(self, class_name: str, state: dict):
+    def __init__(self, class_name: str, state: dict, module_src: str | None = None):
         self.class_name = class_name
         self.state = state
+        self.module_src = module_src
 
     def __repr__(self):
         return f'PersistentRecord({self.class_name!r})'
@@ -115,7 +118,8 @@ class _SequentialRecord(ContainerRecord):
 
 
 def _reconstruct_persistent_obj(meta):
-    """Stands in for `torch_utils.persistence._reconstruct_persistent_obj`; drops `module_src` unread."""
+    """Stands in for `torch_utils.persistence._reconstruct_persistent_obj`; `module_src` is kept as a string and
+    never run."""
     if not isinstance(meta, dict):
         raise CheckpointError(f'persistent object metadata is a {type(meta).__name__}, expected a dict')
     if meta.get('type') != 'class' or meta.get('version') != 6:
@@ -124,7 +128,8 @@ def _reconstruct_persistent_obj(meta):
     class_name, state = meta.get('class_name'), meta.get('state')
     if not isinstance(class_name, str) or not isinstance(state, dict):
         raise CheckpointError('persistent object without a class_name string or a state dict')
-    return PersistentRecord(class_name, state)
+    module_src = meta.get('module_src')
+    return PersistentRecord(class_name, state, module_src if isinstance(module_src, str) else None)
 
 
 class _Storage(NamedTuple):
@@ -887,3 +892,15 @@ def weights_file(path, env: str, needs: str, where: str) -> str:
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"{needs}{': not found: ' + str(path) if path else ''}; {where}")
     return path
+
+
+def read_state_dict_file(path) -> dict:
+    """A pretrained-weights file that is a plain state dict (`torch.load(weights_only=True)`), or a ValueError
+    naming the file and what it holds instead."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})') from None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path}: expected a state dict, got {type(state).__name__}')
+    return state

@@ -25,7 +25,7 @@ from engine.data.sampler import ImageDatasetSource
 from engine.loop import StageConfig, initialise
 from engine.networks import SongUNet
 from engine.objectives import CMT, ECT, perceptual
-from engine.pipeline import Run, parse_flags
+from engine.pipeline import Run, check_fid_inputs, parse_flags
 from engine.precond import CMPrecond, EDMPrecond
 from engine.solvers import consistency_sampler
 
@@ -100,6 +100,8 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
         raise SystemExit(f"{name} needs:\n  " + "\n  ".join(_missing(args, s))
                          + "\n  and ImageNet VGG16 weights for LPIPS (see engine/lpips.py)."
                          + "\nRun with --smoke for a synthetic end-to-end check.")
+    if not args.smoke:
+        check_fid_inputs(args.device)
     run = Run(args, name, dataclasses.asdict(s))
     if args.dry_run:
         return {}
@@ -145,19 +147,17 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
 
 
 def _fid(ema, s: PaperSettings, run, smoke: bool) -> tuple[dict, dict]:
-    """1- and 2-step FID-50k of the post-trained EMA with the evaluation protocol of engine/evaluate.py, when the
-    Inception detector and the reference statistics are given (ENGINE_INCEPTION_WEIGHTS, ENGINE_FID_STATS);
-    otherwise the command that computes them later is printed."""
+    """1- and 2-step FID-50k of the post-trained EMA with the evaluation protocol of engine/evaluate.py, each with
+    the detector record (file, SHA-256, preprocessing), when the Inception detector and the reference statistics
+    are given (ENGINE_INCEPTION_WEIGHTS, ENGINE_FID_STATS); otherwise the command that computes them later."""
+    from engine.evaluate import recipe_fid
     release = os.path.join(run.out, "cmt_ect", "post_ect", "ema.safetensors")
-    inception, stats = os.environ.get("ENGINE_INCEPTION_WEIGHTS"), os.environ.get("ENGINE_FID_STATS")
-    if smoke or not (inception and stats):
+    res = [] if smoke else recipe_fid(ema.eval(), (3, s.resolution, s.resolution), [(80.0,), (80.0, s.mid_t_post)],
+                                      s.fid_samples, run.device)
+    if not res:
         print(f"FID: python -m engine.evaluate --net {release} --stats <refs/{s.dataset}.npz> "
               f"--inception inception-2015-12-05.pt --schedules 80 80,{s.mid_t_post:g}  (or set "
-              f"ENGINE_INCEPTION_WEIGHTS and ENGINE_FID_STATS to have the recipe compute it)")
+              f"ENGINE_INCEPTION_WEIGHTS and ENGINE_FID_STATS to have the recipe compute it; EDM's published "
+              f"statistics also need ENGINE_FID_STATS_PREPROCESSING=nvidia / --stats-preprocessing nvidia)")
         return {}, {}
-    from engine.evaluate import evaluate
-    from engine.metrics.reference_stats import load_detectors, load_stats
-    res = evaluate(ema.eval(), (3, s.resolution, s.resolution), [(80.0,), (80.0, s.mid_t_post)], s.fid_samples,
-                   detectors=load_detectors(["fid"], inception, device=run.device), stats=load_stats(stats),
-                   device=run.device)
-    return {"fid": res["1-step"]["fid"]}, {"fid": res[f"2-step σ=80,{s.mid_t_post:g}"]["fid"]}
+    return res[0], res[1]

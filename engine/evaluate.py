@@ -18,8 +18,15 @@ report the best of three seed ranges; run three times with --seed-start 0, 50000
 Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent convention (engine/vae.py, --vae);
 the Python API takes any `decode` (latents → uint8 images, or floats in [−1, 1]).
 
+FID protocol. The Inception detector runs NVIDIA's preprocessing by default (`--fid-preprocessing nvidia`, what
+EDM, EDM2, ECT and CMT report; `pytorch-fid` is the alternative, engine/metrics/inception.py), and a FID is
+computed only against statistics of the same preprocessing (engine/metrics/reference_stats.py: statistics
+record theirs; for files that do not, such as EDM's / EDM2's published ones, declare it with
+`--stats-preprocessing nvidia`). Both are checked before any sample is drawn.
+
 The report (`report.json`) names everything the number depends on: network file and hash, sample count, seed
-range, schedules, detector files and hashes, statistics file and hash, covariance convention, world size.
+range, schedules, detector files with hash, layout and preprocessing, statistics file and hash with its
+preprocessing, covariance convention, world size.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from tqdm import tqdm
 from engine import dist
 from engine.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
-from engine.metrics.reference_stats import METRICS, file_sha256, load_detectors, load_stats
+from engine.metrics.reference_stats import (METRICS, StatsError, check_fid_preprocessing, file_sha256, load_detectors,
+                                            load_stats)
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -93,12 +101,27 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
     return x if x.dtype == torch.uint8 else to_uint8(x)
 
 
+def check_statistics(detectors: dict, stats, stats_preprocessing: str | None = None) -> dict:
+    """What the metrics will be computed against, checked before sampling: every metric has statistics, and the
+    FID statistics share the detector's preprocessing (StatsError naming both otherwise). Returns
+    {metric: preprocessing} for the report."""
+    if stats is None:
+        return {}
+    missing = [m for m in detectors if m not in stats]
+    if missing:
+        raise StatsError(f"the reference statistics {stats.get('path', '')} have no {', '.join(missing)} entry")
+    return {"fid": check_fid_preprocessing(stats, detectors["fid"], stats_preprocessing)} if "fid" in detectors else {}
+
+
 def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 128, detectors=None,
-             stats=None, device="cpu", decode=None, progress: bool = True, keep_samples: bool = False) -> dict:
+             stats=None, device="cpu", decode=None, progress: bool = True, keep_samples: bool = False,
+             stats_preprocessing: str | None = None) -> dict:
     """Samples and metrics for each schedule; on rank 0 the result dict, on other ranks None.
 
-    `detectors`: {metric: feature network}; `stats`: reference statistics (engine.metrics.reference_stats)."""
+    `detectors`: {metric: feature network}; `stats`: reference statistics (engine.metrics.reference_stats);
+    `stats_preprocessing`: the FID preprocessing of statistics that do not record one (check_statistics)."""
     detectors = detectors or {}
+    check_statistics(detectors, stats, stats_preprocessing)
     label_dim = int(getattr(getattr(net, "model", net), "label_dim", 0) or 0)
     nbatches = (num + batch - 1) // batch
     mine = list(range(dist.rank(), nbatches, dist.world_size()))
@@ -127,11 +150,39 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
                 acc.update(p[2][m])
             mu, sigma = acc.mu_sigma(unbiased=True)
             if stats is not None:
-                if m not in stats:
-                    raise ValueError(f"the reference statistics have no {m!r} entry")
                 res[m] = frechet_distance(mu, sigma, *stats[m])
         out[key] = res
     return out if dist.rank() == 0 else None
+
+
+def recipe_fid_inputs(device):
+    """(detectors, stats, declared preprocessing) of the paper recipes' closing FID, from the environment
+    (ENGINE_INCEPTION_WEIGHTS, ENGINE_FID_STATS, ENGINE_FID_PREPROCESSING, and ENGINE_FID_STATS_PREPROCESSING for
+    statistics that do not record their preprocessing), checked against each other; None when the detector or
+    the statistics are not given. Recipes call it before training too, so a mismatch stops the run at its
+    start rather than after it."""
+    inception, stats = os.environ.get("ENGINE_INCEPTION_WEIGHTS"), os.environ.get("ENGINE_FID_STATS")
+    if not (inception and stats):
+        return None
+    detectors = load_detectors(["fid"], inception, device=device,
+                               fid_preprocessing=os.environ.get("ENGINE_FID_PREPROCESSING", "nvidia"))
+    stats, declared = load_stats(stats), os.environ.get("ENGINE_FID_STATS_PREPROCESSING")
+    check_statistics(detectors, stats, declared)
+    return detectors, stats, declared
+
+
+def recipe_fid(net, shape, schedules, num: int, device, decode=None, progress: bool = True) -> list[dict]:
+    """FID of each schedule as the paper recipes record it, [{"fid": value, "fid_detector": {...}}, ...] — the
+    detector's file, SHA-256, layout and preprocessing and the statistics file beside each number — or [] when
+    the detector and statistics are not given (recipe_fid_inputs)."""
+    inputs = recipe_fid_inputs(device)
+    if inputs is None:
+        return []
+    detectors, stats, declared = inputs
+    res = evaluate(net, shape, schedules, num, detectors=detectors, stats=stats, device=device, decode=decode,
+                   progress=progress, stats_preprocessing=declared)
+    record = {**detectors["fid"].describe(), "stats": stats["path"], "stats_sha256": file_sha256(stats["path"])}
+    return [{"fid": r["fid"], "fid_detector": record} for r in res.values()]
 
 
 def _load_net(path: str, device):
@@ -151,7 +202,12 @@ def main(argv=None) -> dict | None:
     p.add_argument("--net", required=True)
     p.add_argument("--stats", default=None, help="reference statistics (.npz EDM or .pkl EDM2)")
     p.add_argument("--metrics", default="fid", help="comma list of fid, fd_dinov2, or 'none' (samples only)")
-    p.add_argument("--inception", default=None)
+    p.add_argument("--inception", default=None, help="inception-2015-12-05.pt / .pkl, or pytorch-fid's .pth")
+    p.add_argument("--fid-preprocessing", default="nvidia", choices=["nvidia", "pytorch-fid"],
+                   help="the Inception detector's input protocol (default nvidia: what the papers report)")
+    p.add_argument("--stats-preprocessing", default=None, choices=["nvidia", "pytorch-fid"],
+                   help="the FID preprocessing of --stats when the file does not record it (EDM's / EDM2's "
+                        "published statistics: nvidia)")
     p.add_argument("--dinov2", default=None)
     p.add_argument("--vae", default=None, help="SD VAE safetensors, for latent networks")
     p.add_argument("--latent-convention", choices=["edm2", "sd"], default="edm2",
@@ -176,8 +232,9 @@ def main(argv=None) -> dict | None:
         raise SystemExit(f"--net: {a.net} not found")
     try:
         stats = load_stats(a.stats) if metrics else None
-        detectors = load_detectors(metrics, a.inception, a.dinov2, device)
-    except FileNotFoundError as e:
+        detectors = load_detectors(metrics, a.inception, a.dinov2, device, a.fid_preprocessing)
+        checked = check_statistics(detectors, stats, a.stats_preprocessing)
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     net = _load_net(a.net, device)
     m = getattr(net, "model", net)
@@ -191,17 +248,17 @@ def main(argv=None) -> dict | None:
         except FileNotFoundError as e:
             raise SystemExit(f"{a.net} generates {shape[0]}-channel latents: {e}")
     res = evaluate(net, shape, schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
-                   decode=decode, keep_samples=a.save_samples)
+                   decode=decode, keep_samples=a.save_samples, stats_preprocessing=a.stats_preprocessing)
     if res is not None:
         os.makedirs(a.out, exist_ok=True)
         report = {"net": a.net, "net_sha256": file_sha256(a.net), "num_samples": a.num_samples,
                   "seeds": [a.seed_start, a.seed_start + a.num_samples - 1], "batch": a.batch,
                   "world_size": dist.world_size(), "uint8": "clamp(x*127.5+128, 0, 255), truncated",
                   "covariance": "unbiased (N-1)",
-                  "stats": None if not metrics else {"file": a.stats, "sha256": file_sha256(a.stats)},
-                  "detectors": {mm: {"file": f, "sha256": file_sha256(f)} for mm, f in
-                                (("fid", a.inception or os.environ.get("ENGINE_INCEPTION_WEIGHTS")),
-                                 ("fd_dinov2", a.dinov2 or os.environ.get("ENGINE_DINOV2_WEIGHTS"))) if mm in metrics},
+                  "stats": None if not metrics else {"file": a.stats, "sha256": file_sha256(a.stats),
+                                                     "fid_preprocessing": checked.get("fid"),
+                                                     "recorded": stats.get("detectors", {})},
+                  "detectors": {mm: d.describe() for mm, d in detectors.items()},
                   "results": {}}
         samples = {}
         for key, r in res.items():

@@ -112,6 +112,16 @@ class Run:
         return self.results
 
 
+def check_fid_inputs(device) -> None:
+    """Stop before training when the closing FID's detector and statistics are given but do not fit each other
+    (unreadable detector, statistics without or with another preprocessing): engine.evaluate.recipe_fid_inputs."""
+    from engine.evaluate import recipe_fid_inputs
+    try:
+        recipe_fid_inputs(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"the closing FID cannot be computed: {e}") from None
+
+
 def format_table(runs: dict, metric_keys: list[str]) -> str:
     head = ["arm", *[f"1-step {k}" for k in metric_keys], *[f"2-step {k}" for k in metric_keys],
             "kimg pre/mid/post", "wall s"]

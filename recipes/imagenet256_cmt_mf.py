@@ -39,7 +39,7 @@ from engine.data.sampler import LatentSource
 from engine.loop import StageConfig
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, LatentPosterior, MeanFlow, mean_flow_sample
-from engine.pipeline import Run, parse_flags
+from engine.pipeline import Run, check_fid_inputs, parse_flags
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -115,6 +115,8 @@ def main(argv=None) -> dict:
     cfg = smoke(Config()) if args.smoke else Config()
     if not args.smoke and not args.dry_run and missing(args):
         raise SystemExit(missing(args))
+    if not args.smoke:
+        check_fid_inputs(args.device)
     run = Run(args, "imagenet256_cmt_mf", dataclasses.asdict(cfg))
     if args.dry_run:
         return {}
@@ -160,23 +162,26 @@ def main(argv=None) -> dict:
 
 
 def fid(ema, cfg: Config, run, smoke_run: bool) -> tuple[dict, dict]:
-    """1- and 2-step FID-50k (spec/mf.md §7.2: uniform random labels, EMA, SD-VAE decode) when the detector, the
-    reference statistics and the VAE are given by environment; otherwise the command that computes them later."""
+    """1- and 2-step FID-50k (spec/mf.md §7.2: uniform random labels, EMA, SD-VAE decode), each with its detector
+    record, when the detector, the reference statistics and the VAE are given by environment; otherwise the
+    command that computes them later."""
+    from engine.evaluate import recipe_fid
     release = os.path.join(run.out, "cmt_mf", "post_mf", "ema.safetensors")
-    env = {k: os.environ.get(k) for k in ("ENGINE_INCEPTION_WEIGHTS", "ENGINE_FID_STATS", "ENGINE_VAE_WEIGHTS")}
-    if smoke_run or not all(env.values()):
+    vae = os.environ.get("ENGINE_VAE_WEIGHTS")
+    res = []
+    if not smoke_run and vae:
+        from engine.vae import LatentDecoder
+        decode = LatentDecoder.from_file(vae, convention="sd").to(run.device)
+        res = recipe_fid(ema.eval(), (4, cfg.latent_size, cfg.latent_size), [(1.0,), (1.0, 0.5)], cfg.fid_samples,
+                         run.device, decode=decode)
+    if not res:
         print(f"FID: python -m engine.evaluate --net {release} --stats VIRTUAL_imagenet256_labeled.npz "
-              f"--inception inception-2015-12-05.pt --vae sd-vae-ft-mse/diffusion_pytorch_model.safetensors "
-              f"--latent-convention sd --schedules 1 1,0.5  (or set {', '.join(env)} to have the recipe compute it)")
+              f"--stats-preprocessing nvidia --inception inception-2015-12-05.pt "
+              f"--vae sd-vae-ft-mse/diffusion_pytorch_model.safetensors --latent-convention sd --schedules 1 1,0.5  "
+              f"(or set ENGINE_INCEPTION_WEIGHTS, ENGINE_FID_STATS, ENGINE_FID_STATS_PREPROCESSING and "
+              f"ENGINE_VAE_WEIGHTS to have the recipe compute it)")
         return {}, {}
-    from engine.evaluate import evaluate
-    from engine.metrics.reference_stats import load_detectors, load_stats
-    from engine.vae import LatentDecoder
-    decode = LatentDecoder.from_file(env["ENGINE_VAE_WEIGHTS"], convention="sd").to(run.device)
-    res = evaluate(ema.eval(), (4, cfg.latent_size, cfg.latent_size), [(1.0,), (1.0, 0.5)], cfg.fid_samples,
-                   detectors=load_detectors(["fid"], env["ENGINE_INCEPTION_WEIGHTS"], device=run.device),
-                   stats=load_stats(env["ENGINE_FID_STATS"]), device=run.device, decode=decode)
-    return {"fid": res["1-step"]["fid"]}, {"fid": res["2-step t=1,0.5"]["fid"]}
+    return res[0], res[1]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Evaluation (engine/evaluate.py, engine/metrics/{inception,dinov2,reference_stats}.py): detector weight files in
-the published layouts load (tests write them with random weights) and wrong ones are rejected by name; statistics
-files round-trip in EDM's and EDM2's formats; sampling is identical on 1 and 2 processes."""
+"""Evaluation (engine/evaluate.py, engine/metrics/{dinov2,reference_stats}.py): DINOv2 weight files in the
+published layout load (tests write them with random weights) and wrong ones are rejected by name; statistics
+files round-trip in EDM's and EDM2's formats and carry their FID protocol; sampling is identical on 1 and 2
+processes. The Inception detector itself: tests/test_inception.py."""
+import json
 import os
 import pickle
 import socket
@@ -13,100 +15,32 @@ import torch
 
 from engine.checkpoints import export_safetensors
 from engine.data import write_image_dataset
-from engine.evaluate import evaluate, sample_batch, to_uint8
+from engine.evaluate import evaluate, main as evaluate_main, sample_batch, to_uint8
 from engine.metrics import frechet_distance
 from engine.metrics.dinov2 import DINOv2, read_dinov2_state
-from engine.metrics.inception import PYTORCH_FID_NAMES, InceptionV3, read_inception_state
-from engine.metrics.reference_stats import StatsError, load_stats, main as stats_main, save_stats
+from engine.metrics.inception import InceptionV3
+from engine.metrics.reference_stats import (StatsError, check_fid_preprocessing, detector_record, file_sha256,
+                                            load_stats, main as stats_main, save_stats)
 from engine.networks import build_network
 from engine.precond import CMPrecond
+from inception_writer import random_inception, write_torchscript
+
+pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def random_inception(seed=0) -> InceptionV3:
-    g = torch.Generator().manual_seed(seed)
-    net = InceptionV3()
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if name.endswith(".var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith(".weight") and t.ndim == 4:
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=g) * (2 / fan_in) ** 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return net
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    """A TorchScript archive in NVIDIA's layout (what `inception-2015-12-05.pt` is), random weights."""
+    """NVIDIA's TorchScript layout (what `inception-2015-12-05.pt` is), random weights."""
     net = random_inception()
-    path = tmp_path_factory.mktemp("det") / "inception-2015-12-05.pt"
-    traced = torch.jit.trace(net, torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
-    torch.jit.save(traced, str(path))
+    path = write_torchscript(net, tmp_path_factory.mktemp("det") / "inception-2015-12-05.pt")
     return str(path), net
 
 
 def images(n, res=32, seed=0):
     return torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def test_inception_loads_nvidia_torchscript_layout(inception_file):
-    path, net = inception_file
-    loaded = InceptionV3.from_file(path)
-    x = images(2)
-    f = loaded(x)
-    assert f.shape == (2, 2048) and f.dtype == torch.float32
-    assert torch.equal(f, net(x))
-    assert loaded.logits(x).shape == (2, 1008)
-
-
-def test_inception_loads_pytorch_fid_layout_with_folded_gamma(tmp_path):
-    net = random_inception(1)
-    ours = net.state_dict()
-    g = torch.Generator().manual_seed(2)
-    pf = {"fc.weight": ours["output.weight"], "fc.bias": ours["output.bias"]}
-    for unit, tv in PYTORCH_FID_NAMES.items():
-        gamma = torch.rand(ours[f"{unit}.beta"].shape, generator=g) + 0.5
-        pf[f"{tv}.conv.weight"] = ours[f"{unit}.weight"] / gamma.reshape(-1, 1, 1, 1)
-        pf[f"{tv}.bn.weight"] = gamma
-        pf[f"{tv}.bn.bias"] = ours[f"{unit}.beta"]
-        pf[f"{tv}.bn.running_mean"] = ours[f"{unit}.mean"]
-        pf[f"{tv}.bn.running_var"] = ours[f"{unit}.var"]
-    assert len(PYTORCH_FID_NAMES) == 94  # every conv unit of Inception-v3 has a torchvision name
-    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(pf, path)
-    x = images(2, seed=3)
-    torch.testing.assert_close(InceptionV3.from_file(str(path))(x), net(x), rtol=1e-4, atol=1e-4)
-
-
-def test_inception_rejects_wrong_files(tmp_path, inception_file):
-    bad = tmp_path / "torchvision_inception.pth"
-    state = {k: v for k, v in random_inception().state_dict().items() if "mixed_10" not in k}
-    torch.save(state, bad)
-    with pytest.raises(ValueError, match="not the inception-2015-12-05 detector: missing layers.mixed_10"):
-        read_inception_state(bad)
-    tv = {f"{n}.conv.weight": torch.zeros(1) for n in PYTORCH_FID_NAMES.values()}
-    torch.save(tv, bad)
-    with pytest.raises(ValueError, match="not pytorch-fid's Inception state dict: missing"):
-        read_inception_state(bad)
-    text = tmp_path / "inception.pt"
-    text.write_text("not weights")
-    with pytest.raises(ValueError, match="not a PyTorch file"):
-        read_inception_state(text)
-    with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt.*ENGINE_INCEPTION_WEIGHTS"):
-        InceptionV3.from_file(str(tmp_path / "missing.pt"))
-
-
-def test_inception_preprocessing_is_exact_at_299():
-    """At 299×299 NVIDIA's grid is the identity: the resize changes nothing (up to the float32 rounding of the
-    sampling grid: < 0.01 of a grey level), the scaling is (x − 127.5)/127.5."""
-    x = images(1, res=299)
-    torch.testing.assert_close(InceptionV3.preprocess(x), (x.float() - 127.5) / 127.5, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="uint8"):
-        InceptionV3.preprocess(x.float())
 
 
 def small_dinov2():
@@ -150,7 +84,8 @@ def test_stats_files_round_trip_in_both_formats(tmp_path):
     g = np.random.default_rng(0)
     a, b = g.normal(size=(50, 6)), g.normal(size=(50, 4))
     stats = {"num_images": 50, "fid": (a.mean(0), np.cov(a, rowvar=False)),
-             "fd_dinov2": (b.mean(0), np.cov(b, rowvar=False))}
+             "fd_dinov2": (b.mean(0), np.cov(b, rowvar=False)),
+             "detectors": {"fid": {"preprocessing": "nvidia", "file": "inception-2015-12-05.pkl", "sha256": "ab"}}}
     save_stats(tmp_path / "r.pkl", stats)
     back = load_stats(tmp_path / "r.pkl")
     assert back["num_images"] == 50
@@ -158,7 +93,8 @@ def test_stats_files_round_trip_in_both_formats(tmp_path):
         assert all(np.array_equal(x, y) for x, y in zip(back[m], stats[m]))
     with open(tmp_path / "r.pkl", "rb") as f:  # EDM2's layout: a plain pickle of dicts of arrays
         raw = pickle.load(f)
-    assert set(raw) == {"num_images", "fid", "fd_dinov2"} and set(raw["fid"]) == {"mu", "sigma"}
+    assert set(raw) == {"num_images", "fid", "fd_dinov2", "detectors"} and set(raw["fid"]) == {"mu", "sigma"}
+    assert back["detectors"] == stats["detectors"]
     save_stats(tmp_path / "r.npz", {"fid": stats["fid"]})
     with np.load(tmp_path / "r.npz") as z:  # EDM's layout
         assert set(z.files) == {"mu", "sigma"}
@@ -181,15 +117,81 @@ def test_reference_stats_command_and_fid_of_the_data_itself(tmp_path, inception_
     path, _ = inception_file
     data = images(10, seed=5).numpy()
     write_image_dataset(tmp_path / "d.zip", data)
-    stats_main(["--data", str(tmp_path / "d.zip"), "--out", str(tmp_path / "ref.npz"), "--inception", path,
-                "--batch", "4"])
-    ref = load_stats(tmp_path / "ref.npz")
+    for out in ("ref.npz", "ref.pkl"):
+        stats_main(["--data", str(tmp_path / "d.zip"), "--out", str(tmp_path / out), "--inception", path,
+                    "--batch", "4", "--metrics", "fid"])
     net = InceptionV3.from_file(path)
-    mu, sigma = ref["fid"]
     direct = net(torch.from_numpy(data)).double()
-    np.testing.assert_allclose(mu, direct.mean(0).numpy(), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(sigma, np.cov(direct.numpy(), rowvar=False), rtol=1e-6, atol=1e-8)
-    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-10)
+    for out in ("ref.npz", "ref.pkl"):
+        ref = load_stats(tmp_path / out)
+        mu, sigma = ref["fid"]
+        np.testing.assert_allclose(mu, direct.mean(0).numpy(), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(sigma, np.cov(direct.numpy(), rowvar=False), rtol=1e-6, atol=1e-8)
+        assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-10)
+        # the file says which detector and protocol computed it
+        assert ref["detectors"]["fid"] == {"preprocessing": "nvidia", "file": "inception-2015-12-05.pt",
+                                           "sha256": file_sha256(path), "layout": "nvidia-torchscript"}
+    with np.load(tmp_path / "ref.npz") as z:   # EDM's readers see mu and sigma as before
+        assert str(z["fid_preprocessing"]) == "nvidia" and z["mu"].shape == (2048,)
+    stats_main(["--data", str(tmp_path / "d.zip"), "--out", str(tmp_path / "pf.npz"), "--inception", path,
+                "--fid-preprocessing", "pytorch-fid"])
+    assert load_stats(tmp_path / "pf.npz")["detectors"]["fid"]["preprocessing"] == "pytorch-fid"
+
+
+def test_fid_preprocessing_of_statistics_and_detector_must_agree(tmp_path, inception_file):
+    """A FID between features of different protocols is refused naming both, before any sample is drawn;
+    statistics that record no protocol (EDM's / EDM2's published files) need it declared."""
+    path, _ = inception_file
+    g = np.random.default_rng(0)
+    f = g.normal(size=(20, 2048))
+    nvidia, pf = InceptionV3.from_file(path), InceptionV3.from_file(path, preprocessing="pytorch-fid")
+    save_stats(tmp_path / "pf.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False)),
+                                     "detectors": {"fid": detector_record(pf)}})
+    save_stats(tmp_path / "legacy.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False))})
+    save_stats(tmp_path / "legacy.pkl", {"fid": (f.mean(0), np.cov(f, rowvar=False))})
+
+    def never(*a, **k):
+        raise AssertionError("sampled before the statistics were checked")
+    never.model = None
+    with pytest.raises(StatsError, match=r"FID preprocessing differs: the statistics .*pf.npz were computed with "
+                                         r"'pytorch-fid' \(inception-2015-12-05.pt\), the detector runs 'nvidia'"):
+        evaluate(never, (3, 8, 8), [(80.0,)], num=2, detectors={"fid": nvidia}, stats=load_stats(tmp_path / "pf.npz"))
+    for legacy in ("legacy.npz", "legacy.pkl"):
+        with pytest.raises(StatsError, match=r"does not say which FID preprocessing computed it .*"
+                                             r"--stats-preprocessing nvidia"):
+            evaluate(never, (3, 8, 8), [(80.0,)], num=2, detectors={"fid": nvidia},
+                     stats=load_stats(tmp_path / legacy))
+    assert check_fid_preprocessing(load_stats(tmp_path / "legacy.npz"), nvidia, declared="nvidia") == "nvidia"
+    with pytest.raises(StatsError, match="records FID preprocessing 'pytorch-fid', but 'nvidia' was declared"):
+        check_fid_preprocessing(load_stats(tmp_path / "pf.npz"), pf, declared="nvidia")
+    assert check_fid_preprocessing(load_stats(tmp_path / "pf.npz"), pf) == "pytorch-fid"
+    with pytest.raises(StatsError, match="have no fd_dinov2 entry"):
+        evaluate(never, (3, 8, 8), [(80.0,)], num=2, detectors={"fd_dinov2": nvidia},
+                 stats=load_stats(tmp_path / "pf.npz"))
+
+
+def test_report_names_detector_hash_and_preprocessing(tmp_path, inception_file):
+    path, _ = inception_file
+    net, release = tiny_net(tmp_path)
+    det = InceptionV3.from_file(path)
+    res = evaluate(net, (3, 8, 8), [(80.0,)], num=4, batch=4, detectors={"fid": det}, progress=False,
+                   keep_samples=True)
+    f = det(res["1-step"]["samples"]).double().numpy()
+    save_stats(tmp_path / "ref.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False))})   # as EDM's: no protocol
+    common = ["--net", release, "--stats", str(tmp_path / "ref.npz"), "--inception", path, "--num-samples", "4",
+              "--batch", "4", "--schedules", "80", "--out", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit, match="does not say which FID preprocessing"):
+        evaluate_main(common)
+    evaluate_main(common + ["--stats-preprocessing", "nvidia"])
+    report = json.load(open(tmp_path / "eval" / "report.json"))
+    assert report["detectors"]["fid"] == {"file": path, "sha256": file_sha256(path), "layout": "nvidia-torchscript",
+                                          "code_check": det.describe()["code_check"], "preprocessing": "nvidia",
+                                          "resize": det.preprocessing.resize, "scaling": "(x - 128) / 128"}
+    assert report["stats"]["fid_preprocessing"] == "nvidia" and report["stats"]["sha256"] == file_sha256(
+        tmp_path / "ref.npz")
+    assert report["results"]["1-step"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(SystemExit, match="FID preprocessing differs"):
+        evaluate_main(common + ["--stats-preprocessing", "nvidia", "--fid-preprocessing", "pytorch-fid"])
 
 
 def tiny_net(tmp_path):
@@ -245,17 +247,19 @@ def test_fid_api_with_a_detector(tmp_path, inception_file):
     res = evaluate(net, (3, 8, 8), [(80.0,)], num=6, batch=4, detectors=det, progress=False, keep_samples=True)
     samples = res["1-step"]["samples"]
     f = det["fid"](samples).double().numpy()
-    stats = {"fid": (f.mean(0), np.cov(f, rowvar=False))}
+    stats = {"fid": (f.mean(0), np.cov(f, rowvar=False)), "detectors": {"fid": detector_record(det["fid"])}}
     res = evaluate(net, (3, 8, 8), [(80.0,)], num=6, batch=3, detectors=det, stats=stats, progress=False)
     assert res["1-step"]["fid"] == pytest.approx(0.0, abs=1e-6)  # the same samples at another batch size
 
 
 def test_paper_recipe_fid_step(tmp_path, inception_file, monkeypatch, capsys):
     """The paper recipes end with 1- and 2-step FID when the detector and statistics are given, else print the
-    command; the FID is the evaluation protocol's (same samples, same detector)."""
+    command; the FID is the evaluation protocol's (same samples, same detector), recorded with the detector's
+    file, hash and preprocessing; statistics that do not fit the detector stop the recipe before it trains."""
     import dataclasses
     import types
     from engine import cm_recipes
+    from engine.pipeline import check_fid_inputs
     path, _ = inception_file
     net, _ = tiny_net(tmp_path)
     s = dataclasses.replace(cm_recipes.PaperSettings(dataset="x", resolution=8, q=4), fid_samples=5)
@@ -268,8 +272,18 @@ def test_paper_recipe_fid_step(tmp_path, inception_file, monkeypatch, capsys):
     save_stats(tmp_path / "ref.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False))})
     monkeypatch.setenv("ENGINE_INCEPTION_WEIGHTS", path)
     monkeypatch.setenv("ENGINE_FID_STATS", str(tmp_path / "ref.npz"))
+    with pytest.raises(SystemExit, match="closing FID cannot be computed: .* does not say which FID preprocessing"):
+        check_fid_inputs("cpu")
+    monkeypatch.setenv("ENGINE_FID_STATS_PREPROCESSING", "nvidia")
+    check_fid_inputs("cpu")
     one, two = cm_recipes._fid(net, s, run, smoke=False)
     assert one["fid"] == pytest.approx(0.0, abs=1e-6) and two["fid"] > 0
+    for r in (one, two):
+        assert r["fid_detector"]["preprocessing"] == "nvidia" and r["fid_detector"]["sha256"] == file_sha256(path)
+        assert r["fid_detector"]["stats"] == str(tmp_path / "ref.npz")
+    monkeypatch.setenv("ENGINE_FID_PREPROCESSING", "pytorch-fid")
+    with pytest.raises(SystemExit, match="FID preprocessing differs"):
+        check_fid_inputs("cpu")
 
 
 def test_vae_decoder_loads_diffusers_layouts_and_decodes_edm2_latents(tmp_path):

@@ -5,9 +5,11 @@
 * `sliced_wasserstein` — sliced 2-Wasserstein distance between two sample sets (unequal sizes allowed).
 * `DigitsMetrics` — classifier-feature FD and class histograms for digits samples; the classifier is trained
   once and cached (`load_digits_classifier`).
-* `InceptionV3` (FID, NVIDIA's inception-2015-12-05 detector), `DINOv2` (FD_DINOv2, ViT-L/14), loaded from local
-  weight files; `load_stats` / `save_stats` for EDM `.npz` and EDM2 `.pkl` reference statistics
-  (`python -m engine.metrics.reference_stats` computes them). Few-step FID runs: `python -m engine.evaluate`.
+* `InceptionV3` (FID, NVIDIA's inception-2015-12-05 detector with NVIDIA's preprocessing by default; its
+  `.pt` / `.pkl` / pytorch-fid `.pth` files are read by `inception_files.py`), `DINOv2` (FD_DINOv2, ViT-L/14),
+  loaded from local weight files; `load_stats` / `save_stats` for EDM `.npz` and EDM2 `.pkl` reference
+  statistics, which record their FID protocol (`python -m engine.metrics.reference_stats` computes them).
+  Few-step FID runs: `python -m engine.evaluate`.
 """
 from engine.metrics.digits_classifier import (DigitsClassifier, DigitsClassifierConfig, DigitsMetrics,
                                               class_histogram, default_cache_dir, digits_classifier_path,

@@ -12,12 +12,13 @@ interpolation with scale factor (16 + 0.1)/37 (its `interpolate_offset`), no ant
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary, weights_file
+from engine.checkpoints import mismatch_summary, read_state_dict_file, weights_file
 from engine.metrics.detector_input import uint8_rgb
 from engine.networks.dit import Attention, Mlp
 
@@ -76,7 +77,12 @@ class DINOv2(nn.Module):
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.feature_dim = dim
+        self.source: dict = {}   # set by from_file: file, sha256
         self.eval().requires_grad_(False)
+
+    def describe(self) -> dict:
+        """The weight file this detector was read from and its SHA-256 (report.json)."""
+        return dict(self.source)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         images = uint8_rgb(images, "DINOv2")
@@ -111,18 +117,15 @@ class DINOv2(nn.Module):
     def from_file(cls, path=None) -> "DINOv2":
         path = weights_file(path, "ENGINE_DINOV2_WEIGHTS", f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights "
                             f"({WEIGHTS_FILE})", WHERE)
+        from engine.metrics.reference_stats import file_sha256
         net = cls()
         net.load_state_dict(read_dinov2_state(path, net), strict=True)
+        net.source = {"file": os.fspath(path), "sha256": file_sha256(path)}
         return net
 
 
 def read_dinov2_state(path, net: DINOv2) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = read_state_dict_file(path)
     expected = net.state_dict()
     problems = mismatch_summary(expected, state)
     if problems:

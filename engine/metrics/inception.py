@@ -1,39 +1,46 @@
 """The Inception-v3 feature network of FID: TensorFlow's `inception-2015-12-05` graph as NVIDIA's detector runs
 it (spec/cm.md §7, edm2_latent.md §5.1) — 2048-d pool features of uint8 RGB images of any size.
 
-Implemented here, so no pickled or scripted code is executed for the forward pass; weights are read from the
-files users already have:
+Implemented here, so no pickled or scripted code is executed for the forward pass; the weights come from the
+files users already have, read by `engine/metrics/inception_files.py`: NVIDIA's TorchScript
+`inception-2015-12-05.pt` (StyleGAN2-ADA lineage: ECT, CMT), the same network as NVIDIA's persistent-class
+pickle `inception-2015-12-05.pkl` (EDM `fid.py`, EDM2), and pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+All three hold the same TensorFlow weights; our module uses NVIDIA's tensor names
+(`layers.<unit>.{weight, beta, mean, var}`, `output.{weight, bias}`).
 
-  * `inception-2015-12-05.pt`, NVIDIA's TorchScript detector (EDM / StyleGAN2-ADA / CMT metrics). Only its
-    tensors are read: `layers.<unit>.{weight, beta, mean, var}` for each conv + batch-norm unit (TF's batch norm
-    has no scale) and `output.{weight, bias}` (1008 classes). Our module uses the same names.
-  * `pt_inception-2015-12-05-6726825d.pth`, pytorch-fid's state dict of the same TF weights in torchvision's
-    naming (`Conv2d_1a_3x3.conv.weight`, `Mixed_5b.branch1x1.bn.running_mean`, …, `fc.weight`), mapped to ours;
-    a batch-norm scale other than 1 is folded into the conv weight.
+Preprocessing (the *protocol*) is a setting of the detector, not of the file, so a FID does not depend on which
+file the user has:
 
-Input handling follows NVIDIA's detector: uint8 [N, 3, H, W] (1 channel is repeated), resized to 299×299 with
-`grid_sample` (bilinear, border padding) on the affine grid it builds — identity plus a shift of 1/W − 1/299
-(1/H − 1/299) in normalised coordinates, which reproduces TF1's `resize_bilinear` sampling — then scaled as
-(x − 127.5)/127.5. Features are the 8×8 average pool of the last mixed block, float32.
+  * "nvidia" (default; every FID the papers report): NVIDIA's decompiled forward — `grid_sample` (bilinear,
+    border padding, align_corners=False) on its own affine grid, the identity plus a shift of 1/W − 1/299
+    (1/H − 1/299) in normalised coordinates, which reproduces TF1's `resize_bilinear` (source pixel
+    i·W/299) — then (x − 128)/128. Checked against the code inside NVIDIA's files when they carry code.
+  * "pytorch-fid": pytorch-fid's `InceptionV3.forward` — x/255, `F.interpolate(bilinear, align_corners=False)`
+    to 299×299, then 2x − 1 — for comparing with numbers reported by pytorch-fid users.
 
-    net = InceptionV3.from_file("inception-2015-12-05.pt")   # or the pytorch-fid .pth
-    features = net(images_uint8)                              # [N, 2048]
+Features are the 8×8 average pool of the last mixed block, float32.
+
+    net = InceptionV3.from_file("inception-2015-12-05.pt")          # or the .pkl, or pytorch-fid's .pth
+    features = net(images_uint8)                                     # [N, 2048]
+    net.describe()   # file, SHA-256, layout, preprocessing: what report.json and statistics files record
 """
 from __future__ import annotations
 
-import os
-import zipfile
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary, weights_file
+from engine.checkpoints import weights_file
 from engine.metrics.detector_input import uint8_rgb
 
-DETECTOR_FILES = ("inception-2015-12-05.pt", "pt_inception-2015-12-05-6726825d.pth")
-WHERE = ("pass its path (--inception), or set ENGINE_INCEPTION_WEIGHTS; the TorchScript file is "
-         "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
+DETECTOR_FILES = ("inception-2015-12-05.pt", "inception-2015-12-05.pkl", "pt_inception-2015-12-05-6726825d.pth")
+WHERE = ("pass its path (--inception), or set ENGINE_INCEPTION_WEIGHTS; NVIDIA's files are "
+         "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt and "
+         "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/"
+         "inception-2015-12-05.pkl")
 
 
 class ConvUnit(nn.Module):
@@ -185,29 +192,75 @@ class _Stem(nn.Module):
         return F.avg_pool2d(x, 8)  # 8×8 → 1×1: the pool_3 features
 
 
+def _nvidia_input(images: torch.Tensor) -> torch.Tensor:
+    """NVIDIA's detector (the forward inside `inception-2015-12-05.pt`): float32, resize to 299 × 299 with
+    `grid_sample` on the shifted identity grid (source pixel i·W/299, border clamp), then (x − 128)/128."""
+    n, c, h, w = images.shape
+    x = images.to(torch.float32)
+    theta = torch.eye(2, 3, device=x.device)
+    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
+    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
+    grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - 128) / 128
+
+
+def _pytorch_fid_input(images: torch.Tensor) -> torch.Tensor:
+    """pytorch-fid (`fid_score.py` reads images with ToTensor, i.e. x/255 in float32; `InceptionV3.forward`
+    resizes with `F.interpolate(bilinear, align_corners=False)` and maps [0, 1] to [−1, 1] as 2x − 1)."""
+    x = images.to(torch.float32) / 255
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How uint8 images become the detector's input: a named protocol, what it does, and the function."""
+    name: str
+    resize: str
+    scaling: str
+    offset: float   # input = (resized − offset) / scale, in grey levels
+    scale: float
+    apply: Callable[[torch.Tensor], torch.Tensor]
+
+    def record(self) -> dict:
+        return {"name": self.name, "resize": self.resize, "scaling": self.scaling}
+
+
+NVIDIA = Preprocessing(
+    "nvidia", "grid_sample(bilinear, border, align_corners=False) to 299x299 on NVIDIA's affine grid "
+    "(identity + 1/W - 1/299 shift; source pixel i*W/299)", "(x - 128) / 128", 128.0, 128.0, _nvidia_input)
+PYTORCH_FID = Preprocessing(
+    "pytorch-fid", "F.interpolate(bilinear, align_corners=False) to 299x299", "2 * (x / 255) - 1", 127.5, 127.5,
+    _pytorch_fid_input)
+PREPROCESSING = {p.name: p for p in (NVIDIA, PYTORCH_FID)}
+
+
+def fid_preprocessing(name: str) -> Preprocessing:
+    if name not in PREPROCESSING:
+        raise ValueError(f"unknown FID preprocessing {name!r}; known: {', '.join(PREPROCESSING)} (nvidia is what "
+                         f"EDM, EDM2, ECT and CMT report)")
+    return PREPROCESSING[name]
+
+
 class InceptionV3(nn.Module):
-    """`net(images_uint8) -> [N, 2048]` pool features (float32); `net.logits(images)` the 1008-way logits."""
+    """`net(images_uint8) -> [N, 2048]` pool features (float32); `net.logits(images)` the 1008-way logits.
+
+    preprocessing: "nvidia" (default) or "pytorch-fid" (see the module docstring)."""
 
     feature_dim = 2048
 
-    def __init__(self):
+    def __init__(self, preprocessing: str = "nvidia"):
         super().__init__()
         self.layers = _Stem()
         self.output = nn.Linear(2048, 1008)
+        self.preprocessing = fid_preprocessing(preprocessing)
+        self.source: dict = {}   # set by from_file: file, sha256, layout, what its code was checked against
         self.eval().requires_grad_(False)
 
-    @staticmethod
-    def preprocess(images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, C, H, W] → float [N, 3, 299, 299] scaled to [−1, 1], resized as NVIDIA's detector does."""
-        images = uint8_rgb(images, "FID")
-        n, c, h, w = images.shape
-        x = images.to(torch.float32)
-        theta = torch.eye(2, 3, device=x.device)
-        theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
-        theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
-        grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return (x - 127.5) / 127.5
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] → float [N, 3, 299, 299] as this detector's protocol prescribes."""
+        return self.preprocessing.apply(uint8_rgb(images, "FID"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(self.preprocess(images)).reshape(-1, 2048).to(torch.float32)
@@ -215,100 +268,20 @@ class InceptionV3(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.output(self.forward(images))
 
-    # ---- weights ----------------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """What a FID computed with this detector depends on (report.json, statistics files, results.json)."""
+        return {**self.source, "preprocessing": self.preprocessing.name, "resize": self.preprocessing.resize,
+                "scaling": self.preprocessing.scaling}
+
     @classmethod
-    def from_file(cls, path=None) -> "InceptionV3":
+    def from_file(cls, path=None, preprocessing: str = "nvidia") -> "InceptionV3":
+        """The detector from NVIDIA's `.pt` / `.pkl` or pytorch-fid's `.pth` (path, else ENGINE_INCEPTION_WEIGHTS).
+        A file whose own code preprocesses differently from NVIDIA's is refused (inception_files.py)."""
+        from engine.metrics.inception_files import read_inception_file
         path = weights_file(path, "ENGINE_INCEPTION_WEIGHTS", f"FID needs the Inception-v3 weights "
                             f"({' or '.join(DETECTOR_FILES)})", WHERE)
-        net = cls()
-        net.load_state_dict(read_inception_state(path), strict=True)
+        found = read_inception_file(path)
+        net = cls(preprocessing)
+        net.load_state_dict(found.state, strict=True)
+        net.source = found.record()
         return net
-
-
-def _pytorch_fid_names() -> dict[str, str]:
-    """pytorch-fid / torchvision name of each of our conv units (prefix of .conv.weight, .bn.*)."""
-    m = {"layers.conv": "Conv2d_1a_3x3", "layers.conv_1": "Conv2d_2a_3x3", "layers.conv_2": "Conv2d_2b_3x3",
-         "layers.conv_3": "Conv2d_3b_1x1", "layers.conv_4": "Conv2d_4a_3x3"}
-    for ours, tv in (("mixed", "Mixed_5b"), ("mixed_1", "Mixed_5c"), ("mixed_2", "Mixed_5d")):
-        m.update({f"layers.{ours}.conv": f"{tv}.branch1x1", f"layers.{ours}.tower.conv": f"{tv}.branch5x5_1",
-                  f"layers.{ours}.tower.conv_1": f"{tv}.branch5x5_2",
-                  f"layers.{ours}.tower_1.conv": f"{tv}.branch3x3dbl_1",
-                  f"layers.{ours}.tower_1.conv_1": f"{tv}.branch3x3dbl_2",
-                  f"layers.{ours}.tower_1.conv_2": f"{tv}.branch3x3dbl_3",
-                  f"layers.{ours}.tower_2.conv": f"{tv}.branch_pool"})
-    m.update({"layers.mixed_3.conv": "Mixed_6a.branch3x3", "layers.mixed_3.tower.conv": "Mixed_6a.branch3x3dbl_1",
-              "layers.mixed_3.tower.conv_1": "Mixed_6a.branch3x3dbl_2",
-              "layers.mixed_3.tower.conv_2": "Mixed_6a.branch3x3dbl_3"})
-    for ours, tv in (("mixed_4", "Mixed_6b"), ("mixed_5", "Mixed_6c"), ("mixed_6", "Mixed_6d"),
-                     ("mixed_7", "Mixed_6e")):
-        m.update({f"layers.{ours}.conv": f"{tv}.branch1x1", f"layers.{ours}.tower_2.conv": f"{tv}.branch_pool"})
-        for i in range(3):
-            m[f"layers.{ours}.tower.conv{'' if i == 0 else f'_{i}'}"] = f"{tv}.branch7x7_{i + 1}"
-        for i in range(5):
-            m[f"layers.{ours}.tower_1.conv{'' if i == 0 else f'_{i}'}"] = f"{tv}.branch7x7dbl_{i + 1}"
-    m.update({"layers.mixed_8.tower.conv": "Mixed_7a.branch3x3_1", "layers.mixed_8.tower.conv_1": "Mixed_7a.branch3x3_2",
-              "layers.mixed_8.tower_1.conv": "Mixed_7a.branch7x7x3_1",
-              "layers.mixed_8.tower_1.conv_1": "Mixed_7a.branch7x7x3_2",
-              "layers.mixed_8.tower_1.conv_2": "Mixed_7a.branch7x7x3_3",
-              "layers.mixed_8.tower_1.conv_3": "Mixed_7a.branch7x7x3_4"})
-    for ours, tv in (("mixed_9", "Mixed_7b"), ("mixed_10", "Mixed_7c")):
-        m.update({f"layers.{ours}.conv": f"{tv}.branch1x1", f"layers.{ours}.tower_conv": f"{tv}.branch3x3_1",
-                  f"layers.{ours}.tower_mixed_conv": f"{tv}.branch3x3_2a",
-                  f"layers.{ours}.tower_mixed_conv_1": f"{tv}.branch3x3_2b",
-                  f"layers.{ours}.tower_1_conv": f"{tv}.branch3x3dbl_1",
-                  f"layers.{ours}.tower_1_conv_1": f"{tv}.branch3x3dbl_2",
-                  f"layers.{ours}.tower_1_mixed_conv": f"{tv}.branch3x3dbl_3a",
-                  f"layers.{ours}.tower_1_mixed_conv_1": f"{tv}.branch3x3dbl_3b",
-                  f"layers.{ours}.tower_2_conv": f"{tv}.branch_pool"})
-    return m
-
-
-PYTORCH_FID_NAMES = _pytorch_fid_names()
-
-
-def from_pytorch_fid(state: dict) -> dict[str, torch.Tensor]:
-    """pytorch-fid's FID Inception state dict → ours. gamma (bn.weight) is folded into the conv weight."""
-    out = {}
-    missing = []
-    for ours, tv in PYTORCH_FID_NAMES.items():
-        try:
-            w, gamma = state[f"{tv}.conv.weight"], state.get(f"{tv}.bn.weight")
-            out[f"{ours}.weight"] = w if gamma is None else w * gamma.reshape(-1, 1, 1, 1)
-            out[f"{ours}.beta"] = state[f"{tv}.bn.bias"]
-            out[f"{ours}.mean"] = state[f"{tv}.bn.running_mean"]
-            out[f"{ours}.var"] = state[f"{tv}.bn.running_var"]
-        except KeyError as e:
-            missing.append(str(e))
-    if "fc.weight" not in state or "fc.bias" not in state:
-        missing.append("fc.weight / fc.bias")
-    if missing:
-        raise ValueError(f"not pytorch-fid's Inception state dict: missing {', '.join(missing[:5])}"
-                         f"{' …' if len(missing) > 5 else ''}")
-    out["output.weight"], out["output.bias"] = state["fc.weight"], state["fc.bias"]
-    if out["output.weight"].shape != (1008, 2048):
-        raise ValueError(f"fc.weight is {tuple(out['output.weight'].shape)}, the FID Inception's is (1008, 2048) "
-                         f"(torchvision's ImageNet Inception has 1000 classes and different weights)")
-    return out
-
-
-def read_inception_state(path) -> dict[str, torch.Tensor]:
-    """The detector's tensors from NVIDIA's TorchScript `.pt` or pytorch-fid's `.pth`, in our names, checked
-    against our architecture (names and shapes)."""
-    path = os.fspath(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a PyTorch file (a zip archive); expected {' or '.join(DETECTOR_FILES)}")
-    with zipfile.ZipFile(path) as z:
-        scripted = any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-    if scripted:
-        # A TorchScript archive: read its tensors only (its scripted forward is not used).
-        state = {k: v.detach().float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-        state = from_pytorch_fid(state) if "Conv2d_1a_3x3.conv.weight" in state else state
-    expected = InceptionV3().state_dict()
-    problems = mismatch_summary(expected, state)
-    if problems:
-        raise ValueError(f"{path} is not the inception-2015-12-05 detector: {problems}")
-    return {k: state[k].float() for k in expected}

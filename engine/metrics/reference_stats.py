@@ -7,10 +7,21 @@ from a dataset (spec/cm.md §7.2, edm2_latent.md §5.1).
     arrays only, so a hostile file cannot run code.
 
 Both conventions use the unbiased covariance (divides by N − 1). In memory a statistics set is
-`{"num_images": int | None, "fid": (mu, sigma), "fd_dinov2": (mu, sigma)}` (metrics absent when not computed).
+`{"num_images": int | None, "fid": (mu, sigma), "fd_dinov2": (mu, sigma), "detectors": {"fid": {...}},
+"path": str}` (metrics absent when not computed).
+
+Statistics carry their protocol. Files written here record, for FID, the detector file, its SHA-256, its layout
+and the preprocessing that ran (engine/metrics/inception.py: "nvidia" or "pytorch-fid") — in a `.pkl` under the
+top-level key "detectors", in an `.npz` as the string arrays `fid_preprocessing`, `fid_detector_file`,
+`fid_detector_sha256`, `fid_detector_layout` (EDM's and EDM2's readers look only at mu / sigma and ignore both).
+`check_fid_preprocessing` refuses a FID between features and statistics of different preprocessing, naming
+both. Files without the record — EDM's and EDM2's published statistics, and this engine's before it wrote one —
+are refused until the user declares their preprocessing (`--stats-preprocessing nvidia` for the published ones,
+which NVIDIA's detector computed).
 
     python -m engine.metrics.reference_stats --data datasets/cifar10-32x32.zip --out refs/cifar10-32x32.pkl \\
-        --inception inception-2015-12-05.pt [--dinov2 dinov2_vitl14_pretrain.pth] [--batch 64]
+        --inception inception-2015-12-05.pt [--fid-preprocessing nvidia] [--dinov2 dinov2_vitl14_pretrain.pth] \\
+        [--batch 64]
 """
 from __future__ import annotations
 
@@ -65,7 +76,9 @@ def load_stats(path) -> dict:
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as z:
-                return {"num_images": None, "fid": _pair(z, path)}
+                record = {v: str(z[f"fid_{k}"]) for k, v in _NPZ_RECORD.items() if f"fid_{k}" in z.files}
+                return {"num_images": None, "fid": _pair(z, path), "path": path,
+                        "detectors": {"fid": record} if record else {}}
         except (ValueError, OSError) as e:
             raise StatsError(f"{path}: not a readable .npz ({e})") from e
     with open(path, "rb") as f:
@@ -75,11 +88,57 @@ def load_stats(path) -> dict:
             raise StatsError(f"{path}: not a statistics pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or not any(m in obj for m in METRICS):
         raise StatsError(f"{path}: expected {{num_images, fid: {{mu, sigma}}, fd_dinov2: {{mu, sigma}}}}")
-    out = {"num_images": None if obj.get("num_images") is None else int(obj["num_images"])}
+    out = {"num_images": None if obj.get("num_images") is None else int(obj["num_images"]), "path": path}
     for m in METRICS:
         if m in obj:
             out[m] = _pair(obj[m], f"{path}[{m!r}]")
+    detectors = obj.get("detectors") or {}
+    if not isinstance(detectors, dict) or not all(isinstance(v, dict) for v in detectors.values()):
+        raise StatsError(f"{path}: 'detectors' must map each metric to a dict of strings")
+    out["detectors"] = {m: {k: str(v) for k, v in d.items()} for m, d in detectors.items()}
     return out
+
+
+# What an .npz records of the FID detector: array fid_<key> holds the record's entry <value>.
+_NPZ_RECORD = {"preprocessing": "preprocessing", "detector_file": "file", "detector_sha256": "sha256",
+               "detector_layout": "layout"}
+
+
+def detector_record(detector) -> dict:
+    """What a statistics file keeps of the detector that computed it: preprocessing, file name, SHA-256, layout."""
+    d = detector.describe()
+    record = {k: str(d[k]) for k in ("preprocessing", "sha256", "layout") if d.get(k)}
+    if d.get("file"):
+        record["file"] = os.path.basename(d["file"])
+    return record
+
+
+def check_fid_preprocessing(stats: dict, detector, declared: str | None = None) -> str:
+    """The preprocessing both sides of a FID share, or StatsError naming both when they differ.
+
+    `declared` is the user's statement of the statistics' preprocessing, needed for files that carry none
+    (EDM's / EDM2's published statistics: "nvidia"); it must agree with a recorded one."""
+    where = stats.get("path", "the reference statistics")
+    ours = detector.preprocessing.name
+    recorded = (stats.get("detectors") or {}).get("fid", {}).get("preprocessing")
+    if recorded is None and declared is None:
+        raise StatsError(
+            f"{where} does not say which FID preprocessing computed it (EDM's and EDM2's published statistics, and "
+            f"files this engine wrote before it recorded one, do not). Its features must come from the same "
+            f"protocol as the detector's ({ours}): if it was computed with NVIDIA's detector — EDM's fid-refs and "
+            f"EDM2's dataset-refs were — declare it with --stats-preprocessing nvidia (recipes: "
+            f"ENGINE_FID_STATS_PREPROCESSING=nvidia), or recompute it with python -m engine.metrics.reference_stats")
+    if recorded is not None and declared is not None and declared != recorded:
+        raise StatsError(f"{where} records FID preprocessing {recorded!r}, but {declared!r} was declared for it")
+    theirs = recorded or declared
+    if theirs != ours:
+        made = (stats.get("detectors") or {}).get("fid", {}).get("file")
+        raise StatsError(
+            f"FID preprocessing differs: the statistics {where} were computed with {theirs!r}"
+            f"{f' ({made})' if made else ''}, the detector runs {ours!r} ({detector.describe().get('file', '?')}); "
+            f"a Fréchet distance between features of different preprocessing is meaningless. Use "
+            f"--fid-preprocessing {theirs} or recompute the statistics with {ours}")
+    return ours
 
 
 def save_stats(path, stats: dict) -> None:
@@ -92,8 +151,10 @@ def save_stats(path, stats: dict) -> None:
             raise StatsError(f"{path}: an .npz holds FID statistics only (EDM's format); use .pkl for "
                              f"{', '.join(extra) or 'these statistics'}")
         mu, sigma = stats["fid"]
+        record = (stats.get("detectors") or {}).get("fid", {})
+        extra = {f"fid_{k}": np.array(str(record[v])) for k, v in _NPZ_RECORD.items() if record.get(v) is not None}
         buf = io.BytesIO()
-        np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
         _atomic_write(path, lambda f: f.write(buf.getvalue()))
         return
     obj = {"num_images": stats.get("num_images")}
@@ -101,6 +162,8 @@ def save_stats(path, stats: dict) -> None:
         if m in stats:
             mu, sigma = stats[m]
             obj[m] = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    if stats.get("detectors"):
+        obj["detectors"] = {m: {k: str(v) for k, v in d.items()} for m, d in stats["detectors"].items()}
     _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
 
 
@@ -112,13 +175,14 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def load_detectors(metrics, inception=None, dinov2=None, device="cpu") -> dict:
-    """{metric: feature network} for the requested metrics, from local weight files (named when missing)."""
+def load_detectors(metrics, inception=None, dinov2=None, device="cpu", fid_preprocessing: str = "nvidia") -> dict:
+    """{metric: feature network} for the requested metrics, from local weight files (named when missing);
+    the Inception detector runs `fid_preprocessing` ("nvidia" or "pytorch-fid")."""
     out = {}
     for m in metrics:
         if m == "fid":
             from engine.metrics.inception import InceptionV3
-            out[m] = InceptionV3.from_file(inception).to(device)
+            out[m] = InceptionV3.from_file(inception, preprocessing=fid_preprocessing).to(device)
         elif m == "fd_dinov2":
             from engine.metrics.dinov2 import DINOv2
             out[m] = DINOv2.from_file(dinov2).to(device)
@@ -138,6 +202,8 @@ def dataset_stats(dataset, detectors: dict, batch: int = 64, device="cpu", progr
             acc[m].update(net(images).cpu())
     out = {"num_images": len(dataset)}
     out.update({m: a.mu_sigma(unbiased=True) for m, a in acc.items()})
+    if "fid" in detectors:
+        out["detectors"] = {"fid": detector_record(detectors["fid"])}
     return out
 
 
@@ -148,7 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help=".pkl (EDM2: FID and FD_DINOv2) or .npz (EDM: FID only)")
     p.add_argument("--metrics", default=None, help="comma list of fid, fd_dinov2 (default: fid, plus "
                                                    "fd_dinov2 for a .pkl)")
-    p.add_argument("--inception", default=None, help="inception-2015-12-05.pt or pytorch-fid's .pth")
+    p.add_argument("--inception", default=None, help="inception-2015-12-05.pt / .pkl, or pytorch-fid's .pth")
+    p.add_argument("--fid-preprocessing", default="nvidia", choices=["nvidia", "pytorch-fid"],
+                   help="the Inception detector's input protocol (default nvidia: what the papers report)")
     p.add_argument("--dinov2", default=None, help="dinov2_vitl14_pretrain.pth")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,12 +225,13 @@ def main(argv=None) -> None:
     if not os.path.exists(a.data):
         raise SystemExit(f"--data: {a.data} not found")
     try:
-        detectors = load_detectors(metrics, a.inception, a.dinov2, a.device)
+        detectors = load_detectors(metrics, a.inception, a.dinov2, a.device, a.fid_preprocessing)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     stats = dataset_stats(ImageDataset(a.data), detectors, a.batch, a.device)
     save_stats(a.out, stats)
-    print(f"{a.out}: {', '.join(metrics)} over {stats['num_images']} images (sha256 {file_sha256(a.out)[:16]})")
+    fid = f", FID preprocessing {a.fid_preprocessing}" if "fid" in metrics else ""
+    print(f"{a.out}: {', '.join(metrics)} over {stats['num_images']} images{fid} (sha256 {file_sha256(a.out)[:16]})")
 
 
 if __name__ == "__main__":
