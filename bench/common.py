@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.loop import StageConfig, make_optimizer, train_step  # noqa: E402
+from engine.loop import StageConfig, train_step  # noqa: E402
+from engine.optimizers import make_optimizer  # noqa: E402
 from engine.objectives import StepRNG  # noqa: E402
 
 

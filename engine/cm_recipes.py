@@ -19,7 +19,7 @@ import os
 import torch
 
 from engine import dist
-from engine.checkpoints import load_edm_pickle
+from engine.edm_snapshots import load_edm_pickle
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.sampler import ImageDatasetSource
 from engine.loop import StageConfig, initialise

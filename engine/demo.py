@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from engine.checkpoints import export_safetensors, load_safetensors_network
+from engine.releases import export_safetensors, load_safetensors_network
 from engine.data import GaussianMixture, ImageDataset, digits, digits_uint8, write_image_dataset
 from engine.image_grid import save_image_grid
 from engine.networks import CONFIGS, build_network

@@ -13,7 +13,7 @@ is divided evenly over the ranks; the sampler deals each rank a contiguous share
 batch from (seed, images seen) with each rank keeping its rows (engine.objectives.base.StepRNG). So a run's data and
 noise do not depend on the world size, and a checkpoint resumes at any world size.
 
-Wrapping (`wrap`, after the network is built and initialised):
+Wrapping (`Parallel(net, strategy, device)` after the network is built and initialised; `wrap` underneath):
   fsdp  FSDP2 `fully_shard` on every block (the modules whose class name ends in "Block": DiTBlock, UNetBlock)
         and on the root; on CUDA with bf16 parameters in compute and fp32 gradient reduction
         (MixedPrecisionPolicy); parameters, gradients and optimizer state are sharded DTensors;
@@ -33,12 +33,15 @@ state dict (the safetensors release export uses it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 
 import torch
 import torch.distributed as td
 from torch import nn
+
+from engine.state_dicts import load_network_state
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 
@@ -201,6 +204,33 @@ def wrap(net: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     return _fully_shard(net, device)
 
 
+class Parallel:
+    """A stage's network as data parallelism holds it, and the way back to plain modules.
+
+    `model` is what the optimizer and the objective see (the network itself without torchrun; FSDP2-sharded or
+    DDP-wrapped under it). `also` are modules sharded like the model under FSDP (the EMA copy: its update is then
+    shard-local); `frozen` a module sharded for its forwards only (a large teacher, `shard_frozen`).
+    `gathered(module)` is the module with its full weights on every rank: itself where it is whole, else a plain
+    copy built from a CPU shell of the network taken before wrapping (every rank takes part)."""
+
+    def __init__(self, net: nn.Module, strategy: str, device: torch.device, also=(), frozen: nn.Module | None = None):
+        self.strategy, self.device, self.shell = resolve_strategy(strategy), device, None
+        if self.strategy != "none":
+            self.shell = copy.deepcopy(net.cpu())
+            net.to(device)
+            if frozen is not None:
+                shard_frozen(frozen, device)
+        self.model = wrap(net, self.strategy, device)
+        if self.strategy == "fsdp":
+            for module in also:
+                wrap(module, "fsdp", device)
+
+    def gathered(self, module: nn.Module) -> nn.Module:
+        if not (is_distributed() and is_sharded(module)) and type(module).__name__ != "DistributedDataParallel":
+            return module
+        return load_network_state(copy.deepcopy(self.shell), full_state(module)).to(self.device)
+
+
 def shard_frozen(module: nn.Module, device: torch.device) -> nn.Module:
     """Shard a frozen module (a large teacher) over the ranks; its forwards gather parameters block by block.
     Every rank must then call it the same number of times, which the objectives do (same code, local batch)."""
@@ -295,7 +325,7 @@ def save_sharded(directory: str, state: dict, extra: dict) -> None:
     barrier()
     dcp.save(state, checkpoint_id=tmp)
     if rank() == 0:
-        from engine.checkpoints import save_checkpoint
+        from engine.files import save_checkpoint
         save_checkpoint(os.path.join(tmp, "extra.pt"), extra)
         _fsync_dir(tmp)
         old = None
@@ -322,7 +352,7 @@ def load_sharded(directory: str, state: dict) -> dict:
     """Fill `state` (the same structure save_sharded wrote, as this run shards it) from `directory` in place and
     return the extra values. DCP reads each rank's shards from whatever layout wrote them."""
     import torch.distributed.checkpoint as dcp
-    from engine.checkpoints import load_checkpoint
+    from engine.files import load_checkpoint
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no .metadata)")
     extra = load_checkpoint(os.path.join(directory, "extra.pt"))

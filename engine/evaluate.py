@@ -40,10 +40,11 @@ import torch
 from tqdm import tqdm
 
 from engine import dist
+from engine.files import file_sha256
 from engine.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
-from engine.metrics.reference_stats import (METRICS, StatsError, check_fid_preprocessing, file_sha256, load_detectors,
-                                            load_stats)
+from engine.metrics.reference_stats import METRICS, StatsError, check_fid_preprocessing, load_detectors, load_stats
+from engine.solvers import consistency_sampler, mean_flow_sampler
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -74,28 +75,19 @@ def default_schedules(net) -> list[tuple[float, ...]]:
 
 
 def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None) -> torch.Tensor:
-    """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in)."""
+    """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in). Each
+    seed's generator draws, in order, its noise z, its class, and the fresh noise of every re-noising step; the
+    samplers are engine/solvers.py's."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     labels = None
     if label_dim:
         labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
-    n = len(seeds)
-    if is_flow_map(net):
-        # Mean Flow (spec/mf.md §1.8): the schedule lists the t each step starts from (1 = noise); the last step
-        # ends at 0: z ← z − (t − r)·u(z, r, t)
-        x = z
-        for k, t in enumerate(schedule):
-            r = schedule[k + 1] if k + 1 < len(schedule) else 0.0
-            T, R = (torch.full((n,), v, device=device) for v in (t, r))
-            x = x - (t - r) * net(x, T, R, labels).to(torch.float32)
-    else:
-        x = z * schedule[0]
-        for k, s in enumerate(schedule):
-            x = net(x, torch.full((n,), s, device=device), labels).to(torch.float32)
-            if k + 1 < len(schedule):
-                eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-                x = x + schedule[k + 1] * eps
+    if is_flow_map(net):   # the schedule lists the t each step starts from (spec/mf.md §1.8)
+        x = mean_flow_sampler(net, z, schedule, labels)
+    else:                  # σ_max, then the σ each re-noised step starts from (spec/cm.md §3.5)
+        renoise = [torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) for _ in schedule[1:]]
+        x = consistency_sampler(net, z, schedule[1:], sigma_max=schedule[0], labels=labels, noise=renoise)
     if decode is not None:
         x = decode(x)  # uint8 images (engine.vae.LatentDecoder), or floats in [−1, 1]
     return x if x.dtype == torch.uint8 else to_uint8(x)
@@ -187,10 +179,10 @@ def recipe_fid(net, shape, schedules, num: int, device, decode=None, progress: b
 
 def _load_net(path: str, device):
     if path.endswith(".safetensors"):
-        from engine.checkpoints import load_safetensors_network
+        from engine.releases import load_safetensors_network
         net = load_safetensors_network(path)  # a CMPrecond consistency model or a Mean Flow DiT
     elif path.endswith(".pkl"):
-        from engine.checkpoints import load_edm_pickle
+        from engine.edm_snapshots import load_edm_pickle
         net = load_edm_pickle(path)  # the wrapper of the file: ECMPrecond → CMPrecond
     else:
         raise SystemExit(f"--net: expected a release (.safetensors) or an EDM/ECT/CMT snapshot (.pkl), got {path}")

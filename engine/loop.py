@@ -13,7 +13,6 @@ checkpoints are sharded torch.distributed.checkpoint directories (either form re
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -27,14 +26,16 @@ import torch
 from torch import nn
 
 from engine import dist
-from engine.checkpoints import CheckpointError, TEACHER_ONLY_KEYS, export_safetensors, load_network_state
 from engine.data.sampler import ResumableSampler
+from engine.edm_snapshots import TEACHER_ONLY_KEYS
 from engine.ema import EMA
 from engine.image_grid import save_image_grid
 from engine.lr_schedules import learning_rate
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import Objective, StepRNG
-from engine.run_state import CheckpointRing
+from engine.releases import export_safetensors
+from engine.run_state import CheckpointRing, TrainingState
+from engine.state_dicts import load_network_state
 from engine.train_log import TrainLog
 
 
@@ -80,7 +81,7 @@ class StageConfig:
 class StageResult:
     net: nn.Module
     ema: nn.Module                              # the EMA copy, eval mode
-    nimg: int
+    pairs_seen: int                             # student samples trained on (the budget's unit; pairs in CMT)
     counters: dict
     wall_s: float
     eval_history: list
@@ -93,17 +94,6 @@ def initialise(net: nn.Module, source) -> nn.Module:
         return net
     state = source.state_dict() if isinstance(source, nn.Module) else source
     return load_network_state(net, state, ignore=TEACHER_ONLY_KEYS)
-
-
-def make_optimizer(cfg: StageConfig, params, device: torch.device):
-    cuda = device.type == "cuda"
-    if cfg.optimizer == "adam":  # fused kernel on CUDA: one launch for the whole update
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=cuda or None)
-    if cfg.optimizer == "radam":  # RAdam has no fused kernel; foreach batches the update on CUDA
-        return torch.optim.RAdam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 foreach=cuda or None)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adam' or 'radam'")
 
 
 def _crossed(before: int, after: int, every_kimg: float | None) -> bool:
@@ -165,28 +155,6 @@ def clip_gradients(net_params, obj_params, max_norm: float | None) -> torch.Tens
     return total
 
 
-class _Optimizers:
-    """The network's optimizer and, when the objective owns parameters, a second one with the same settings
-    (so that the network's optimizer state is exactly what a sharded checkpoint of the network describes)."""
-
-    def __init__(self, net_opt, obj_opt=None):
-        self.net, self.obj = net_opt, obj_opt
-
-    @property
-    def param_groups(self):
-        return self.net.param_groups + (self.obj.param_groups if self.obj else [])
-
-    def zero_grad(self, set_to_none: bool = True):
-        for o in (self.net, self.obj):
-            if o is not None:
-                o.zero_grad(set_to_none=set_to_none)
-
-    def step(self):
-        for o in (self.net, self.obj):
-            if o is not None:
-                o.step()
-
-
 def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, run_dir: str,
                 device: torch.device | str = "cpu",
                 evaluate: Callable[[nn.Module], dict] | None = None,
@@ -196,8 +164,7 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     Under torchrun every rank calls this with the same arguments; the returned networks are plain (unsharded)
     modules on every rank."""
     device = torch.device(device)
-    rank, world = dist.rank(), dist.world_size()
-    lead = rank == 0
+    lead = dist.rank() == 0
     stage_dir = os.path.join(run_dir, cfg.name)
     # the global batch and the images it consumes, divided evenly over the ranks (clear errors otherwise)
     n_images = objective.images_per_step(cfg.batch_size)
@@ -210,155 +177,110 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
         with open(os.path.join(stage_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
     dist.barrier()
-    total_nimg = round(cfg.total_kimg * 1000)
     ring = CheckpointRing(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
 
     net.train()
     # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they get their own optimizer
     objective.to(device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
-    _warn_if_ema_too_long(cfg, total_nimg)
-    strategy = dist.resolve_strategy(cfg.parallel)
-    shell = None
-    if strategy != "none":  # a plain CPU copy to hold the consolidated weights at the end
-        shell = copy.deepcopy(net.cpu())
-        net.to(device)
-        if cfg.shard_teacher and getattr(objective, "teacher", None) is not None:
-            dist.shard_frozen(objective.teacher, device)
-    model = dist.wrap(net, strategy, device)
-    if strategy == "fsdp":
-        dist.wrap(ema.module, "fsdp", device)  # sharded like the model: the update is shard-local
-    net_params = [p for p in model.parameters() if p.requires_grad]
-    obj_params = list(objective.parameters())
-    params = (net_params, obj_params) if obj_params else net_params
+    _warn_if_ema_too_long(cfg, round(cfg.total_kimg * 1000))
+    teacher = getattr(objective, "teacher", None) if cfg.shard_teacher else None
+    parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module], frozen=teacher)
+    state = TrainingState(cfg, parallel.model, ema, objective, ring, device)
+    resumed = state.load_latest()
+    if resumed and lead:
+        print(f"resuming stage {cfg.name!r} from {resumed} ({state.pairs_seen / 1000:g} kimg, world size "
+              f"{dist.world_size()})", flush=True)
 
-    def optimizers() -> _Optimizers:
-        return _Optimizers(make_optimizer(cfg, net_params, device),
-                           make_optimizer(cfg, obj_params, device) if obj_params else None)
-    opt = optimizers()
+    run_steps(cfg, state, data, n_images, stage_dir, device, lambda: parallel.gathered(ema.module).eval(),
+              evaluate, grid)
+
+    # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
+    final_ema = parallel.gathered(ema.module).eval()
+    final_net = parallel.gathered(parallel.model)
+    if lead:
+        export_safetensors(final_ema, os.path.join(stage_dir, "ema.safetensors"),
+                           metadata=dict(stage=cfg.name, kimg=state.pairs_seen / 1000, config=dataclasses.asdict(cfg)))
+    dist.barrier()
+    return StageResult(net=final_net, ema=final_ema, pairs_seen=state.pairs_seen, counters=state.counters,
+                       wall_s=state.wall_s, eval_history=state.history)
+
+
+def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage_dir: str, device: torch.device,
+              averaged_ema: Callable[[], nn.Module], evaluate=None, grid=None) -> None:
+    """The steps from `state.pairs_seen` to the stage's budget, and what happens at image-count boundaries: logs
+    every `log_kimg`, evaluations and grids of the EMA every `eval_kimg`, checkpoints every `ckpt_kimg` (all at the
+    end too). Non-finite losses and gradients are flagged on the device and looked at only at those boundaries,
+    where the ranks synchronise anyway; no state that went through a NaN step is saved."""
+    rank, world, lead = dist.rank(), dist.world_size(), dist.rank() == 0
+    total = round(cfg.total_kimg * 1000)
     sampler = ResumableSampler(len(data), seed=cfg.seed)
-    nimg = data_pos = 0
-    counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
-    wall, history = 0.0, []
-
-    # ---- resume: the newest checkpoint that loads, in either form, at any world size --------------------------
-    found = ring.latest(load=lambda path: _load_checkpoint(path, model, ema.module, opt, device))
-    if found is not None:
-        extra, path = found
-        if extra["fingerprint"] != cfg.fingerprint():
-            raise RuntimeError(f"{path} was written by a different configuration of stage {cfg.name!r}; "
-                               f"use another --out directory or remove {stage_dir}")
-        objective.load_state_dict(extra["objective"])
-        nimg, data_pos, wall = extra["nimg"], extra["data_pos"], extra["wall_s"]
-        counters, history = dict(extra["counters"]), list(extra["eval_history"])
-        if lead:
-            print(f"resuming stage {cfg.name!r} from {path} ({nimg / 1000:g} kimg, world size {world})", flush=True)
-    elif any(os.path.isdir(path) for _, path in ring.list()):
-        # a failed sharded load may have written into the weights: do not train on from them
-        raise RuntimeError(f"no checkpoint in {ring.directory} could be read (see the warnings above); move "
-                           f"the directory away to train stage {cfg.name!r} from its initialisation")
-    elif ring.list():
-        opt = optimizers()  # a failed load may have initialised optimizer state
-
-    def save_checkpoint(at: int) -> None:
-        extra = dict(fingerprint=cfg.fingerprint(), objective=objective.state_dict(), nimg=nimg,
-                     data_pos=data_pos, wall_s=wall, counters=counters, eval_history=history,
-                     objective_optimizer=opt.obj.state_dict() if opt.obj else None)
-        if dist.is_distributed():
-            net_state, opt_state = dist.train_state(model, opt.net)
-            ring.save_sharded(dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema.module)), extra,
-                              at)
-        else:
-            ring.save(dict(extra, net=net.state_dict(), ema=ema.module.state_dict(), optimizer=opt.net.state_dict()),
-                      at)
-
-    def full_ema() -> nn.Module:
-        """The EMA network as one plain module (rank 0 evaluates it; all ranks take part in gathering it)."""
-        if strategy != "fsdp":
-            return dist.unwrap(ema.module)
-        state = dist.full_state(ema.module)
-        return load_network_state(copy.deepcopy(shell), state).to(device).eval()
-
-    log = TrainLog(stage_dir, cfg.total_kimg, nimg / 1000, desc=cfg.name) if lead else _NoLog()
+    log = TrainLog(stage_dir, cfg.total_kimg, state.pairs_seen / 1000, desc=cfg.name) if lead else _NoLog()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    steps_since_log, last_good_kimg, t_last = 0, nimg / 1000, time.time()
+    steps, last_good_kimg, t_last = 0, state.pairs_seen / 1000, time.time()
     try:
-        while nimg < total_nimg:
-            # ---- one step -----------------------------------------------------------------------------------
-            objective.set_progress(nimg)
-            lr = learning_rate(cfg.lr_schedule, nimg, lr=cfg.lr, total_nimg=total_nimg,
-                               ref_nimg=cfg.lr_ref_kimg * 1000, rampup_nimg=cfg.lr_rampup_kimg * 1000)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            rng = StepRNG.for_step(cfg.seed, rank, nimg, device, world)
-            images, labels = data.batch(sampler.indices(data_pos, n_images, rank, world), device)
-            out, loss, grad_norm = train_step(model, objective, opt, params, images, labels, rng, autocast,
-                                              cfg.grad_clip, device)
+        while state.pairs_seen < total:
+            before = state.pairs_seen
+            state.objective.set_progress(before)
+            lr = learning_rate(cfg.lr_schedule, before, lr=cfg.lr, total_nimg=total, ref_nimg=cfg.lr_ref_kimg * 1000,
+                               rampup_nimg=cfg.lr_rampup_kimg * 1000)
+            state.optimizers.set_lr(lr)
+            rng = StepRNG.for_step(cfg.seed, rank, before, device, world)
+            images, labels = data.batch(sampler.indices(state.data_pos, n_images, rank, world), device)
+            out, loss, grad_norm = train_step(state.model, state.objective, state.optimizers, state.params, images,
+                                              labels, rng, autocast, cfg.grad_clip, device)
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
-            ema.update(model, nimg + cfg.batch_size, cfg.batch_size)
-            before, nimg, data_pos = nimg, nimg + cfg.batch_size, data_pos + n_images
-            for k, v in dict(images=n_images, pairs=out.pairs * world, teacher_nfe=out.teacher_nfe * world,
-                             student_forward=out.student_forward * world,
-                             student_backward=out.student_backward * world, steps=1).items():
-                counters[k] += v  # global counts (every rank does the same work on its share)
+            state.ema.update(state.model, before + cfg.batch_size, cfg.batch_size)
+            state.advance(cfg.batch_size, n_images, out, world)
             loss_sum += loss.detach()
-            steps_since_log += 1
+            steps += 1
             log.advance(cfg.batch_size / 1000)
 
-            # ---- bookkeeping at image-count boundaries -------------------------------------------------------
-            done = nimg >= total_nimg
-            if _crossed(before, nimg, cfg.log_kimg) or done:
+            done, now = state.pairs_seen >= total, state.pairs_seen
+            if _crossed(before, now, cfg.log_kimg) or done:
                 if dist.any_rank(nonfinite):
-                    raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, nimg, ring))
-                now = time.time()
-                wall += now - t_last
-                mean_loss = dist.all_reduce_mean(loss_sum / steps_since_log).item()
-                record = dict(kimg=nimg / 1000, loss=mean_loss, lr=lr,
-                              grad_norm=grad_norm.item(), kimg_per_s=steps_since_log * cfg.batch_size / 1000
-                              / max(now - t_last, 1e-9), wall_s=wall, **counters, **objective.log_values())
-                for k in ("teacher_nfe", "student_forward", "student_backward"):
-                    record[f"{k}_per_pair"] = counters[k] / max(counters["pairs"], 1)
-                log.write(record)
+                    raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, now, state.ring))
+                t = time.time()
+                state.wall_s += t - t_last
+                log.write(_log_record(state, dist.all_reduce_mean(loss_sum / steps).item(), lr,
+                                      grad_norm.item(), steps * cfg.batch_size / 1000 / max(t - t_last, 1e-9)))
                 loss_sum.zero_()
-                steps_since_log, t_last, last_good_kimg = 0, now, nimg / 1000
-            evaluating = evaluate is not None and (_crossed(before, nimg, cfg.eval_kimg) or done)
-            drawing = grid is not None and (_crossed(before, nimg, cfg.eval_kimg) or done)
+                steps, t_last, last_good_kimg = 0, t, now / 1000
+            evaluating = evaluate is not None and (_crossed(before, now, cfg.eval_kimg) or done)
+            drawing = grid is not None and (_crossed(before, now, cfg.eval_kimg) or done)
             if evaluating or drawing:
-                averaged = full_ema()
+                averaged = averaged_ema()
                 if lead and evaluating:
-                    metrics = dict(kimg=nimg / 1000, **evaluate(averaged))
-                    history.append(metrics)
+                    metrics = dict(kimg=now / 1000, **evaluate(averaged))
+                    state.history.append(metrics)
                     log.write(dict(metrics, event="eval"))
                 if lead and drawing:
-                    save_image_grid(grid(averaged), os.path.join(stage_dir, "grids",
-                                                                 f"kimg-{nimg // 1000:06d}.png"))
-                history = dist.broadcast_object(history)
+                    save_image_grid(grid(averaged), os.path.join(stage_dir, "grids", f"kimg-{now // 1000:06d}.png"))
+                state.history = dist.broadcast_object(state.history)
                 dist.barrier()
                 t_last = time.time()  # evaluation time is not training time
-            if _crossed(before, nimg, cfg.ckpt_kimg) or done:
+            if _crossed(before, now, cfg.ckpt_kimg) or done:
                 if dist.any_rank(nonfinite):  # never save a state that went through a NaN step
-                    raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, nimg, ring))
-                wall += time.time() - t_last
+                    raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, now, state.ring))
+                state.wall_s += time.time() - t_last
                 t_last = time.time()
-                save_checkpoint(nimg)
-                last_good_kimg = nimg / 1000
+                state.save(now)
+                last_good_kimg = now / 1000
     finally:
         log.close()
 
-    # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
-    final_ema = full_ema()
-    if strategy != "none":
-        final_net = load_network_state(copy.deepcopy(shell), dist.full_state(model)).to(device)
-    else:
-        final_net = net
-    if lead:
-        export_safetensors(final_ema, os.path.join(stage_dir, "ema.safetensors"),
-                           metadata=dict(stage=cfg.name, kimg=nimg / 1000, config=dataclasses.asdict(cfg)))
-    dist.barrier()
-    return StageResult(net=final_net, ema=final_ema.eval(), nimg=nimg, counters=counters, wall_s=wall,
-                       eval_history=history)
+
+def _log_record(state: TrainingState, mean_loss: float, lr: float, grad_norm: float,
+                kimg_per_s: float) -> dict:
+    """One line of log.jsonl: the mean loss since the last line, the step's lr and gradient norm, throughput,
+    training wall time, the counters and their per-pair ratios, and the objective's own values."""
+    record = dict(kimg=state.pairs_seen / 1000, loss=mean_loss, lr=lr, grad_norm=grad_norm, kimg_per_s=kimg_per_s,
+                  wall_s=state.wall_s, **state.counters, **state.objective.log_values())
+    for k in ("teacher_nfe", "student_forward", "student_backward"):
+        record[f"{k}_per_pair"] = state.counters[k] / max(state.counters["pairs"], 1)
+    return record
 
 
 class _NoLog:
@@ -372,32 +294,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-def _load_checkpoint(path: str, model: nn.Module, ema_module: nn.Module, opt: _Optimizers,
-                     device: torch.device) -> dict:
-    """Load a checkpoint of either form into the (possibly sharded) model, EMA and optimizers; its plain values."""
-    from engine.checkpoints import load_checkpoint
-    if os.path.isdir(path):
-        net_state, opt_state = dist.train_state(model, opt.net)
-        tensors = dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema_module))
-        extra = dist.load_sharded(path, tensors)
-        dist.set_train_state(model, opt.net, tensors["net"], tensors["optimizer"])
-        dist.set_module_state(ema_module, tensors["ema"])
-    else:
-        extra = load_checkpoint(path, map_location=device)
-        if dist.is_distributed() and dist.is_sharded(model):
-            dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
-            dist.set_full_module_state(ema_module, extra["ema"])
-        else:
-            load_network_state(dist.unwrap(model), extra["net"])
-            load_network_state(dist.unwrap(ema_module), extra["ema"])
-            opt.net.load_state_dict(extra["optimizer"])
-    if opt.obj is not None:
-        if extra.get("objective_optimizer") is None:
-            raise CheckpointError(f"{path} has no optimizer state for the objective's parameters")
-        opt.obj.load_state_dict(extra["objective_optimizer"])
-    return extra
 
 
 def _nonfinite_message(cfg: StageConfig, good_kimg: float, nimg: int, ring: CheckpointRing) -> str:

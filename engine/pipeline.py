@@ -86,9 +86,9 @@ class Run:
                           grid=grid)
         for a in shared_by or (arm,):
             entry = self.results["runs"].setdefault(a, {"kimg": {}, "wall_s": 0.0, "stages": {}})
-            entry["kimg"][kind] = res.nimg / 1000
+            entry["kimg"][kind] = res.pairs_seen / 1000
             entry["wall_s"] += res.wall_s
-            entry["stages"][kind] = dict(name=cfg.name, kimg=res.nimg / 1000, wall_s=res.wall_s,
+            entry["stages"][kind] = dict(name=cfg.name, kimg=res.pairs_seen / 1000, wall_s=res.wall_s,
                                          counters=res.counters, eval_history=res.eval_history)
         return res
 

@@ -1,16 +1,18 @@
-"""A stage's checkpoints on disk: written atomically, the last K kept, the newest readable one found on resume.
+"""A stage's training state and its checkpoints on disk.
 
-Two forms share one directory and one numbering (images seen, 12 digits):
+`TrainingState` is the one owner of what a checkpoint holds — the (possibly sharded) model, its EMA, the
+optimizers, the objective's state and the counters — with `save(at)` and `load_latest()` at any world size.
+`CheckpointRing` is the directory the checkpoints live in: written atomically, the last K kept, the newest readable
+one found on resume. Two forms share one directory and one numbering (pairs seen, 12 digits):
 
-    ckpt-<nimg>.pt   a single-process run's plain state dict (`engine.checkpoints.save_checkpoint`: temporary
-                     file, fsync, rename);
-    ckpt-<nimg>/     a distributed run's torch.distributed.checkpoint directory (each rank's shards + extra.pt;
-                     engine.dist.save_sharded: written under a hidden name, renamed when every rank is done).
+    ckpt-<n>.pt   a single-process run's plain state dict (`engine.files.save_checkpoint`: temporary file, fsync,
+                  rename);
+    ckpt-<n>/     a distributed run's torch.distributed.checkpoint directory (each rank's shards + extra.pt;
+                  engine.dist.save_sharded: written under a hidden name, renamed when every rank is done).
 
-The loop reads either form at any world size (engine/loop.py). A checkpoint that fails to load (truncated by a
-crash of the disk or a copy, corrupt) is reported and skipped in favour of the previous one; it is never deleted,
-so nothing is lost to a false alarm. Temporaries left by a process killed mid-save are removed at start-up (by rank
-0 under torchrun)."""
+Either form resumes at any world size. A checkpoint that fails to load (truncated by a crash of the disk or a
+copy, corrupt) is reported and skipped in favour of the previous one; it is never deleted, so nothing is lost to a
+false alarm. Temporaries left by a process killed mid-save are removed at start-up (by rank 0 under torchrun)."""
 from __future__ import annotations
 
 import glob
@@ -20,7 +22,9 @@ import re
 import shutil
 
 from engine import dist
-from engine.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from engine.files import CheckpointError, load_checkpoint, save_checkpoint
+from engine.optimizers import Optimizers
+from engine.state_dicts import load_network_state
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{12})(\.pt)?$")
@@ -94,3 +98,96 @@ def warn_unreadable(path: str, error: Exception) -> None:
     log.warning("skipping unreadable checkpoint: %s", error)
     if dist.rank() == 0:
         print(f"warning: skipping unreadable checkpoint {path}: {error}", flush=True)
+
+
+class TrainingState:
+    """Everything a stage's checkpoint holds, and the one place that saves and loads it.
+
+    model: the network as the optimizer sees it (plain, DDP or FSDP2: engine.dist.Parallel); ema: its EMA
+    (engine.ema.EMA, `ema.module` sharded like the model under FSDP); objective: its state (and, when it owns
+    trained parameters, their optimizer); counters: `pairs_seen` (the budget: student samples trained on, one per
+    pair in CMT), `data_pos` (dataset images consumed: the sampler's position), `wall_s`, `counters` (global
+    totals of images, pairs, teacher NFE, student forwards / backwards and steps) and `history` (evaluations)."""
+
+    def __init__(self, cfg, model, ema, objective, ring: CheckpointRing, device):
+        self.cfg, self.model, self.ema, self.objective, self.ring, self.device = cfg, model, ema, objective, ring, device
+        net_params = [p for p in model.parameters() if p.requires_grad]
+        obj_params = list(objective.parameters())
+        self.params = (net_params, obj_params) if obj_params else net_params
+        self._optimizers = lambda: Optimizers.build(cfg, net_params, obj_params, device)
+        self.optimizers = self._optimizers()
+        self.pairs_seen = self.data_pos = 0
+        self.wall_s = 0.0
+        self.counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
+        self.history: list = []
+
+    def advance(self, pairs: int, images: int, out, world: int) -> None:
+        """Count one step of `pairs` student samples that consumed `images` dataset images (global numbers); `out`
+        is the objective's LossOutput for this rank's share."""
+        self.pairs_seen += pairs
+        self.data_pos += images
+        for k, v in dict(images=images, pairs=out.pairs * world, teacher_nfe=out.teacher_nfe * world,
+                         student_forward=out.student_forward * world,
+                         student_backward=out.student_backward * world, steps=1).items():
+            self.counters[k] += v  # global counts (every rank does the same work on its share)
+
+    def save(self, at: int) -> str:
+        """A checkpoint numbered `at` (pairs seen): sharded under torchrun, one file otherwise."""
+        opt = self.optimizers
+        extra = dict(fingerprint=self.cfg.fingerprint(), objective=self.objective.state_dict(), pairs_seen=self.pairs_seen,
+                     data_pos=self.data_pos, wall_s=self.wall_s, counters=self.counters, eval_history=self.history,
+                     objective_optimizer=opt.obj.state_dict() if opt.obj else None)
+        if dist.is_distributed():
+            net_state, opt_state = dist.train_state(self.model, opt.net)
+            return self.ring.save_sharded(dict(net=net_state, optimizer=opt_state,
+                                               ema=dist.module_state(self.ema.module)), extra, at)
+        return self.ring.save(dict(extra, net=dist.unwrap(self.model).state_dict(), ema=self.ema.module.state_dict(),
+                                   optimizer=opt.net.state_dict()), at)
+
+    def load_latest(self) -> str | None:
+        """Resume from the newest checkpoint that loads on every rank, in either form; its path, or None when the
+        stage starts from its initialisation. A checkpoint of another configuration is refused; a failed sharded
+        load (which may have written into the weights) stops the run rather than train on from them."""
+        found = self.ring.latest(load=self._load)
+        if found is not None:
+            extra, path = found
+            if extra["fingerprint"] != self.cfg.fingerprint():
+                raise RuntimeError(f"{path} was written by a different configuration of stage {self.cfg.name!r}; "
+                                   f"use another --out directory or remove {os.path.dirname(self.ring.directory)}")
+            self.objective.load_state_dict(extra["objective"])
+            # "nimg": what checkpoints written before the counters were renamed call pairs_seen
+            self.pairs_seen = extra["pairs_seen"] if "pairs_seen" in extra else extra["nimg"]
+            self.data_pos, self.wall_s = extra["data_pos"], extra["wall_s"]
+            self.counters, self.history = dict(extra["counters"]), list(extra["eval_history"])
+            return path
+        if any(os.path.isdir(path) for _, path in self.ring.list()):
+            raise RuntimeError(f"no checkpoint in {self.ring.directory} could be read (see the warnings above); "
+                               f"move the directory away to train stage {self.cfg.name!r} from its initialisation")
+        if self.ring.list():
+            self.optimizers = self._optimizers()  # a failed load may have initialised optimizer state
+        return None
+
+    def _load(self, path: str) -> dict:
+        """Load a checkpoint of either form into the (possibly sharded) model, EMA and optimizers; its plain
+        values."""
+        model, ema_module, opt = self.model, self.ema.module, self.optimizers
+        if os.path.isdir(path):
+            net_state, opt_state = dist.train_state(model, opt.net)
+            tensors = dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema_module))
+            extra = dist.load_sharded(path, tensors)
+            dist.set_train_state(model, opt.net, tensors["net"], tensors["optimizer"])
+            dist.set_module_state(ema_module, tensors["ema"])
+        else:
+            extra = load_checkpoint(path, map_location=self.device)
+            if dist.is_distributed() and dist.is_sharded(model):
+                dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
+                dist.set_full_module_state(ema_module, extra["ema"])
+            else:
+                load_network_state(dist.unwrap(model), extra["net"])
+                load_network_state(dist.unwrap(ema_module), extra["ema"])
+                opt.net.load_state_dict(extra["optimizer"])
+        if opt.obj is not None:
+            if extra.get("objective_optimizer") is None:
+                raise CheckpointError(f"{path} has no optimizer state for the objective's parameters")
+            opt.obj.load_state_dict(extra["objective_optimizer"])
+        return extra

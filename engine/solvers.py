@@ -1,14 +1,24 @@
-"""Deterministic samplers of the EDM PF-ODE dx/dσ = (x − D(x; σ)) / σ and the few-step consistency sampler.
+"""Every ODE solve and few-step sampler of the engine, in one place, each with its time variable named.
 
-Every solver takes a denoiser with the engine's one signature `denoiser(x, sigma, labels=None) -> x0` and runs
-its state in x_T's dtype (float32 for training, float64 for references). Step coefficients are computed on the
-host in float64 from the σ grid; only the state arithmetic happens in the state dtype.
+In σ (EDM's PF-ODE dx/dσ = (x − D(x; σ))/σ; denoisers with the one signature `denoiser(x, sigma, labels=None)
+-> x0`, spec/cm.md §1):
+  * `dpm_solver_pp` — the CMT teacher (spec/cm.md §2): multistep DPM-Solver++ (data prediction) on α = 1,
+    σ_t = t, λ = −ln σ, one denoiser call per step, the whole trajectory returned. Its update is written as
+    x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel (kernels/dpm_solver.py) and the PyTorch reference
+    beside it compute the same sums from the same float64 coefficients; `engine.ops` picks one;
+  * `euler`, `heun` — EDM's deterministic samplers; `pf_ode_reference` — a float64 RK4 oracle;
+  * `consistency_sampler` — few-step consistency sampling σ_max → σ_mid → … → 0, re-noising between steps
+    (CMT/ECT `generator_fn`, spec/cm.md §3.5).
+In t ∈ [0, 1] (t = 1 noise, 0 data; flow maps `u(x_t, r, t)` and velocities `v(x_t, t)`, spec/mf.md §1):
+  * `mean_flow_trajectory`, `mean_flow_sampler`, `mean_flow_sample` — Mean Flow steps
+    x_r = x_t − (t − r)·u(x_t, r, t) (the CMT-MF teacher's trajectory, and few-step sampling);
+  * `flow_heun_trajectory` — Heun on a flow-matching velocity (the CMT-MF flow-matching teacher).
+EDM's Heun in σ and the flow-matching Heun in t are one integrator (`heun_ode`) given dx/dσ or dx/dt.
 
-`dpm_solver_pp` is the teacher of CMT mid-training (spec/cm.md §2): multistep DPM-Solver++ (data prediction)
-on the EDM schedule α = 1, σ_t = t, λ = −ln σ, with one denoiser call per step and the whole trajectory
-returned. Its update is written as x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel
-(kernels/dpm_solver.py) and the PyTorch reference beside it compute the same sums from the same float64
-coefficients; `engine.ops` picks one.
+Every solver runs its state in the input's dtype (float32 for training, float64 for references). Step
+coefficients are computed on the host in float64 from the grid; only the state arithmetic happens in the state
+dtype. Training, evaluation, recipes and objectives call these functions, so the evaluation protocol cannot
+drift from what was trained.
 """
 from __future__ import annotations
 
@@ -180,21 +190,28 @@ def euler(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.T
 
 
 @torch.no_grad()
-def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
-    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, spec/cm.md §1.1, mf.md §6.3): Heun steps,
-    the last step into σ = 0 stays Euler. 2N − 1 calls for N steps ending at 0. Returns the trajectory."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
-    traj = [x_T]
-    x = x_T
-    for s_cur, s_next in zip(s[:-1], s[1:]):
-        d = (x - denoiser(x, _sigma_batch(s_cur, x), labels).to(x.dtype)) / s_cur
-        x_next = x + (s_next - s_cur) * d
-        if s_next > 0:
-            d2 = (x_next - denoiser(x_next, _sigma_batch(s_next, x), labels).to(x.dtype)) / s_next
-            x_next = x + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
+def heun_ode(derivative: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor,
+             times: Sequence[float]) -> torch.Tensor:
+    """Heun's method (Euler predictor, trapezoidal corrector) for dx/dτ = derivative(x, τ) through `times`; a step
+    that ends at τ = 0 stays Euler (EDM's Algorithm 1; REPA's flow-matching sampler). 2N − 1 derivative calls for N
+    steps ending at 0. Returns the trajectory [len(times), *x.shape]."""
+    traj = [x]
+    for cur, nxt in zip(times[:-1], times[1:]):
+        d = derivative(x, cur)
+        x_next = x + (nxt - cur) * d
+        if nxt > 0:
+            x_next = x + (nxt - cur) * (0.5 * d + 0.5 * derivative(x_next, nxt))
         x = x_next
         traj.append(x)
     return torch.stack(traj)
+
+
+@torch.no_grad()
+def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
+    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, spec/cm.md §1.1, mf.md §6.3): Heun steps in σ on
+    dx/dσ = (x − D(x; σ))/σ, the last step into σ = 0 Euler. Returns the trajectory."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
+    return heun_ode(lambda x, sigma: (x - denoiser(x, _sigma_batch(sigma, x), labels).to(x.dtype)) / sigma, x_T, s)
 
 
 # ---- Few-step consistency sampler ------------------------------------------------------------------------------
@@ -223,6 +240,44 @@ def consistency_sampler(denoiser: Denoiser, z: torch.Tensor, mid_sigmas: Sequenc
                                                                  device=x.device)
             x = x + t_next * eps.to(x.dtype)
     return x
+
+
+# ---- In t: Mean Flow and flow matching ----------------------------------------------------------------------
+
+@torch.no_grad()
+def mean_flow_trajectory(flow, z: torch.Tensor, ts: Sequence[float], labels=None) -> torch.Tensor:
+    """Mean Flow steps in t through the grid `ts` (descending; spec/mf.md §1.8): from each t to the next s,
+    x_s = x_t − (t − s)·u(x_t, s, t) with `flow(x, t, r, labels) -> u`, one call per step. Returns the states at
+    every t of the grid, [len(ts), *z.shape], z (at ts[0]) first."""
+    B, x, states = z.shape[0], z, [z]
+    for t, s in zip(ts[:-1], ts[1:]):
+        tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
+        ss = torch.full((B,), s, device=z.device, dtype=z.dtype)
+        x = x - (t - s) * flow(x, tt, ss, labels).to(z.dtype)
+        states.append(x)
+    return torch.stack(states)
+
+
+def mean_flow_sampler(flow, z: torch.Tensor, t_steps: Sequence[float] = (1.0,), labels=None) -> torch.Tensor:
+    """Few-step Mean Flow sampling: one step from each t of `t_steps` (1 = noise first) to the next, the last to
+    t = 0; (1,) is one step, (1, 0.5) two. Returns x at t = 0."""
+    ts = [float(t) for t in t_steps] + [0.0]
+    if any(b >= a for a, b in zip(ts[:-1], ts[1:])):
+        raise ValueError(f"Mean Flow sampler t's must decrease to 0; got {ts}")
+    return mean_flow_trajectory(flow, z, ts, labels)[-1]
+
+
+def mean_flow_sample(flow, noise: torch.Tensor, steps: int = 1, labels=None) -> torch.Tensor:
+    """k-step Mean Flow sampling on the uniform grid t_i = 1 − i/k (`mean_flow_sampler`)."""
+    return mean_flow_sampler(flow, noise, tuple(1 - i / steps for i in range(steps)), labels)
+
+
+@torch.no_grad()
+def flow_heun_trajectory(velocity: Callable[[torch.Tensor, float], torch.Tensor], z: torch.Tensor,
+                         ts: Sequence[float]) -> torch.Tensor:
+    """Heun in t on dx/dt = velocity(x, t) (t = 1 noise first, descending; the last step into t = 0 Euler):
+    x_s = x_t − (t − s)·(v + v')/2. Returns the states at every t of the grid."""
+    return heun_ode(velocity, z, [float(t) for t in ts])
 
 
 # ---- float64 reference integrator ------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ class TrajectorySource:
 
 
 def main(argv=None) -> None:
-    from engine.checkpoints import load_edm_pickle
+    from engine.edm_snapshots import load_edm_pickle
     from engine.data import ImageDataset
     from engine.data.sampler import ImageDatasetSource
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary, weights_file
+from engine.files import weights_file
+from engine.state_dicts import mismatch_summary
 
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)

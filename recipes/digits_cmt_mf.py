@@ -22,8 +22,9 @@ from engine.data.sampler import TensorSource
 from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
-from engine.objectives import CMTMeanFlow, MeanFlow, mean_flow_sample
+from engine.objectives import CMTMeanFlow, MeanFlow
 from engine.pipeline import Run, parse_flags
+from engine.solvers import mean_flow_sample
 
 
 @dataclasses.dataclass

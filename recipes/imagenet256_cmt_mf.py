@@ -38,8 +38,9 @@ from engine.data import ImageDataset, write_latent_dataset
 from engine.data.sampler import LatentSource
 from engine.loop import StageConfig
 from engine.networks import DiT
-from engine.objectives import CMTMeanFlow, LatentPosterior, MeanFlow, mean_flow_sample
+from engine.objectives import CMTMeanFlow, LatentPosterior, MeanFlow
 from engine.pipeline import Run, check_fid_inputs, parse_flags
+from engine.solvers import mean_flow_sample
 
 IMAGENET_TRAIN = 1_281_167
 

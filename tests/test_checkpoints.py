@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import edm_pickle_writer as W
 from engine import checkpoints as C
+from engine import unpickler as U
 from engine.checkpoints import CheckpointError
 from engine.networks import DhariwalUNet, SongUNet
 from engine.precond import CMPrecond, EDMPrecond
@@ -363,12 +364,12 @@ def test_truncated_pickle(tmp_path):
 
 def test_corrupt_storage_blob():
     good = W.legacy_storage_blob(torch.arange(5.))
-    assert torch.equal(C._load_from_bytes(good).flat, torch.arange(5.))
+    assert torch.equal(U._load_from_bytes(good).flat, torch.arange(5.))
     with pytest.raises(CheckpointError, match='truncated tensor storage blob'):
-        C._load_from_bytes(good[:-3])
+        U._load_from_bytes(good[:-3])
     evil = W.dumps(W.Call(W.GlobalRef('os', 'system'), ('true',)), protocol=2)
     with pytest.raises(CheckpointError, match=r"os\.system"):
-        C._load_from_bytes(evil)
+        U._load_from_bytes(evil)
 
 
 # ------------------------------------------------------------------------------------------------------

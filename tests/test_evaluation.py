@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoints import export_safetensors
+from engine.releases import export_safetensors
 from engine.data import write_image_dataset
 from engine.evaluate import evaluate, main as evaluate_main, sample_batch, to_uint8
 from engine.metrics import frechet_distance
 from engine.metrics.dinov2 import DINOv2, read_dinov2_state
 from engine.metrics.inception import InceptionV3
-from engine.metrics.reference_stats import (StatsError, check_fid_preprocessing, detector_record, file_sha256,
-                                            load_stats, main as stats_main, save_stats)
+from engine.files import file_sha256
+from engine.metrics.reference_stats import (StatsError, check_fid_preprocessing, detector_record, load_stats,
+                                            main as stats_main, save_stats)
 from engine.networks import build_network
 from engine.precond import CMPrecond
 from inception_writer import random_inception, write_torchscript
@@ -336,7 +337,7 @@ def test_mean_flow_networks_are_sampled_with_their_own_sampler(tmp_path):
     """A DiT release goes through the Mean Flow sampler (t schedules, z ← z − (t − r)·u), per-seed noise."""
     from engine.evaluate import default_schedules
     from engine.networks import DiT
-    from engine.objectives import mean_flow_sample
+    from engine.solvers import mean_flow_sample
     from engine.vae import LatentDecoder
     torch.manual_seed(0)
     net = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=5).eval()

@@ -31,7 +31,7 @@ def cfg(**kw):
 def test_logs_counters_and_release(tmp_path):
     net, data = tiny_setup()
     res = train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
-    assert res.nimg == 160 and res.counters["steps"] == 5
+    assert res.pairs_seen == 160 and res.counters["steps"] == 5
     assert res.counters["images"] == res.counters["pairs"] == res.counters["student_backward"] == 160
     recs = [json.loads(l) for l in open(tmp_path / "s" / "log.jsonl")]
     assert [r["kimg"] for r in recs] == [0.064, 0.128, 0.16]

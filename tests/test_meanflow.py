@@ -8,7 +8,8 @@ import torch
 
 from engine import ops
 from engine.networks import DiT
-from engine.objectives import CMTMeanFlow, FlowMatching, MeanFlow, StepRNG, mean_flow_sample
+from engine.objectives import CMTMeanFlow, FlowMatching, MeanFlow, StepRNG
+from engine.solvers import mean_flow_sample
 from engine.objectives.meanflow import pair_indices
 from kernels.jvp_attention import attention_reference
 

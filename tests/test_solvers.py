@@ -9,7 +9,8 @@ import torch
 from engine.data import GaussianMixture
 from engine.schedules import karras_sigmas, logsnr_sigmas
 from engine.solvers import (consistency_sampler, dpm_solver_orders, dpm_solver_pp, dpm_solver_pp_coefficients,
-                            euler, heun, pf_ode_reference)
+                            euler, flow_heun_trajectory, heun, mean_flow_sample, mean_flow_sampler,
+                            mean_flow_trajectory, pf_ode_reference)
 
 
 def spec_update(x, t, s0, s1, s2, M0, M1, M2, order):
@@ -180,3 +181,49 @@ def test_consistency_sampler_semantics():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="decrease"):
         consistency_sampler(f, z, (90.0,))
+
+
+def point_mass_flow(c):
+    """The exact average velocity of data concentrated at c on the straight path x_t = (1 − t)c + tε:
+    u(x_t, r, t) = (x_t − c)/t for every r, so any Mean Flow schedule lands on c exactly."""
+    def u(x, t, r, labels=None):
+        assert t.shape == r.shape == (x.shape[0],) and (r < t).all()
+        return (x - c) / t.reshape(-1, *([1] * (x.ndim - 1)))
+    return u
+
+
+def test_mean_flow_samplers_follow_the_exact_flow():
+    c = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    eps = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = point_mass_flow(c)
+    for t_steps in [(1.0,), (1.0, 0.5), (1.0, 0.7, 0.2)]:
+        torch.testing.assert_close(mean_flow_sampler(u, eps, t_steps), c.expand(5, 2), rtol=0, atol=1e-14)
+    ts = [1.0, 0.75, 0.5, 0.25, 0.0]
+    traj = mean_flow_trajectory(u, eps, ts)
+    assert traj.shape == (5, 5, 2)
+    for k, t in enumerate(ts):   # every state lies on the path
+        torch.testing.assert_close(traj[k], (1 - t) * c + t * eps, rtol=0, atol=1e-14)
+    torch.testing.assert_close(mean_flow_sample(u, eps, 4), traj[-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="decrease to 0"):
+        mean_flow_sampler(u, eps, (0.5, 1.0))
+
+
+def test_flow_heun_is_second_order_and_counts_calls():
+    """dx/dt = −x·cos(t) from t = 1 to 0: x(0) = x(1)·exp(sin 1) exactly. Heun with the final step into 0 left
+    Euler (2N − 1 calls) converges with order 2."""
+    x1 = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+    exact = x1 * math.exp(math.sin(1.0))
+    calls = []
+
+    def v(x, t):
+        calls.append(t)
+        return -x * math.cos(t)
+
+    ns = [8, 16, 32, 64]
+    errs = []
+    for n in ns:
+        calls.clear()
+        traj = flow_heun_trajectory(v, x1, [k / n for k in range(n, -1, -1)])
+        assert traj.shape == (n + 1, 1, 2) and len(calls) == 2 * n - 1 and calls[-1] == 1 / n
+        errs.append(float((traj[-1] - exact).abs().max()))
+    assert all(1.8 < sl < 2.2 for sl in slopes(errs, ns)), errs

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import mismatch_summary, read_state_dict_file, weights_file
+from engine.files import file_sha256, read_state_dict_file, weights_file
+from engine.state_dicts import mismatch_summary
 from engine.metrics.detector_input import uint8_rgb
 from engine.networks.dit import Attention, Mlp
 
@@ -117,7 +118,6 @@ class DINOv2(nn.Module):
     def from_file(cls, path=None) -> "DINOv2":
         path = weights_file(path, "ENGINE_DINOV2_WEIGHTS", f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights "
                             f"({WEIGHTS_FILE})", WHERE)
-        from engine.metrics.reference_stats import file_sha256
         net = cls()
         net.load_state_dict(read_dinov2_state(path, net), strict=True)
         net.source = {"file": os.fspath(path), "sha256": file_sha256(path)}

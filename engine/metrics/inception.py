@@ -26,17 +26,19 @@ Features are the 8×8 average pool of the last mixed block, float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import weights_file
+from engine.files import weights_file
 from engine.metrics.detector_input import uint8_rgb
+from engine.metrics.fid_preprocessing import NVIDIA, PYTORCH_FID, Preprocessing, fid_preprocessing
+from engine.metrics.inception_files import DETECTOR_FILES, read_inception_file
+from engine.state_dicts import mismatch_summary
 
-DETECTOR_FILES = ("inception-2015-12-05.pt", "inception-2015-12-05.pkl", "pt_inception-2015-12-05-6726825d.pth")
+__all__ = ["InceptionV3", "ConvUnit", "read_inception_state", "checked_state", "Preprocessing", "NVIDIA", "PYTORCH_FID",
+           "fid_preprocessing", "DETECTOR_FILES"]
+
 WHERE = ("pass its path (--inception), or set ENGINE_INCEPTION_WEIGHTS; NVIDIA's files are "
          "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt and "
          "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/"
@@ -192,57 +194,6 @@ class _Stem(nn.Module):
         return F.avg_pool2d(x, 8)  # 8×8 → 1×1: the pool_3 features
 
 
-def _nvidia_input(images: torch.Tensor) -> torch.Tensor:
-    """NVIDIA's detector (the forward inside `inception-2015-12-05.pt`): float32, resize to 299 × 299 with
-    `grid_sample` on the shifted identity grid (source pixel i·W/299, border clamp), then (x − 128)/128."""
-    n, c, h, w = images.shape
-    x = images.to(torch.float32)
-    theta = torch.eye(2, 3, device=x.device)
-    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
-    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
-    grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return (x - 128) / 128
-
-
-def _pytorch_fid_input(images: torch.Tensor) -> torch.Tensor:
-    """pytorch-fid (`fid_score.py` reads images with ToTensor, i.e. x/255 in float32; `InceptionV3.forward`
-    resizes with `F.interpolate(bilinear, align_corners=False)` and maps [0, 1] to [−1, 1] as 2x − 1)."""
-    x = images.to(torch.float32) / 255
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return 2 * x - 1
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How uint8 images become the detector's input: a named protocol, what it does, and the function."""
-    name: str
-    resize: str
-    scaling: str
-    offset: float   # input = (resized − offset) / scale, in grey levels
-    scale: float
-    apply: Callable[[torch.Tensor], torch.Tensor]
-
-    def record(self) -> dict:
-        return {"name": self.name, "resize": self.resize, "scaling": self.scaling}
-
-
-NVIDIA = Preprocessing(
-    "nvidia", "grid_sample(bilinear, border, align_corners=False) to 299x299 on NVIDIA's affine grid "
-    "(identity + 1/W - 1/299 shift; source pixel i*W/299)", "(x - 128) / 128", 128.0, 128.0, _nvidia_input)
-PYTORCH_FID = Preprocessing(
-    "pytorch-fid", "F.interpolate(bilinear, align_corners=False) to 299x299", "2 * (x / 255) - 1", 127.5, 127.5,
-    _pytorch_fid_input)
-PREPROCESSING = {p.name: p for p in (NVIDIA, PYTORCH_FID)}
-
-
-def fid_preprocessing(name: str) -> Preprocessing:
-    if name not in PREPROCESSING:
-        raise ValueError(f"unknown FID preprocessing {name!r}; known: {', '.join(PREPROCESSING)} (nvidia is what "
-                         f"EDM, EDM2, ECT and CMT report)")
-    return PREPROCESSING[name]
-
-
 class InceptionV3(nn.Module):
     """`net(images_uint8) -> [N, 2048]` pool features (float32); `net.logits(images)` the 1008-way logits.
 
@@ -277,11 +228,25 @@ class InceptionV3(nn.Module):
     def from_file(cls, path=None, preprocessing: str = "nvidia") -> "InceptionV3":
         """The detector from NVIDIA's `.pt` / `.pkl` or pytorch-fid's `.pth` (path, else ENGINE_INCEPTION_WEIGHTS).
         A file whose own code preprocesses differently from NVIDIA's is refused (inception_files.py)."""
-        from engine.metrics.inception_files import read_inception_file
         path = weights_file(path, "ENGINE_INCEPTION_WEIGHTS", f"FID needs the Inception-v3 weights "
                             f"({' or '.join(DETECTOR_FILES)})", WHERE)
         found = read_inception_file(path)
         net = cls(preprocessing)
-        net.load_state_dict(found.state, strict=True)
+        net.load_state_dict(checked_state(found.file, found.state), strict=True)
         net.source = found.record()
         return net
+
+
+def checked_state(path, state: dict) -> dict[str, torch.Tensor]:
+    """`state` in float32 if its names and shapes are the detector's; ValueError naming the misfits otherwise."""
+    expected = InceptionV3().state_dict()
+    problems = mismatch_summary(expected, state)
+    if problems:
+        raise ValueError(f"{path} is not the inception-2015-12-05 detector: {problems}")
+    return {k: state[k].float() for k in expected}
+
+
+def read_inception_state(path) -> dict[str, torch.Tensor]:
+    """The detector's tensors in our names from any of its files, checked against the architecture."""
+    found = read_inception_file(path)
+    return checked_state(found.file, found.state)

@@ -7,7 +7,7 @@ Layouts (all hold TensorFlow's `inception-2015-12-05` weights; spec/cm.md §7, e
     name (`layers.<unit>.{weight, beta, mean, var}` per conv + batch-norm unit — TF's batch norm has no scale —
     and `output.{weight, bias}`); its scripted forward is never called.
   * `inception-2015-12-05.pkl` — the same network as a `torch_utils.persistence` pickle (EDM `fid.py`, EDM2).
-    Read with the restricted unpickler of engine/checkpoints.py (spec/edm2_latent.md §2.5): persistent objects
+    Read with the restricted unpickler of engine/unpickler.py (spec/edm2_latent.md §2.5): persistent objects
     become passive records and `module_src` is kept as text, never executed. The tensors are taken from the
     record tree under NVIDIA's names, or from a TorchScript archive the pickle carries as bytes.
   * `pt_inception-2015-12-05-6726825d.pth` — pytorch-fid's state dict in torchvision's names
@@ -32,10 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.metrics.inception import DETECTOR_FILES, NVIDIA, InceptionV3
+from engine.files import CheckpointError, file_sha256, read_state_dict_file
+from engine.metrics.fid_preprocessing import NVIDIA
+from engine.unpickler import ContainerRecord, PersistentRecord, flatten, unpickle_file
 
-__all__ = ["InceptionFile", "read_inception_file", "read_inception_state", "from_pytorch_fid", "PYTORCH_FID_NAMES",
+__all__ = ["DETECTOR_FILES", "InceptionFile", "read_inception_file", "from_pytorch_fid", "PYTORCH_FID_NAMES",
            "preprocessing_in_code", "check_preprocessing_code"]
+
+DETECTOR_FILES = ("inception-2015-12-05.pt", "inception-2015-12-05.pkl", "pt_inception-2015-12-05-6726825d.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,10 +314,8 @@ def _read_torchscript(f, source: str) -> tuple[dict, str]:
 
 def _read_nvidia_pickle(path: str) -> tuple[dict, str, str]:
     """(state, layout, code check) of NVIDIA's persistent-class pickle, read without executing anything."""
-    from engine.checkpoints import CheckpointError, ContainerRecord, PersistentRecord, _flatten, _unpickle_file
-
     try:
-        obj = _unpickle_file(path)
+        obj = unpickle_file(path)
     except CheckpointError as e:
         raise ValueError(f"{path}: not NVIDIA's inception-2015-12-05.pkl ({e})") from None
     records, blobs, found = [], [], []
@@ -348,7 +350,7 @@ def _read_nvidia_pickle(path: str) -> tuple[dict, str, str]:
             continue
         flat: dict[str, torch.Tensor] = {}
         try:
-            _flatten(top, "", flat)
+            flatten(top, "", flat)
         except CheckpointError:
             continue
         prefixes = sorted((k[:-len("layers.conv.weight")] for k in flat if k.endswith("layers.conv.weight")), key=len)
@@ -362,11 +364,9 @@ def _read_nvidia_pickle(path: str) -> tuple[dict, str, str]:
 
 
 def read_inception_file(path) -> InceptionFile:
-    """The detector's tensors from any of the three layouts, checked against our architecture (names and
-    shapes) and, where the file has code, its preprocessing against NVIDIA's (module docstring)."""
-    from engine.checkpoints import mismatch_summary, read_state_dict_file
-    from engine.metrics.reference_stats import file_sha256
-
+    """The detector's tensors from any of the three layouts, in our names, and, where the file has code, its
+    preprocessing checked against NVIDIA's (module docstring). The names and shapes are checked against the
+    architecture by engine/metrics/inception.py."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory; expected the detector file ({' or '.join(DETECTOR_FILES)})")
@@ -388,14 +388,4 @@ def read_inception_file(path) -> InceptionFile:
         if not head or head[0] != 0x80:
             raise ValueError(f"{path}: not a PyTorch file or pickle; expected {' or '.join(DETECTOR_FILES)}")
         state, layout, check = _read_nvidia_pickle(path)
-    expected = InceptionV3().state_dict()
-    problems = mismatch_summary(expected, state)
-    if problems:
-        raise ValueError(f"{path} is not the inception-2015-12-05 detector: {problems}")
-    return InceptionFile(file=path, layout=layout, state={k: state[k].float() for k in expected}, code_check=check,
-                         sha256=file_sha256(path))
-
-
-def read_inception_state(path) -> dict[str, torch.Tensor]:
-    """`read_inception_file(path).state`: the detector's tensors in our names."""
-    return read_inception_file(path).state
+    return InceptionFile(file=path, layout=layout, state=state, code_check=check, sha256=file_sha256(path))

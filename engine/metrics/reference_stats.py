@@ -26,7 +26,6 @@ which NVIDIA's detector computed).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import pickle
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.checkpoints import _atomic_write
+from engine.files import atomic_write, file_sha256
 from engine.metrics.frechet import FeatureStatistics
 
 METRICS = ("fid", "fd_dinov2")
@@ -155,7 +154,7 @@ def save_stats(path, stats: dict) -> None:
         extra = {f"fid_{k}": np.array(str(record[v])) for k, v in _NPZ_RECORD.items() if record.get(v) is not None}
         buf = io.BytesIO()
         np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
-        _atomic_write(path, lambda f: f.write(buf.getvalue()))
+        atomic_write(path, lambda f: f.write(buf.getvalue()))
         return
     obj = {"num_images": stats.get("num_images")}
     for m in METRICS:
@@ -164,15 +163,7 @@ def save_stats(path, stats: dict) -> None:
             obj[m] = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if stats.get("detectors"):
         obj["detectors"] = {m: {k: str(v) for k, v in d.items()} for m, d in stats["detectors"].items()}
-    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
 
 
 def load_detectors(metrics, inception=None, dinov2=None, device="cpu", fid_preprocessing: str = "nvidia") -> dict:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.networks.dit_jvp import dit_jvp
 
 CONFIGS = {  # depth, hidden, heads, patch (spec/mf.md §3.1)
     "B/4": (12, 768, 12, 4), "B/2": (12, 768, 12, 2), "M/2": (16, 1024, 16, 2), "L/2": (24, 1024, 16, 2),
@@ -211,11 +212,11 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
 
-    def jvp(self, x, t, r, labels, dx, dt, dr) -> tuple[torch.Tensor, torch.Tensor]:
+    def jvp(self, x, t, r, labels, dx, dt, dr, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, du) along (ẋ, ṫ, ṙ) without autograd, primal and tangent batched through every linear layer
-        (engine/networks/dit_jvp.py); equals torch.func.jvp of forward."""
-        from engine.networks.dit_jvp import dit_jvp
-        return dit_jvp(self, x, t, r, labels, dx, dt, dr)
+        (engine/networks/dit_jvp.py); equals torch.func.jvp of forward. `gather(module)` gives the context in
+        which a sharded module's parameters are whole (the caller's data parallelism; None: they always are)."""
+        return dit_jvp(self, x, t, r, labels, dx, dt, dr, gather)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # other Mean Flow codebases name the second time embedder h_embedder (spec/mf.md §3.3)

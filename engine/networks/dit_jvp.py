@@ -16,15 +16,20 @@ every module maps (x, ẋ) → (y, ẏ) directly:
 
 Nothing is recorded for autograd (callers use it under no_grad); the result equals torch.func.jvp of the same
 network (tests/test_dit.py checks both against float64 finite differences).
+
+Weights are read directly, so under FSDP each unit's parameters must be gathered around its use. Networks do not
+know about data parallelism (STYLE.md): the caller passes `gather`, a function of a module returning a context
+manager in which that module's own parameters are whole (Mean Flow passes engine.dist.unsharded).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from engine import dist, ops
+from engine import ops
 
 _GELU_C = math.sqrt(2 / math.pi)
 
@@ -109,15 +114,21 @@ def block(blk, x, dx, c, dc):
     return x + g2[:, None] * m, dx + dg2[:, None] * m + g2[:, None] * dm
 
 
+def _whole(module):
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def dit_jvp(net, x, t, r, labels, dx, dt, dr) -> tuple[torch.Tensor, torch.Tensor]:
+def dit_jvp(net, x, t, r, labels, dx, dt, dr, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, du) of `net(x, t, r, labels)` (engine.networks.DiT) along (ẋ, ṫ, ṙ); t, r, ṫ, ṙ: [B] or scalars.
-    Under FSDP the weights are read directly, so each unit's parameters are gathered around its use."""
-    with dist.unsharded(net):
-        return _dit_jvp(net, x, t, r, labels, dx, dt, dr)
+    `gather(module)`: the context in which a module's parameters are whole (module docstring); None when they
+    always are."""
+    gather = gather or _whole
+    with gather(net):
+        return _dit_jvp(net, x, t, r, labels, dx, dt, dr, gather)
 
 
-def _dit_jvp(net, x, t, r, labels, dx, dt, dr):
+def _dit_jvp(net, x, t, r, labels, dx, dt, dr, gather):
     if any(blk.mlp.approximate != "tanh" for blk in net.blocks):
         raise NotImplementedError("the dual-stream JVP implements the DiT's GELU-tanh MLP only")
     B = x.shape[0]
@@ -136,7 +147,7 @@ def _dit_jvp(net, x, t, r, labels, dx, dt, dr):
         e, de = timestep(net.r_embedder, t - r, dt - dr)
         c, dc = c + e, dc + de
     for blk in net.blocks:
-        with dist.unsharded(blk):
+        with gather(blk):
             h, dh = block(blk, h, dh, c, dc)
     fl = net.final_layer
     mod, dmod = linear(*silu(c, dc), fl.adaLN_modulation[1])

@@ -270,7 +270,7 @@ class UNetBlock(torch.nn.Module):
 
 def constructor_arguments(local_vars: dict) -> dict:
     """A backbone's constructor arguments, taken from `locals()` at the top of its __init__, recorded as
-    `init_kwargs` so checkpoints can describe and rebuild the architecture (engine/checkpoints.py)."""
+    `init_kwargs` so releases can describe and rebuild the architecture (engine/registry.py)."""
     return copy.deepcopy({k: v for k, v in local_vars.items() if k not in ('self', '__class__')})
 
 

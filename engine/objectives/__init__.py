@@ -9,6 +9,7 @@
     ECD       easy consistency distillation, one teacher Euler/Heun step per pair (spec/cm.md §4.5)
     SCT, SCD  continuous-time consistency training / distillation with TrigFlow (spec/mf.md §5)
     FlowMatching, MeanFlow, CMTMeanFlow   flow-map objectives for DiT-style networks (spec/mf.md §1, §4)
+    (their samplers and teacher solves, like every other, live in engine/solvers.py)
     LatentPosterior  any of them on VAE posterior samples of stored latent moments (engine/objectives/latent.py)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
@@ -17,7 +18,8 @@ from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_di
 from engine.objectives.ect import ECD, ECT
 from engine.objectives.edm import EDMLoss
 from engine.objectives.latent import LatentPosterior
-from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow, mean_flow_sample
+from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow
+from engine.solvers import mean_flow_sample  # the sampler lives in engine/solvers.py; kept importable here
 from engine.objectives.scm import SCD, SCT
 
 __all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",

@@ -24,6 +24,7 @@ from engine import dist
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
+from engine.solvers import flow_heun_trajectory, mean_flow_trajectory
 
 JVP_MODES = ("auto", "dual", "func")
 PAIR_RULES = ("nonadjacent28", "all36", "drop_start28", "drop_end28", "grid8")
@@ -145,7 +146,8 @@ class MeanFlow(Objective):
             raise TypeError(f"jvp='dual' needs a network with a dual-stream jvp method (engine.networks.DiT); "
                             f"{type(jnet).__name__} has none")
         if self.jvp_mode != "func" and dual is not None:
-            return dual(z, t, r, y, v_tilde, torch.ones_like(t), torch.zeros_like(r))[1].to(z.dtype)
+            return dual(z, t, r, y, v_tilde, torch.ones_like(t), torch.zeros_like(r),
+                        gather=dist.unsharded)[1].to(z.dtype)
         if dist.is_distributed() and dist.is_sharded(jnet):
             raise TypeError("jvp='func' (torch.func.jvp) cannot trace an FSDP-sharded network; use the dual-stream "
                             "JVP (jvp='auto' with engine.networks.DiT) or StageConfig(parallel='ddp')")
@@ -175,18 +177,6 @@ class MeanFlow(Objective):
 
 
 @torch.no_grad()
-def mean_flow_sample(net, noise: torch.Tensor, steps: int = 1, labels=None) -> torch.Tensor:
-    """k-step Mean Flow sampling on the uniform grid t_i = 1 − i/k: z ← z − (t_i − t_{i+1})·u(z, t_{i+1}, t_i)."""
-    z = noise
-    B = z.shape[0]
-    for i in range(steps):
-        t_cur, t_next = 1 - i / steps, 1 - (i + 1) / steps
-        t = torch.full((B,), t_cur, device=z.device, dtype=z.dtype)
-        r = torch.full((B,), t_next, device=z.device, dtype=z.dtype)
-        z = z - (t_cur - t_next) * net(z, t, r, labels).to(z.dtype)
-    return z
-
-
 def pair_indices(rule: str, steps: int = 8) -> list[tuple[int, int]]:
     """Pairs (i, j) of trajectory states, i the input and j the target end, for the states z_{t_k}, t_k = k/steps
     (index k; k = steps is the noise). spec/mf.md §4.3."""
@@ -254,29 +244,16 @@ class CMTMeanFlow(Objective):
 
     @torch.no_grad()
     def trajectory(self, eps: torch.Tensor, y) -> tuple[torch.Tensor, int]:
-        """States [N + 1, m, ...] indexed by k (t_k = k/N; index N is ε) and the teacher NFE per trajectory."""
-        N, B = self.steps, eps.shape[0]
-        states = [None] * (N + 1)
-        states[N] = z = eps
-        nfe = 0
-        per_call = 2 if self.guidance is not None else 1
-        for k in range(N, 0, -1):
-            t, s = k / N, (k - 1) / N
-            if self.kind == "mf":
-                tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
-                ss = torch.full((B,), s, device=z.device, dtype=z.dtype)
-                z = z - (t - s) * self.teacher(z, tt, ss, y).to(z.dtype)
-                nfe += 1
-            else:
-                d = self.velocity(z, t, y)
-                z_pred = z - (t - s) * d
-                nfe += per_call
-                if k > 1:  # trapezoidal corrector, except on the last interval (REPA's Heun)
-                    z_pred = z - (t - s) * 0.5 * (d + self.velocity(z_pred, s, y))
-                    nfe += per_call
-                z = z_pred
-            states[k - 1] = z
-        return torch.stack(states), nfe
+        """States [N + 1, m, ...] indexed by k (t_k = k/N; index N is ε) and the teacher NFE per trajectory: the
+        teacher ODE solved from t = 1 to 0 by engine/solvers.py (Mean Flow steps, or Heun on the velocity)."""
+        N = self.steps
+        ts = [k / N for k in range(N, -1, -1)]
+        if self.kind == "mf":
+            states, nfe = mean_flow_trajectory(self.teacher, eps, ts, y), N
+        else:
+            states = flow_heun_trajectory(lambda z, t: self.velocity(z, t, y), eps, ts)
+            nfe = (2 * N - 1) * (2 if self.guidance is not None else 1)
+        return states.flip(0), nfe
 
     def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
         m, device = images.shape[0], images.device

@@ -1,0 +1,73 @@
+"""Releases: a stage's EMA weights in safetensors, with the network description (engine/registry.py) and the
+recipe's metadata as JSON in the header; rebuilt without any code from the file (`load_safetensors_network`)."""
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from engine.files import CheckpointError, atomic_write, short_list
+from engine.registry import build_from_description, describe_network
+from engine.state_dicts import load_network_state
+
+__all__ = ['export_safetensors', 'read_safetensors_metadata', 'load_safetensors_network']
+
+_NETWORK_KEY = 'cmt.network'
+
+
+def export_safetensors(module: nn.Module, path, metadata: dict | None = None) -> None:
+    """Write `module`'s weights (the EMA network of a release) as safetensors, atomically.
+
+    The header metadata holds `describe_network(module)` as JSON under 'cmt.network', 'format': 'pt', and
+    every entry of `metadata` JSON-encoded under its own key (e.g. the recipe's resolved config, kimg)."""
+    from safetensors.torch import save as st_save
+
+    header = {'format': 'pt', _NETWORK_KEY: json.dumps(describe_network(module))}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or k in header:
+            raise CheckpointError(f'metadata key {k!r} is not a string or is reserved ({short_list(header)})')
+        try:
+            header[k] = json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f'metadata[{k!r}] is not JSON-serialisable: {e}') from None
+    tensors = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in module.state_dict().items()}
+    data = st_save(tensors, metadata=header)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_safetensors_metadata(path) -> tuple[dict, dict]:
+    """(network description, user metadata) from a file written by `export_safetensors`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework='pt') as f:
+            header = dict(f.metadata() or {})
+    except OSError:
+        raise
+    except Exception as e:     # safetensors raises its own SafetensorError for malformed headers
+        raise CheckpointError(f'{os.fspath(path)}: not a readable safetensors file ({e})') from None
+    if _NETWORK_KEY not in header:
+        raise CheckpointError(f'{os.fspath(path)}: no {_NETWORK_KEY!r} metadata; not written by export_safetensors')
+    desc = json.loads(header.pop(_NETWORK_KEY))
+    header.pop('format', None)
+    user = {}
+    for k, v in header.items():
+        try:
+            user[k] = json.loads(v)
+        except ValueError:
+            user[k] = v
+    return desc, user
+
+
+def load_safetensors_network(path) -> nn.Module:
+    """Rebuild the network of a release written by `export_safetensors`; eval mode, requires_grad False."""
+    from safetensors.torch import load_file
+
+    desc, _ = read_safetensors_metadata(path)
+    module = build_from_description(desc)
+    try:
+        load_network_state(module, load_file(os.fspath(path)))
+    except CheckpointError as e:
+        raise CheckpointError(f'{os.fspath(path)}: {e}') from None
+    return module.eval().requires_grad_(False)
