@@ -51,7 +51,7 @@ from kernels import dpm_solver as kdpm  # noqa: E402
 # ---- 1. the fused update ----------------------------------------------------------------------------------------
 
 def upstream_difference_form(x, m0, m1, m2, t, s0, s1, s2):
-    """The third-order multistep update as the reference code writes it (spec/cm.md §2.5): one kernel per op."""
+    """The third-order multistep update as the reference code writes it (docs/spec/cm.md §2.5): one kernel per op."""
     lam = lambda v: -math.log(v)
     h, h0, h1 = lam(t) - lam(s0), lam(s0) - lam(s1), lam(s1) - lam(s2)
     r0, r1 = h0 / h, h1 / h
@@ -83,7 +83,13 @@ def bench_update(device, sizes, dtypes, reps, warmup):
                                    warmup)
             copy = median_time(lambda: out.copy_(x), device, reps, warmup)
             copy_bw = 2 * n * x.element_size() / copy
+            # accuracy beside speed: each form against the float64 update of the same (rounded) inputs
+            exact = kdpm.update_reference(x.double(), [m.double() for m in (m0, m1, m2)], c)
+            err = lambda y: float((y.double() - exact).abs().max() / exact.abs().max())
             rows.append(dict(elements=n, dtype=str(dtype).replace("torch.", ""),
+                             fused_rel_err=err(kdpm.update_triton(x, [m0, m1, m2], c)),
+                             eager_rel_err=err(kdpm.update_reference(x, [m0, m1, m2], c)),
+                             upstream_rel_err=err(upstream_difference_form(x, m0, m1, m2, t, s0, s1, s2)),
                              fused_us=fused * 1e6, eager_us=eager * 1e6, upstream_us=upstream * 1e6,
                              copy_us=copy * 1e6, fused_GBs=useful / fused / 1e9, eager_GBs=useful / eager / 1e9,
                              upstream_GBs=useful / upstream / 1e9, copy_GBs=copy_bw / 1e9,
@@ -107,6 +113,9 @@ def bench_teacher(device, teacher, shape, trajectories, reps, warmup, store_dir)
         graph = TeacherSolver(teacher, sig)
         rows["graph_ms"] = median_time(lambda: graph(x_T), device, reps, warmup) * 1e3
         rows["graph_replays"] = graph.replays
+        reference = eager_ref(x_T)   # the same trajectory from each path (CPU: bit for bit)
+        rows["kernels_vs_reference_max_abs"] = float((eager_k(x_T) - reference).abs().max())
+        rows["graph_vs_reference_max_abs"] = float((graph(x_T) - reference).abs().max())
         # a store of 64 trajectories; each timed read takes 8 random ones to the device
         images = torch.rand(64, *shape) * 2 - 1
         spec = tc.StoreSpec(num_trajectories=64, shape=list(shape), chunk=32, teacher="bench (random weights)")
@@ -154,12 +163,13 @@ def markdown(res: dict) -> str:
              f"Command: `{res['command']}`", ""]
     lines += ["Fused DPM-Solver++ update (order 3; GB/s = bytes the update must move / time):", "",
               "| elements | dtype | fused µs | eager µs | upstream µs | copy µs | fused GB/s | copy GB/s | "
-              "fused / copy bw | × vs eager | × vs upstream |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fused / copy bw | × vs eager | × vs upstream | rel. error fused / eager / upstream |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["update"]:
         lines.append(f"| {r['elements']} | {r['dtype']} | {r['fused_us']:.1f} | {r['eager_us']:.1f} | "
                      f"{r['upstream_us']:.1f} | {r['copy_us']:.1f} | {r['fused_GBs']:.0f} | {r['copy_GBs']:.0f} | "
-                     f"{r['fused_over_copy_bw']:.2f} | {r['speedup_vs_eager']:.2f} | {r['speedup_vs_upstream']:.2f} |")
+                     f"{r['fused_over_copy_bw']:.2f} | {r['speedup_vs_eager']:.2f} | {r['speedup_vs_upstream']:.2f} | "
+                     f"{r['fused_rel_err']:.1e} / {r['eager_rel_err']:.1e} / {r['upstream_rel_err']:.1e} |")
     t = res["teacher"]
     lines += ["", f"Teacher trajectory (16 NFE, {res['trajectories']} trajectories, {res['network']}):", "",
               "| eager, reference math | eager, kernels | CUDA graph | cache read | graph × vs eager kernels | "

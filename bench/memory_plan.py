@@ -9,7 +9,7 @@ What is computed and from what:
     activations per sample measured by running one training forward of the engine's DiT on the meta device with
     autograd's saved-tensor hooks (storages counted once, parameters excluded), at batch 1 and 2 (the difference
     is the per-sample part), in fp32 and with bf16 weights and inputs (what bf16 autocast saves for matmuls);
-  * EDM2-XXL / EDM2-M (spec/edm2_latent.md; the engine has no EDM2 network yet): parameters from the size table
+  * EDM2-XXL / EDM2-M (docs/spec/edm2_latent.md; the engine has no EDM2 network yet): parameters from the size table
     (§1.4), saved activations per sample and the batch-independent normalised-weight copies from the reference
     measurements (§9.3), the largest block from the topology (§1.3: the 8×8 decoder block0, 8C → 4C channels);
   * the FSDP2 layout of engine/dist.py: fp32 master weights, fp32 gradients, Adam's two moments and the EMA all
@@ -33,7 +33,7 @@ GiB = 2 ** 30
 GPU_GIB = 80.0                      # H100/A100 80 GB (usable ≈ 79 GiB; kept as the round budget)
 WORLDS = (8, 64, 256)
 
-# spec/edm2_latent.md §1.4 (parameters) and §9.3 (saved activations, reference implementation, fp32)
+# docs/spec/edm2_latent.md §1.4 (parameters) and §9.3 (saved activations, reference implementation, fp32)
 EDM2 = {
     "XXL": dict(params=1523.2e6, C=448, act_fp32_gib=0.98, weight_copies_gib=11.6),
     "M": dict(params=497.8e6, C=256, act_fp32_gib=0.56, weight_copies_gib=3.80),
@@ -127,7 +127,7 @@ def plan() -> dict:
         # ECD post-training at 512 (spec §8): 128 samples, XXL teacher + M guide
         add("EDM2-XXL ECD post-training, teachers sharded", W, 128, "samples", 1,
             **dict(common, teacher_params=xxl["params"] + m["params"], teacher_sharded=True))
-        # MF-XL/2 CMT mid-training (spec/mf.md §4.5): 112 pairs = 4 trajectories × 28, B/4 teacher replicated
+        # MF-XL/2 CMT mid-training (docs/spec/mf.md §4.5): 112 pairs = 4 trajectories × 28, B/4 teacher replicated
         dit_common = dict(student_params=xl2["params"], unit_params=xl2["unit"], act_bytes=xl2["act_bf16"])
         add("MF-XL/2 CMT mid-training (B/4 teacher)", W, 4, "trajectories", 28,
             **dict(dit_common, teacher_params=b4["params"]))
@@ -154,7 +154,7 @@ def markdown(p: dict) -> str:
         "* A stage's `batch_size` is the **global** batch. The images (CMT: trajectories) it consumes are divided "
         "evenly over the ranks, with an error that names the numbers when they do not divide — the reference CMT "
         "code instead gives each GPU ⌊B/16/W⌋ trajectories and silently trains on nothing at 16 GPUs "
-        "(spec/cm.md §3.1).",
+        "(docs/spec/cm.md §3.1).",
         "* A step's noise is drawn for the global batch from (seed, images seen) and each rank keeps its rows; "
         "dropout is seeded per rank. A run's data and noise therefore do not depend on the world size: a 2-process "
         "run reproduces a 1-process run (tests/test_distributed.py: 20 steps, per-step losses within 1e-5, float64 "
@@ -176,7 +176,7 @@ def markdown(p: dict) -> str:
         f"{xl2['act_fp32'] / 2**20:.0f} MiB | {xl2['act_bf16'] / 2**20:.0f} MiB | measured on the meta device |",
         f"| EDM2-XXL | {EDM2['XXL']['params'] / 1e6:.1f} M | {p['xxl_unit'] / 1e6:.1f} M | "
         f"{EDM2['XXL']['act_fp32_gib']:.2f} GiB (+ {EDM2['XXL']['weight_copies_gib']} GiB of normalised-weight "
-        "copies per step) | – | spec/edm2_latent.md §1.3, §1.4, §9.3 |",
+        "copies per step) | – | docs/spec/edm2_latent.md §1.3, §1.4, §9.3 |",
         f"| EDM2-M (ECD guide) | {EDM2['M']['params'] / 1e6:.1f} M | – | – | – | spec §1.4 |", "",
         "Mean Flow activations are counted for the training forward (the JVP runs under no_grad, one block at a time: "
         "its transient is a block's activations for the r ≠ t rows).", "",

@@ -11,7 +11,7 @@ Methods (each one real training step, engine.loop.train_step: RAdam, bf16 autoca
 CMT (its 16-NFE DPM-Solver++ teacher trajectory included; eager teacher with the reference math, CUDA-graph
 teacher with the kernels, trajectories read from a store), ECT (CT), ECD with an Euler and with a Heun teacher step
 (CD-Euler, CD-Heun), sCT and sCD (TrigFlow, one JVP). `--family dit` compares the flow-map pipeline on a DiT
-instead (spec/mf.md §2.6): CMT-MF mid-training (a B/4 teacher's 8-step trajectories, 28 pairs each), Mean Flow
+instead (docs/spec/mf.md §2.6): CMT-MF mid-training (a B/4 teacher's 8-step trajectories, 28 pairs each), Mean Flow
 post-training (guidance folded in, dual-stream JVP) and plain flow matching, at the same pairs per iteration,
 normalised to CMT-MF = 1; Adam, as those recipes. Per method: median
 time per iteration after warm-up (device-synchronised), images/s (data images consumed), pairs/s (training pairs),
@@ -144,7 +144,7 @@ def run_dit(a) -> dict:
     size = 8 if a.smoke else 32
     data = TensorSource(torch.randn(4 * a.batch, 4, size, size, device=device),
                         torch.randint(0, 1000, (4 * a.batch,), device=device))
-    guidance = dict(omega=0.2, kappa=0.92, t_end=0.75)  # the XL/2 settings (spec/mf.md §1.6)
+    guidance = dict(omega=0.2, kappa=0.92, t_end=0.75)  # the XL/2 settings (docs/spec/mf.md §1.6)
     methods_ = [("cmt_mf", f"CMT-MF mid-training ({a.teacher} teacher, 8 steps, nonadjacent28)",
                  lambda: CMTMeanFlow(teacher, trajectories_per_batch=a.trajectories)),
                 ("mf", "Mean Flow (guidance folded in, dual-stream JVP)", lambda: MeanFlow(**guidance)),

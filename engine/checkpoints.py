@@ -5,7 +5,7 @@ re-exports their public names (the names users and recipes have imported from he
                            pretrained-weight lookup (`weights_file`): imports only torch
   engine/state_dicts.py    fit checks of a state dict against a module and the strict copy (`load_network_state`)
   engine/unpickler.py      the restricted unpickler of the reference formats and its passive records
-                           (spec/cm.md §6.2): imports no network
+                           (docs/spec/cm.md §6.2): imports no network
   engine/registry.py       network descriptions ↔ modules, through the allow-lists `PRECONDS` / `BACKBONES`
   engine/edm_snapshots.py  EDM / ECT / CMT `.pkl` snapshots and `training-state-*.pt` as our modules
   engine/releases.py       safetensors releases with the description as metadata

@@ -1,5 +1,5 @@
 """The paper's consistency-model pipelines on EDM teachers (CIFAR-10, FFHQ 64, AFHQv2 64): CMT mid-training then
-ECT post-training with the settings of spec/cm.md §8.1. The recipe files in recipes/ hold the per-dataset numbers;
+ECT post-training with the settings of docs/spec/cm.md §8.1. The recipe files in recipes/ hold the per-dataset numbers;
 this module is the code they share.
 
 A real run needs three files, and says which when one is missing:
@@ -36,7 +36,7 @@ EDM_TEACHERS = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 class PaperSettings:
     dataset: str                          # e.g. 'cifar10-32x32' (EDM's dataset naming)
     resolution: int
-    q: float                              # ECT Δt = 1/q, constant stage (spec/cm.md §4.3)
+    q: float                              # ECT Δt = 1/q, constant stage (docs/spec/cm.md §4.3)
     batch_size: int = 128
     dropout: float = 0.2
     nfe: int = 16                         # DPM-Solver++ 3rd-order multistep, logSNR grid 80 → 0.002
@@ -111,7 +111,7 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
         from engine.lpips import LPIPS
         data_path = args.data
         teacher = load_edm_pickle(args.teacher, mode="teacher")
-        # The student starts as the teacher (spec/cm.md §3.3): same weights, CM wrapper, dropout 0.2, no
+        # The student starts as the teacher (docs/spec/cm.md §3.3): same weights, CM wrapper, dropout 0.2, no
         # augmentation labels (map_augment is ignored on load).
         student = load_edm_pickle(args.teacher, mode="student", drop_augment=True,
                                   overrides=dict(dropout=s.dropout)).train().requires_grad_(True)

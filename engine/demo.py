@@ -52,7 +52,7 @@ def digits_trajectories(out: str) -> dict:
     teacher = GaussianMixture(images[pick].double(), stds=0.05, classes=labels[pick].tolist())
     g = torch.Generator().manual_seed(1)
     y = teacher.sample(8, generator=g).float()
-    x_T = y + 80 * torch.randn(y.shape, generator=g)  # CMT's data-dependent prior, spec/cm.md §3.1
+    x_T = y + 80 * torch.randn(y.shape, generator=g)  # CMT's data-dependent prior, docs/spec/cm.md §3.1
     sig = logsnr_sigmas(16)
     traj = dpm_solver_pp(teacher, x_T, sig)  # [17, 8, 1, 16, 16]
     # Show c_in-scaled states so every column uses the same intensity range.

@@ -20,7 +20,7 @@ Wrapping (`Parallel(net, strategy, device)` after the network is built and initi
   ddp   DistributedDataParallel (small models: one all-reduce per step, replicated state);
   auto  fsdp when distributed, nothing otherwise.
 Forward-mode work (Mean Flow's JVP, sCM's tangents) runs on `unwrap(net)` — the DDP wrapper cannot be traced by
-torch.func and its gradient hooks must not see the no-grad JVP (spec/mf.md §2.7); FSDP2 modules are used in place,
+torch.func and its gradient hooks must not see the no-grad JVP (docs/spec/mf.md §2.7); FSDP2 modules are used in place,
 with their parameters gathered around code that reads weights directly (`unsharded`). A frozen teacher may be
 sharded too (`shard_frozen`): its parameters are gathered block by block at each use.
 

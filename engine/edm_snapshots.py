@@ -23,7 +23,7 @@ from engine.unpickler import (PersistentRecord, attributes, flatten, is_module_r
 __all__ = ['TEACHER_ONLY_KEYS', 'NetworkRecord', 'ReferenceCheckpoint', 'read_edm_pickle', 'build_edm_network',
            'load_edm_pickle', 'load_edm_training_state']
 
-# Reference wrapper class → ours, and the reference backbones we accept (spec/cm.md §1.2, §1.3, §5).
+# Reference wrapper class → ours, and the reference backbones we accept (docs/spec/cm.md §1.2, §1.3, §5).
 _REFERENCE_PRECONDS = {'EDMPrecond': 'EDMPrecond', 'ECMPrecond': 'CMPrecond'}
 _REFERENCE_BACKBONES = ('SongUNet', 'DhariwalUNet')
 # Positional order of the reference wrappers' constructor arguments, to name `_init_args` if any.
@@ -40,7 +40,7 @@ class NetworkRecord:
     class_name: the reference wrapper class ('EDMPrecond', 'ECMPrecond', ...).
     init_kwargs: its constructor arguments (`_init_args` named positionally, then `_init_kwargs`).
     attributes: its plain instance attributes (img_resolution, label_dim, use_fp16, sigma_min, ...).
-    state_dict: name → tensor in `named_parameters()` + `named_buffers()` order (spec/cm.md §6.2).
+    state_dict: name → tensor in `named_parameters()` + `named_buffers()` order (docs/spec/cm.md §6.2).
     """
     class_name: str
     init_kwargs: dict
@@ -93,7 +93,7 @@ def _reference_checkpoint(obj, path) -> ReferenceCheckpoint:
 def read_edm_pickle(path) -> ReferenceCheckpoint:
     """Read an EDM / ECT / CMT `.pkl` snapshot without executing its embedded `module_src`.
 
-    Only the globals of spec/cm.md §6.2 are resolved; any other raises `CheckpointError` naming it."""
+    Only the globals of docs/spec/cm.md §6.2 are resolved; any other raises `CheckpointError` naming it."""
     return _reference_checkpoint(unpickle_file(path), path)
 
 
@@ -134,7 +134,7 @@ def _description_from_record(rec: NetworkRecord, source: str, mode: str | None, 
         value = attrs.get(k, kw.get(k))
         kw.pop(k, None)
         # Changing the wrapper keeps sigma_data but takes the new wrapper's σ range, as CMT does when it
-        # builds a fresh ECMPrecond student for an EDMPrecond teacher (spec/cm.md §3.3).
+        # builds a fresh ECMPrecond student for an EDMPrecond teacher (docs/spec/cm.md §3.3).
         if value is None or (target != ours and k != 'sigma_data'):
             value = precond_default(target, k)
         sigmas[k] = float(value)
@@ -156,7 +156,7 @@ def build_edm_network(record: NetworkRecord, *, mode: str | None = None, drop_au
       wrapper's default sigma_min / sigma_max (CMPrecond: 0.003, inf), as CMT's fresh student does.
     drop_augment: by default the architecture is the file's exactly (an EDM teacher keeps augment_dim 9 and
       `model.map_augment.weight`). With True the backbone gets augment_dim 0 and that weight is ignored —
-      a teacher loaded as a CMT/ECT student (spec/cm.md §3.3).
+      a teacher loaded as a CMT/ECT student (docs/spec/cm.md §3.3).
     overrides: backbone constructor arguments to replace, e.g. dict(dropout=0.2) for a student. Any
       override that changes a weight's shape fails the copy with the keys named.
     """

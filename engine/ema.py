@@ -1,5 +1,5 @@
 """Exponential moving averages of the student's parameters (buffers are copied, not averaged, as the reference
-does: spec/cm.md §3.4).
+does: docs/spec/cm.md §3.4).
 
 * constant β: θ_ema ← β θ_ema + (1 − β) θ after every step (CMT mid-training 0.999, post-training 0.9999);
 * EDM2's power-function EMA with relative standard deviation σ_rel: β_t = (1 − Δ/t)^{γ+1}, t the images seen after

@@ -1,4 +1,4 @@
-"""Few-step evaluation with the published protocols: FID (Inception, spec/cm.md §7) and FD_DINOv2 (edm2_latent.md
+"""Few-step evaluation with the published protocols: FID (Inception, docs/spec/cm.md §7) and FD_DINOv2 (docs/spec/edm2_latent.md
 §5.1) of 1- and 2-step samples (or any listed σ schedule), with fixed seeds, across ranks.
 
     python -m engine.evaluate --net runs/x/cmt_ect/post_ect/ema.safetensors --stats refs/cifar10-32x32.npz \\
@@ -7,12 +7,12 @@
     torchrun --nproc_per_node=8 -m engine.evaluate ...        # the same samples, split over ranks
 
 Protocol. Sample i (i = seed − seed_start) uses its own generator seeded with its seed: z ~ N(0, I) (CMT's
-sampler, spec/cm.md §3.5: x = σ_max·z, then f, re-noise at each intermediate σ with that generator's next
+sampler, docs/spec/cm.md §3.5: x = σ_max·z, then f, re-noise at each intermediate σ with that generator's next
 draw), a uniformly random class for class-conditional networks. Samples become uint8 as the reference code
 does: clamp(x·127.5 + 128, 0, 255) then truncation. Global batches of `--batch` consecutive seeds are dealt to
 ranks round-robin, so every batch is computed with the same composition at any world size: the samples, and so
 the features and metrics, are identical on 1 or N processes. Statistics use the unbiased covariance of EDM /
-EDM2 (the CMT/ECT code divides by N; spec/cm.md §7.2 — a 2e-5 relative difference at 50k). EDM and EDM2
+EDM2 (the CMT/ECT code divides by N; docs/spec/cm.md §7.2 — a 2e-5 relative difference at 50k). EDM and EDM2
 report the best of three seed ranges; run three times with --seed-start 0, 50000, 100000 for that.
 
 Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent convention (engine/vae.py, --vae);
@@ -83,9 +83,9 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
     labels = None
     if label_dim:
         labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
-    if is_flow_map(net):   # the schedule lists the t each step starts from (spec/mf.md §1.8)
+    if is_flow_map(net):   # the schedule lists the t each step starts from (docs/spec/mf.md §1.8)
         x = mean_flow_sampler(net, z, schedule, labels)
-    else:                  # σ_max, then the σ each re-noised step starts from (spec/cm.md §3.5)
+    else:                  # σ_max, then the σ each re-noised step starts from (docs/spec/cm.md §3.5)
         renoise = [torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) for _ in schedule[1:]]
         x = consistency_sampler(net, z, schedule[1:], sigma_max=schedule[0], labels=labels, noise=renoise)
     if decode is not None:
@@ -204,7 +204,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--vae", default=None, help="SD VAE safetensors, for latent networks")
     p.add_argument("--latent-convention", choices=["edm2", "sd"], default="edm2",
                    help="edm2: standardised latents, decoder output in [0, 1]; sd: latents × 0.18215, output in "
-                        "[−1, 1] (Mean Flow / DiT, spec/mf.md §7.1)")
+                        "[−1, 1] (Mean Flow / DiT, docs/spec/mf.md §7.1)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,

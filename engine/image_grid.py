@@ -1,6 +1,6 @@
 """Image grids as PNG: the one place images in [−1, 1] become uint8 pixels.
 
-The uint8 conversion is EDM's (spec/cm.md §7.2): clip(x·127.5 + 128, 0, 255) then a truncating cast, so grids
+The uint8 conversion is EDM's (docs/spec/cm.md §7.2): clip(x·127.5 + 128, 0, 255) then a truncating cast, so grids
 show exactly the pixels the FID pipeline would see."""
 from __future__ import annotations
 

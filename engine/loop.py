@@ -49,7 +49,7 @@ class StageConfig:
     total_kimg: float                           # budget, in thousands of student samples (pairs)
     batch_size: int                             # student samples (pairs) per optimizer step
     lr: float
-    optimizer: str = "radam"                    # 'adam' | 'radam' (spec/cm.md §3.4: RAdam, eps 1e-8, no decay)
+    optimizer: str = "radam"                    # 'adam' | 'radam' (docs/spec/cm.md §3.4: RAdam, eps 1e-8, no decay)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -89,7 +89,7 @@ class StageResult:
 
 def initialise(net: nn.Module, source) -> nn.Module:
     """Student initialisation: None keeps the constructor's random init; a module (e.g. the teacher) or a state
-    dict is copied by name, strictly, ignoring only the teacher-only keys (spec/cm.md §3.3 transfer)."""
+    dict is copied by name, strictly, ignoring only the teacher-only keys (docs/spec/cm.md §3.3 transfer)."""
     if source is None:
         return net
     state = source.state_dict() if isinstance(source, nn.Module) else source

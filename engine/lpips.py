@@ -1,4 +1,4 @@
-"""LPIPS distance (VGG16, linear heads v0.1), the mid-training metric of CMT (spec/cm.md §3.1 step 9, §3.2).
+"""LPIPS distance (VGG16, linear heads v0.1), the mid-training metric of CMT (docs/spec/cm.md §3.1 step 9, §3.2).
 
 Our own implementation of what `lpips.LPIPS(net='vgg', lpips=True, version='0.1')` computes with its defaults
 (normalize=False, spatial=False), for inputs x, y of shape [N, C, H, W] in [−1, 1]:
@@ -54,7 +54,7 @@ VGG16_ENV = "ENGINE_VGG16_WEIGHTS"
 LIN_ENV = "ENGINE_LPIPS_LIN_WEIGHTS"
 LIN_INSTALL = "pip install --no-deps lpips==0.1.4"
 
-SHIFT = (-0.030, -0.088, -0.188)  # spec/cm.md §3.2 scaling layer
+SHIFT = (-0.030, -0.088, -0.188)  # docs/spec/cm.md §3.2 scaling layer
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10                       # lpips.normalize_tensor
 
@@ -243,7 +243,7 @@ class LPIPS(nn.Module):
                    lin_state_dict=lin_state_dict if lin_state_dict is not None else random_lin_state_dict(seed))
 
     def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)  # always eval (spec/cm.md §3.2: lpips is built with eval_mode=True)
+        return super().train(False)  # always eval (docs/spec/cm.md §3.2: lpips is built with eval_mode=True)
 
     def _trunk(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The five tapped activations of scaled images z [B, 3, H, W]."""

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as functions of images seen (never of iterations), spec/cm.md §3.4 and EDM2.
+"""Learning-rate schedules as functions of images seen (never of iterations), docs/spec/cm.md §3.4 and EDM2.
 
 All take `nimg`, the image count *before* the step the rate is used for (the reference sets the rate from the
 counter before each step: the first step uses exactly lr_0)."""

@@ -56,7 +56,7 @@ def backend_name(x: torch.Tensor) -> str:
 
 def dpm_solver_update(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float],
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """x_next = a·x + b0·M0 + b1·M1 + b2·M2 (history newest first, spec/cm.md §2.5), written into `out` when
+    """x_next = a·x + b0·M0 + b1·M1 + b2·M2 (history newest first, docs/spec/cm.md §2.5), written into `out` when
     given (a slot of the trajectory buffer)."""
     if not use_kernels(x):
         return _dpm.update_reference(x, history, coef, out)
@@ -74,7 +74,7 @@ def dpm_solver_update(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Se
 
 def precond_input(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """c_in·x with c_in = 1/√(σ² + σ_d²) per sample (spec/cm.md §1.2), in `out_dtype` (default x's dtype):
+    """c_in·x with c_in = 1/√(σ² + σ_d²) per sample (docs/spec/cm.md §1.2), in `out_dtype` (default x's dtype):
     the network's input, already in its compute dtype. `sigma`: [B] or [1]. Differentiable in x and σ."""
     out_dtype = out_dtype or x.dtype
     if not use_kernels(x):
@@ -84,7 +84,7 @@ def precond_input(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float,
 
 def precond_output(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigma_data: float,
                    sigma_min: float = 0.0, boundary: bool = False) -> torch.Tensor:
-    """D = c_skip·x + c_out·F in x's dtype (fp32 for training; spec/cm.md §1.2–1.3). EDM: c_skip = σ_d²/(σ²+σ_d²),
+    """D = c_skip·x + c_out·F in x's dtype (fp32 for training; docs/spec/cm.md §1.2–1.3). EDM: c_skip = σ_d²/(σ²+σ_d²),
     c_out = σσ_d/√(σ²+σ_d²); with `boundary` (consistency model, eval mode) σ − σ_min replaces σ in c_skip and in
     c_out's numerator, so D(x, σ_min) = x. Differentiable in x, F and σ."""
     if not use_kernels(x):
@@ -106,7 +106,7 @@ def attention_backend(q: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
     the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
-    (kernels/jvp_attention.py; spec/mf.md §2.3) from `attention_backend(q)`. float64 included."""
+    (kernels/jvp_attention.py; docs/spec/mf.md §2.3) from `attention_backend(q)`. float64 included."""
     return _attn.attention(q, k, v, scale, attention_backend(q))
 
 

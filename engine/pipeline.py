@@ -48,6 +48,19 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
     return args
 
 
+def begin(doc: str, name: str, config, smoke, argv=None):
+    """What every recipe's `main` starts with: the shared flags, the full or (`--smoke`) reduced configuration,
+    the run directory with the resolved configuration printed and saved, then torch's global generator seeded
+    with `--seed`. Returns (args, cfg, run), or None after a `--dry-run` has written the configuration."""
+    args = parse_flags(doc, argv, default_out=f"runs/{name}")
+    cfg = smoke(config) if args.smoke else config
+    run = Run(args, name, dataclasses.asdict(cfg))
+    if args.dry_run:
+        return None
+    torch.manual_seed(args.seed)
+    return args, cfg, run
+
+
 def scaled(cfg: StageConfig, factor: float) -> StageConfig:
     """The stage with budget and intervals multiplied by `factor` (--kimg-scale)."""
     if factor == 1.0:

@@ -2,9 +2,9 @@
 
 `EDMPrecond` is the teacher's parameterisation; `CMPrecond` (the reference calls it `ECMPrecond`) is the
 consistency student's. Both own their backbone as the attribute `model`, so state_dict keys read
-`model.<...>` exactly as in NVlabs/edm and sony/cmt checkpoints (spec/cm.md §5.5).
+`model.<...>` exactly as in NVlabs/edm and sony/cmt checkpoints (docs/spec/cm.md §5.5).
 
-Arithmetic: inputs are cast to float32 as the reference does (spec/cm.md §1.2), except float64 inputs, which
+Arithmetic: inputs are cast to float32 as the reference does (docs/spec/cm.md §1.2), except float64 inputs, which
 stay float64 so that a `.double()` module gives a float64 reference denoiser.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def as_class_labels(labels, label_dim: int, batch: int, device, dtype) -> torch.
     """Labels in any of the accepted forms → one-hot/soft float [B, label_dim], or None when unconditional.
 
     Accepted: None; integer class indices [B]; float one-hot or soft labels [B, label_dim]. EDM's wrappers drop
-    labels when label_dim == 0 whatever was passed (spec/cm.md §1.2), and feed zeros when none are given."""
+    labels when label_dim == 0 whatever was passed (docs/spec/cm.md §1.2), and feed zeros when none are given."""
     if label_dim == 0:
         return None
     if labels is None:
@@ -97,14 +97,14 @@ class _Precond(nn.Module):
 
     def backbone_output(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
         """F(c_in·x, c_noise(σ)) in the compute dtype: the raw output that D = c_skip·x + c_out·F combines. For σ =
-        σ_d·tan t and x = x_t/cos t it is −F of TrigFlow's parameterisation (spec/mf.md §5.1), which sCM uses."""
+        σ_d·tan t and x = x_t/cos t it is −F of TrigFlow's parameterisation (docs/spec/mf.md §5.1), which sCM uses."""
         x, sigma, class_labels = self._inputs(x, sigma, labels)
         return self._backbone(x, sigma, class_labels, augment_labels).to(x.dtype)
 
     def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
         x, sigma, class_labels = self._inputs(x, sigma, labels)
         F_x = self._backbone(x, sigma, class_labels, augment_labels)
-        # Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does (spec/cm.md §1.2): under
+        # Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does (docs/spec/cm.md §1.2): under
         # autocast the backbone returns bf16 and the combination stays fp32.
         return ops.precond_output(x, F_x, sigma, self.sigma_data, self.sigma_min, self.boundary())
 
@@ -114,12 +114,12 @@ class _Precond(nn.Module):
 
 
 class EDMPrecond(_Precond):
-    """EDM preconditioning (spec/cm.md §1.2): c_skip = σ_d²/(σ²+σ_d²), c_out = σσ_d/√(σ²+σ_d²),
+    """EDM preconditioning (docs/spec/cm.md §1.2): c_skip = σ_d²/(σ²+σ_d²), c_out = σσ_d/√(σ²+σ_d²),
     c_in = 1/√(σ²+σ_d²), c_noise = ln(σ)/4."""
 
 
 class CMPrecond(_Precond):
-    """Consistency-model preconditioning (the reference's `ECMPrecond`, spec/cm.md §1.3).
+    """Consistency-model preconditioning (the reference's `ECMPrecond`, docs/spec/cm.md §1.3).
 
     In eval mode c_skip = σ_d²/((σ−σ_min)²+σ_d²) and c_out = (σ−σ_min)σ_d/√(σ²+σ_d²) (note: σ, not σ−σ_min, in
     the c_out root), so f(x, σ_min) = x exactly. In train mode the reference uses the plain EDM coefficients —

@@ -11,7 +11,7 @@ from engine.files import CheckpointError, atomic_write, short_list
 from engine.registry import build_from_description, describe_network
 from engine.state_dicts import load_network_state
 
-__all__ = ['export_safetensors', 'read_safetensors_metadata', 'load_safetensors_network']
+__all__ = ['export_safetensors', 'canonical_safetensors', 'read_safetensors_metadata', 'load_safetensors_network']
 
 _NETWORK_KEY = 'cmt.network'
 
@@ -32,8 +32,25 @@ def export_safetensors(module: nn.Module, path, metadata: dict | None = None) ->
         except (TypeError, ValueError) as e:
             raise CheckpointError(f'metadata[{k!r}] is not JSON-serialisable: {e}') from None
     tensors = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in module.state_dict().items()}
-    data = st_save(tensors, metadata=header)
+    data = canonical_safetensors(st_save(tensors, metadata=header))
     atomic_write(path, lambda f: f.write(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in a fixed order — metadata keys sorted, tensor entries in
+    the order of their data — so that equal weights and metadata give equal bytes. (safetensors builds the header
+    from a hash map whose order changes from process to process: the same release written twice would otherwise
+    differ in its header bytes, and no file hash could show that two runs agree.) The data is untouched; the
+    header stays padded with spaces to a multiple of 8 bytes, as safetensors writes it."""
+    n = int.from_bytes(data[:8], 'little')
+    header = json.loads(data[8:8 + n])
+    ordered = {}
+    if '__metadata__' in header:
+        ordered['__metadata__'] = dict(sorted(header.pop('__metadata__').items()))
+    ordered.update(sorted(header.items(), key=lambda kv: tuple(kv[1]['data_offsets'])))
+    text = json.dumps(ordered, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    return len(text).to_bytes(8, 'little') + text + data[8 + n:]
 
 
 def read_safetensors_metadata(path) -> tuple[dict, dict]:

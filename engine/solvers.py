@@ -1,15 +1,15 @@
 """Every ODE solve and few-step sampler of the engine, in one place, each with its time variable named.
 
 In σ (EDM's PF-ODE dx/dσ = (x − D(x; σ))/σ; denoisers with the one signature `denoiser(x, sigma, labels=None)
--> x0`, spec/cm.md §1):
-  * `dpm_solver_pp` — the CMT teacher (spec/cm.md §2): multistep DPM-Solver++ (data prediction) on α = 1,
+-> x0`, docs/spec/cm.md §1):
+  * `dpm_solver_pp` — the CMT teacher (docs/spec/cm.md §2): multistep DPM-Solver++ (data prediction) on α = 1,
     σ_t = t, λ = −ln σ, one denoiser call per step, the whole trajectory returned. Its update is written as
     x_next = a·x + b0·M0 + b1·M1 + b2·M2 so that the fused kernel (kernels/dpm_solver.py) and the PyTorch reference
     beside it compute the same sums from the same float64 coefficients; `engine.ops` picks one;
   * `euler`, `heun` — EDM's deterministic samplers; `pf_ode_reference` — a float64 RK4 oracle;
   * `consistency_sampler` — few-step consistency sampling σ_max → σ_mid → … → 0, re-noising between steps
-    (CMT/ECT `generator_fn`, spec/cm.md §3.5).
-In t ∈ [0, 1] (t = 1 noise, 0 data; flow maps `u(x_t, r, t)` and velocities `v(x_t, t)`, spec/mf.md §1):
+    (CMT/ECT `generator_fn`, docs/spec/cm.md §3.5).
+In t ∈ [0, 1] (t = 1 noise, 0 data; flow maps `u(x_t, r, t)` and velocities `v(x_t, t)`, docs/spec/mf.md §1):
   * `mean_flow_trajectory`, `mean_flow_sampler`, `mean_flow_sample` — Mean Flow steps
     x_r = x_t − (t − r)·u(x_t, r, t) (the CMT-MF teacher's trajectory, and few-step sampling);
   * `flow_heun_trajectory` — Heun on a flow-matching velocity (the CMT-MF flow-matching teacher).
@@ -49,7 +49,7 @@ def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
 def dpm_solver_orders(num_steps: int, order: int = 3, lower_order_final: bool = True) -> list[int]:
     """Per-step orders: warm-up 1, 2, …; then `order`; and, with lower_order_final, …, 2, 1 at the tail.
 
-    CMT removed upstream's `steps < 10` condition on the tail lowering (spec/cm.md §2.4 ★2), so 16 steps of order 3
+    CMT removed upstream's `steps < 10` condition on the tail lowering (docs/spec/cm.md §2.4 ★2), so 16 steps of order 3
     give 1, 2, 3×12, 2, 1. Upstream semantics: pass lower_order_final=(num_steps < 10)."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order!r}")
@@ -63,7 +63,7 @@ THIRD_ORDER_RULES = ("upstream", "taylor")
 def dpm_solver_pp_coefficients(sigmas, order: int = 3, lower_order_final: bool = True,
                                third_order: str = "upstream") -> tuple[torch.Tensor, list[int]]:
     """Float64 coefficients [N, 4] = (a, b0, b1, b2) of x_i = a·x_{i−1} + b0·M_{i−1} + b1·M_{i−2} + b2·M_{i−3},
-    and the per-step orders. Derived from spec/cm.md §2.5:
+    and the per-step orders. Derived from docs/spec/cm.md §2.5:
 
         h = λ_t − λ_s0, r0 = h0/h, r1 = h1/h, φ1 = expm1(−h), φ2 = φ1/h + 1, φ3 = φ2/h − 1/2
         order 1: x = (t/s0)x − φ1 M0
@@ -162,8 +162,8 @@ def dpm_solver_pp(denoiser: Denoiser, x_T: torch.Tensor, sigmas, order: int = 3,
     """Integrate the PF-ODE over `sigmas` (descending, positive) with multistep DPM-Solver++.
 
     Returns the trajectory as one tensor [len(sigmas), *x_T.shape]: entry 0 is x_T, entry N the state at the
-    last σ; no final denoising step (spec/cm.md §2.6). Exactly one denoiser call per step, at σ_0 … σ_{N−1}
-    (spec/cm.md §2.4). `out` may be a preallocated trajectory buffer of that shape and x_T's dtype.
+    last σ; no final denoising step (docs/spec/cm.md §2.6). Exactly one denoiser call per step, at σ_0 … σ_{N−1}
+    (docs/spec/cm.md §2.4). `out` may be a preallocated trajectory buffer of that shape and x_T's dtype.
     `third_order` selects the order-3 rule (see `dpm_solver_pp_coefficients`; the default is CMT's)."""
     plan = dpm_solver_plan(sigmas, order, lower_order_final, third_order, x_T.device, x_T.dtype)
     return run_dpm_solver(denoiser, x_T, plan, labels, out)
@@ -208,7 +208,7 @@ def heun_ode(derivative: Callable[[torch.Tensor, float], torch.Tensor], x: torch
 
 @torch.no_grad()
 def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
-    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, spec/cm.md §1.1, mf.md §6.3): Heun steps in σ on
+    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, docs/spec/cm.md §1.1, docs/spec/mf.md §6.3): Heun steps in σ on
     dx/dσ = (x − D(x; σ))/σ, the last step into σ = 0 Euler. Returns the trajectory."""
     s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
     return heun_ode(lambda x, sigma: (x - denoiser(x, _sigma_batch(sigma, x), labels).to(x.dtype)) / sigma, x_T, s)
@@ -220,7 +220,7 @@ def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Te
 def consistency_sampler(denoiser: Denoiser, z: torch.Tensor, mid_sigmas: Sequence[float] = (),
                         sigma_max: float = 80.0, labels=None, generator: torch.Generator | None = None,
                         noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """CMT/ECT `generator_fn` (spec/cm.md §3.5): t = [σ_max, *mid_sigmas, 0]; x = σ_max·z;
+    """CMT/ECT `generator_fn` (docs/spec/cm.md §3.5): t = [σ_max, *mid_sigmas, 0]; x = σ_max·z;
     for each (t_cur, t_next): x = f(x, t_cur); if t_next > 0: x += t_next·ε' with fresh ε'.
 
     1 step: mid_sigmas=(); 2 steps: mid_sigmas=(0.77569,) after mid-training, (0.821,) after ECT. The consistency
@@ -246,7 +246,7 @@ def consistency_sampler(denoiser: Denoiser, z: torch.Tensor, mid_sigmas: Sequenc
 
 @torch.no_grad()
 def mean_flow_trajectory(flow, z: torch.Tensor, ts: Sequence[float], labels=None) -> torch.Tensor:
-    """Mean Flow steps in t through the grid `ts` (descending; spec/mf.md §1.8): from each t to the next s,
+    """Mean Flow steps in t through the grid `ts` (descending; docs/spec/mf.md §1.8): from each t to the next s,
     x_s = x_t − (t − s)·u(x_t, s, t) with `flow(x, t, r, labels) -> u`, one call per step. Returns the states at
     every t of the grid, [len(ts), *z.shape], z (at ts[0]) first."""
     B, x, states = z.shape[0], z, [z]

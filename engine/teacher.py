@@ -2,7 +2,7 @@
 
 In CMT each iteration integrates an N-step teacher trajectory on a small batch (8 trajectories): N network calls
 and N solver updates, each a string of small kernels whose launch costs exceed their run time on a GPU. A CUDA
-graph records the whole solve — every network call and every fused update (spec/cm.md §2) — once per (batch
+graph records the whole solve — every network call and every fused update (docs/spec/cm.md §2) — once per (batch
 shape, dtype, device, labels), with static input and output buffers, and each iteration only copies x_T and the
 labels in and replays it.
 

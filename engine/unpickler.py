@@ -1,4 +1,4 @@
-"""Reading the reference code's pickles without running any of their code (spec/cm.md §6.1, §6.2; edm2_latent.md
+"""Reading the reference code's pickles without running any of their code (docs/spec/cm.md §6.1, §6.2; docs/spec/edm2_latent.md
 §2.5): EDM / ECT / CMT / EDM2 snapshots and training states, and NVIDIA's detector pickles.
 
 Their objects are pickled with the source code of the defining module (`module_src`), which the reference
@@ -162,7 +162,7 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 def _load_from_bytes(blob):
     """Stands in for `torch.storage._load_from_bytes`: decode a legacy (non-zip) `torch.save` of one storage.
 
-    Layout (spec/cm.md §6.1): pickled magic number, protocol version and sys-info dict; a pickle of the
+    Layout (docs/spec/cm.md §6.1): pickled magic number, protocol version and sys-info dict; a pickle of the
     storage through a persistent id ('storage', <type>, key, location, numel, view); a pickled key list;
     then per key an int64 element count and the raw little-endian elements. Parsed by hand rather than with
     `torch.load(weights_only=True)`, which would hand back the deprecated TypedStorage."""
@@ -229,7 +229,7 @@ def _encode_latin1(text, encoding='latin1'):
     return text.encode('latin1')
 
 
-# spec/cm.md §6.2: the complete list of globals a reference checkpoint may name.
+# docs/spec/cm.md §6.2: the complete list of globals a reference checkpoint may name.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
     ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictRecord,
@@ -347,7 +347,7 @@ def is_module_record(obj) -> bool:
 
 
 def flatten(record, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """spec/cm.md §6.2: parameters, then persistent buffers, then children, depth first."""
+    """docs/spec/cm.md §6.2: parameters, then persistent buffers, then children, depth first."""
     state = getattr(record, 'state', None)
     where = prefix.rstrip('.') or '<root>'
     if not isinstance(state, dict) or not all(isinstance(state.get(k), dict)

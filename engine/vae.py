@@ -6,10 +6,10 @@ building latent datasets (uint8 images → posterior moments; `python -m engine.
     images = decode(final_latents)          # uint8 [N, 3, 8H, 8W]
     moments = LatentEncoder.from_file(path, convention="sd")(images)   # [N, 8, H/8, W/8]: mean, std
 
-Two conventions. `edm2` (edm2_latent.md §3.1): model-space ("final") latents are raw VAE latents standardised per channel,
+Two conventions. `edm2` (docs/spec/edm2_latent.md §3.1): model-space ("final") latents are raw VAE latents standardised per channel,
 final = raw·scale_c + bias_c (the table in the spec); decoding inverts that, runs the VAE decoder in float32, and
 maps its output — which lives in [0, 1], because EDM2 encodes pixels/255 rather than SD's [−1, 1] — to uint8 as
-clamp(x, 0, 1)·255 truncated. `sd` (DiT / SiT / Mean Flow, spec/mf.md §7.1): latents are raw × 0.18215 and the
+clamp(x, 0, 1)·255 truncated. `sd` (DiT / SiT / Mean Flow, docs/spec/mf.md §7.1): latents are raw × 0.18215 and the
 decoder output is in SD's [−1, 1], mapped as clamp((x + 1)/2, 0, 1)·255. Both halves are implemented here; their weights are read from the diffusers
 safetensors file (`quant_conv.*`, `encoder.*` / `post_quant_conv.*`, `decoder.*`), in either of diffusers'
 attention namings (`to_q/to_k/to_v/to_out.0` or the older `query/key/value/proj_attn`, as in sd-vae-ft-mse).
@@ -27,7 +27,7 @@ from engine.state_dicts import mismatch_summary
 
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
-SD_SCALING = 0.18215  # the SD convention of DiT / SiT / Mean Flow latents (spec/mf.md §7.1)
+SD_SCALING = 0.18215  # the SD convention of DiT / SiT / Mean Flow latents (docs/spec/mf.md §7.1)
 WHERE = ("pass its path (--vae) or set ENGINE_VAE_WEIGHTS; it is diffusion_pytorch_model.safetensors of the "
          "Hugging Face repository stabilityai/sd-vae-ft-mse")
 
@@ -177,9 +177,9 @@ class LatentDecoder(nn.Module):
         outs = []
         for part in self.raw_latents(final).split(chunk):
             x = self.decoder(self.post_quant_conv(part))
-            if self.convention == "sd":  # SD's [−1, 1] images, ADM/DiT's conversion (spec/mf.md §7.1)
+            if self.convention == "sd":  # SD's [−1, 1] images, ADM/DiT's conversion (docs/spec/mf.md §7.1)
                 x = (x + 1) / 2
-            outs.append((x.clamp(0, 1) * 255).to(torch.uint8))  # truncation, as EDM2 (edm2_latent.md §3.1)
+            outs.append((x.clamp(0, 1) * 255).to(torch.uint8))  # truncation, as EDM2 (docs/spec/edm2_latent.md §3.1)
         return torch.cat(outs)
 
     @classmethod
@@ -204,8 +204,8 @@ class LatentDecoder(nn.Module):
 class LatentEncoder(nn.Module):
     """uint8 images [N, 3, H, W] → the VAE posterior's moments [N, 8, H/8, W/8] (mean, then std = exp(½·logvar)
     with logvar clamped to [−30, 20] as diffusers does): what latent datasets store (EDM2's `encode` format). The
-    input range follows the convention: `sd` feeds SD's [−1, 1] (DiT / SiT / Mean Flow latents, spec/mf.md §7.1),
-    `edm2` feeds [0, 1] as EDM2's dataset tool does (edm2_latent.md §3.1). Training draws the posterior sample
+    input range follows the convention: `sd` feeds SD's [−1, 1] (DiT / SiT / Mean Flow latents, docs/spec/mf.md §7.1),
+    `edm2` feeds [0, 1] as EDM2's dataset tool does (docs/spec/edm2_latent.md §3.1). Training draws the posterior sample
     and applies the scaling (engine/objectives/latent.py)."""
 
     def __init__(self, channels=(128, 256, 512, 512), convention: str = "sd"):

@@ -1,4 +1,4 @@
-"""Fused multistep DPM-Solver++ update (spec/cm.md §2.5) and its PyTorch reference.
+"""Fused multistep DPM-Solver++ update (docs/spec/cm.md §2.5) and its PyTorch reference.
 
 Every update of order 1, 2 or 3 is a fixed linear combination of the state and the last k denoiser outputs,
 
@@ -56,6 +56,8 @@ def _check(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[floa
 if runtime.triton is not None:
     import triton.language as tl
 
+    from kernels.runtime import store_as
+
     def _update_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, out_ptr, a, b0, b1, b2, n,
                        K: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
         # K = number of denoiser outputs read (the step's order); the others' pointers are never touched.
@@ -68,15 +70,9 @@ if runtime.triton is not None:
             acc += tl.load(m1_ptr + offs, mask=mask, other=0.0).to(acc_t) * b1
         if K >= 3:
             acc += tl.load(m2_ptr + offs, mask=mask, other=0.0).to(acc_t) * b2
-        if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = (acc).to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(out_ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(out_ptr + offs, (acc).to(out_ptr.dtype.element_ty), mask=mask)
+        store_as(out_ptr, offs, acc, mask, BF16_OUT)  # bf16 rounded to nearest even (kernels/runtime.py)
 
-    _k_update = runtime.Kernel(_update_kernel)
+    _k_update = runtime.Kernel(_update_kernel, helpers=(store_as,))
 
 
 def update_triton(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float],

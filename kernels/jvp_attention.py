@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with a forward-mode rule (spec/mf.md §2.2–2.3), PyTorch reference.
+"""Scaled dot-product attention with a forward-mode rule (docs/spec/mf.md §2.2–2.3), PyTorch reference.
 
 PyTorch's fused attention has no forward-AD formula, so `torch.func.jvp` through a network that uses it fails;
 Mean Flow and sCM need exactly that JVP. This op computes the primal with the fused kernel
@@ -89,10 +89,12 @@ BLOCK_M, BLOCK_N = 64, 64
 if runtime.triton is not None:
     import triton.language as tl
 
+    from kernels.runtime import store_as
+
     def _attention_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr, n_q, n_k, d, dvd, scale,
                               FP64: tl.constexpr, IEEE: tl.constexpr, BF16_OUT: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
-        # One program: BLOCK_M query rows of one (batch, head); keys streamed in BLOCK_N blocks (spec/mf.md §2.3).
+        # One program: BLOCK_M query rows of one (batch, head); keys streamed in BLOCK_N blocks (docs/spec/mf.md §2.3).
         # Head dims d, dvd are padded to the powers of two D, DV by masked loads (zeros add nothing to the dots).
         # Reductions are tl.reduce with the standard combine functions (what tl.max / tl.sum expand to): the
         # interpreter launched per call (kernels/runtime.py) cannot call the library's jit wrappers.
@@ -142,20 +144,10 @@ if runtime.triton is not None:
         do = b / l[:, None] - (mass / l)[:, None] * o
         omask = (rows[:, None] < n_q) & (cv[None, :] < dvd)
         o_off = bh * n_q * dvd + rows[:, None] * dvd + cv[None, :]
-        if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = o.to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(o_ptr + o_off, r.to(tl.bfloat16, bitcast=True), mask=omask)
-            u = do.to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)
-            tl.store(do_ptr + o_off, r.to(tl.bfloat16, bitcast=True), mask=omask)
-        else:
-            tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=omask)
-            tl.store(do_ptr + o_off, do.to(do_ptr.dtype.element_ty), mask=omask)
+        store_as(o_ptr, o_off, o, omask, BF16_OUT)  # bf16 rounded to nearest even (kernels/runtime.py)
+        store_as(do_ptr, o_off, do, omask, BF16_OUT)
 
-    _k_attention_jvp = runtime.Kernel(_attention_jvp_kernel)
+    _k_attention_jvp = runtime.Kernel(_attention_jvp_kernel, helpers=(store_as,))
 
 
 def _pow2(n: int) -> int:

@@ -1,4 +1,4 @@
-"""Fused EDM / consistency preconditioning (spec/cm.md §1.2–1.3) and its PyTorch reference.
+"""Fused EDM / consistency preconditioning (docs/spec/cm.md §1.2–1.3) and its PyTorch reference.
 
 A preconditioned denoiser is D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)). Around the backbone F
 the reference spends a handful of small kernels on [B]-sized coefficient math and two full passes over the
@@ -59,6 +59,20 @@ def output_reference(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigm
 if runtime.triton is not None:
     import triton.language as tl
 
+    from kernels.runtime import store_as
+
+    def skip_out(s, e, sd, FP64: tl.constexpr):
+        """(c_skip, c_out) of `skip_out_reference` (e = σ − σ_min on the boundary, else σ) in the kernels'
+        arithmetic: fp64 as written, fp32 with IEEE-rounded division and sqrt (Triton's fp32 defaults are
+        approximate)."""
+        if FP64:
+            c_skip = sd * sd / (e * e + sd * sd)
+            c_out = e * sd / tl.sqrt(s * s + sd * sd)
+        else:
+            c_skip = tl.div_rn(sd * sd, e * e + sd * sd)
+            c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
+        return c_skip, c_out
+
     def _scale_rows_kernel(x_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd2,
                            FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
         # out = x / √(σ_r² + σ_d²) with r = the sample (row) of each element.
@@ -71,13 +85,7 @@ if runtime.triton is not None:
             y = x / tl.sqrt(s * s + sd2)
         else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
             y = tl.div_rn(x, tl.sqrt_rn(s * s + sd2))
-        if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = (y).to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(out_ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(out_ptr + offs, (y).to(out_ptr.dtype.element_ty), mask=mask)
+        store_as(out_ptr, offs, y, mask, BF16_OUT)
 
     def _output_kernel(x_ptr, f_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd, smin,
                        BOUNDARY: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
@@ -86,22 +94,11 @@ if runtime.triton is not None:
         acc_t = tl.float64 if FP64 else tl.float32
         s = tl.load(sig_ptr + (offs // row) * sig_stride, mask=mask, other=1.0).to(acc_t)
         e = s - smin if BOUNDARY else s
-        if FP64:
-            c_skip = sd * sd / (e * e + sd * sd)
-            c_out = e * sd / tl.sqrt(s * s + sd * sd)
-        else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
-            c_skip = tl.div_rn(sd * sd, e * e + sd * sd)
-            c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
+        c_skip, c_out = skip_out(s, e, sd, FP64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_t)
         y = c_skip * x + c_out * f
-        if BF16_OUT:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = (y).to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(out_ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(out_ptr + offs, (y).to(out_ptr.dtype.element_ty), mask=mask)
+        store_as(out_ptr, offs, y, mask, BF16_OUT)
 
     def _output_backward_kernel(g_ptr, sig_ptr, gx_ptr, gf_ptr, n, row, sig_stride, sd, smin,
                                 BOUNDARY: tl.constexpr, FP64: tl.constexpr, BF16_X: tl.constexpr,
@@ -112,31 +109,14 @@ if runtime.triton is not None:
         acc_t = tl.float64 if FP64 else tl.float32
         s = tl.load(sig_ptr + (offs // row) * sig_stride, mask=mask, other=1.0).to(acc_t)
         e = s - smin if BOUNDARY else s
-        if FP64:
-            c_skip = sd * sd / (e * e + sd * sd)
-            c_out = e * sd / tl.sqrt(s * s + sd * sd)
-        else:  # IEEE-rounded sqrt and division: Triton's fp32 defaults are approximate
-            c_skip = tl.div_rn(sd * sd, e * e + sd * sd)
-            c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
+        c_skip, c_out = skip_out(s, e, sd, FP64)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        if BF16_X:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = (c_skip * g).to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(gx_ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(gx_ptr + offs, (c_skip * g).to(gx_ptr.dtype.element_ty), mask=mask)
-        if BF16_F:  # bf16 storage: round to nearest even by hand (see kernels/runtime.py)
-            u = (c_out * g).to(tl.float32).to(tl.uint32, bitcast=True)
-            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)  # NaN stays NaN
-            tl.store(gf_ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(gf_ptr + offs, (c_out * g).to(gf_ptr.dtype.element_ty), mask=mask)
+        store_as(gx_ptr, offs, c_skip * g, mask, BF16_X)
+        store_as(gf_ptr, offs, c_out * g, mask, BF16_F)
 
-    _k_scale_rows = runtime.Kernel(_scale_rows_kernel)
-    _k_output = runtime.Kernel(_output_kernel)
-    _k_output_backward = runtime.Kernel(_output_backward_kernel)
+    _k_scale_rows = runtime.Kernel(_scale_rows_kernel, helpers=(store_as,))
+    _k_output = runtime.Kernel(_output_kernel, helpers=(store_as, skip_out))
+    _k_output_backward = runtime.Kernel(_output_backward_kernel, helpers=(store_as, skip_out))
 
 
 def _layout(x: torch.Tensor, sigma: torch.Tensor) -> tuple[int, int, int]:

@@ -10,14 +10,23 @@ bf16 stores. The GPU's fp32 → bf16 conversion rounds to nearest even; Triton's
 instead, which would make the CPU check of a kernel measure a different rounding from the one the GPU runs. The
 kernels therefore round fp32 → bf16 themselves with the usual integer trick (add 0x7FFF plus the lowest kept
 bit, keep the top 16 bits; NaN mapped to the canonical quiet NaN): the same code and the same rounding on both,
-at the cost of a few integer operations in a bandwidth-bound kernel.
+at the cost of a few integer operations in a bandwidth-bound kernel. That is `store_as`, the one store every
+kernel's output goes through.
+
+Helpers. A kernel may call helpers (`Kernel(fn, helpers=(...))`): plain Python functions written once with
+`triton.language`. The interpreter runs them as they are (it runs the kernel body as Python with the language
+patched, and cannot call a `triton.jit` function from there); for the compiled form the kernel is rebound to
+`triton.jit` versions of them, which the compiler inlines. One definition, both forms.
 """
 from __future__ import annotations
+
+import types
 
 import torch
 
 try:
     import triton
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # a CPU-only install without Triton: the dispatch point uses the references
     triton = None
@@ -35,13 +44,23 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-class Kernel:
-    """A Triton kernel in both forms; `kernel[grid](*args, **meta)` launches the one the tensors' device needs."""
+def _rebound(fn, names: dict):
+    """`fn` with `names` replacing globals of the same name (the same code and source lines)."""
+    out = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__qualname__, out.__module__, out.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    out.__annotations__, out.__kwdefaults__ = fn.__annotations__, fn.__kwdefaults__
+    return out
 
-    def __init__(self, fn):
+
+class Kernel:
+    """A Triton kernel in both forms; `kernel[grid](*args, **meta)` launches the one the tensors' device needs.
+    `helpers`: the plain functions the kernel calls by their global names (module docstring)."""
+
+    def __init__(self, fn, helpers=()):
         require()
         self.fn = fn
-        self.compiled = triton.jit(fn)
+        jitted = {h.__name__: triton.jit(h) for h in helpers}
+        self.compiled = triton.jit(_rebound(fn, jitted) if jitted else fn)
         self.interpreted = InterpretedFunction(fn)
 
     def __getitem__(self, grid):
@@ -52,3 +71,16 @@ class Kernel:
                 return self.interpreted[grid](*args, **meta)
             return self.compiled[grid](*args, **meta)
         return launch
+
+
+if triton is not None:
+    def store_as(ptr, offs, y, mask, BF16: tl.constexpr):
+        """tl.store(ptr + offs, y) converted to the pointer's element type; for bf16, rounded to nearest even by
+        hand (module docstring), NaN kept as the canonical quiet NaN."""
+        if BF16:
+            u = y.to(tl.float32).to(tl.uint32, bitcast=True)
+            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)
+            tl.store(ptr + offs, r.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)

@@ -1,4 +1,4 @@
-"""CMT → ECT on AFHQv2 64×64 (unconditional, DDPM++ from the EDM teacher), the paper's settings (spec/cm.md §8.1).
+"""CMT → ECT on AFHQv2 64×64 (unconditional, DDPM++ from the EDM teacher), the paper's settings (docs/spec/cm.md §8.1).
 
 Reproduces: CMT mid-training (16-NFE 3rd-order multistep DPM-Solver++ teacher trajectories, LPIPS, RAdam 2e-4
 linear decay, EMA 0.999, batch 128, dropout 0.2, 38.4 Mimg) then ECT post-training (Δt = 1/1024, RAdam 1e-4 linear

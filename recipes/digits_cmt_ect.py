@@ -2,7 +2,7 @@
 
 Reproduces, in miniature: pre-train an EDM teacher (DDPM++ U-Net) → CMT mid-training on its 16-NFE
 DPM-Solver++ trajectories → ECT post-training from the mid-trained EMA; baseline: ECT initialised from the teacher's
-weights with the same mid + post budget (the paper's "vanilla ECT" arm, spec/cm.md §8.1). Metrics: Fréchet distance
+weights with the same mid + post budget (the paper's "vanilla ECT" arm, docs/spec/cm.md §8.1). Metrics: Fréchet distance
 in the features of a small digits classifier (trained once, cached) and the class histogram of 1- and 2-step
 samples. Data: the 1,797 8×8 digits bundled with scikit-learn (no download). CMT's distance is pseudo-Huber rather
 than LPIPS: LPIPS needs ImageNet VGG16 weights, which cannot be shipped.
@@ -17,13 +17,12 @@ import math
 
 import torch
 
-from engine.data import digits
-from engine.data.sampler import TensorSource
+from engine.data import digits_source
 from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import build_network
 from engine.objectives import CMT, ECT, EDMLoss, pseudo_huber
-from engine.pipeline import Run, parse_flags
+from engine.pipeline import begin
 from engine.precond import CMPrecond, EDMPrecond
 from engine.solvers import consistency_sampler
 
@@ -40,16 +39,16 @@ class Config:
     # EDM2 power-function EMA (σ_rel) in every stage, not the paper's constant β: these stages are 250–1250 steps,
     # and β = 0.999 over 250 steps would still be 78% the initial weights at the end (the loop warns about this).
     ema_std: float = 0.05
-    nfe: int = 16                        # CMT teacher: 16-step multistep DPM-Solver++ (spec/cm.md §2)
+    nfe: int = 16                        # CMT teacher: 16-step multistep DPM-Solver++ (docs/spec/cm.md §2)
     trajectories_per_batch: int = 8      # 8 trajectories × 16 states = 128 pairs
-    # mid : post = 3 : 1, the paper's split (spec/cm.md §8.1: 300k + 100k iterations); 80 kimg in all, the
+    # mid : post = 3 : 1, the paper's split (docs/spec/cm.md §8.1: 300k + 100k iterations); 80 kimg in all, the
     # baseline's budget
     mid_kimg: float = 60.0
-    mid_lr: float = 2e-4                 # spec/cm.md §8.1: RAdam 2e-4, linear decay
+    mid_lr: float = 2e-4                 # docs/spec/cm.md §8.1: RAdam 2e-4, linear decay
     post_kimg: float = 20.0
-    post_lr: float = 1e-4                # spec/cm.md §8.1: RAdam 1e-4, linear decay
+    post_lr: float = 1e-4                # docs/spec/cm.md §8.1: RAdam 1e-4, linear decay
     q: float = 256.0                     # ECT Δt = 1/q, constant stage
-    mid_t: float = 0.77569               # 2-step sampling point after mid-training (spec/cm.md §3.5)
+    mid_t: float = 0.77569               # 2-step sampling point after mid-training (docs/spec/cm.md §3.5)
     eval_samples: int = 1000
     eval_kimg: float = 16.0
 
@@ -60,15 +59,11 @@ def smoke(cfg: Config) -> Config:
 
 
 def main(argv=None) -> dict:
-    args = parse_flags(__doc__, argv, default_out="runs/digits_cmt_ect")
-    cfg = smoke(Config()) if args.smoke else Config()
-    run = Run(args, "digits_cmt_ect", dataclasses.asdict(cfg))
-    if args.dry_run:
+    started = begin(__doc__, "digits_cmt_ect", Config(), smoke, argv)
+    if started is None:
         return {}
-    torch.manual_seed(args.seed)
-    images, labels = digits(resolution=cfg.resolution, split="train")
-    data = TensorSource(images, labels)
-    metrics = DigitsMetrics()
+    args, cfg, run = started
+    data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     backbone = lambda dropout: build_network("digits-ddpmpp", img_resolution=cfg.resolution,
                                               model_channels=cfg.model_channels, dropout=dropout)
 
@@ -88,7 +83,7 @@ def main(argv=None) -> dict:
                            lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=cfg.eval_kimg / 4, ckpt_kimg=cfg.eval_kimg,
                            seed=args.seed, **kw)
 
-    # Stage 1: the teacher (EDM denoising loss, spec/cm.md §1.1).
+    # Stage 1: the teacher (EDM denoising loss, docs/spec/cm.md §1.1).
     pre = run.stage("teacher", "pre", stage_cfg("pre_edm", cfg.pre_kimg, cfg.pre_lr),
                     EDMPrecond(backbone(cfg.teacher_dropout)), EDMLoss(), data, shared_by=("cmt_ect", "ect"))
     teacher = pre.ema.eval().requires_grad_(False)

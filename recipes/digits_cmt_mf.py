@@ -1,5 +1,5 @@
 """CMT for Mean Flow on scikit-learn's digits, against Mean Flow at equal budget (the ImageNet-256 pipeline of
-spec/mf.md §4 in miniature).
+docs/spec/mf.md §4 in miniature).
 
 Reproduces, in miniature: pre-train a small Mean Flow teacher (the paper's MF-B/4) → CMT mid-training of a larger
 student from random weights on the teacher's 8-step trajectories (pairs from `nonadjacent28`, 7 random ones per
@@ -17,13 +17,12 @@ import dataclasses
 
 import torch
 
-from engine.data import digits
-from engine.data.sampler import TensorSource
+from engine.data import digits_source
 from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, MeanFlow
-from engine.pipeline import Run, parse_flags
+from engine.pipeline import begin
 from engine.solvers import mean_flow_sample
 
 
@@ -38,8 +37,8 @@ class Config:
     heads: int = 4
     batch_size: int = 128
     pre_kimg: float = 200.0
-    lr: float = 1e-3                     # Adam β = (0.9, 0.95), constant rate as Mean Flow (spec/mf.md §1.9)
-    # 112 pairs per step as the paper (spec/mf.md §4.5), but 16 trajectories × 7 random pairs of nonadjacent28
+    lr: float = 1e-3                     # Adam β = (0.9, 0.95), constant rate as Mean Flow (docs/spec/mf.md §1.9)
+    # 112 pairs per step as the paper (docs/spec/mf.md §4.5), but 16 trajectories × 7 random pairs of nonadjacent28
     # instead of 4 × 28: this run has only 937 mid-training steps, and 4 trajectories per step (3.7k in all)
     # left the student at 1-step FD 33.9 after mid-training, against 13.3 with 16 × 7 (both measured)
     trajectories_per_batch: int = 16
@@ -59,15 +58,11 @@ def smoke(cfg: Config) -> Config:
 
 
 def main(argv=None) -> dict:
-    args = parse_flags(__doc__, argv, default_out="runs/digits_cmt_mf")
-    cfg = smoke(Config()) if args.smoke else Config()
-    run = Run(args, "digits_cmt_mf", dataclasses.asdict(cfg))
-    if args.dry_run:
+    started = begin(__doc__, "digits_cmt_mf", Config(), smoke, argv)
+    if started is None:
         return {}
-    torch.manual_seed(args.seed)
-    images, labels = digits(resolution=cfg.resolution, split="train")
-    data = TensorSource(images, labels)
-    metrics = DigitsMetrics()
+    args, cfg, run = started
+    data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     dit = lambda width, depth: DiT(input_size=cfg.resolution, patch_size=cfg.patch, in_channels=1,
                                    hidden_size=width, depth=depth, num_heads=cfg.heads, num_classes=10)
 

@@ -21,7 +21,7 @@ from engine.loop import StageConfig
 from engine.metrics import flow_map_error, sliced_wasserstein
 from engine.networks import build_network
 from engine.objectives import CMT, ECT, squared_l2
-from engine.pipeline import Run, parse_flags
+from engine.pipeline import begin
 from engine.precond import CMPrecond
 from engine.solvers import consistency_sampler
 
@@ -33,7 +33,7 @@ class Config:
     train_samples: int = 50_000         # a fixed training set drawn once from the mixture
     hidden: int = 256
     blocks: int = 4
-    nfe: int = 16                        # CMT teacher: 16-step 3rd-order multistep DPM-Solver++ (spec/cm.md §2)
+    nfe: int = 16                        # CMT teacher: 16-step 3rd-order multistep DPM-Solver++ (docs/spec/cm.md §2)
     trajectories_per_batch: int = 8      # 8 trajectories × 16 states = 128 pairs per step
     batch_size: int = 128
     mid_kimg: float = 150.0
@@ -49,7 +49,7 @@ class Config:
     # end with 30% of its initial weights still in the average (the loop warns about this).
     ema_std: float = 0.05
     q: float = 256.0                     # ECT's Δt = 1/q (constant stage); small data, coarse gap
-    mid_t: float = 0.77569               # 2-step sampling point (spec/cm.md §3.5)
+    mid_t: float = 0.77569               # 2-step sampling point (docs/spec/cm.md §3.5)
     eval_sigmas: tuple = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
     eval_samples: int = 2000
     eval_kimg: float = 50.0
@@ -61,12 +61,10 @@ def smoke(cfg: Config) -> Config:
 
 
 def main(argv=None) -> dict:
-    args = parse_flags(__doc__, argv, default_out="runs/gmm_cmt_ect")
-    cfg = smoke(Config()) if args.smoke else Config()
-    run = Run(args, "gmm_cmt_ect", dataclasses.asdict(cfg))
-    if args.dry_run:
+    started = begin(__doc__, "gmm_cmt_ect", Config(), smoke, argv)
+    if started is None:
         return {}
-    torch.manual_seed(args.seed)
+    args, cfg, run = started
     gm = GaussianMixture.random(cfg.components, (2,), std=cfg.component_std, seed=args.seed)
     data = TensorSource(gm.sample(cfg.train_samples, generator=torch.Generator().manual_seed(args.seed)).float())
     student = lambda: CMPrecond(build_network("gmm-mlp", hidden_channels=cfg.hidden, num_blocks=cfg.blocks))

@@ -1,13 +1,13 @@
-"""CMT for Mean Flow on ImageNet 256×256 (SD-VAE latents 4×32×32), the paper's Table 4 pipeline (spec/mf.md §4).
+"""CMT for Mean Flow on ImageNet 256×256 (SD-VAE latents 4×32×32), the paper's Table 4 pipeline (docs/spec/mf.md §4).
 
 Reproduces: pre-train an MF-B/4 teacher with the post-training CFG settings (ω 0.2, κ 0.92, t ∈ [0, 0.75], so
-ω' = 2.5; spec/mf.md §1.6, §4.2) → CMT mid-training of MF-XL/2 from random weights on the teacher's 8-step
+ω' = 2.5; docs/spec/mf.md §1.6, §4.2) → CMT mid-training of MF-XL/2 from random weights on the teacher's 8-step
 trajectories (4 trajectories × 28 pairs `nonadjacent28` = 112 pairs per iteration, 200k iterations, lr 1e-4
 constant; §4.5) → Mean Flow post-training of XL/2 from the mid-trained EMA (the MF recipe with batch 64; §4.5).
 All stages: Adam β (0.9, 0.95), constant lr 1e-4, EMA 0.9999, no gradient clipping, bf16 autocast on CUDA with the
 Mean Flow JVP in the network's dtype outside autocast's reach (it runs under no_grad on the unwrapped module).
 Paper: CMT-XL/2 1-NFE FID 3.34 in 760 A100-h total (38 h teacher + 135 h mid + 587 h post).
-Settings the paper does not state, and the choice made (spec/mf.md §4.5 marks them unresolved):
+Settings the paper does not state, and the choice made (docs/spec/mf.md §4.5 marks them unresolved):
   teacher epochs: 80 (the MF-B/4 ablation schedule); post-training length: 93 epochs, i.e. the 587 A100-h of
   Table 4 at MF-XL/2's throughput per image (1520 A100-h for 240 epochs) — both are plain Config fields.
 Sized for: a multi-GPU node (torchrun, FSDP2; docs/scaling.md); wall time not measured here (no GPU run has been made).
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
 
 
 def fid(ema, cfg: Config, run, smoke_run: bool) -> tuple[dict, dict]:
-    """1- and 2-step FID-50k (spec/mf.md §7.2: uniform random labels, EMA, SD-VAE decode), each with its detector
+    """1- and 2-step FID-50k (docs/spec/mf.md §7.2: uniform random labels, EMA, SD-VAE decode), each with its detector
     record, when the detector, the reference statistics and the VAE are given by environment; otherwise the
     command that computes them later."""
     from engine.evaluate import recipe_fid

@@ -1,6 +1,6 @@
 """Test helper: write checkpoints in the reference EDM / ECT / CMT formats without the reference code.
 
-What the reference writes (spec/cm.md §6.1; read from NVlabs/edm `torch_utils/persistence.py` and
+What the reference writes (docs/spec/cm.md §6.1; read from NVlabs/edm `torch_utils/persistence.py` and
 `training/networks.py`, `training/training_loop.py` — none of their code is used here):
 
 * `pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...), f)` at the default protocol

@@ -3,6 +3,7 @@ data parallelism, low-level modules that pull in no network, a loop that fits on
 reader of the repository can follow."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,62 @@ def test_the_loop_that_runs_the_steps_fits_on_a_screen():
     assert f.end_lineno - f.lineno + 1 <= 80
     g = _function("engine/loop.py", "train_stage")
     assert g.end_lineno - g.lineno + 1 <= 80
+
+
+# ---- citations --------------------------------------------------------------------------------------------------
+
+SPEC_DIR = os.path.join(ROOT, "docs", "spec")
+SHARED_SPEC = os.path.join(os.path.dirname(ROOT), "shared", "spec")
+CITATION = re.compile(r"(?<![\w/.])(?:(docs/)?spec/|(?=(?:cm|mf|edm2_latent)\.md))(\w+)\.md((?:(?:,\s*|\s+and\s+|\s*)§\s*"
+                      r"\d+(?:\.\d+)*)*)")
+
+
+def _sections(path: str) -> set[str]:
+    """The section numbers of a spec's headings ('## 7. Metrics' → 7, '### 7.1 FID' → 7.1)."""
+    out = set()
+    for line in open(path, encoding="utf-8"):
+        m = re.match(r"#+\s+(\d+(?:\.\d+)*)\.?\s", line)
+        if m:
+            out.add(m.group(1))
+    return out
+
+
+def _project_files():
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:   # not a git checkout: walk the tree
+        return [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
+                if ".venv" not in d and ".git" not in d]
+    return out.stdout.split()
+
+
+def test_every_spec_citation_resolves_inside_the_repository():
+    specs = {name[:-3]: _sections(os.path.join(SPEC_DIR, name)) for name in os.listdir(SPEC_DIR)}
+    assert {"cm", "mf", "edm2_latent"} <= set(specs)
+    bad, count = [], 0
+    for rel in _project_files():
+        if not rel.endswith((".py", ".md")) or rel.startswith("docs/spec/"):
+            continue
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        for m in CITATION.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            count += 1
+            name = m.group(2)
+            if m.group(1) is None:
+                bad.append(f"{rel}:{line}: cites {m.group(0).strip()!r}, not docs/spec/{name}.md")
+            elif name not in specs:
+                bad.append(f"{rel}:{line}: docs/spec/{name}.md does not exist")
+            else:
+                for sec in re.findall(r"§\s*(\d+(?:\.\d+)*)", m.group(3)):
+                    if sec not in specs[name]:
+                        bad.append(f"{rel}:{line}: docs/spec/{name}.md has no section {sec}")
+    assert count > 200   # the walk saw the citations
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_SPEC), reason="no ../shared/spec beside this checkout")
+def test_spec_copies_equal_the_shared_specifications():
+    for name in sorted(os.listdir(SHARED_SPEC)):
+        if name.endswith(".md"):
+            with open(os.path.join(SHARED_SPEC, name), "rb") as a, open(os.path.join(SPEC_DIR, name), "rb") as b:
+                assert a.read() == b.read(), f"docs/spec/{name} differs from ../shared/spec/{name}: copy it again"

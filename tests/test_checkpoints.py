@@ -1,10 +1,11 @@
-"""Checkpoints (spec/cm.md §6): reference snapshots read without their code, our atomic weights-only state
+"""Checkpoints (docs/spec/cm.md §6): reference snapshots read without their code, our atomic weights-only state
 dicts, safetensors releases, and errors that name the problem.
 
 Reference-format files are produced by `edm_pickle_writer` from our own modules, in the layout of
 NVlabs/edm's `persistence.persistent_class` (no reference code involved); `module_src` in them is a canary
 that would leave a marker file behind if executed.
 """
+import hashlib
 import json
 import math
 import os
@@ -178,7 +179,7 @@ def test_snapshot_metadata(tmp_path):
     assert rec.attributes['sigma_max'] == math.inf and rec.attributes['use_fp16'] is False
     assert ckpt.entries['loss_fn']['class_name'] == 'EDMLoss'
     assert ckpt.entries['dataset_kwargs']['path'] == 'datasets/cifar10-32x32.zip'
-    # Flattened names = PyTorch's named_parameters() + named_buffers() names (spec/cm.md §6.2).
+    # Flattened names = PyTorch's named_parameters() + named_buffers() names (docs/spec/cm.md §6.2).
     assert set(rec.state_dict) == set(net.state_dict())
     assert list(rec.state_dict)[0] == 'model.map_augment.weight'
     # The same record can be built into several modules (net, ema and teacher from one transfer).
@@ -188,7 +189,7 @@ def test_snapshot_metadata(tmp_path):
 
 
 def test_writer_output_is_reference_shaped(tmp_path):
-    """The stand-in writer emits exactly the globals a real EDM snapshot uses (spec/cm.md §6.1)."""
+    """The stand-in writer emits exactly the globals a real EDM snapshot uses (docs/spec/cm.md §6.1)."""
     net, kwargs = make(augment_dim=9)
     path, _ = write_snapshot(tmp_path, net, kwargs)
     data = path.read_bytes()
@@ -213,7 +214,7 @@ def test_writer_output_is_reference_shaped(tmp_path):
 
 
 def test_full_size_cifar_teacher_keys(tmp_path):
-    """spec/cm.md §5.5 totals for the real CIFAR-10 configs, through the whole pickle path."""
+    """docs/spec/cm.md §5.5 totals for the real CIFAR-10 configs, through the whole pickle path."""
     from engine.networks import build_network
     torch.manual_seed(0)
     teacher = EDMPrecond(build_network('cifar10-ddpmpp-teacher')).eval()
@@ -589,6 +590,33 @@ def test_safetensors_round_trip(tmp_path):
     assert desc == C.describe_network(net) and user == meta
     with pytest.raises(CheckpointError, match='reserved'):
         C.export_safetensors(net, path, {'cmt.network': 'x'})
+
+
+def test_releases_are_byte_reproducible_across_processes(tmp_path):
+    """safetensors orders its header from a hash map that changes between processes; the release writer fixes
+    the order, so the same weights and metadata give the same file in every process."""
+    import subprocess
+    import sys
+    script = ("import sys, torch; from engine.networks import SongUNet; from engine.precond import CMPrecond; "
+              "from engine.releases import export_safetensors; torch.manual_seed(0); "
+              "net = CMPrecond(SongUNet(img_resolution=8, in_channels=3, out_channels=3, model_channels=8, "
+              "channel_mult=[1], num_blocks=1, attn_resolutions=[])); "
+              "export_safetensors(net, sys.argv[1], dict(stage='s', kimg=1.5, config=dict(a=1, b=[2, 3], c='d')))")
+    hashes = set()
+    for i in range(3):
+        out = tmp_path / f'r{i}.safetensors'
+        subprocess.run([sys.executable, '-c', script, str(out)], check=True, timeout=120)
+        hashes.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(hashes) == 1
+    loaded = C.load_safetensors_network(tmp_path / 'r0.safetensors')
+    assert load_file(tmp_path / 'r0.safetensors').keys() == loaded.state_dict().keys()
+    assert C.read_safetensors_metadata(tmp_path / 'r0.safetensors')[1]['config'] == dict(a=1, b=[2, 3], c='d')
+    data = (tmp_path / 'r0.safetensors').read_bytes()
+    n = int.from_bytes(data[:8], 'little')
+    header = json.loads(data[8:8 + n])
+    assert n % 8 == 0 and list(header['__metadata__']) == sorted(header['__metadata__'])
+    offsets = [v['data_offsets'] for k, v in header.items() if k != '__metadata__']
+    assert offsets == sorted(offsets)
 
 
 def test_safetensors_of_other_architecture(tmp_path):

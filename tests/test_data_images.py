@@ -13,16 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data import image_dataset as image_dataset_module
+from engine.data import dataset_writer as writer_module
+from engine.data import image_dataset as reader_module
 from engine.data.digits import DIGITS_COUNT, digits, digits_uint8
-from engine.data.image_dataset import (
-    DatasetError,
-    ImageDataset,
-    edm_image_name,
-    float_to_uint8,
-    uint8_to_float,
-    write_image_dataset,
-)
+from engine.data.dataset_writer import write_image_dataset
+from engine.data.image_dataset import DatasetError, ImageDataset, edm_image_name, float_to_uint8, uint8_to_float
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -268,7 +263,7 @@ def test_write_into_existing_empty_folder_is_allowed(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_failed_write_leaves_nothing_behind(tmp_path, kind, monkeypatch):
-    real = image_dataset_module._encode_members
+    real = writer_module._encode_members
 
     def dies_midway(*args):
         for i, member in enumerate(real(*args)):
@@ -278,14 +273,14 @@ def test_failed_write_leaves_nothing_behind(tmp_path, kind, monkeypatch):
 
     dest = tmp_path / ("d.zip" if kind == "zip" else "d")
     images = np.zeros((5, 1, 8, 8), np.uint8)
-    monkeypatch.setattr(image_dataset_module, "_encode_members", dies_midway)
+    monkeypatch.setattr(writer_module, "_encode_members", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         write_image_dataset(dest, images)
     assert list(tmp_path.iterdir()) == []
     # With an existing dest and overwrite=True, a failed write keeps the old dataset.
-    monkeypatch.setattr(image_dataset_module, "_encode_members", real)
+    monkeypatch.setattr(writer_module, "_encode_members", real)
     write_image_dataset(dest, images + 7)
-    monkeypatch.setattr(image_dataset_module, "_encode_members", dies_midway)
+    monkeypatch.setattr(writer_module, "_encode_members", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         write_image_dataset(dest, images, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == [dest.name]
@@ -374,7 +369,7 @@ def test_corrupt_pixels_fail_lazily_by_default_and_eagerly_with_full(tmp_path, k
 def test_png_header_fast_path_agrees_with_pil(array, mode):
     data = png(array, mode if mode != "I;16" else None)
     pil = PIL.Image.open(io.BytesIO(data))
-    fast = image_dataset_module._png_header(io.BytesIO(data))
+    fast = reader_module._png_header(io.BytesIO(data))
     # Either the same answer as PIL, or None (then the scan asks PIL): never a different mode.
     assert fast in {(pil.mode, 8, 8), None}
     assert (fast is None) == (mode not in ("L", "LA", "RGB", "RGBA"))
@@ -432,7 +427,7 @@ def test_zip_handle_is_per_process_and_not_pickled(digits_zip, monkeypatch):
     assert handle is not None and ds._get_zipfile() is handle
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._zipfile is None and np.array_equal(clone[5][0], images[5])
-    monkeypatch.setattr(image_dataset_module.os, "getpid", lambda: -1)  # as if in a forked child
+    monkeypatch.setattr(reader_module.os, "getpid", lambda: -1)  # as if in a forked child
     assert ds._get_zipfile() is not handle
 
 

@@ -117,7 +117,7 @@ def test_sharded_objectives_equal_the_unsharded_batch(name):
 
 def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_path):
     """CMT's trajectories are per global batch: 2 trajectories cannot be shared by 4 ranks (the reference code
-    silently trains on nothing then, spec/cm.md §3.1)."""
+    silently trains on nothing then, docs/spec/cm.md §3.1)."""
     monkeypatch.setattr(dist, "world_size", lambda: 4)
     teacher = EDMPrecond(_unet()).eval().requires_grad_(False)
     cmt = CMT(teacher, nfe=4, trajectories_per_batch=2, distance=squared_l2, graphs=False)

@@ -1,5 +1,5 @@
 """The DiT / Mean Flow backbone (engine/networks/dit.py) and the forward-AD attention op (engine.ops.attention):
-sizes and state_dict as spec/mf.md §3, and the JVP of a whole DiT against float64 finite differences and against
+sizes and state_dict as docs/spec/mf.md §3, and the JVP of a whole DiT against float64 finite differences and against
 torch.func.jvp through explicit attention."""
 import math
 import os

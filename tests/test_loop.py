@@ -70,11 +70,17 @@ def test_nonfinite_loss_stops_the_stage_and_keeps_saved_checkpoints(tmp_path):
 
 def test_changed_configuration_is_not_resumed(tmp_path):
     net, data = tiny_setup()
-    train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
+    first = train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
     net2, _ = tiny_setup()
     with pytest.raises(RuntimeError, match="different configuration"):
         train_stage(cfg(lr=2e-3), net2, EDMLoss(), data, str(tmp_path))
     # a rerun of the finished stage with the same configuration trains nothing and returns the same EMA
     net3, _ = tiny_setup()
+    with torch.no_grad():   # a different starting point, so that only the checkpoint can make the EMA equal
+        for p in net3.parameters():
+            p.add_(1.0)
     again = train_stage(cfg(), net3, EDMLoss(), data, str(tmp_path))
-    assert again.counters["steps"] == 5
+    assert again.counters == first.counters and again.pairs_seen == first.pairs_seen
+    a, b = first.ema.state_dict(), again.ema.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(first.net.state_dict().values(), again.net.state_dict().values()))

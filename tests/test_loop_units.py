@@ -13,7 +13,7 @@ from engine.train_log import truncate_jsonl
 
 
 def test_linear_decay_matches_cmt_formula():
-    # spec/cm.md §3.4: lr_k = 2e-4 (1 − k/300000) with the counter before the step
+    # docs/spec/cm.md §3.4: lr_k = 2e-4 (1 − k/300000) with the counter before the step
     total = 300_000 * 128
     for k in (0, 1, 150_000, 299_999):
         assert learning_rate("linear", 128 * k, lr=2e-4, total_nimg=total) == pytest.approx(2e-4 * (1 - k / 300_000))

@@ -1,4 +1,4 @@
-"""engine/lpips.py against a direct float64 re-implementation of spec/cm.md §3.2 written here, and (when the lpips
+"""engine/lpips.py against a direct float64 re-implementation of docs/spec/cm.md §3.2 written here, and (when the lpips
 package is installed) against lpips 0.1.4's own LPIPS class run on the same random trunk. No real VGG16 ImageNet
 weights are available to the tests: the trunk is random throughout."""
 import sys
@@ -20,7 +20,7 @@ _SLICES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 
 
 def reference_lpips(x, y, vgg_sd, lin_sd):
-    """spec/cm.md §3.2 step by step, float64: scaling layer, conv3×3+ReLU stacks with a max-pool before slices
+    """docs/spec/cm.md §3.2 step by step, float64: scaling layer, conv3×3+ReLU stacks with a max-pool before slices
     2..5, unit normalisation over channels, squared difference, 1×1 conv head, spatial mean, sum over layers."""
     x, y = x.double(), y.double()
     if x.shape[1] == 1:

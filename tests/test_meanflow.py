@@ -1,5 +1,5 @@
 """Flow matching, Mean Flow and CMT-MF (engine/objectives/meanflow.py) against direct float64 re-computations of
-spec/mf.md §1 and §4 on a small DiT: the Mean Flow target with a finite-difference du/dt, gradients through the
+docs/spec/mf.md §1 and §4 on a small DiT: the Mean Flow target with a finite-difference du/dt, gradients through the
 forward-AD attention op equal to those through explicit attention, and CMT-MF pairs from a stored trajectory."""
 import math
 

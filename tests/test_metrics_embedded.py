@@ -31,7 +31,7 @@ def one_thread():
 # ---- Fréchet distance -----------------------------------------------------------------------------------------
 
 def fd_scipy(mu1, s1, mu2, s2):
-    """The reference code's formula (spec/cm.md §7.1): real part of scipy's sqrtm of the product."""
+    """The reference code's formula (docs/spec/cm.md §7.1): real part of scipy's sqrtm of the product."""
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
 

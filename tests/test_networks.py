@@ -1,12 +1,12 @@
 """Tests for engine/networks: EDM-compatible SongUNet / DhariwalUNet, the MLP backbone and named configs.
 
 What is checked, and against what:
-* state_dict sizes and parameter totals against spec/cm.md §5.5 (DDPM++) and against totals measured once
+* state_dict sizes and parameter totals against docs/spec/cm.md §5.5 (DDPM++) and against totals measured once
   with NVlabs/edm's own classes (NCSN++, ADM, digits), built on the meta device so it is fast;
 * the full CIFAR-10 and 64×64 DDPM++ key lists (names, order, shapes), generated here from the module
-  tables of spec/cm.md §5.4 and the key rules of §5.5, not from our own code;
+  tables of docs/spec/cm.md §5.4 and the key rules of §5.5, not from our own code;
 * golden outputs of the reference implementation (below);
-* an independent float64 evaluation of a UNetBlock with interleaved-qkv attention (spec/cm.md §5.2);
+* an independent float64 evaluation of a UNetBlock with interleaved-qkv attention (docs/spec/cm.md §5.2);
 * resampling with the [1,1] filter = nearest 2× upsampling / 2×2 average pooling; float64 execution;
   label conditioning; the MLP backbone.
 
@@ -104,7 +104,7 @@ def _build_with_rule_weights(cls, kwargs):
 # ------------------------------------------------------------------------------------------------------
 # Sizes and totals.
 
-# (config, state_dict entries, parameters, resample_filter buffers). DDPM++ rows: spec/cm.md §5.5.
+# (config, state_dict entries, parameters, resample_filter buffers). DDPM++ rows: docs/spec/cm.md §5.5.
 # NCSN++, ADM and digits rows: measured with NVlabs/edm's classes built from the same kwargs.
 TOTALS = [
     ('cifar10-ddpmpp', 424, 55_732_739, 8),
@@ -155,7 +155,7 @@ def test_build_network_overrides_and_errors():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Full key lists from the spec's module tables (spec/cm.md §5.4) and key rules (§5.5).
+# Full key lists from the spec's module tables (docs/spec/cm.md §5.4) and key rules (§5.5).
 
 E = 512  # embedding width of the DDPM++ configs
 
@@ -203,7 +203,7 @@ RES64_TABLE = (
 
 
 def expected_keys(table, augment_dim):
-    """[(key, shape)] in state_dict order, following spec/cm.md §5.5."""
+    """[(key, shape)] in state_dict order, following docs/spec/cm.md §5.5."""
     keys = []
     if augment_dim:
         keys.append(('map_augment.weight', (128, augment_dim)))
@@ -276,7 +276,7 @@ def test_golden_fixture_is_small():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Independent float64 check of a UNetBlock with attention (spec/cm.md §5.2).
+# Independent float64 check of a UNetBlock with attention (docs/spec/cm.md §5.2).
 
 def _group_norm(x, norm):
     groups = min(32, x.shape[1] // 4)
@@ -284,7 +284,7 @@ def _group_norm(x, norm):
 
 
 def _block_reference(block, x, emb, heads, adaptive, skip_scale):
-    """The block's forward written out from spec/cm.md §5.2, attention with explicit per-channel indexing."""
+    """The block's forward written out from docs/spec/cm.md §5.2, attention with explicit per-channel indexing."""
     h = F.conv2d(F.silu(_group_norm(x, block.norm0)), block.conv0.weight, block.conv0.bias, padding=1)
     params = emb @ block.affine.weight.T + block.affine.bias
     if adaptive:

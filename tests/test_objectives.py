@@ -1,4 +1,4 @@
-"""Objectives against direct float64 re-computations of the spec's formulas (spec/cm.md §1.1, §3.1, §4.1, §4.5),
+"""Objectives against direct float64 re-computations of the spec's formulas (docs/spec/cm.md §1.1, §3.1, §4.1, §4.5),
 on the analytic Gaussian-mixture teacher, a float64 MLP student and a probe student that records its inputs."""
 import math
 
@@ -84,7 +84,7 @@ def test_distances_against_direct_formulas():
     torch.testing.assert_close(squared_l2(x, y), d2, rtol=1e-14, atol=0)
     torch.testing.assert_close(l2(x, y), d2.sqrt(), rtol=1e-14, atol=0)
     torch.testing.assert_close(pseudo_huber(0.03)(x, y), (d2 + 0.03 ** 2).sqrt() - 0.03, rtol=1e-14, atol=0)
-    # reference names (spec/cm.md §3.1 step 9): 'MSE' is the sum of squares, 'MAE' the L2 norm
+    # reference names (docs/spec/cm.md §3.1 step 9): 'MSE' is the sum of squares, 'MAE' the L2 norm
     assert resolve_distance("MSE") is squared_l2 and resolve_distance("mae") is l2
     assert resolve_distance("squared_l2") is squared_l2 and resolve_distance("l2") is l2
     # a perceptual module returning [N,1,1,1] (as LPIPS does) becomes [N]
@@ -145,7 +145,7 @@ def test_cmt_pairing_layout_matches_reference(gm):
     probe = Probe()
     obj = CMT(gm, nfe=N, trajectories_per_batch=m, distance="squared_l2")
     out = obj(probe, y, None, make_rng(11))
-    # recompute spec/cm.md §3.1: ε from the same generator, x_T = y + 80ε, 6-step DPM-Solver++ on the λ grid
+    # recompute docs/spec/cm.md §3.1: ε from the same generator, x_T = y + 80ε, 6-step DPM-Solver++ on the λ grid
     eps = torch.randn(y.shape, generator=make_rng(11).device, dtype=F64)
     x_T = y + 80.0 * eps
     sig = logsnr_sigmas(N)

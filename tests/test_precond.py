@@ -1,4 +1,4 @@
-"""Preconditioning: coefficients against spec/cm.md §1.3's table, the eval-only boundary condition, σ and label
+"""Preconditioning: coefficients against docs/spec/cm.md §1.3's table, the eval-only boundary condition, σ and label
 forms, and the float64 path."""
 import math
 
@@ -34,7 +34,7 @@ def coefficients(net, sigma):
     return c_skip, c_out
 
 
-# spec/cm.md §1.3, σ_d = 0.5, σ_min = 0.003: (σ, c_skip train, c_skip eval, c_out train, c_out eval)
+# docs/spec/cm.md §1.3, σ_d = 0.5, σ_min = 0.003: (σ, c_skip train, c_skip eval, c_out train, c_out eval)
 SPEC_TABLE = [
     (80, 3.9061e-5, 3.9064e-5, 0.499990, 0.499971),
     (0.821, 0.270551, 0.271998, 0.427039, 0.425479),
@@ -67,7 +67,7 @@ def test_boundary_condition_holds_in_eval_mode_only():
     assert torch.equal(net(x, 0.003), x)  # c_skip = 1, c_out = 0 exactly
     net.train()
     assert not torch.allclose(net(x, 0.003), x, atol=1e-4)  # EDM-parameterised while training
-    # a train-mode student equals the EDM teacher with the same backbone (spec/cm.md §1.3)
+    # a train-mode student equals the EDM teacher with the same backbone (docs/spec/cm.md §1.3)
     teacher = EDMPrecond(net.model)
     s = torch.tensor([80.0, 1.0, 0.1, 0.003])
     torch.testing.assert_close(net(x, s), teacher(x, s), rtol=0, atol=0)
@@ -120,7 +120,7 @@ def test_labels():
         net(x, 1.0, torch.tensor([0, 4, 1]))
     with pytest.raises(ValueError, match="one-hot"):
         net(x, 1.0, torch.ones(3, 5))
-    # an unconditional backbone ignores labels whatever is passed (spec/cm.md §1.2)
+    # an unconditional backbone ignores labels whatever is passed (docs/spec/cm.md §1.2)
     probe0 = Probe()
     EDMPrecond(probe0)(x, 1.0, torch.tensor([1, 2, 3]))
     assert probe0.calls[-1][2] is None

@@ -78,7 +78,7 @@ def test_imagenet256_cmt_mf_smoke_and_missing_data(tmp_path):
     res = mod.main(["--smoke", "--out", out, "--device", "cpu"])
     assert res["runs"]["cmt_mf"]["kimg"] == {"pre": 0.064, "mid": 0.112, "post": 0.032}
     cfg = json.load(open(os.path.join(out, "config.json")))["config"]
-    full = mod.Config()  # the paper's settings (spec/mf.md §4.5) are what a real run resolves
+    full = mod.Config()  # the paper's settings (docs/spec/mf.md §4.5) are what a real run resolves
     assert (full.teacher, full.student, full.omega, full.kappa, full.t_end) == ("B/4", "XL/2", 0.2, 0.92, 0.75)
     assert full.mid_kimg == 200_000 * 112 / 1000 and full.post_batch == 64 and cfg["tiny"] is True
     for stage in ("pre_mf_teacher", "mid_cmt", "post_mf"):

@@ -9,7 +9,7 @@ import torch
 from engine import schedules
 from engine.data import GaussianMixture
 
-# spec/cm.md §2.2: float32 values of the N = 16 grid.
+# docs/spec/cm.md §2.2: float32 values of the N = 16 grid.
 SPEC_GRID_16 = [80, 41.253544, 21.273186, 10.969927, 5.6568542, 2.9170661, 1.504241, 0.77569091, 0.39999998,
                 0.20626771, 0.10636593, 0.054849643, 0.028284263, 0.014585325, 0.0075212047, 0.0038784544,
                 0.0019999999]
@@ -24,7 +24,7 @@ def test_logsnr_grid_matches_spec_table():
     # the reference rounds λ to float32 before exp: |Δλ| ≲ 6.2·2^-24 gives up to ~4e-7 relative in σ
     np.testing.assert_allclose(f64.numpy(), SPEC_GRID_16, rtol=5e-7)
     lam = -torch.log(f64)
-    # constant λ-step h = ln(80/0.002)/16 = 0.66228967 (spec/cm.md §2.2)
+    # constant λ-step h = ln(80/0.002)/16 = 0.66228967 (docs/spec/cm.md §2.2)
     np.testing.assert_allclose((lam[1:] - lam[:-1]).numpy(), 0.66228967, rtol=1e-7)
     assert abs(f64[7].item() - 0.77569091) < 1e-7  # the mid-training 2-step evaluation point
 

@@ -1,4 +1,4 @@
-"""sCT / sCD (engine/objectives/scm.py) against direct float64 re-computations of spec/mf.md §5.2: the TrigFlow view
+"""sCT / sCD (engine/objectives/scm.py) against direct float64 re-computations of docs/spec/mf.md §5.2: the TrigFlow view
 of an EDM denoiser, the JVP tangent against central finite differences, the whole loss, shared dropout masks,
 the teacher velocity on the analytic mixture, warm-up, and the adaptive weight trained by the loop."""
 import math

@@ -14,7 +14,7 @@ from engine.solvers import (consistency_sampler, dpm_solver_orders, dpm_solver_p
 
 
 def spec_update(x, t, s0, s1, s2, M0, M1, M2, order):
-    """spec/cm.md §2.5 written out in its difference form, float64, independent of the engine's expansion."""
+    """docs/spec/cm.md §2.5 written out in its difference form, float64, independent of the engine's expansion."""
     lam = lambda v: -math.log(v)
     h = lam(t) - lam(s0)
     phi1 = math.expm1(-h)

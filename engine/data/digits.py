@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .image_dataset import float_to_uint8
+from .sampler import TensorSource
 
-__all__ = ["DIGITS_COUNT", "DIGITS_NUM_CLASSES", "digits", "digits_uint8"]
+__all__ = ["DIGITS_COUNT", "DIGITS_NUM_CLASSES", "digits", "digits_uint8", "digits_source"]
 
 DIGITS_COUNT = 1797
 DIGITS_NUM_CLASSES = 10
@@ -117,3 +118,9 @@ def digits_uint8(resolution: int = 8, **kwargs) -> tuple[np.ndarray, np.ndarray]
     """
     images, labels = digits(resolution, **kwargs)
     return float_to_uint8(images), labels.numpy()
+
+
+def digits_source(resolution: int = 8, split: str | None = "train") -> TensorSource:
+    """The digits of `split` as a training source (images in [−1, 1] with their labels): the embedded recipes'
+    data."""
+    return TensorSource(*digits(resolution=resolution, split=split))

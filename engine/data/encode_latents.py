@@ -8,7 +8,7 @@
 Each image (uint8, sides multiples of 8) becomes one float32 [8, H/8, W/8] `.npy` member — the posterior mean and
 std (engine.vae.LatentEncoder) — named as EDM2's `dataset_tool.py encode` names them, with the dataset's labels
 carried over into dataset.json. `--convention sd` (default) feeds the encoder SD's [−1, 1] range, as DiT, SiT and
-Mean Flow latents are made (spec/mf.md §7.1); `edm2` feeds [0, 1] as EDM2 does (edm2_latent.md §3.1). The images
+Mean Flow latents are made (docs/spec/mf.md §7.1); `edm2` feeds [0, 1] as EDM2 does (docs/spec/edm2_latent.md §3.1). The images
 are streamed batch by batch into the archive (nothing but one batch is held in memory), which is written under a
 temporary name and renamed when complete; an interrupted run leaves no partial dataset and starts over.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.image_dataset import LABELS_FILENAME, ImageDataset, _write_members, edm_latent_name
+from engine.data.dataset_writer import write_members
+from engine.data.image_dataset import LABELS_FILENAME, ImageDataset, edm_latent_name
 
 
 def encode_dataset(dataset: ImageDataset, encoder, dest, batch: int = 64, device="cpu", overwrite: bool = False,
@@ -50,7 +51,7 @@ def encode_dataset(dataset: ImageDataset, encoder, dest, batch: int = 64, device
                 yield names[-1], buf.getvalue()
         meta = {"labels": None if labels is None else [[nm, y] for nm, y in zip(names, labels)]}
         yield LABELS_FILENAME, json.dumps(meta).encode("utf-8")
-    return _write_members(Path(dest), members, overwrite)
+    return write_members(Path(dest), members, overwrite)
 
 
 def main(argv=None) -> Path:

@@ -136,6 +136,6 @@ class GaussianMixture:
         return torch.logsumexp(self._component_logp(x64, var_t, labels), dim=1)
 
     def velocity(self, z_t: torch.Tensor, t, labels=None) -> torch.Tensor:
-        """Exact flow-matching velocity E[ε − y | z_t] for z_t = (1 − t)y + tε (spec/mf.md §0, §6.4)."""
+        """Exact flow-matching velocity E[ε − y | z_t] for z_t = (1 − t)y + tε (docs/spec/mf.md §0, §6.4)."""
         from engine.schedules import velocity_from_edm_denoiser
         return velocity_from_edm_denoiser(self.denoise, z_t, t, labels)

@@ -1,4 +1,4 @@
-"""DINOv2 ViT-L/14, the feature network of FD_DINOv2 (edm2_latent.md §5.1): 1024-d final-norm CLS token.
+"""DINOv2 ViT-L/14, the feature network of FD_DINOv2 (docs/spec/edm2_latent.md §5.1): 1024-d final-norm CLS token.
 
 Implemented here and loaded from the released weight file `dinov2_vitl14_pretrain.pth` (the state dict the
 `facebookresearch/dinov2` hub entry `dinov2_vitl14` loads): `cls_token`, `pos_embed` [1, 1 + 37², 1024] (trained

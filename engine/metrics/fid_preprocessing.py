@@ -1,5 +1,5 @@
-"""The input protocols of FID's Inception detector: how uint8 images become its 299×299 input (spec/cm.md §7,
-edm2_latent.md §5.1). Two are implemented, each beside its definition:
+"""The input protocols of FID's Inception detector: how uint8 images become its 299×299 input (docs/spec/cm.md §7,
+docs/spec/edm2_latent.md §5.1). Two are implemented, each beside its definition:
 
   * "nvidia" — NVIDIA's detector (`inception-2015-12-05.pt` / `.pkl`; every FID EDM, EDM2, ECT and CMT report);
   * "pytorch-fid" — pytorch-fid's `InceptionV3`, for comparing with numbers its users report.

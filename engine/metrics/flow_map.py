@@ -2,7 +2,7 @@
 
 For the analytic `GaussianMixture` the PF-ODE dx/dσ = (x − D(x; σ))/σ has an exact (closed-form) right-hand
 side, so its flow Ψ_{σ→σ_end} can be integrated to float64 accuracy (`pf_ode_reference`, RK4 in ln σ). A
-consistency function f(x, σ) should equal that flow to the boundary σ_end (spec/cm.md §3: f(x, σ_min) = x with
+consistency function f(x, σ) should equal that flow to the boundary σ_end (docs/spec/cm.md §3: f(x, σ_min) = x with
 σ_min = 0.002 in EDM/CMT's ODE, 0.003 in CMPrecond's boundary condition), so
 
     err(σ) = E_{y ~ p, ε ~ N(0, I)} ‖f(y + σε, σ) − Ψ_{σ→σ_end}(y + σε)‖²     (sum over dimensions)

@@ -1,6 +1,6 @@
 """Fréchet distance between Gaussian summaries of feature sets (FID, FD_DINOv2, the digits-classifier FD).
 
-    FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½          (spec/cm.md §7.1, edm2_latent.md §5.1)
+    FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½          (docs/spec/cm.md §7.1, docs/spec/edm2_latent.md §5.1)
 
 The reference code takes tr sqrtm(Σ₁Σ₂) with `scipy.linalg.sqrtm` of the non-symmetric product and keeps the
 real part. The product has the same eigenvalues as the symmetric PSD matrix M = Σ₁^½ Σ₂ Σ₁^½, so we take the
@@ -10,7 +10,7 @@ covariances, and no complex parts, no failed Schur iterations and no NaN when a 
 eigendecompositions (~3 s for D = 2048 on 2 CPU cores, a quarter of scipy sqrtm's time).
 
 Statistics follow EDM's `fid.py` by default: μ = mean, Σ unbiased (divides by N − 1); `unbiased=False` gives
-the biased Σ of the CMT/ECT metric code (divides by N; spec/cm.md §7 item 14). `FeatureStatistics` accumulates
+the biased Σ of the CMT/ECT metric code (divides by N; docs/spec/cm.md §7 item 14). `FeatureStatistics` accumulates
 the same statistics over batches in float64 for feature extractors that stream (Inception, DINOv2).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Inception-v3 feature network of FID: TensorFlow's `inception-2015-12-05` graph as NVIDIA's detector runs
-it (spec/cm.md §7, edm2_latent.md §5.1) — 2048-d pool features of uint8 RGB images of any size.
+it (docs/spec/cm.md §7, docs/spec/edm2_latent.md §5.1) — 2048-d pool features of uint8 RGB images of any size.
 
 Implemented here, so no pickled or scripted code is executed for the forward pass; the weights come from the
 files users already have, read by `engine/metrics/inception_files.py`: NVIDIA's TorchScript

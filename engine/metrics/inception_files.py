@@ -1,13 +1,13 @@
 """The files the FID Inception detector comes in, read into `engine.metrics.inception.InceptionV3`'s tensor names
 without running any code they carry.
 
-Layouts (all hold TensorFlow's `inception-2015-12-05` weights; spec/cm.md §7, edm2_latent.md §5.1):
+Layouts (all hold TensorFlow's `inception-2015-12-05` weights; docs/spec/cm.md §7, docs/spec/edm2_latent.md §5.1):
 
   * `inception-2015-12-05.pt` — NVIDIA's TorchScript archive (StyleGAN2-ADA, ECT, CMT). Its tensors are read by
     name (`layers.<unit>.{weight, beta, mean, var}` per conv + batch-norm unit — TF's batch norm has no scale —
     and `output.{weight, bias}`); its scripted forward is never called.
   * `inception-2015-12-05.pkl` — the same network as a `torch_utils.persistence` pickle (EDM `fid.py`, EDM2).
-    Read with the restricted unpickler of engine/unpickler.py (spec/edm2_latent.md §2.5): persistent objects
+    Read with the restricted unpickler of engine/unpickler.py (docs/spec/edm2_latent.md §2.5): persistent objects
     become passive records and `module_src` is kept as text, never executed. The tensors are taken from the
     record tree under NVIDIA's names, or from a TorchScript archive the pickle carries as bytes.
   * `pt_inception-2015-12-05-6726825d.pth` — pytorch-fid's state dict in torchvision's names

@@ -1,5 +1,5 @@
 """Reference statistics files, compatible with EDM and EDM2 in both directions, and the command that computes them
-from a dataset (spec/cm.md §7.2, edm2_latent.md §5.1).
+from a dataset (docs/spec/cm.md §7.2, docs/spec/edm2_latent.md §5.1).
 
   * `.npz` (EDM's `fid-refs/*.npz`): `mu` [2048] and `sigma` [2048, 2048], float64 — FID only;
   * `.pkl` (EDM2's `dataset-refs/*.pkl`): a plain pickle of `{num_images, fid: {mu, sigma},

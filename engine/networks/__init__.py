@@ -1,8 +1,8 @@
-"""Denoiser backbones F(x, c_noise, class_labels, augment_labels) (spec/cm.md §5).
+"""Denoiser backbones F(x, c_noise, class_labels, augment_labels) (docs/spec/cm.md §5).
 
 SongUNet and DhariwalUNet reproduce NVlabs/edm's networks with identical state_dict names, so EDM / ECT /
 CMT checkpoints load by name; MLPNet is a small backbone for vector data. Named configurations live in
-`configs.py`. `DiT` (dit.py) is the DiT/SiT/Mean Flow transformer, `net(x, t, r, labels)` (spec/mf.md §3).
+`configs.py`. `DiT` (dit.py) is the DiT/SiT/Mean Flow transformer, `net(x, t, r, labels)` (docs/spec/mf.md §3).
 """
 
 from .configs import CONFIGS, NetworkConfig, build_network

@@ -1,4 +1,4 @@
-"""Named backbone configurations for the paper's datasets (spec/cm.md §5.1, §8) and the tiny test setups.
+"""Named backbone configurations for the paper's datasets (docs/spec/cm.md §5.1, §8) and the tiny test setups.
 
 `CONFIGS[name]` is a `NetworkConfig(cls, kwargs)`; `build_network(name, **overrides)` constructs it. The
 kwargs are the backbone's own constructor arguments (EDM's names for the U-Nets), so a configuration can
@@ -25,7 +25,7 @@ class NetworkConfig(NamedTuple):
     kwargs: dict
 
 
-# EDM `train.py --arch=ddpmpp` (spec/cm.md §5.1); channel_mult is [2,2,2] at 32² and [1,2,2,2] at 64².
+# EDM `train.py --arch=ddpmpp` (docs/spec/cm.md §5.1); channel_mult is [2,2,2] at 32² and [1,2,2,2] at 64².
 _DDPMPP = dict(
     in_channels=3, out_channels=3, label_dim=0, augment_dim=0, model_channels=128, channel_mult_emb=4,
     num_blocks=4, attn_resolutions=[16], label_dropout=0, embedding_type='positional', channel_mult_noise=1,
@@ -35,7 +35,7 @@ _DDPMPP = dict(
 _NCSNPP = dict(
     _DDPMPP, embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1],
 )
-_STUDENT_DROPOUT = 0.2          # CMT/ECT students, all datasets (spec/cm.md §5.1)
+_STUDENT_DROPOUT = 0.2          # CMT/ECT students, all datasets (docs/spec/cm.md §5.1)
 _EDM_AUGMENT_DIM = 9            # EDM teachers trained with --augment > 0
 
 CONFIGS = {

@@ -1,7 +1,7 @@
 """DhariwalUNet: the ADM U-Net of Dhariwal & Nichol in EDM's formulation (EDM's ImageNet-64 network).
 
 Module names, parameter shapes and registration order equal NVlabs/edm's `DhariwalUNet`, and the
-constructor takes EDM's keyword arguments and defaults, so EDM checkpoints load by name (spec/cm.md §6.2).
+constructor takes EDM's keyword arguments and defaults, so EDM checkpoints load by name (docs/spec/cm.md §6.2).
 Differences from SongUNet: adaptive (scale/shift) group-norm modulation, kaiming-uniform init scaled by
 sqrt(1/3), multi-head attention with 64 channels per head, pure-resampling skips in up/down blocks,
 non-endpoint positional embedding without the sin/cos swap, class embedding added after map_layer1, and a
@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, constructor_arguments, label_embedding
+from .layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, constructor_arguments, label_embedding,
+                     set_backbone_interface)
 
 __all__ = ['DhariwalUNet']
 
@@ -37,15 +38,9 @@ class DhariwalUNet(torch.nn.Module):
                  ):
         init_kwargs = constructor_arguments(locals())
         super().__init__()
-        self.init_kwargs = init_kwargs
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.img_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.augment_dim = augment_dim
-        self.label_dropout = label_dropout
-        self.data_shape = (in_channels, img_resolution, img_resolution)
+        set_backbone_interface(self, init_kwargs, img_resolution=img_resolution, in_channels=in_channels,
+                               out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                               label_dropout=label_dropout, data_shape=(in_channels, img_resolution, img_resolution))
 
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))

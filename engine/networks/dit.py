@@ -1,9 +1,9 @@
-"""DiT / SiT backbones with Mean Flow's second time input (spec/mf.md §3).
+"""DiT / SiT backbones with Mean Flow's second time input (docs/spec/mf.md §3).
 
     net = DiT.from_name("XL/2", input_size=32, in_channels=4, num_classes=1000)
-    u = net(z_t, t, r, labels)          # the average velocity u(z_t, r, t); t = 1 is noise (spec/mf.md §0)
+    u = net(z_t, t, r, labels)          # the average velocity u(z_t, r, t); t = 1 is noise (docs/spec/mf.md §0)
 
-Architecture and state_dict as spec/mf.md §3.2–3.3: patch embedding, fixed 2-D sin-cos position table (a
+Architecture and state_dict as docs/spec/mf.md §3.2–3.3: patch embedding, fixed 2-D sin-cos position table (a
 non-trainable parameter, as in the reference state dicts), timestep embedders for t (`t_embedder`) and for
 h = t − r (`r_embedder`; other codebases call it `h_embedder` — `load_state_dict` accepts both), a label table
 with the null class at index `num_classes`, adaLN-Zero blocks (LayerNorm without affine, ε 1e-6; attention
@@ -23,7 +23,7 @@ from torch import nn
 from engine import ops
 from engine.networks.dit_jvp import dit_jvp
 
-CONFIGS = {  # depth, hidden, heads, patch (spec/mf.md §3.1)
+CONFIGS = {  # depth, hidden, heads, patch (docs/spec/mf.md §3.1)
     "B/4": (12, 768, 12, 4), "B/2": (12, 768, 12, 2), "M/2": (16, 1024, 16, 2), "L/2": (24, 1024, 16, 2),
     "XL/2": (28, 1152, 16, 2),
 }
@@ -52,7 +52,7 @@ class TimestepEmbedder(nn.Module):
         dt = torch.float64 if t.dtype == torch.float64 else torch.float32  # arguments in fp32 at least
         f = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dt) / half)
         args = t.to(dt)[:, None] * f[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first (spec/mf.md §3.2)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first (docs/spec/mf.md §3.2)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -219,7 +219,7 @@ class DiT(nn.Module):
         return dit_jvp(self, x, t, r, labels, dx, dt, dr, gather)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # other Mean Flow codebases name the second time embedder h_embedder (spec/mf.md §3.3)
+        # other Mean Flow codebases name the second time embedder h_embedder (docs/spec/mf.md §3.3)
         state_dict = {k.replace("h_embedder.", "r_embedder.", 1) if k.startswith("h_embedder.") else k: v
                       for k, v in state_dict.items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,7 +1,7 @@
-"""The DiT's forward-mode JVP by explicit tangent propagation, primal and tangent streams batched (spec/mf.md §2.1
+"""The DiT's forward-mode JVP by explicit tangent propagation, primal and tangent streams batched (docs/spec/mf.md §2.1
 option 5, §2.5).
 
-Mean Flow's target needs (u, du/dt) along (ṽ, 0, 1) without gradients (spec/mf.md §1.3 (b)). `torch.func.jvp`
+Mean Flow's target needs (u, du/dt) along (ṽ, 0, 1) without gradients (docs/spec/mf.md §1.3 (b)). `torch.func.jvp`
 runs every linear layer twice (x·Wᵀ, then ẋ·Wᵀ as a second GEMM) and goes through the dispatcher per op. Here
 every module maps (x, ẋ) → (y, ẏ) directly:
 

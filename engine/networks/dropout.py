@@ -2,7 +2,7 @@
 
 Consistency training evaluates the student twice per step — at x_t with gradients and at x_r as the
 stop-gradient target — and the reference makes both passes draw the *same* dropout masks by saving and restoring
-the CUDA RNG state (spec/cm.md §4.1 step 4–5). We do it with an explicit generator on any device:
+the CUDA RNG state (docs/spec/cm.md §4.1 step 4–5). We do it with an explicit generator on any device:
 
     with dropout_generator(seed, device):   s_t = net(x_t, t)
     with dropout_generator(seed, device):   s_r = net(x_r, r)     # identical masks

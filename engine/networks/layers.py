@@ -1,10 +1,10 @@
-"""Building blocks shared by the U-Nets (spec/cm.md §5.2).
+"""Building blocks shared by the U-Nets (docs/spec/cm.md §5.2).
 
 Every module here mirrors one layer of NVlabs/edm `training/networks.py`: same attribute names, same
 parameter/buffer registration order (hence identical `state_dict` keys), same arithmetic, and the same
 consumption of the global RNG during initialisation, so that `torch.manual_seed(s)` followed by
 construction yields the same initial weights as EDM. Checkpoints written by EDM/ECT/CMT are loaded by
-copying `state_dict` entries by name (spec/cm.md §6.2), which is why the names below must not change.
+copying `state_dict` entries by name (docs/spec/cm.md §6.2), which is why the names below must not change.
 
 Dtypes: parameters are cast to the input's dtype inside `forward` (as in EDM), so a module converted with
 `.double()` or fed half-precision activations works. The attention softmax is evaluated in at least
@@ -178,7 +178,7 @@ class PositionalEmbedding(torch.nn.Module):
 class FourierEmbedding(torch.nn.Module):
     """Random Fourier features [cos(2π x f_i), sin(2π x f_i)] with f ~ N(0, scale²) stored in buffer `freqs`.
 
-    EDM's default scale is 16; CMT/ECT's copy of networks.py changed it to 0.02 (spec/cm.md §0). The value
+    EDM's default scale is 16; CMT/ECT's copy of networks.py changed it to 0.02 (docs/spec/cm.md §0). The value
     only matters for fresh initialisation: checkpoints carry `freqs`.
     """
 
@@ -194,7 +194,7 @@ class FourierEmbedding(torch.nn.Module):
 class UNetBlock(torch.nn.Module):
     """Residual block with optional 2× up/down resampling and multi-head self-attention.
 
-    Covers the DDPM++, NCSN++ and ADM variants (spec/cm.md §5.2):
+    Covers the DDPM++, NCSN++ and ADM variants (docs/spec/cm.md §5.2):
 
         h = conv0(silu(norm0(x)))                                   (resampling inside conv0)
         h = silu(norm1(h) * (1 + scale) + shift)   if adaptive_scale  (scale, shift = affine(emb))
@@ -266,6 +266,22 @@ class UNetBlock(torch.nn.Module):
             a = torch.einsum('nqk,nck->ncq', w, v)
             x = (self.proj(a.reshape(B, C, H, W)) + x) * self.skip_scale
         return x
+
+
+def set_backbone_interface(module: torch.nn.Module, init_kwargs: dict, *, img_resolution, in_channels: int,
+                           out_channels: int, label_dim: int, augment_dim: int, label_dropout: float,
+                           data_shape: tuple) -> None:
+    """The attributes every backbone exposes to wrappers, samplers and checkpoints (EDM's names: `img_resolution`,
+    `img_channels`, `label_dim`, …), and its recorded constructor arguments (`constructor_arguments`)."""
+    module.init_kwargs = init_kwargs
+    module.img_resolution = img_resolution
+    module.in_channels = in_channels
+    module.img_channels = in_channels
+    module.out_channels = out_channels
+    module.label_dim = label_dim
+    module.augment_dim = augment_dim
+    module.label_dropout = label_dropout
+    module.data_shape = data_shape
 
 
 def constructor_arguments(local_vars: dict) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dropout import dropout
-from .layers import Linear, PositionalEmbedding, constructor_arguments, label_embedding
+from .layers import Linear, PositionalEmbedding, constructor_arguments, label_embedding, set_backbone_interface
 
 __all__ = ['MLPNet', 'MLPBlock']
 
@@ -62,16 +62,10 @@ class MLPNet(torch.nn.Module):
                  ):
         init_kwargs = constructor_arguments(locals())
         super().__init__()
-        self.init_kwargs = init_kwargs
         out_channels = in_channels if out_channels is None else out_channels
-        self.img_resolution = None                # vector data: no spatial extent
-        self.in_channels = in_channels
-        self.img_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.augment_dim = 0
-        self.label_dropout = label_dropout
-        self.data_shape = (in_channels,)
+        set_backbone_interface(self, init_kwargs, img_resolution=None,  # vector data: no spatial extent
+                               in_channels=in_channels, out_channels=out_channels, label_dim=label_dim, augment_dim=0,
+                               label_dropout=label_dropout, data_shape=(in_channels,))
 
         init = dict(init_mode='xavier_uniform')
         self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)

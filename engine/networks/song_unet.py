@@ -1,7 +1,7 @@
-"""SongUNet: the DDPM++ / NCSN++ U-Net of Song et al. in EDM's formulation (spec/cm.md §5).
+"""SongUNet: the DDPM++ / NCSN++ U-Net of Song et al. in EDM's formulation (docs/spec/cm.md §5).
 
 Module names, parameter shapes and registration order equal NVlabs/edm's `SongUNet`, so EDM, ECT and CMT
-checkpoints load by name (spec/cm.md §5.5, §6.2); the constructor takes exactly EDM's keyword arguments
+checkpoints load by name (docs/spec/cm.md §5.5, §6.2); the constructor takes exactly EDM's keyword arguments
 because checkpoint loaders rebuild the network from the `_init_kwargs` stored in the pickles.
 
 DDPM++ (the teacher and student architecture of the paper): embedding_type='positional',
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     constructor_arguments, label_embedding)
+                     constructor_arguments, label_embedding, set_backbone_interface)
 
 __all__ = ['SongUNet']
 
@@ -56,15 +56,9 @@ class SongUNet(torch.nn.Module):
             if value not in known:
                 raise ValueError(f'SongUNet: unknown {name} {value!r}; expected one of {known}')
         super().__init__()
-        self.init_kwargs = init_kwargs
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.img_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.augment_dim = augment_dim
-        self.label_dropout = label_dropout
-        self.data_shape = (in_channels, img_resolution, img_resolution)
+        set_backbone_interface(self, init_kwargs, img_resolution=img_resolution, in_channels=in_channels,
+                               out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                               label_dropout=label_dropout, data_shape=(in_channels, img_resolution, img_resolution))
 
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise

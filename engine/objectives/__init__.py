@@ -1,14 +1,14 @@
 """Training objectives: `objective(net, images, labels, rng) -> LossOutput` (engine/objectives/base.py).
 
-    EDMLoss   teacher pre-training (spec/cm.md §1.1)
-    CMT       consistency mid-training on teacher DPM-Solver++ trajectories (spec/cm.md §3.1)
+    EDMLoss   teacher pre-training (docs/spec/cm.md §1.1)
+    CMT       consistency mid-training on teacher DPM-Solver++ trajectories (docs/spec/cm.md §3.1)
     CachedCMT CMT on trajectories pre-generated to disk (engine/trajectory_cache.py)
     KD        the KD-style ablation: (x_T, σ_max) → teacher endpoint
     SlowCMT   the "Slow CMT" ablation: one teacher solve per pair
-    ECT       easy consistency tuning (spec/cm.md §4.1)
-    ECD       easy consistency distillation, one teacher Euler/Heun step per pair (spec/cm.md §4.5)
-    SCT, SCD  continuous-time consistency training / distillation with TrigFlow (spec/mf.md §5)
-    FlowMatching, MeanFlow, CMTMeanFlow   flow-map objectives for DiT-style networks (spec/mf.md §1, §4)
+    ECT       easy consistency tuning (docs/spec/cm.md §4.1)
+    ECD       easy consistency distillation, one teacher Euler/Heun step per pair (docs/spec/cm.md §4.5)
+    SCT, SCD  continuous-time consistency training / distillation with TrigFlow (docs/spec/mf.md §5)
+    FlowMatching, MeanFlow, CMTMeanFlow   flow-map objectives for DiT-style networks (docs/spec/mf.md §1, §4)
     (their samplers and teacher solves, like every other, live in engine/solvers.py)
     LatentPosterior  any of them on VAE posterior samples of stored latent moments (engine/objectives/latent.py)
 """

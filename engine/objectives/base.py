@@ -7,7 +7,7 @@ generators the loop reseeds from (seed, rank, images seen) at each step — so a
 Units. `batch_size` in a stage is the number of *student samples (pairs) per step*; budgets in kimg count them,
 as the paper's Mimg do (CMT: 128 pairs per iteration = 8 trajectories × 16). `images_per_step(batch_size)` is the
 number of data images the objective consumes for that many pairs; the loader loads exactly that many, so nothing
-loaded is discarded (unlike the reference CMT loss, spec/cm.md §3.1 step 1).
+loaded is discarded (unlike the reference CMT loss, docs/spec/cm.md §3.1 step 1).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Consistency Mid-Training (spec/cm.md §3.1) and the paper's two ablations, KD and Slow CMT (spec/cm.md §8.1).
+"""Consistency Mid-Training (docs/spec/cm.md §3.1) and the paper's two ablations, KD and Slow CMT (docs/spec/cm.md §8.1).
 
-All three regress the student f(x, σ) onto the endpoint of a frozen teacher's DPM-Solver++ solve (spec/cm.md §2)
+All three regress the student f(x, σ) onto the endpoint of a frozen teacher's DPM-Solver++ solve (docs/spec/cm.md §2)
 on the log-SNR grid σ_0 = σ_max > … > σ_N = σ_min; they differ in which (input, σ) pairs they train on:
 
     CMT       one solve per trajectory from x_T; every state x_0 … x_{N−1} of it is an input, all with the same
@@ -57,7 +57,7 @@ class _TeacherSolve(Objective):
         self.teacher = freeze(teacher)
         self.nfe, self.order, self.third_order = int(nfe), int(order), third_order
         self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
-        self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], spec/cm.md §2.2
+        self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], docs/spec/cm.md §2.2
         self.distance = resolve_distance(distance)
         # the full-grid solve, CUDA-graph captured on GPUs (engine/teacher.py)
         self.solver = TeacherSolver(self.teacher, self.sigmas, self.order, third_order=third_order, graphs=graphs)
@@ -84,7 +84,7 @@ class _FromPrior(_TeacherSolve):
         self.prior = prior
 
     def start(self, images: torch.Tensor, rng: StepRNG) -> torch.Tensor:
-        """x_T = y + σ_max ε ('data', the reference, spec/cm.md §3.1 step 4) or σ_max ε ('noise'); one draw
+        """x_T = y + σ_max ε ('data', the reference, docs/spec/cm.md §3.1 step 4) or σ_max ε ('noise'); one draw
         of ε [m, ...] either way, as the reference's single `randn_like`."""
         if images.shape[0] < 1:
             raise ValueError("an empty batch: CMT/KD need at least one trajectory per step")
@@ -95,13 +95,13 @@ class _FromPrior(_TeacherSolve):
 
 
 class CMT(_FromPrior):
-    """Consistency mid-training, the reference's `DPMSolverLoss` (spec/cm.md §3.1).
+    """Consistency mid-training, the reference's `DPMSolverLoss` (docs/spec/cm.md §3.1).
 
     Per step, m = `trajectories_per_batch` images y, one teacher solve each (N = nfe steps), and N·m pairs laid out
     step-major exactly as the reference: entry k = j·m + b has input x_j[b] (j = 0 … N−1; x_0 = x_T), σ = σ_j and
     target x_N[b]. Unit weights. The stage's `batch_size` counts pairs, so it must be trajectories_per_batch × nfe
     (8 × 16 = 128 in the paper); unlike the reference no loaded image is discarded (it keeps only ⌊B/16⌋ of
-    each per-GPU batch, spec/cm.md §3.1 step 1).
+    each per-GPU batch, docs/spec/cm.md §3.1 step 1).
 
     `distance` has no default: the reference's is LPIPS, which needs pretrained weights; pass
     `perceptual(lpips_module)` for it, or a name / callable (engine.objectives.distances)."""
@@ -133,7 +133,7 @@ class CMT(_FromPrior):
 
 def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance,
                           teacher_nfe: bool) -> LossOutput:
-    """CMT's pairs from trajectories [N + 1, m, ...] on the grid `sigmas` [N + 1] (spec/cm.md §3.1): entry
+    """CMT's pairs from trajectories [N + 1, m, ...] on the grid `sigmas` [N + 1] (docs/spec/cm.md §3.1): entry
     k = j·m + b has input x_j[b], σ = σ_j and target x_N[b] — step-major, as the reference lays them out."""
     N, m = traj.shape[0] - 1, traj.shape[1]
     X = traj[:N].reshape(N * m, *traj.shape[2:])                      # entry j·m + b = x_j[b]  (a view)
@@ -173,7 +173,7 @@ class CachedCMT(Objective):
 
 
 class KD(_FromPrior):
-    """Knowledge-distillation initialisation, the paper's "KD-style" ablation (spec/cm.md §8.1): one pair per
+    """Knowledge-distillation initialisation, the paper's "KD-style" ablation (docs/spec/cm.md §8.1): one pair per
     trajectory, (x_T, σ_max) → x_N. Pairs = trajectories = images per step = batch_size; N teacher calls per pair.
     `distance` as in CMT."""
 
@@ -194,7 +194,7 @@ class KD(_FromPrior):
 
 
 class SlowCMT(_TeacherSolve):
-    """"Slow CMT" (spec/cm.md §8.1): every pair gets its own teacher solve, so pairs are independent.
+    """"Slow CMT" (docs/spec/cm.md §8.1): every pair gets its own teacher solve, so pairs are independent.
 
     Pair i (one data image y_i each) uses grid level j_i = (i + o) mod N with one random offset o per step
     (stratified: each level gets ⌊B/N⌋ or ⌈B/N⌉ pairs); input x_i = y_i + σ_{j_i} ε_i (forward noising), σ = σ_{j_i};

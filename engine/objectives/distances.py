@@ -1,11 +1,11 @@
 """Per-pair distances d(x, y) -> [N] between student outputs and targets.
 
-The reference selects its CMT distance with `--loss_metric` (spec/cm.md §3.1 step 9); its names are misleading,
+The reference selects its CMT distance with `--loss_metric` (docs/spec/cm.md §3.1 step 9); its names are misleading,
 so ours say what they compute:
 
     squared_l2(x, y)   Σ_{non-batch} (x − y)²             the reference's 'MSE' (a sum, not a mean)
     l2(x, y)           sqrt(Σ_{non-batch} (x − y)²)        the reference's 'MAE' (an L2 norm, not an absolute error);
-                                                           also ECT's distance with c = 0 (spec/cm.md §4.1 step 6)
+                                                           also ECT's distance with c = 0 (docs/spec/cm.md §4.1 step 6)
     pseudo_huber(c)    sqrt(Σ (x − y)² + c²) − c           ECT's distance with c > 0
     perceptual(module) module(x, y) reshaped to [N]        LPIPS (the reference's default) or any learned metric
 
@@ -42,7 +42,7 @@ def l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class pseudo_huber:  # noqa: N801 - used like a function: pseudo_huber(c)(x, y)
-    """sqrt(Σ (x − y)² + c²) − c, shape [N] (ECT's `c > 0` branch, spec/cm.md §4.1 step 6). A class rather than
+    """sqrt(Σ (x − y)² + c²) − c, shape [N] (ECT's `c > 0` branch, docs/spec/cm.md §4.1 step 6). A class rather than
     a closure so that its constant shows in logs and reprs."""
 
     def __init__(self, c: float):
@@ -60,7 +60,7 @@ class pseudo_huber:  # noqa: N801 - used like a function: pseudo_huber(c)(x, y)
 class perceptual:  # noqa: N801 - used like a function: perceptual(lpips_module)(x, y)
     """A learned metric `module(x, y) -> [N]` or `[N, 1, 1, 1]` (LPIPS returns the latter) as a per-pair
     distance [N]. The reference feeds LPIPS the raw [−1, 1] tensors, unclamped and not resized
-    (spec/cm.md §3.1 step 9, §3.2): so does this wrapper; do any resizing inside `module`."""
+    (docs/spec/cm.md §3.1 step 9, §3.2): so does this wrapper; do any resizing inside `module`."""
 
     def __init__(self, module: Callable):
         if not callable(module):
@@ -96,7 +96,7 @@ class _Checked:
 DISTANCES: dict[str, Distance] = {
     "squared_l2": squared_l2,
     "l2": l2,
-    "mse": squared_l2,   # the reference's --loss_metric names (spec/cm.md §3.1 step 9, §9 item 7)
+    "mse": squared_l2,   # the reference's --loss_metric names (docs/spec/cm.md §3.1 step 9, §9 item 7)
     "mae": l2,
 }
 

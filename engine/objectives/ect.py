@@ -1,4 +1,4 @@
-"""Easy Consistency Tuning (spec/cm.md §4.1–4.4) and Easy Consistency Distillation (spec/cm.md §4.5).
+"""Easy Consistency Tuning (docs/spec/cm.md §4.1–4.4) and Easy Consistency Distillation (docs/spec/cm.md §4.5).
 
 Both train f(x_t, t) towards a stop-gradient target f(x_r, r) at a slightly smaller noise level r = t_to_r(t):
 
@@ -17,7 +17,7 @@ Identical masks: the reference saves and restores the CUDA RNG state around the 
 same stream on any device.
 
 Stage schedule. `set_progress(nimg)` sets stage = ⌊nimg / (1000·double_kimg)⌋ (stage 0 throughout when
-double_kimg is None). The reference counts stages in ticks (spec/cm.md §4.2): its stage 0 lasts one tick longer
+double_kimg is None). The reference counts stages in ticks (docs/spec/cm.md §4.2): its stage 0 lasts one tick longer
 than the others (tick 0 is a single iteration and the stage is floor((tick − 1)/double)), and its post-training
 scripts pass `--double` twice so that the later value (10000 ticks) wins — a constant stage 0. Neither quirk is
 reproduced: stages here are exact image-count intervals, and CMT post-training is simply double_kimg=None.
@@ -58,7 +58,7 @@ class _ConsistencyGap(Objective):
         self.q, self.c, self.k, self.b = float(q), float(c), float(k), float(b)
         self.mapping, self.weighting = mapping, weighting
         self.double_kimg = None if double_kimg is None else float(double_kimg)
-        # spec/cm.md §4.1 step 6; `distance` may replace it (e.g. a perceptual metric).
+        # docs/spec/cm.md §4.1 step 6; `distance` may replace it (e.g. a perceptual metric).
         self.distance = resolve_distance(distance) if distance is not None else (
             pseudo_huber(self.c) if self.c > 0 else l2)
         self.stage = 0
@@ -95,7 +95,7 @@ class _ConsistencyGap(Objective):
 
     def weight(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if self.weighting == "inverse_gap":
-            return 1 / (t - r)   # the reference's arithmetic (not the closed-form gap), spec/cm.md §4.1 step 7
+            return 1 / (t - r)   # the reference's arithmetic (not the closed-form gap), docs/spec/cm.md §4.1 step 7
         sd = self.sigma_data
         return (t ** 2 + sd ** 2) / (t * sd) ** 2
 
@@ -130,7 +130,7 @@ class _ConsistencyGap(Objective):
 
 
 class ECT(_ConsistencyGap):
-    """Easy Consistency Tuning, the reference's `ECMLoss` (spec/cm.md §4.1). Defaults are its constructor's;
+    """Easy Consistency Tuning, the reference's `ECMLoss` (docs/spec/cm.md §4.1). Defaults are its constructor's;
     CMT post-training uses q = 4096 (CIFAR-10) / 1024 (AFHQv2) / 512 (FFHQ) with a constant stage 0
     (double_kimg=None); original ECT uses q = 2 with double_kimg = 3200 (250 ticks of 12.8 kimg).
     weighting='snrpk' with c = 0.06 is the ECT `imgnet` branch. `distance`, if given, replaces the L2/pseudo-Huber
@@ -148,7 +148,7 @@ class ECT(_ConsistencyGap):
 
 
 class ECD(_ConsistencyGap):
-    """Easy Consistency Distillation, CMT-512's `ECDLoss` / `ECDGuidLoss` (spec/cm.md §4.5): as ECT, but x_r is
+    """Easy Consistency Distillation, CMT-512's `ECDLoss` / `ECDGuidLoss` (docs/spec/cm.md §4.5): as ECT, but x_r is
     one PF-ODE step t → r of a frozen teacher from x_t (dx/dσ = (x − D(x; σ))/σ):
 
         Euler: x_r = x_t + (r − t)·(x_t − D(x_t; t))/t

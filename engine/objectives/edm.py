@@ -1,4 +1,4 @@
-"""EDM denoising loss: teacher pre-training (spec/cm.md §1.1; NVlabs/edm `training/loss.py`, `EDMLoss`)."""
+"""EDM denoising loss: teacher pre-training (docs/spec/cm.md §1.1; NVlabs/edm `training/loss.py`, `EDMLoss`)."""
 from __future__ import annotations
 
 import torch

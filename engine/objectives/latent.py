@@ -1,5 +1,5 @@
-"""Training on VAE latents stored as posterior moments (EDM2's latent datasets, spec/edm2_latent.md §3.1; the
-Mean Flow ImageNet-256 setup, spec/mf.md §7.1): every time an example is drawn, a fresh posterior sample
+"""Training on VAE latents stored as posterior moments (EDM2's latent datasets, docs/spec/edm2_latent.md §3.1; the
+Mean Flow ImageNet-256 setup, docs/spec/mf.md §7.1): every time an example is drawn, a fresh posterior sample
 
     z = mean + std·n,  n ~ N(0, I)
 

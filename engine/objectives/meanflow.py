@@ -1,15 +1,15 @@
-"""Flow matching, Mean Flow and CMT for Mean Flow (spec/mf.md §1, §4), for networks with the flow-map signature
-`net(z, t, r, labels) -> u(z, r, t)` (engine.networks.DiT; t = 1 is noise, spec/mf.md §0).
+"""Flow matching, Mean Flow and CMT for Mean Flow (docs/spec/mf.md §1, §4), for networks with the flow-map signature
+`net(z, t, r, labels) -> u(z, r, t)` (engine.networks.DiT; t = 1 is noise, docs/spec/mf.md §0).
 
     FlowMatching  SiT pre-training: z = (1 − t)x + tε, v = ε − x, ‖u(z, t, t) − v‖²
     MeanFlow      u_tgt = ṽ − (t − r)·[J_z u·ṽ + ∂_t u], L = e / sg((e + c)^p), e = Σ(u − sg(u_tgt))²
     CMTMeanFlow   pairs (z_{t_i}, z_{t_j}) of a teacher trajectory with the average-velocity target
-                  (z_{t_i} − z_{t_j}) / (t_i − t_j); plain squared L2 (spec/mf.md §4.4)
+                  (z_{t_i} − z_{t_j}) / (t_i − t_j); plain squared L2 (docs/spec/mf.md §4.4)
 
 Mean Flow's JVP is a no-grad JVP of the network along (ṽ, 0, 1) in (z, r, t), taken only on the rows with r ≠ t
 (rows with r = t have (t − r)·du/dt = 0): by default the network's own dual-stream `jvp` when it has one (the DiT:
 primal and tangent batched through each linear layer, attention (O, Ȯ) in one kernel pass;
-engine/networks/dit_jvp.py), `torch.func.jvp` otherwise or with jvp='func'. The prediction is an ordinary forward — spec/mf.md §1.3
+engine/networks/dit_jvp.py), `torch.func.jvp` otherwise or with jvp='func'. The prediction is an ordinary forward — docs/spec/mf.md §1.3
 option (b): only the ordinary forward carries gradients, so a DDP/FSDP wrapper sees a normal forward, and the
 JVP may run on the unwrapped module (`jvp_net`). Classifier-free guidance is folded into the target as the
 official code does (§1.6); label dropout sends the first rows of the batch to the null class with the unguided v.
@@ -76,7 +76,7 @@ class FlowMatching(Objective):
 
 
 class MeanFlow(Objective):
-    """Mean Flow (spec/mf.md §1.11, official semantics). Defaults: ImageNet (μ −0.4, σ 1.0, 75% of rows r = t),
+    """Mean Flow (docs/spec/mf.md §1.11, official semantics). Defaults: ImageNet (μ −0.4, σ 1.0, 75% of rows r = t),
     adaptive weight p = 1, c = 0.01, label dropout 0.1; guidance ω, κ on [t_start, t_end] (ω = 1, κ = 0: none).
     `jvp_net`, if given, is the module the JVP runs on (the unwrapped network under DDP/FSDP); `jvp`: 'auto' (the
     network's dual-stream `jvp` method when it has one), 'dual' (require it) or 'func' (torch.func.jvp)."""
@@ -139,7 +139,7 @@ class MeanFlow(Objective):
 
     @torch.no_grad()
     def time_derivative(self, jnet, z, r, t, y, v_tilde) -> torch.Tensor:
-        """du/dt = J_z u·ṽ + ∂_t u (spec/mf.md §1.2), no grad, on the unwrapped module (spec/mf.md §2.7)."""
+        """du/dt = J_z u·ṽ + ∂_t u (docs/spec/mf.md §1.2), no grad, on the unwrapped module (docs/spec/mf.md §2.7)."""
         jnet = dist.unwrap(jnet)
         dual = getattr(jnet, "jvp", None)
         if self.jvp_mode == "dual" and dual is None:
@@ -179,7 +179,7 @@ class MeanFlow(Objective):
 @torch.no_grad()
 def pair_indices(rule: str, steps: int = 8) -> list[tuple[int, int]]:
     """Pairs (i, j) of trajectory states, i the input and j the target end, for the states z_{t_k}, t_k = k/steps
-    (index k; k = steps is the noise). spec/mf.md §4.3."""
+    (index k; k = steps is the noise). docs/spec/mf.md §4.3."""
     if rule not in PAIR_RULES:
         raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
     ks = range(steps + 1)
@@ -194,7 +194,7 @@ def pair_indices(rule: str, steps: int = 8) -> list[tuple[int, int]]:
 
 
 class CMTMeanFlow(Objective):
-    """CMT mid-training for Mean Flow (spec/mf.md §4). Per step `trajectories_per_batch` teacher trajectories on
+    """CMT mid-training for Mean Flow (docs/spec/mf.md §4). Per step `trajectories_per_batch` teacher trajectories on
     the uniform grid t_k = k/N (N = 8; the 'grid8' rule uses 7 steps), from ε with the data's labels:
 
       teacher='mf'   one Mean Flow step per interval: z_{k−1} = z_k − (1/N)·u_T(z_k, t_{k−1}, t_k)   (N NFE)

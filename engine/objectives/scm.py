@@ -1,4 +1,4 @@
-"""Continuous-time consistency models with TrigFlow: sCT and sCD (Lu & Song 2025; spec/mf.md §5) — the
+"""Continuous-time consistency models with TrigFlow: sCT and sCD (Lu & Song 2025; docs/spec/mf.md §5) — the
 baselines of the throughput comparison.
 
 TrigFlow: x_t = cos t·x_0 + sin t·z, z ~ N(0, σ_d² I), t ∈ [0, π/2], and the consistency function
@@ -8,11 +8,11 @@ c_out = σ_d·sin t and c_in·x = x_t/σ_d, so D = f_θ exactly with F_θ = −F
 same networks (and checkpoints) therefore serve ECT, CMT and sCM; only the time conditioning differs from the
 paper's c_noise(t) = t (ours stays EDM's ln(σ)/4).
 
-One training step (spec/mf.md §5.2):
+One training step (docs/spec/mf.md §5.2):
 
     τ ~ N(P_mean, P_std²), t = arctan(e^τ / σ_d);  x_t = cos t·x_0 + sin t·z
     dx_t/dt = cos t·z − sin t·x_0                               (sCT)
-            = (cos t·x_t − D_teacher(x_t / cos t, σ_d tan t)) / sin t    (sCD; spec/mf.md §5.4)
+            = (cos t·x_t − D_teacher(x_t / cos t, σ_d tan t)) / sin t    (sCD; docs/spec/mf.md §5.4)
     (F⁻, cos t sin t·dF⁻/dt) = JVP of F_θ⁻ at (x_t, t) with tangents (cos t sin t·dx_t/dt, cos t sin t), no grad
     g = −cos²t·(σ_d F⁻ − dx_t/dt) − r_w·(cos t sin t·x_t + σ_d·cos t sin t·dF⁻/dt),  r_w = min(1, images/warm-up)
     g ← g / (‖g‖ + c)                                            per sample, c = 0.1
@@ -109,7 +109,7 @@ class _SCM(Objective):
         raise NotImplementedError
 
     def tangent(self, net, x_t, t, dxdt, labels, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F⁻, g) before normalisation: one no-grad JVP of F_θ⁻ (spec/mf.md §5.2)."""
+        """(F⁻, g) before normalisation: one no-grad JVP of F_θ⁻ (docs/spec/mf.md §5.2)."""
         cs = batch_view(torch.cos(t) * torch.sin(t), x_t)
         with torch.no_grad(), dropout_generator(seed, x_t.device):
             F_minus, dF = torch.func.jvp(lambda x, tt: trig_F(net, x, tt, labels, self.sigma_data),
@@ -166,7 +166,7 @@ class SCT(_SCM):
 
 class SCD(_SCM):
     """Continuous-time consistency distillation (sCD): dx_t/dt from a frozen EDM-parameterised teacher,
-    (cos t·x_t − D(x_t/cos t, σ_d tan t))/sin t (spec/mf.md §5.4; exact for the true denoiser). With `guidance`
+    (cos t·x_t − D(x_t/cos t, σ_d tan t))/sin t (docs/spec/mf.md §5.4; exact for the true denoiser). With `guidance`
     w, classifier-free guidance d + (w − 1)(d − d_∅), d_∅ the teacher without labels (two teacher calls)."""
 
     name = "scd"
