@@ -35,6 +35,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import StepBench, kernel_mode, machine, median_time, write_results  # noqa: E402
+from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
 from engine import ops  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.lpips import LPIPS  # noqa: E402
@@ -191,8 +192,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that the script runs")
     p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=positive_int_arg, default=50)
+    p.add_argument("--warmup", type=nonneg_int_arg, default=10)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
     device = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
@@ -227,4 +228,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -34,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
+
 VARIANTS = ("mf_dual", "mf_forward_ad", "mf_math_attention", "flow_matching")
 
 
@@ -73,9 +75,9 @@ def run_variant(a) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", default=None, help="DiT configuration (default B/4 on CPU, XL/2 on a GPU)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=positive_int_arg, default=None)
+    p.add_argument("--reps", type=positive_int_arg, default=5)
+    p.add_argument("--warmup", type=nonneg_int_arg, default=2)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--record", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -122,4 +124,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -28,7 +28,7 @@ def err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def main() -> list[dict]:
+def main(argv=None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     rand = lambda shape, scale=1.0: (torch.randn(shape, generator=g) * scale).to(device)
@@ -70,4 +70,5 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -228,4 +228,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -128,4 +128,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

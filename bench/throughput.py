@@ -34,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg  # noqa: E402
+
 from common import StepBench, kernel_mode, machine, sync, write_results  # noqa: E402
 from engine import trajectory_cache as tc  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
@@ -220,14 +222,14 @@ def main(argv=None) -> dict:
     p.add_argument("--network", default="cifar10-ddpmpp")
     p.add_argument("--student", default="XL/2", help="--family dit: the student DiT")
     p.add_argument("--teacher", default="B/4", help="--family dit: the CMT-MF teacher DiT")
-    p.add_argument("--channels", type=int, default=None, help="model_channels override (reduced width)")
-    p.add_argument("--batch", type=int, default=None, help="training pairs per iteration (default: CMT's, "
+    p.add_argument("--channels", type=positive_int_arg, default=None, help="model_channels override (reduced width)")
+    p.add_argument("--batch", type=positive_int_arg, default=None, help="training pairs per iteration (default: CMT's, "
                    "128 = 8 × 16 for unet, 112 = 4 × 28 for dit)")
-    p.add_argument("--trajectories", type=int, default=None, help="CMT trajectories per iteration")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--trajectories", type=positive_int_arg, default=None, help="CMT trajectories per iteration")
+    p.add_argument("--reps", type=positive_int_arg, default=20)
+    p.add_argument("--warmup", type=nonneg_int_arg, default=5)
     p.add_argument("--device", default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (for MFU)")
+    p.add_argument("--peak-tflops", type=positive_float_arg, default=None, help="the device's peak (for MFU)")
     p.add_argument("--smoke", action="store_true", help="tiny network, two repetitions (CPU)")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -257,4 +259,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

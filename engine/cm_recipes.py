@@ -20,6 +20,7 @@ import torch
 
 from engine import dist
 from engine.edm_snapshots import load_edm_pickle
+from engine.files import EngineError
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.sampler import ImageDatasetSource
 from engine.loop import StageConfig, initialise
@@ -93,6 +94,23 @@ def _smoke_inputs(out: str, s: PaperSettings):
     return path, teacher, student, LPIPS.random(0)
 
 
+def check_inputs(name: str, s: PaperSettings, dataset, teacher, data_path: str, teacher_path: str) -> None:
+    """The dataset and the teacher must be what the recipe's settings are for: the paper's resolution, three
+    channels, and each other's shape (a mismatch that happens to run would train the wrong thing)."""
+    res, ch = teacher.model.img_resolution, teacher.model.img_channels
+    problems = []
+    if dataset.resolution != s.resolution:
+        problems.append(f"{data_path} holds {dataset.resolution}×{dataset.resolution} images; {name} is for "
+                        f"{s.resolution}×{s.resolution}")
+    if res != s.resolution:
+        problems.append(f"{teacher_path} was trained at {res}×{res}; {name} is for {s.resolution}×{s.resolution}")
+    if dataset.num_channels != ch:
+        problems.append(f"{data_path} has {dataset.num_channels}-channel images, the teacher {teacher_path} "
+                        f"{ch}-channel ones")
+    if problems:
+        raise EngineError("; ".join(problems))
+
+
 def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) -> dict:
     args = parse_flags(doc, argv, default_out=f"runs/{name}")
     s = smoke_settings(settings) if args.smoke else settings
@@ -104,6 +122,7 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
         check_fid_inputs(args.device)
     run = Run(args, name, dataclasses.asdict(s))
     if args.dry_run:
+        run.record(identity=False)
         return {}
     if args.smoke:
         data_path, teacher, student, lpips = _smoke_inputs(args.out, s)
@@ -117,9 +136,7 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
                                   overrides=dict(dropout=s.dropout)).train().requires_grad_(True)
         lpips = LPIPS()
     dataset = ImageDataset(data_path, use_labels=False)
-    if dataset.resolution != teacher.model.img_resolution:
-        raise SystemExit(f"{data_path} holds {dataset.resolution}×{dataset.resolution} images but the teacher "
-                         f"was trained at {teacher.model.img_resolution}×{teacher.model.img_resolution}")
+    check_inputs(name, s, dataset, teacher, data_path, args.teacher or "the smoke teacher")
     data = ImageDatasetSource(dataset)
     teacher = teacher.to(run.device)
     distance = perceptual(lpips.to(run.device))

@@ -127,4 +127,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -312,10 +312,23 @@ def set_module_state(module: nn.Module, state: dict) -> None:
     set_model_state_dict(unwrap(module), state)
 
 
+MANIFEST = "MANIFEST.sha256"
+
+
+def _hash_files(directory: str, names: list[str]) -> dict[str, str]:
+    from engine.files import file_sha256
+    return {n: file_sha256(os.path.join(directory, n)) for n in names}
+
+
+def _sharded_files(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n != MANIFEST and os.path.isfile(os.path.join(directory, n)))
+
+
 def save_sharded(directory: str, state: dict, extra: dict) -> None:
     """Write `state` (nested dicts of possibly-sharded tensors) with DCP into `directory`, plus `extra` (plain
     Python values, rank 0's) as extra.pt, atomically: written to a hidden sibling, renamed when every rank is
-    done. An existing `directory` is replaced."""
+    done. An existing `directory` is replaced. Before the rename, every file's SHA-256 goes into MANIFEST.sha256
+    (the ranks hash a share of the files each), which `load_sharded` checks."""
     import torch.distributed.checkpoint as dcp
     parent, name = os.path.split(os.path.abspath(directory))
     tmp = os.path.join(parent, f".{name}.tmp")
@@ -327,6 +340,14 @@ def save_sharded(directory: str, state: dict, extra: dict) -> None:
     if rank() == 0:
         from engine.files import save_checkpoint
         save_checkpoint(os.path.join(tmp, "extra.pt"), extra)
+    barrier()
+    files = _sharded_files(tmp)
+    hashes = gather_objects(_hash_files(tmp, files[rank()::world_size()]))
+    if rank() == 0:
+        from engine.files import atomic_write
+        merged = {k: v for part in hashes for k, v in part.items()}
+        atomic_write(os.path.join(tmp, MANIFEST),
+                     lambda f: f.write("".join(f"{merged[n]}  {n}\n" for n in sorted(merged)).encode()))
         _fsync_dir(tmp)
         old = None
         if os.path.exists(directory):
@@ -348,13 +369,49 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def load_sharded(directory: str, state: dict) -> dict:
+def verify_sharded(directory: str) -> bool:
+    """Check a distributed checkpoint's files against its MANIFEST.sha256, each rank a share of them, all ranks
+    agreeing: True when it matches, False for a checkpoint written before manifests existed,
+    UnreadableCheckpoint (on every rank) when any file is missing, extra or changed."""
+    from engine.files import UnreadableCheckpoint
+    manifest = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    recorded = {}
+    for line in open(manifest, encoding="utf-8", errors="replace"):
+        parts = line.split()
+        if len(parts) == 2:
+            recorded[parts[1]] = parts[0]
+    files = _sharded_files(directory)
+    problems = [f"{n} is not in the manifest" for n in files if n not in recorded]
+    problems += [f"{n} is missing" for n in recorded if n not in files]
+    mine = [n for n in files[rank()::world_size()] if n in recorded]
+    problems += [f"{n} does not match its SHA-256" for n, h in _hash_files(directory, mine).items()
+                 if h != recorded[n]]
+    if any_rank(bool(problems)):
+        raise UnreadableCheckpoint(f"{directory}: its files do not match {MANIFEST}"
+                                   + (f" ({'; '.join(problems[:3])})" if problems else " (found by another rank)"))
+    return True
+
+
+def load_sharded(directory: str, state: dict, check=None) -> dict:
     """Fill `state` (the same structure save_sharded wrote, as this run shards it) from `directory` in place and
-    return the extra values. DCP reads each rank's shards from whatever layout wrote them."""
+    return the extra values; `check(directory, extra)` may refuse them first. The files are checked against the
+    manifest before anything is read. DCP reads each rank's shards from whatever layout wrote them; a failure to
+    do so is a damaged checkpoint when nothing vouched for its bytes, and a misfit when the manifest did."""
     import torch.distributed.checkpoint as dcp
-    from engine.files import load_checkpoint
+    from engine.files import CheckpointError, UnreadableCheckpoint, load_checkpoint
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no .metadata)")
-    extra = load_checkpoint(os.path.join(directory, "extra.pt"))
-    dcp.load(state, checkpoint_id=directory)
+    verified = verify_sharded(directory)
+    extra = load_checkpoint(os.path.join(directory, "extra.pt"), verify=verified)
+    if check is not None:
+        check(directory, extra)
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except Exception as e:  # noqa: BLE001 - DCP raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+        if verified:
+            raise CheckpointError(f"{directory} does not fit this stage: {first}") from None
+        raise UnreadableCheckpoint(f"{directory}: {first}") from None
     return extra

@@ -93,7 +93,24 @@ def _reference_checkpoint(obj, path) -> ReferenceCheckpoint:
 def read_edm_pickle(path) -> ReferenceCheckpoint:
     """Read an EDM / ECT / CMT `.pkl` snapshot without executing its embedded `module_src`.
 
-    Only the globals of docs/spec/cm.md §6.2 are resolved; any other raises `CheckpointError` naming it."""
+    Only the globals of docs/spec/cm.md §6.2 are resolved; any other raises `CheckpointError` naming it. A
+    directory, or a file of another kind (a torch.save archive such as this engine's ckpt-*.pt, a safetensors
+    release), is named as what it is."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory; expected an EDM / ECT / CMT snapshot file (.pkl)')
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            head = f.read(8)
+        if head.startswith(b'PK\x03\x04'):
+            raise CheckpointError(
+                f'{path} is a torch.save archive (a training checkpoint of this engine, ckpt-*.pt, or an EDM '
+                f'training-state-*.pt), not an EDM / ECT / CMT snapshot (.pkl). A stage of this engine releases '
+                f'its weights as ema.safetensors beside its checkpoints; training states load with '
+                f'load_edm_training_state')
+        if path.endswith('.safetensors'):
+            raise CheckpointError(f'{path} is a safetensors release; load it with '
+                                  f'engine.releases.load_safetensors_network')
     return _reference_checkpoint(unpickle_file(path), path)
 
 
@@ -113,6 +130,10 @@ def _description_from_record(rec: NetworkRecord, source: str, mode: str | None, 
                               f'{short_list(_REFERENCE_PRECONDS)}')
     if mode not in (None, 'teacher', 'student'):
         raise ValueError(f"mode must be None, 'teacher' or 'student'; got {mode!r}")
+    if mode == 'teacher' and rec.class_name != 'EDMPrecond':
+        raise CheckpointError(f'{source}: holds a consistency model ({rec.class_name}: ECT / CMT output), not a '
+                              f'diffusion model; a teacher is an EDMPrecond snapshot (EDM\'s edm-*.pkl or a '
+                              f'pre-training stage of this engine)')
     kw = dict(rec.init_kwargs)
     attrs = rec.attributes
     model_type = kw.pop('model_type', 'DhariwalUNet')       # the reference wrappers' default

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from engine import dist
+from engine.checks import nonneg_int_arg, positive_int_arg
 from engine.files import file_sha256
 from engine.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
@@ -205,11 +206,11 @@ def main(argv=None) -> dict | None:
     p.add_argument("--latent-convention", choices=["edm2", "sd"], default="edm2",
                    help="edm2: standardised latents, decoder output in [0, 1]; sd: latents × 0.18215, output in "
                         "[−1, 1] (Mean Flow / DiT, docs/spec/mf.md §7.1)")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--num-samples", type=positive_int_arg, default=50_000)
+    p.add_argument("--seed-start", type=nonneg_int_arg, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
                    help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 1,0.5)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=positive_int_arg, default=128)
     p.add_argument("--out", default="eval")
     p.add_argument("--save-samples", action="store_true", help="also write samples.npz (uint8, in seed order)")
     a = p.parse_args(argv)
@@ -271,4 +272,5 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

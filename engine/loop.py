@@ -14,10 +14,11 @@ checkpoints are sharded torch.distributed.checkpoint directories (either form re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Callable
@@ -29,52 +30,20 @@ from engine import dist
 from engine.data.sampler import ResumableSampler
 from engine.edm_snapshots import TEACHER_ONLY_KEYS
 from engine.ema import EMA
+from engine.identity import check_or_record, identity_digest, write_identity
 from engine.image_grid import save_image_grid
 from engine.lr_schedules import learning_rate
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import Objective, StepRNG
 from engine.releases import export_safetensors
 from engine.run_state import CheckpointRing, TrainingState
+from engine.stage_config import StageConfig, stage_identity
 from engine.state_dicts import load_network_state
 from engine.train_log import TrainLog
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the stage stopped and saved nothing after it."""
-
-
-@dataclasses.dataclass
-class StageConfig:
-    name: str                                   # sub-directory of the run directory
-    total_kimg: float                           # budget, in thousands of student samples (pairs)
-    batch_size: int                             # student samples (pairs) per optimizer step
-    lr: float
-    optimizer: str = "radam"                    # 'adam' | 'radam' (docs/spec/cm.md §3.4: RAdam, eps 1e-8, no decay)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    lr_schedule: str = "linear"                 # 'constant' | 'linear' | 'inv_sqrt' (engine/lr_schedules.py)
-    lr_ref_kimg: float = 0.0                    # inv_sqrt: EDM2's ref_batches × batch, in kimg
-    lr_rampup_kimg: float = 0.0
-    ema_beta: float | None = 0.999              # constant EMA β, or
-    ema_std: float | None = None                # EDM2 power-function EMA σ_rel (set ema_beta=None)
-    grad_clip: float | None = None              # max global grad norm; None = no clipping
-    log_kimg: float = 1.0
-    ckpt_kimg: float = 10.0
-    eval_kimg: float | None = None              # evaluate(ema) every this many kimg and at the end
-    keep_checkpoints: int = 3
-    seed: int = 0
-    bf16: bool = True                           # bf16 autocast on CUDA (CPU runs are always fp32)
-    parallel: str = "auto"                      # under torchrun: 'fsdp' (auto) | 'ddp' | 'none' (engine/dist.py)
-    shard_teacher: bool = False                 # under torchrun: FSDP-shard the objective's frozen teacher too
-
-    def fingerprint(self) -> str:
-        """Hash of the settings that change the trained weights (intervals, logging and the parallel layout,
-        which changes only the sharding, excluded)."""
-        d = dataclasses.asdict(self)
-        for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher"):
-            d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -161,17 +130,22 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
                 grid: Callable[[nn.Module], torch.Tensor] | None = None) -> StageResult:
     """Train `net` (already initialised, on `device`) with `objective` on `data` (a source with `len` and
     `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any.
-    Under torchrun every rank calls this with the same arguments; the returned networks are plain (unsharded)
-    modules on every rank."""
+    Everything is checked before anything is written: the budget, the division over ranks, and the stage's
+    identity against the one recorded in its directory (docs/runs.md). SIGTERM or Ctrl-C saves a checkpoint at
+    the next step boundary and exits with 128 + the signal's number. Under torchrun every rank calls this with the
+    same arguments; the returned networks are plain (unsharded) modules on every rank."""
     device = torch.device(device)
     lead = dist.rank() == 0
     stage_dir = os.path.join(run_dir, cfg.name)
+    total, n_images = cfg.budget(), objective.images_per_step(cfg.batch_size)
     # the global batch and the images it consumes, divided evenly over the ranks (clear errors otherwise)
-    n_images = objective.images_per_step(cfg.batch_size)
     dist.local_share(cfg.batch_size, f"stage {cfg.name!r}: batch_size (pairs per step)")
     per = getattr(objective, "trajectories_per_batch", None)
     dist.local_share(n_images, f"stage {cfg.name!r}: {objective.name} consumes {n_images} "
                                + ("trajectories" if per else "images") + " per step")
+    identity_file = os.path.join(stage_dir, "identity.json")
+    identity = check_or_record(identity_file, stage_identity(cfg, net, objective, data), f"stage {cfg.name!r}",
+                               record=False, hint=f"Use another --out directory, or move {stage_dir} away")
     if lead:
         os.makedirs(stage_dir, exist_ok=True)
         with open(os.path.join(stage_dir, "config.json"), "w") as f:
@@ -183,17 +157,20 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they get their own optimizer
     objective.to(device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
-    _warn_if_ema_too_long(cfg, round(cfg.total_kimg * 1000))
+    _warn_if_ema_too_long(cfg, total)
     teacher = getattr(objective, "teacher", None) if cfg.shard_teacher else None
     parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module], frozen=teacher)
-    state = TrainingState(cfg, parallel.model, ema, objective, ring, device)
+    state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity))
     resumed = state.load_latest()
-    if resumed and lead:
-        print(f"resuming stage {cfg.name!r} from {resumed} ({state.pairs_seen / 1000:g} kimg, world size "
-              f"{dist.world_size()})", flush=True)
+    if lead:
+        write_identity(identity_file, identity)   # once the checkpoints agree with it
+        if resumed:
+            print(f"resuming stage {cfg.name!r} from {resumed} ({state.pairs_seen / 1000:g} kimg, world size "
+                  f"{dist.world_size()})", flush=True)
 
-    run_steps(cfg, state, data, n_images, stage_dir, device, lambda: parallel.gathered(ema.module).eval(),
-              evaluate, grid)
+    with StopSignals() as signals:
+        run_steps(cfg, state, data, n_images, stage_dir, device, lambda: parallel.gathered(ema.module).eval(),
+                  evaluate, grid, signals)
 
     # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
     final_ema = parallel.gathered(ema.module).eval()
@@ -207,13 +184,14 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
 
 
 def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage_dir: str, device: torch.device,
-              averaged_ema: Callable[[], nn.Module], evaluate=None, grid=None) -> None:
+              averaged_ema: Callable[[], nn.Module], evaluate=None, grid=None, signals=None) -> None:
     """The steps from `state.pairs_seen` to the stage's budget, and what happens at image-count boundaries: logs
     every `log_kimg`, evaluations and grids of the EMA every `eval_kimg`, checkpoints every `ckpt_kimg` (all at the
-    end too). Non-finite losses and gradients are flagged on the device and looked at only at those boundaries,
-    where the ranks synchronise anyway; no state that went through a NaN step is saved."""
+    end too), and a checkpoint and exit when `signals` says a stop was asked for. Non-finite losses and gradients
+    are flagged on the device and looked at only at those boundaries, where the ranks synchronise anyway; no
+    state that went through a NaN step is saved."""
     rank, world, lead = dist.rank(), dist.world_size(), dist.rank() == 0
-    total = round(cfg.total_kimg * 1000)
+    total = cfg.budget()
     sampler = ResumableSampler(len(data), seed=cfg.seed)
     log = TrainLog(stage_dir, cfg.total_kimg, state.pairs_seen / 1000, desc=cfg.name) if lead else _NoLog()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
@@ -239,7 +217,8 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
             log.advance(cfg.batch_size / 1000)
 
             done, now = state.pairs_seen >= total, state.pairs_seen
-            if _crossed(before, now, cfg.log_kimg) or done:
+            at_log = _crossed(before, now, cfg.log_kimg) or done
+            if at_log:
                 if dist.any_rank(nonfinite):
                     raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, now, state.ring))
                 t = time.time()
@@ -248,28 +227,86 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                                       grad_norm.item(), steps * cfg.batch_size / 1000 / max(t - t_last, 1e-9)))
                 loss_sum.zero_()
                 steps, t_last, last_good_kimg = 0, t, now / 1000
-            evaluating = evaluate is not None and (_crossed(before, now, cfg.eval_kimg) or done)
-            drawing = grid is not None and (_crossed(before, now, cfg.eval_kimg) or done)
-            if evaluating or drawing:
-                averaged = averaged_ema()
-                if lead and evaluating:
-                    metrics = dict(kimg=now / 1000, **evaluate(averaged))
-                    state.history.append(metrics)
-                    log.write(dict(metrics, event="eval"))
-                if lead and drawing:
-                    save_image_grid(grid(averaged), os.path.join(stage_dir, "grids", f"kimg-{now // 1000:06d}.png"))
-                state.history = dist.broadcast_object(state.history)
-                dist.barrier()
+            if _evaluate_and_draw(state, before, now, done, cfg, stage_dir, averaged_ema, evaluate, grid, log):
                 t_last = time.time()  # evaluation time is not training time
-            if _crossed(before, now, cfg.ckpt_kimg) or done:
+            stopping = signals is not None and signals.agreed(at_log)
+            if _crossed(before, now, cfg.ckpt_kimg) or done or stopping:
                 if dist.any_rank(nonfinite):  # never save a state that went through a NaN step
                     raise NonFiniteError(_nonfinite_message(cfg, last_good_kimg, now, state.ring))
                 state.wall_s += time.time() - t_last
                 t_last = time.time()
-                state.save(now)
+                path = state.save(now)
                 last_good_kimg = now / 1000
+                if stopping:
+                    signals.exit(f"stage {cfg.name!r}: stopped by {signals.name} at {now / 1000:g} kimg with a "
+                                 f"checkpoint ({path}); rerun the same command to resume", lead)
     finally:
         log.close()
+
+
+def _evaluate_and_draw(state, before, now, done, cfg, stage_dir, averaged_ema, evaluate, grid, log) -> bool:
+    """Evaluate the EMA and draw its grid when an `eval_kimg` boundary was crossed (rank 0; every rank takes part
+    in gathering it). True when anything was done."""
+    evaluating = evaluate is not None and (_crossed(before, now, cfg.eval_kimg) or done)
+    drawing = grid is not None and (_crossed(before, now, cfg.eval_kimg) or done)
+    if not (evaluating or drawing):
+        return False
+    averaged = averaged_ema()
+    if dist.rank() == 0 and evaluating:
+        metrics = dict(kimg=now / 1000, **evaluate(averaged))
+        state.history.append(metrics)
+        log.write(dict(metrics, event="eval"))
+    if dist.rank() == 0 and drawing:
+        save_image_grid(grid(averaged), os.path.join(stage_dir, "grids", f"kimg-{now // 1000:06d}.png"))
+    state.history = dist.broadcast_object(state.history)
+    dist.barrier()
+    return True
+
+
+class StopSignals:
+    """SIGTERM (what cluster schedulers send before a kill) and SIGINT (Ctrl-C) while a stage trains: the handler
+    only notes the signal; the loop saves a checkpoint at the next step boundary — under torchrun at the next log
+    boundary, where all ranks agree on the step — and exits with 128 + the signal's number, starting no later
+    stage. A second Ctrl-C interrupts at once. Installed only in the main thread (signal's rule)."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def agreed(self, at_log_boundary: bool) -> bool:
+        """Whether to stop at this step: any step in one process; at log boundaries, all ranks together, under
+        torchrun."""
+        if dist.world_size() == 1:
+            return self.signum is not None
+        if not at_log_boundary:
+            return False
+        stop = dist.any_rank(self.signum is not None)
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM   # another rank was signalled
+        return stop
+
+    def exit(self, message: str, lead: bool):
+        if lead:
+            print(message, flush=True)
+        raise SystemExit(128 + int(self.signum or signal.SIGTERM))
 
 
 def _log_record(state: TrainingState, mean_loss: float, lr: float, grad_norm: float,

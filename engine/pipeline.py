@@ -5,7 +5,8 @@ of each arm; this module keeps the recipes free of plumbing. Every recipe also r
 (`torchrun --nproc_per_node=N recipes/<name>.py ...`): `parse_flags` joins the process group and picks this rank's
 GPU, and rank 0 prints and writes the run's files. Shared flags only (STYLE.md):
 
-    --out DIR        run directory (resolved config, logs, grids, checkpoints, results.json); rerun to resume
+    --out DIR        run directory (resolved config, identity, logs, grids, checkpoints, results.json); rerun the
+                     same command to resume — a rerun with other settings or inputs is refused (docs/runs.md)
     --data PATH      dataset (EDM zip/folder) for recipes that need one
     --teacher PATH   EDM/ECT/CMT teacher .pkl for recipes that need one
     --kimg-scale X   multiplies every stage's budget (and its intervals)
@@ -24,6 +25,11 @@ import os
 import torch
 
 from engine import dist
+from engine.checks import nonneg_int_arg, positive_float_arg
+from engine.cli import check_run_directory, resolve_device
+from engine.files import EngineError
+from engine.identity import VERSION as IDENTITY_VERSION
+from engine.identity import check_or_record, dataset_fingerprint, file_fingerprint, plain, write_identity
 from engine.loop import StageConfig, StageResult, initialise, train_stage
 
 
@@ -32,17 +38,19 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
     ap.add_argument("--out", default=default_out, help=f"run directory (default {default_out})")
     ap.add_argument("--data", default=None, help="dataset zip/folder in EDM's format")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (.pkl from EDM/ECT/CMT)")
-    ap.add_argument("--kimg-scale", type=float, default=1.0, help="multiply every stage's budget")
+    ap.add_argument("--kimg-scale", type=positive_float_arg, default=1.0, help="multiply every stage's budget")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=nonneg_int_arg, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (CI)")
     ap.add_argument("--dry-run", action="store_true", help="print and save the resolved config; train nothing")
     args = ap.parse_args(argv)
-    if args.kimg_scale <= 0:
-        ap.error("--kimg-scale must be positive")
     # under torchrun: join the process group; each rank trains on its own GPU (cuda:LOCAL_RANK)
     local = dist.init()
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        args.device = resolve_device(args.device)
+        check_run_directory(args.out)
+    except EngineError as e:
+        ap.error(str(e))
     if dist.is_distributed() and args.device == "cuda":
         args.device = str(local)
     return args
@@ -50,12 +58,14 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
 
 def begin(doc: str, name: str, config, smoke, argv=None):
     """What every recipe's `main` starts with: the shared flags, the full or (`--smoke`) reduced configuration,
-    the run directory with the resolved configuration printed and saved, then torch's global generator seeded
-    with `--seed`. Returns (args, cfg, run), or None after a `--dry-run` has written the configuration."""
+    the run directory (its identity checked against a previous run's before anything is written), then torch's
+    global generator seeded with `--seed`. Returns (args, cfg, run), or None after a `--dry-run` has printed and
+    saved the configuration."""
     args = parse_flags(doc, argv, default_out=f"runs/{name}")
     cfg = smoke(config) if args.smoke else config
-    run = Run(args, name, dataclasses.asdict(cfg))
+    run = Run(args, name, cfg)
     if args.dry_run:
+        run.record(identity=False)
         return None
     torch.manual_seed(args.seed)
     return args, cfg, run
@@ -66,27 +76,62 @@ def scaled(cfg: StageConfig, factor: float) -> StageConfig:
     if factor == 1.0:
         return cfg
     scale = lambda v: None if v is None else v * factor
-    return dataclasses.replace(cfg, total_kimg=cfg.total_kimg * factor, log_kimg=cfg.log_kimg * factor,
-                               ckpt_kimg=cfg.ckpt_kimg * factor, eval_kimg=scale(cfg.eval_kimg),
+    return dataclasses.replace(cfg, total_kimg=cfg.total_kimg * factor, log_kimg=scale(cfg.log_kimg),
+                               ckpt_kimg=scale(cfg.ckpt_kimg), eval_kimg=scale(cfg.eval_kimg),
                                lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor)
 
 
-class Run:
-    """A run directory shared by the stages of one or more arms."""
+FLAG_DEFAULTS = dict(seed=0, smoke=False, kimg_scale=1.0)
 
-    def __init__(self, args: argparse.Namespace, recipe: str, config: dict):
+
+class Run:
+    """A run directory shared by the stages of one or more arms.
+
+    Its identity — recipe, resolved configuration, the flags that change the result, fingerprints of the input
+    files (`--data`, `--teacher`, and `inputs`) — is compared with the one recorded in the directory when the run
+    is created, so a rerun with other settings or inputs is refused before it writes anything; a new run's
+    config.json and identity.json are written when its first stage starts (engine/identity.py, docs/runs.md)."""
+
+    def __init__(self, args: argparse.Namespace, recipe: str, config, inputs: dict | None = None):
         self.args, self.recipe, self.out = args, recipe, args.out
         self.device = torch.device(args.device)
         self.lead = dist.rank() == 0  # under torchrun rank 0 prints and writes the run's files
-        resolved = dict(recipe=recipe, flags=vars(args), world_size=dist.world_size(), config=config)
-        text = json.dumps(resolved, indent=1, default=_jsonable)
+        defaults = {}
+        if dataclasses.is_dataclass(config):
+            defaults = {f.name: f.default for f in dataclasses.fields(config)
+                        if f.default is not dataclasses.MISSING}
+            config = dataclasses.asdict(config)
+        files = {k: getattr(args, k, None) for k in ("data", "teacher")}
+        files.update(inputs or {})
+        self.identity = dict(recipe=recipe, config=config,
+                             flags=dict(seed=args.seed, smoke=bool(args.smoke), kimg_scale=args.kimg_scale,
+                                        device_type=self.device.type),
+                             inputs={k: _fingerprint(k, v) for k, v in files.items() if v is not None})
+        self._identity_file = os.path.join(self.out, "identity.json")
+        check_or_record(self._identity_file, self.identity, f"run {recipe!r}",
+                        defaults=dict(config=defaults, flags=FLAG_DEFAULTS), record=False,
+                        hint=f"Use another --out directory, or move {self.out} away")
+        self._resolved = json.dumps(dict(recipe=recipe, flags=vars(args), world_size=dist.world_size(),
+                                         config=config), indent=1, default=_jsonable)
         if self.lead:
-            os.makedirs(self.out, exist_ok=True)
-            print(f"[{recipe}] resolved configuration:\n{text}", flush=True)
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                f.write(text)
-        dist.barrier()
+            print(f"[{recipe}] resolved configuration:\n{self._resolved}", flush=True)
+        self._recorded = os.path.exists(self._identity_file)
         self.results: dict = {"recipe": recipe, "runs": {}}
+
+    def record(self, identity: bool = True) -> None:
+        """Write config.json and (for a new run) identity.json: once, when the first stage starts. A dry run
+        writes only config.json, so it commits the directory to nothing."""
+        if self.lead:
+            try:
+                os.makedirs(self.out, exist_ok=True)
+                with open(os.path.join(self.out, "config.json"), "w") as f:
+                    f.write(self._resolved)
+                if identity and not self._recorded:
+                    write_identity(self._identity_file, {"version": IDENTITY_VERSION, **plain(self.identity)})
+            except OSError as e:
+                raise EngineError(f"--out {self.out}: cannot write the run directory ({e.strerror or e})") from None
+        self._recorded = self._recorded or identity
+        dist.barrier()
 
     def stage(self, arm: str, kind: str, cfg: StageConfig, net, objective, data, init=None, evaluate=None,
               grid=None, shared_by: tuple[str, ...] = ()) -> StageResult:
@@ -94,6 +139,8 @@ class Run:
         and record it as stage `kind` ('pre' | 'mid' | 'post') of `arm` — or, for a stage several arms start
         from (the pre-trained teacher), of every arm in `shared_by`."""
         cfg = scaled(cfg, self.args.kimg_scale)
+        cfg.budget()   # at least one step, checked before the run directory is written
+        self.record()
         net = initialise(net, init).to(self.device)
         res = train_stage(cfg, net, objective, data, os.path.join(self.out, arm), self.device, evaluate=evaluate,
                           grid=grid)
@@ -112,6 +159,7 @@ class Run:
     def finish(self, metric_keys: list[str], plot_keys: list[str]) -> dict:
         """Print the comparison table (`metric_keys` of one_step/two_step), write results.json and the plot of
         the evaluation records' `plot_keys` against kimg."""
+        self.record()
         runs = self.results["runs"]
         table = format_table(runs, metric_keys)
         self.results["table"] = table
@@ -180,6 +228,17 @@ def plot_history(runs: dict, metric_keys: list[str], path: str) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _fingerprint(kind: str, path: str) -> dict:
+    """An input file of the run: a dataset by its index (`data`), weights by their hash (anything else)."""
+    if not os.path.exists(path):
+        raise EngineError(f"--{kind} {path}: not found")
+    if kind == "data":
+        return dataset_fingerprint(path)
+    if os.path.isdir(path):
+        raise EngineError(f"--{kind} {path} is a directory; expected a weights file")
+    return file_fingerprint(path)
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from engine import ops
+from engine.checks import finite
+from engine.files import EngineError
 from engine.schedules import SIGMA_DATA
 from kernels.precond import skip_out_reference
 
@@ -62,9 +64,15 @@ class _Precond(nn.Module):
     def __init__(self, model: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = 0.0,
                  sigma_max: float = math.inf):
         super().__init__()
+        where = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise EngineError(f"{where}: model must be a network (nn.Module), got {type(model).__name__}")
         self.model = model
-        self.sigma_data = float(sigma_data)
-        self.sigma_min = float(sigma_min)
+        self.sigma_data = finite("sigma_data", sigma_data, where, low=0.0, strict=True)
+        self.sigma_min = finite("sigma_min", sigma_min, where, low=0.0)
+        if not (isinstance(sigma_max, (int, float)) and float(sigma_max) > self.sigma_min):
+            raise EngineError(f"{where}: sigma_max must be greater than sigma_min ({self.sigma_min:g}), got "
+                              f"{sigma_max!r}")
         self.sigma_max = float(sigma_max)
 
     @property

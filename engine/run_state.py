@@ -10,9 +10,13 @@ one found on resume. Two forms share one directory and one numbering (pairs seen
     ckpt-<n>/     a distributed run's torch.distributed.checkpoint directory (each rank's shards + extra.pt;
                   engine.dist.save_sharded: written under a hidden name, renamed when every rank is done).
 
-Either form resumes at any world size. A checkpoint that fails to load (truncated by a crash of the disk or a
-copy, corrupt) is reported and skipped in favour of the previous one; it is never deleted, so nothing is lost to a
-false alarm. Temporaries left by a process killed mid-save are removed at start-up (by rank 0 under torchrun)."""
+Either form resumes at any world size. Every checkpoint carries SHA-256s of its bytes (`ckpt-<n>.pt.sha256`
+beside a file, `MANIFEST.sha256` inside a directory), written before it is put in place and checked before it is
+read. A checkpoint whose bytes are damaged (truncated, corrupt, flipped) is reported and skipped in favour of the
+previous one; it is never deleted, so nothing is lost to a false alarm. A checkpoint that reads but does not fit —
+another configuration, another network — is refused, not skipped: nothing would be gained by training the
+stage again from scratch over a finished run. Temporaries left by a process killed mid-save are removed at
+start-up (by rank 0 under torchrun)."""
 from __future__ import annotations
 
 import glob
@@ -22,7 +26,7 @@ import re
 import shutil
 
 from engine import dist
-from engine.files import CheckpointError, load_checkpoint, save_checkpoint
+from engine.files import CheckpointError, UnreadableCheckpoint, load_checkpoint, save_checkpoint, sidecar_path
 from engine.optimizers import Optimizers
 from engine.state_dicts import load_network_state
 
@@ -74,21 +78,29 @@ class CheckpointRing:
         """Only after the new checkpoint is in place, and only readable-or-not older ones beyond `keep`."""
         for _, old in self.list()[:-self.keep]:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            if os.path.exists(sidecar_path(old)):
+                os.remove(sidecar_path(old))
 
     def latest(self, map_location="cpu", load=None):
         """The newest checkpoint that loads on every rank, as (what `load(path)` returned, path), or None. `load`
         defaults to reading a single-file checkpoint (the loop passes one that reads either form into the model).
-        A checkpoint any rank cannot read is reported and skipped in favour of the previous one, by all ranks
-        together."""
+        A checkpoint whose bytes any rank finds damaged (`UnreadableCheckpoint`, an I/O error) is reported and
+        skipped in favour of the previous one, by all ranks together; any other failure to load it — it does not
+        fit — is raised on every rank."""
         load = load or (lambda path: load_checkpoint(path, map_location=map_location))
         for _, path in reversed(self.list()):
-            error = None
+            unreadable = refused = None
             try:
                 result = load(path)
-            except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
-                error = e
-            if dist.any_rank(error is not None):
-                warn_unreadable(path, error or "another rank could not read it")
+            except (UnreadableCheckpoint, OSError) as e:
+                unreadable = e
+            except Exception as e:   # noqa: BLE001 - every rank must learn that one rank refused it
+                refused = e
+            if dist.any_rank(refused is not None):
+                raise refused if refused is not None else CheckpointError(
+                    f"{path} was refused by another rank (see its error)")
+            if dist.any_rank(unreadable is not None):
+                warn_unreadable(path, unreadable or "another rank could not read it")
                 continue
             return result, path
         return None
@@ -109,8 +121,9 @@ class TrainingState:
     pair in CMT), `data_pos` (dataset images consumed: the sampler's position), `wall_s`, `counters` (global
     totals of images, pairs, teacher NFE, student forwards / backwards and steps) and `history` (evaluations)."""
 
-    def __init__(self, cfg, model, ema, objective, ring: CheckpointRing, device):
+    def __init__(self, cfg, model, ema, objective, ring: CheckpointRing, device, identity: str = ""):
         self.cfg, self.model, self.ema, self.objective, self.ring, self.device = cfg, model, ema, objective, ring, device
+        self.identity = identity   # the SHA-256 of the stage's identity (engine/identity.py), kept in every checkpoint
         net_params = [p for p in model.parameters() if p.requires_grad]
         obj_params = list(objective.parameters())
         self.params = (net_params, obj_params) if obj_params else net_params
@@ -134,9 +147,9 @@ class TrainingState:
     def save(self, at: int) -> str:
         """A checkpoint numbered `at` (pairs seen): sharded under torchrun, one file otherwise."""
         opt = self.optimizers
-        extra = dict(fingerprint=self.cfg.fingerprint(), objective=self.objective.state_dict(), pairs_seen=self.pairs_seen,
-                     data_pos=self.data_pos, wall_s=self.wall_s, counters=self.counters, eval_history=self.history,
-                     objective_optimizer=opt.obj.state_dict() if opt.obj else None)
+        extra = dict(identity=self.identity, fingerprint=self.cfg.fingerprint(), objective=self.objective.state_dict(),
+                     pairs_seen=self.pairs_seen, data_pos=self.data_pos, wall_s=self.wall_s, counters=self.counters,
+                     eval_history=self.history, objective_optimizer=opt.obj.state_dict() if opt.obj else None)
         if dist.is_distributed():
             net_state, opt_state = dist.train_state(self.model, opt.net)
             return self.ring.save_sharded(dict(net=net_state, optimizer=opt_state,
@@ -146,14 +159,13 @@ class TrainingState:
 
     def load_latest(self) -> str | None:
         """Resume from the newest checkpoint that loads on every rank, in either form; its path, or None when the
-        stage starts from its initialisation. A checkpoint of another configuration is refused; a failed sharded
-        load (which may have written into the weights) stops the run rather than train on from them."""
+        stage starts from its initialisation. A checkpoint written for another identity, or one that does not fit
+        the network or its optimizer, is refused (CheckpointError naming what does not fit); a damaged one is
+        skipped for the previous one. A failed sharded load (which may have written into the weights) stops the
+        run rather than train on from them."""
         found = self.ring.latest(load=self._load)
         if found is not None:
             extra, path = found
-            if extra["fingerprint"] != self.cfg.fingerprint():
-                raise RuntimeError(f"{path} was written by a different configuration of stage {self.cfg.name!r}; "
-                                   f"use another --out directory or remove {os.path.dirname(self.ring.directory)}")
             self.objective.load_state_dict(extra["objective"])
             # "nimg": what checkpoints written before the counters were renamed call pairs_seen
             self.pairs_seen = extra["pairs_seen"] if "pairs_seen" in extra else extra["nimg"]
@@ -167,27 +179,51 @@ class TrainingState:
             self.optimizers = self._optimizers()  # a failed load may have initialised optimizer state
         return None
 
+    def _refuse(self, path: str, why: str) -> CheckpointError:
+        stage_dir = os.path.dirname(self.ring.directory)
+        return CheckpointError(f"{path} {why}; it belongs to another configuration of stage {self.cfg.name!r}, "
+                               f"so it is not resumed and nothing is overwritten. Use another --out directory, or "
+                               f"move {stage_dir} away to train the stage again")
+
     def _load(self, path: str) -> dict:
         """Load a checkpoint of either form into the (possibly sharded) model, EMA and optimizers; its plain
-        values."""
+        values. Damaged bytes raise UnreadableCheckpoint (the ring skips it); a checkpoint of another identity or
+        one that does not fit raises CheckpointError (refused)."""
         model, ema_module, opt = self.model, self.ema.module, self.optimizers
         if os.path.isdir(path):
             net_state, opt_state = dist.train_state(model, opt.net)
             tensors = dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema_module))
-            extra = dist.load_sharded(path, tensors)
+            extra = dist.load_sharded(path, tensors, check=self._check_extra)
             dist.set_train_state(model, opt.net, tensors["net"], tensors["optimizer"])
             dist.set_module_state(ema_module, tensors["ema"])
         else:
             extra = load_checkpoint(path, map_location=self.device)
-            if dist.is_distributed() and dist.is_sharded(model):
-                dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
-                dist.set_full_module_state(ema_module, extra["ema"])
-            else:
-                load_network_state(dist.unwrap(model), extra["net"])
-                load_network_state(dist.unwrap(ema_module), extra["ema"])
-                opt.net.load_state_dict(extra["optimizer"])
+            self._check_extra(path, extra)
+            try:
+                if dist.is_distributed() and dist.is_sharded(model):
+                    dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
+                    dist.set_full_module_state(ema_module, extra["ema"])
+                else:
+                    load_network_state(dist.unwrap(model), extra["net"])
+                    load_network_state(dist.unwrap(ema_module), extra["ema"])
+                    opt.net.load_state_dict(extra["optimizer"])
+            except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
+                raise self._refuse(path, f"does not fit: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                    from None
         if opt.obj is not None:
             if extra.get("objective_optimizer") is None:
-                raise CheckpointError(f"{path} has no optimizer state for the objective's parameters")
+                raise self._refuse(path, "has no optimizer state for the objective's parameters")
             opt.obj.load_state_dict(extra["objective_optimizer"])
         return extra
+
+    def _check_extra(self, path: str, extra: dict) -> None:
+        """The checkpoint's identity against the stage's: the identity hash, or for checkpoints written before
+        identities were recorded, the StageConfig fingerprint they carried."""
+        if not isinstance(extra, dict) or "counters" not in extra:
+            raise self._refuse(path, "is not a training checkpoint of this engine")
+        if extra.get("identity"):
+            if self.identity and extra["identity"] != self.identity:
+                raise self._refuse(path, f"was written for stage identity {extra['identity'][:12]}…, not "
+                                         f"{self.identity[:12]}… (see the stage's identity.json)")
+        elif extra.get("fingerprint") != self.cfg.fingerprint():
+            raise self._refuse(path, "was written by a different configuration")

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine import ops
+from engine.files import EngineError
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -38,12 +39,32 @@ Denoiser = Callable[..., torch.Tensor]
 def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
     s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
     if s.numel() < 2:
-        raise ValueError(f"a σ grid needs at least 2 points, got {s.numel()}")
+        raise EngineError(f"a σ grid needs at least 2 points, got {s.numel()}")
     if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError("DPM-Solver++ needs a finite positive σ grid (λ = −ln σ); got " + str(s.tolist()))
+        raise EngineError("DPM-Solver++ needs a finite positive σ grid (λ = −ln σ); got " + str(s.tolist()))
     if not (s[1:] < s[:-1]).all():
-        raise ValueError("the σ grid must be strictly decreasing; got " + str(s.tolist()))
+        raise EngineError("the σ grid must be strictly decreasing; got " + str(s.tolist()))
     return s
+
+
+def check_state(x: torch.Tensor, what: str) -> None:
+    """A solver's starting state: a floating-point tensor with finite entries. One host synchronisation, so only
+    the public entry points check it (the training step's solves do not; the loop flags non-finite values)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise EngineError(f"{what}: the state must be a floating-point tensor, got "
+                          f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not bool(torch.isfinite(x).all()):
+        raise EngineError(f"{what}: the state has non-finite entries (NaN or inf)")
+
+
+def _check_times(times, what: str, variable: str = "σ", final_zero: bool = True) -> list[float]:
+    """A descending list of finite, non-negative times; 0 only as the last entry (where `final_zero`)."""
+    t = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()]
+    if len(t) < 2 or not all(math.isfinite(v) for v in t) or any(v < 0 for v in t) \
+            or any(b >= a for a, b in zip(t[:-1], t[1:])) or (not final_zero and t[-1] <= 0):
+        raise EngineError(f"{what}: the {variable} grid must be finite, non-negative and strictly decreasing"
+                          f"{'' if final_zero else ', and positive'}, with at least 2 points; got {t}")
+    return t
 
 
 def dpm_solver_orders(num_steps: int, order: int = 3, lower_order_final: bool = True) -> list[int]:
@@ -158,13 +179,17 @@ def run_dpm_solver(denoiser: Denoiser, x_T: torch.Tensor, plan: DPMSolverPlan, l
 
 def dpm_solver_pp(denoiser: Denoiser, x_T: torch.Tensor, sigmas, order: int = 3, labels=None,
                   lower_order_final: bool = True, third_order: str = "upstream",
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Integrate the PF-ODE over `sigmas` (descending, positive) with multistep DPM-Solver++.
 
     Returns the trajectory as one tensor [len(sigmas), *x_T.shape]: entry 0 is x_T, entry N the state at the
     last σ; no final denoising step (docs/spec/cm.md §2.6). Exactly one denoiser call per step, at σ_0 … σ_{N−1}
     (docs/spec/cm.md §2.4). `out` may be a preallocated trajectory buffer of that shape and x_T's dtype.
-    `third_order` selects the order-3 rule (see `dpm_solver_pp_coefficients`; the default is CMT's)."""
+    `third_order` selects the order-3 rule (see `dpm_solver_pp_coefficients`; the default is CMT's).
+    `check`: validate x_T (floating point, finite: one host synchronisation); the training step's own solves pass
+    False."""
+    if check:
+        check_state(x_T, "dpm_solver_pp")
     plan = dpm_solver_plan(sigmas, order, lower_order_final, third_order, x_T.device, x_T.dtype)
     return run_dpm_solver(denoiser, x_T, plan, labels, out)
 
@@ -179,7 +204,8 @@ def _sigma_batch(s: float, x: torch.Tensor) -> torch.Tensor:
 def euler(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
     """First-order (DDIM-equivalent in σ) steps x ← x + (σ_next − σ)(x − D)/σ; one call per step.
     `sigmas` may end at 0. Returns the trajectory [len(sigmas), *x_T.shape]."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
+    check_state(x_T, "euler")
+    s = _check_times(sigmas, "euler")
     traj = [x_T]
     x = x_T
     for s_cur, s_next in zip(s[:-1], s[1:]):
@@ -210,7 +236,8 @@ def heun_ode(derivative: Callable[[torch.Tensor, float], torch.Tensor], x: torch
 def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
     """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, docs/spec/cm.md §1.1, docs/spec/mf.md §6.3): Heun steps in σ on
     dx/dσ = (x − D(x; σ))/σ, the last step into σ = 0 Euler. Returns the trajectory."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()
+    check_state(x_T, "heun")
+    s = _check_times(sigmas, "heun")
     return heun_ode(lambda x, sigma: (x - denoiser(x, _sigma_batch(sigma, x), labels).to(x.dtype)) / sigma, x_T, s)
 
 
@@ -228,8 +255,11 @@ def consistency_sampler(denoiser: Denoiser, z: torch.Tensor, mid_sigmas: Sequenc
     uses float64). Fresh noise comes from `generator`, or from `noise` (one tensor per intermediate σ) so that
     callers can make samples independent of batch composition."""
     steps = [float(sigma_max), *[float(m) for m in mid_sigmas], 0.0]
-    if any(b >= a for a, b in zip(steps[:-1], steps[1:])):
-        raise ValueError(f"consistency sampler σ's must decrease to 0; got {steps}")
+    if any(b >= a for a, b in zip(steps[:-1], steps[1:])) or not all(math.isfinite(v) for v in steps):
+        raise EngineError(f"consistency sampler σ's must be finite and decrease to 0; got {steps}")
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise EngineError(f"consistency_sampler: z must be a floating-point tensor, got "
+                          f"{z.dtype if isinstance(z, torch.Tensor) else type(z).__name__}")
     if noise is not None and len(noise) != len(mid_sigmas):
         raise ValueError(f"need {len(mid_sigmas)} noise tensors, got {len(noise)}")
     x = z * steps[0]
@@ -262,8 +292,8 @@ def mean_flow_sampler(flow, z: torch.Tensor, t_steps: Sequence[float] = (1.0,), 
     """Few-step Mean Flow sampling: one step from each t of `t_steps` (1 = noise first) to the next, the last to
     t = 0; (1,) is one step, (1, 0.5) two. Returns x at t = 0."""
     ts = [float(t) for t in t_steps] + [0.0]
-    if any(b >= a for a, b in zip(ts[:-1], ts[1:])):
-        raise ValueError(f"Mean Flow sampler t's must decrease to 0; got {ts}")
+    if any(b >= a for a, b in zip(ts[:-1], ts[1:])) or ts[0] > 1 or not all(math.isfinite(v) for v in ts):
+        raise EngineError(f"Mean Flow sampler t's must be in (0, 1] and decrease to 0; got {ts}")
     return mean_flow_trajectory(flow, z, ts, labels)[-1]
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.files import EngineError
 from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
 from engine.teacher import TeacherSolver
 
@@ -81,7 +82,7 @@ def image_indices(seed: int, num_images: int, start: int, count: int) -> np.ndar
     return ResumableSampler(num_images, seed=seed).indices(start, count).numpy()
 
 
-class StoreError(RuntimeError):
+class StoreError(EngineError):
     pass
 
 
@@ -230,6 +231,12 @@ class TrajectorySource:
     def __len__(self) -> int:
         return len(self.store)
 
+    def fingerprint(self) -> dict:
+        """What the store is (engine/identity.py): its specification and the hash of its chunk index."""
+        import dataclasses
+        from engine.identity import plain
+        return {"store": plain(dataclasses.asdict(self.spec)), "chunks": sorted(self.store.done_chunks())}
+
     def batch(self, idx: torch.Tensor, device):
         i = np.asarray(idx, dtype=np.int64)
         traj = torch.from_numpy(np.ascontiguousarray(self.store.states[i])).float().to(device)
@@ -238,7 +245,9 @@ class TrajectorySource:
 
 
 def main(argv=None) -> None:
+    from engine.checks import nonneg_int_arg, positive_int_arg
     from engine.edm_snapshots import load_edm_pickle
+    from engine.cli import resolve_device
     from engine.data import ImageDataset
     from engine.data.sampler import ImageDatasetSource
 
@@ -246,21 +255,33 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", required=True, help="EDM teacher snapshot (.pkl)")
     p.add_argument("--data", required=True, help="dataset zip or folder in EDM's format")
     p.add_argument("--out", required=True, help="store directory (created, or resumed)")
-    p.add_argument("--trajectories", type=int, required=True)
-    p.add_argument("--nfe", type=int, default=16)
+    p.add_argument("--trajectories", type=positive_int_arg, required=True)
+    p.add_argument("--nfe", type=positive_int_arg, default=16)
     p.add_argument("--prior", choices=["data", "noise"], default="data")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--chunk", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chunk", type=positive_int_arg, default=4096)
+    p.add_argument("--batch", type=positive_int_arg, default=256)
+    p.add_argument("--seed", type=nonneg_int_arg, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     a = p.parse_args(argv)
     for flag, path in (("--teacher", a.teacher), ("--data", a.data)):
         if not os.path.exists(path):
-            raise SystemExit(f"{flag}: {path} not found")
-    teacher = load_edm_pickle(a.teacher).to(a.device).eval().requires_grad_(False)
-    data = ImageDatasetSource(ImageDataset(a.data))
+            p.error(f"{flag} {path}: not found")
+    try:
+        a.device = resolve_device(a.device)
+    except EngineError as e:
+        p.error(str(e))
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; a store is a directory")
+    teacher = load_edm_pickle(a.teacher, mode="teacher").to(a.device).eval().requires_grad_(False)
+    dataset = ImageDataset(a.data)
+    data = ImageDatasetSource(dataset)
     shape = list(data.batch(torch.tensor([0]), "cpu")[0].shape[1:])
+    model = getattr(teacher, "model", teacher)
+    want = [getattr(model, "img_channels", shape[0]), getattr(model, "img_resolution", shape[1]),
+            getattr(model, "img_resolution", shape[2])]
+    if shape != want:
+        raise EngineError(f"{a.data} holds images of shape {shape}; the teacher {a.teacher} was trained on {want}")
     spec = StoreSpec(num_trajectories=a.trajectories, shape=shape, nfe=a.nfe, prior=a.prior, dtype=a.dtype,
                      chunk=a.chunk, seed=a.seed,
                      teacher=f"{os.path.basename(a.teacher)} ({os.path.getsize(a.teacher)} bytes)")
@@ -269,4 +290,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

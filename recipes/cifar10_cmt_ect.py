@@ -15,4 +15,5 @@ from engine.cm_recipes import PaperSettings, run_paper_recipe
 SETTINGS = PaperSettings(dataset="cifar10-32x32", resolution=32, q=4096)
 
 if __name__ == "__main__":
-    run_paper_recipe(__doc__, SETTINGS, "cifar10_cmt_ect")
+    from engine.cli import run_main
+    run_main(lambda argv: run_paper_recipe(__doc__, SETTINGS, "cifar10_cmt_ect", argv))

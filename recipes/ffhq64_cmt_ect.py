@@ -15,4 +15,5 @@ from engine.cm_recipes import PaperSettings, run_paper_recipe
 SETTINGS = PaperSettings(dataset="ffhq-64x64", resolution=64, q=512)
 
 if __name__ == "__main__":
-    run_paper_recipe(__doc__, SETTINGS, "ffhq64_cmt_ect")
+    from engine.cli import run_main
+    run_main(lambda argv: run_paper_recipe(__doc__, SETTINGS, "ffhq64_cmt_ect", argv))

@@ -106,4 +106,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

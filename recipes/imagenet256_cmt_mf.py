@@ -120,6 +120,7 @@ def main(argv=None) -> dict:
         check_fid_inputs(args.device)
     run = Run(args, "imagenet256_cmt_mf", dataclasses.asdict(cfg))
     if args.dry_run:
+        run.record(identity=False)
         return {}
     torch.manual_seed(args.seed)
     dataset = ImageDataset(smoke_latents(args.out, cfg) if args.smoke else args.data)
@@ -186,4 +187,5 @@ def fid(ema, cfg: Config, run, smoke_run: bool) -> tuple[dict, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

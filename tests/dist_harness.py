@@ -50,10 +50,11 @@ def build(objective: str):
 
 
 class Interrupt:
-    """The objective, with the test's interruptions at the start of a step (after the previous checkpoint)."""
+    """The objective, with the test's interruptions at the start of a step (after the previous checkpoint). They
+    are private attributes: the test's instrumentation is not part of what the stage is (its identity)."""
 
-    def __init__(self, inner, stop_at: int | None, kill_at: int | None):
-        self.inner, self.stop_at, self.kill_at = inner, stop_at, kill_at
+    def __init__(self, inner, stop_at: int | None, kill_at: int | None, signal_at: int | None = None):
+        self.inner, self._stop_at, self._kill_at, self._signal_at = inner, stop_at, kill_at, signal_at
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -63,11 +64,13 @@ class Interrupt:
 
     def set_progress(self, nimg: int) -> None:
         step = nimg // BATCH
-        if self.stop_at is not None and step == self.stop_at:
+        if self._stop_at is not None and step == self._stop_at:
             os._exit(0)  # every rank leaves here, after the checkpoint of step stop_at
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if self.kill_at is not None and step == self.kill_at and dist.rank() == 1 and first_attempt:
+        if self._kill_at is not None and step == self._kill_at and dist.rank() == 1 and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._signal_at is not None and step == self._signal_at and dist.rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)   # one rank only: the others must learn it and stop with it
         self.inner.set_progress(nimg)
 
 
@@ -78,6 +81,7 @@ def main():
     p.add_argument("--parallel", default="auto")
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--sigterm-at", type=int, default=None, help="SIGTERM rank 1 at the start of that step")
     p.add_argument("--shard-teacher", action="store_true")
     a = p.parse_args()
     device = dist.init()
@@ -85,7 +89,7 @@ def main():
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",
                       lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=5 * BATCH / 1000,
                       parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher)
-    res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at), data, a.out, device)
+    res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at, a.sigterm_at), data, a.out, device)
     if dist.rank() == 0:
         torch.save(dict(net=res.net.state_dict(), ema=res.ema.state_dict()), os.path.join(a.out, "final.pt"))
     dist.barrier()

@@ -3,6 +3,8 @@ test. Usage: python resume_harness.py OUT [--kill-at-call N] [--kill-in-save K]
 
 --kill-at-call N: SIGKILL inside the N-th objective call (mid-step, after the forward has started).
 --kill-in-save K: SIGKILL in the middle of writing the K-th checkpoint (half the bytes written).
+--signal-at-call N --signal TERM|INT: send that signal inside the N-th objective call (what a scheduler or Ctrl-C
+does); the loop is expected to save at the step boundary and exit with 128 + the signal's number.
 At the end the final stage's student and EMA weights are saved to OUT/final.pt."""
 import argparse
 import os
@@ -23,6 +25,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--kill-at-call", type=int, default=0)
     ap.add_argument("--kill-in-save", type=int, default=0)
+    ap.add_argument("--signal-at-call", type=int, default=0)
+    ap.add_argument("--signal", choices=["TERM", "INT"], default="TERM")
     a = ap.parse_args()
     torch.set_num_threads(1)
     calls = {"objective": 0, "save": 0}
@@ -55,6 +59,8 @@ def main():
             out = self.inner(net, images, labels, rng)
             if calls["objective"] == a.kill_at_call:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if calls["objective"] == a.signal_at_call:
+                os.kill(os.getpid(), getattr(signal, f"SIG{a.signal}"))
             return out
 
     gm = GaussianMixture.random(4, (2,), std=0.1, seed=0)

@@ -511,7 +511,7 @@ def test_save_load_weights_only(tmp_path):
     C.save_checkpoint(path, state)
     loaded = C.load_checkpoint(path)
     assert_same(state, loaded)
-    assert os.listdir(tmp_path) == ['ckpt.pt']
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt.pt.sha256']
     torch.load(path, weights_only=True)     # loadable by anyone with weights_only=True
     rebuilt = C.build_from_description(loaded['description'])
     C.load_network_state(rebuilt, loaded['net'])
@@ -530,7 +530,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         C.save_checkpoint(path, dict(kimg=2, w=torch.zeros(10)))
     monkeypatch.undo()
     assert_same(C.load_checkpoint(path), first)
-    assert os.listdir(tmp_path) == ['ckpt.pt']
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt.pt.sha256']
 
     def no_replace(src, dst):
         raise KeyboardInterrupt
@@ -539,7 +539,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         C.save_checkpoint(path, dict(kimg=3, w=torch.ones(10)))
     monkeypatch.undo()
     assert_same(C.load_checkpoint(path), first)
-    assert os.listdir(tmp_path) == ['ckpt.pt']
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt.pt.sha256']
 
 
 def test_save_rejects_objects(tmp_path):
@@ -564,7 +564,10 @@ def test_load_corrupt_checkpoint(tmp_path):
         C.load_checkpoint(path)
     # A pickle of an arbitrary object is refused by the weights-only loader, with a clear error.
     torch.save(dict(x=pickle.UnpicklingError('not a tensor')), path)
-    with pytest.raises(CheckpointError, match='weights-only'):
+    with pytest.raises(CheckpointError, match='do not match the SHA-256'):   # not what was saved there
+        C.load_checkpoint(path)
+    os.remove(tmp_path / 'ckpt.pt.sha256')
+    with pytest.warns(UserWarning, match='no recorded SHA-256'), pytest.raises(CheckpointError, match='weights-only'):
         C.load_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         C.load_checkpoint(tmp_path / 'absent.pt')

@@ -174,6 +174,23 @@ def test_checkpoint_resumes_at_another_world_size(first, second, tmp_path):
     assert_states_close(final(ref), final(out))
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    """A scheduler's SIGTERM reaching one rank: all ranks agree at the next log boundary, write one sharded
+    checkpoint there, exit with 143 and start nothing else; the rerun resumes from it and ends with the
+    uninterrupted run's weights."""
+    ref = str(tmp_path / "ref")
+    run_ok(["--objective", "ect", "--out", ref], nproc=2)
+    out = str(tmp_path / "out")
+    stopped = launch(["--objective", "ect", "--out", out, "--sigterm-at", "7"], nproc=2)
+    assert stopped.returncode != 0 and "exitcode: 143" in stopped.stderr, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at 0.064 kimg" in stopped.stdout   # step 7 ran to its end: 8 steps of 8
+    assert not os.path.exists(os.path.join(out, "final.pt"))
+    assert os.path.isfile(os.path.join(out, "stage", "checkpoints", "ckpt-000000000064", "MANIFEST.sha256"))
+    done = run_ok(["--objective", "ect", "--out", out], nproc=2)
+    assert "resuming stage 'stage' from" in done.stdout and "ckpt-000000000064" in done.stdout
+    assert_states_close(final(ref), final(out))
+
+
 def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path):
     """Rank 1 is SIGKILLed at step 12 of 20; torchrun (--max-restarts=1) restarts both ranks, which resume from the
     step-10 checkpoint and finish; the final weights equal an uninterrupted 2-process run's."""

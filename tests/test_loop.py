@@ -8,6 +8,7 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
+from engine.identity import IdentityMismatch
 from engine.loop import NonFiniteError, StageConfig, train_stage
 from engine.networks import build_network
 from engine.objectives import EDMLoss, LossOutput
@@ -62,25 +63,34 @@ def test_nonfinite_loss_stops_the_stage_and_keeps_saved_checkpoints(tmp_path):
     with pytest.raises(NonFiniteError, match=r"non-finite between 0.064 and 0.128 kimg.*ckpt-000000000064.pt"):
         train_stage(cfg(), net, NaNAfter(3), data, str(tmp_path))
     ckpts = sorted(os.listdir(tmp_path / "s" / "checkpoints"))
-    assert ckpts == ["ckpt-000000000064.pt"]  # the good one, and nothing written after the NaN step
+    assert ckpts == ["ckpt-000000000064.pt", "ckpt-000000000064.pt.sha256"]  # the good one and its hash, nothing after
     state = torch.load(tmp_path / "s" / "checkpoints" / ckpts[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["net"].values())
     assert not (tmp_path / "s" / "ema.safetensors").exists()
 
 
-def test_changed_configuration_is_not_resumed(tmp_path):
+def test_changed_configuration_is_not_resumed(tmp_path, monkeypatch):
     net, data = tiny_setup()
     first = train_stage(cfg(), net, EDMLoss(), data, str(tmp_path))
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     net2, _ = tiny_setup()
-    with pytest.raises(RuntimeError, match="different configuration"):
+    with pytest.raises(IdentityMismatch, match=r"stage 's' .* refusing to resume it with: stage\.lr: 0\.001 → 0\.002"):
         train_stage(cfg(lr=2e-3), net2, EDMLoss(), data, str(tmp_path))
-    # a rerun of the finished stage with the same configuration trains nothing and returns the same EMA
     net3, _ = tiny_setup()
-    with torch.no_grad():   # a different starting point, so that only the checkpoint can make the EMA equal
+    with torch.no_grad():   # another initialisation is another run
         for p in net3.parameters():
             p.add_(1.0)
-    again = train_stage(cfg(), net3, EDMLoss(), data, str(tmp_path))
-    assert again.counters == first.counters and again.pairs_seen == first.pairs_seen
+    with pytest.raises(IdentityMismatch, match="init_sha256"):
+        train_stage(cfg(), net3, EDMLoss(), data, str(tmp_path))
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before  # nothing touched
+    # a rerun of the finished stage with the same configuration trains nothing and returns the same EMA
+    calls, real = [], EDMLoss.__call__
+    monkeypatch.setattr(EDMLoss, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    net4, _ = tiny_setup()
+    again = train_stage(cfg(), net4, EDMLoss(), data, str(tmp_path))
+    assert calls == [] and again.counters == first.counters and again.pairs_seen == first.pairs_seen
     a, b = first.ema.state_dict(), again.ema.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(x, y) for x, y in zip(first.net.state_dict().values(), again.net.state_dict().values()))
+
+

@@ -1,5 +1,6 @@
 """Resume by rerunning: a run SIGKILLed mid-step or mid-checkpoint-write and restarted ends bit-identical to an
-uninterrupted run; a truncated newest checkpoint falls back to the previous one."""
+uninterrupted run; a truncated newest checkpoint, or one with flipped bytes, falls back to the previous one; SIGTERM
+and Ctrl-C save a checkpoint at the step boundary, exit with 143 / 130 without a traceback, and resume exactly."""
 import os
 import subprocess
 import sys
@@ -43,13 +44,50 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, reference, kill):
     assert_identical(torch.load(tmp_path / "final.pt", weights_only=True), reference)
 
 
+def newest_checkpoint(out):
+    return sorted((out / "mid" / "checkpoints").glob("ckpt-*.pt"))[-1]
+
+
 def test_truncated_newest_checkpoint_falls_back(tmp_path, reference):
     r = run(tmp_path, "--kill-at-call", "11")  # after the checkpoints at steps 3, 6, 9 (ring keeps 2)
     assert r.returncode == -9
-    ckpts = sorted(os.listdir(tmp_path / "mid" / "checkpoints"))
-    newest = tmp_path / "mid" / "checkpoints" / ckpts[-1]
+    newest = newest_checkpoint(tmp_path)
     newest.write_bytes(newest.read_bytes()[:1000])
     r = run(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipping unreadable checkpoint" in r.stdout
+    assert_identical(torch.load(tmp_path / "final.pt", weights_only=True), reference)
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_are_caught(tmp_path, reference):
+    """16 bytes flipped inside a weight tensor load silently with torch.load (it ignores the zip CRCs); the recorded
+    SHA-256 catches them, the previous checkpoint is used, and the run ends as if nothing had happened."""
+    r = run(tmp_path, "--kill-at-call", "11")
+    assert r.returncode == -9
+    newest = newest_checkpoint(tmp_path)
+    data = bytearray(newest.read_bytes())
+    state = torch.load(newest, weights_only=True)
+    weight = state["net"]["model.dec.out.weight" if "model.dec.out.weight" in state["net"] else
+                          next(k for k, v in state["net"].items() if v.numel() >= 64)]
+    at = bytes(data).find(weight.numpy().tobytes()[:32])   # the tensor's bytes inside the archive
+    assert at > 0
+    data[at + 8:at + 24] = bytes(b ^ 0xFF for b in data[at + 8:at + 24])
+    newest.write_bytes(bytes(data))
+    assert torch.load(newest, weights_only=True)["net"].keys() == state["net"].keys()  # torch does not notice
+    r = run(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "do not match the SHA-256" in r.stdout and "skipping unreadable checkpoint" in r.stdout
+    assert_identical(torch.load(tmp_path / "final.pt", weights_only=True), reference)
+
+
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_sigterm_and_ctrl_c_save_at_the_step_boundary_and_resume_exactly(tmp_path, reference, sig, code):
+    r = run(tmp_path, "--signal-at-call", "5", "--signal", sig)   # during the 5th step of the mid stage
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and f"stopped by SIG{sig}" in r.stdout
+    assert not (tmp_path / "post").exists()                    # no later stage was started
+    assert newest_checkpoint(tmp_path).name == "ckpt-000000000160.pt"   # 5 steps of 32 pairs: the step boundary
+    r = run(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming stage 'mid'" in r.stdout
     assert_identical(torch.load(tmp_path / "final.pt", weights_only=True), reference)

@@ -140,6 +140,7 @@ def test_loop_trains_the_adaptive_weight_and_resumes_it(tmp_path):
     w = obj.weight.linear.weight.detach().clone()
     assert w.abs().sum() > 0  # moved from its zero init: it is in the optimizer
     again = SCT()
+    torch.manual_seed(0)   # the same initialisation: a rerun of the same stage
     train_stage(cfg, CMPrecond(build_network("gmm-mlp", hidden_channels=16, num_blocks=1)), again, data,
                 str(tmp_path))  # finished stage: restored from its last checkpoint
     assert torch.equal(again.weight.linear.weight, w)

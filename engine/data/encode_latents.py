@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.checks import positive_int_arg
+from engine.files import EngineError
 from engine.data.dataset_writer import write_members
 from engine.data.image_dataset import LABELS_FILENAME, ImageDataset, edm_latent_name
 
@@ -61,21 +63,26 @@ def main(argv=None) -> Path:
                                                "(or ENGINE_VAE_WEIGHTS)")
     p.add_argument("--out", required=True, help="the latent dataset to write (.zip or folder)")
     p.add_argument("--convention", choices=["sd", "edm2"], default="sd")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=positive_int_arg, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    from engine.cli import resolve_device
     from engine.vae import LatentEncoder
+    try:
+        device = resolve_device(a.device)
+    except EngineError as e:
+        p.error(str(e))
     try:
         encoder = LatentEncoder.from_file(a.vae, convention=a.convention)
         dataset = ImageDataset(a.data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = encode_dataset(dataset, encoder, a.out, a.batch, device, a.overwrite)
     print(f"wrote {len(dataset)} latents to {out}", file=sys.stderr)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

@@ -60,6 +60,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from engine.checks import positive_int
+from engine.files import EngineError
+
 __all__ = [
     "DatasetError",
     "ImageDataset",
@@ -81,7 +84,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _VALIDATE = ("first", "headers", "full")
 
 
-class DatasetError(ValueError):
+class DatasetError(EngineError):
     """A dataset on disk (or an array handed to the writer) is malformed; the message names what and where."""
 
 
@@ -170,6 +173,10 @@ class ImageDataset(torch.utils.data.Dataset):
         validate: str = "headers",
         allow_extra_files: bool = False,
     ):
+        if resolution is not None:
+            positive_int("resolution", resolution, "ImageDataset")
+        if max_size is not None:
+            positive_int("max_size", max_size, "ImageDataset")
         if validate not in _VALIDATE:
             raise ValueError(f"validate must be one of {_VALIDATE}, got {validate!r}")
         self.path = Path(path)

@@ -53,6 +53,11 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def fingerprint(self) -> dict:
+        """What the data is (engine/identity.py): a hash of the tensors themselves."""
+        from engine.identity import tensor_fingerprint
+        return {"tensors": list(self.images.shape), "sha256": tensor_fingerprint(self.images, self.labels)}
+
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.images[idx].to(device, non_blocking=True)
         y = None if self.labels is None else self.labels[idx].to(device, non_blocking=True)
@@ -68,6 +73,9 @@ class ImageDatasetSource:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def fingerprint(self) -> dict:
+        return _dataset_fingerprint(self.dataset)
 
     def batch(self, idx: torch.Tensor, device):
         from engine.data.image_dataset import uint8_to_float
@@ -95,6 +103,9 @@ class LatentSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def fingerprint(self) -> dict:
+        return _dataset_fingerprint(self.dataset)
+
     def batch(self, idx: torch.Tensor, device):
         items = [self.dataset[int(i)] for i in idx]
         x = torch.stack([torch.from_numpy(m) for m, _ in items]).to(device)
@@ -102,3 +113,10 @@ class LatentSource:
             return x, None
         y = torch.stack([torch.as_tensor(lab) for _, lab in items]).argmax(dim=1).to(device)
         return x, y
+
+
+def _dataset_fingerprint(dataset) -> dict:
+    """A dataset on disk: its file's size and index hash (engine/identity.py) and what of it is used."""
+    from engine.identity import dataset_fingerprint
+    return {**dataset_fingerprint(dataset.path), "items": len(dataset), "labels": bool(dataset.has_labels),
+            "xflip": bool(getattr(dataset, "xflip", False))}

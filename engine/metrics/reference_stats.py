@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.files import atomic_write, file_sha256
+from engine.checks import positive_int_arg
+from engine.files import EngineError, atomic_write, file_sha256
 from engine.metrics.frechet import FeatureStatistics
 
 METRICS = ("fid", "fd_dinov2")
 
 
-class StatsError(ValueError):
+class StatsError(EngineError):
     pass
 
 
@@ -209,9 +210,14 @@ def main(argv=None) -> None:
     p.add_argument("--fid-preprocessing", default="nvidia", choices=["nvidia", "pytorch-fid"],
                    help="the Inception detector's input protocol (default nvidia: what the papers report)")
     p.add_argument("--dinov2", default=None, help="dinov2_vitl14_pretrain.pth")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=positive_int_arg, default=64)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     a = p.parse_args(argv)
+    from engine.cli import resolve_device
+    try:
+        a.device = resolve_device(a.device)
+    except EngineError as e:
+        p.error(str(e))
     metrics = a.metrics.split(",") if a.metrics else (["fid"] if a.out.endswith(".npz") else list(METRICS))
     if not os.path.exists(a.data):
         raise SystemExit(f"--data: {a.data} not found")
@@ -226,4 +232,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+    run_main(main)

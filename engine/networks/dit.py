@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.checks import finite
+from engine.files import EngineError
 from engine.networks.dit_jvp import dit_jvp
+from engine.networks.layers import check_backbone_arguments
 
 CONFIGS = {  # depth, hidden, heads, patch (docs/spec/mf.md §3.1)
     "B/4": (12, 768, 12, 4), "B/2": (12, 768, 12, 2), "M/2": (16, 1024, 16, 2), "L/2": (24, 1024, 16, 2),
@@ -135,10 +138,14 @@ class DiT(nn.Module):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  out_channels: int | None = None, mean_flow: bool = True):
         super().__init__()
+        check_backbone_arguments("DiT", dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                                             hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                                             num_classes=num_classes, out_channels=out_channels))
+        finite("mlp_ratio", mlp_ratio, "DiT", low=0.0, strict=True)
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of the patch size {patch_size}")
+            raise EngineError(f"DiT: input_size {input_size} is not a multiple of the patch size {patch_size}")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by {num_heads} heads")
+            raise EngineError(f"DiT: hidden_size {hidden_size} is not divisible by {num_heads} heads")
         self.init_kwargs = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                                 hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                 num_classes=num_classes, out_channels=out_channels, mean_flow=mean_flow)

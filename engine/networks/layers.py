@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.files import EngineError
+
 from .dropout import dropout, uniform
 
 __all__ = [
@@ -268,11 +270,46 @@ class UNetBlock(torch.nn.Module):
         return x
 
 
+_POSITIVE = ("img_resolution", "in_channels", "out_channels", "model_channels", "hidden_channels", "num_blocks",
+             "noise_channels", "emb_channels", "channel_mult_emb", "channel_mult_noise", "input_size", "patch_size",
+             "hidden_size", "depth", "num_heads")
+_NON_NEGATIVE = ("label_dim", "augment_dim", "num_classes")
+_RATES = ("dropout", "label_dropout")
+
+
+def check_backbone_arguments(where: str, kwargs: dict) -> None:
+    """One line per bad constructor argument of a backbone, before any layer is built: sizes positive integers,
+    counts non-negative, rates in [0, 1), the per-level lists non-empty lists of positive integers, and the
+    resolution divisible by the encoder's downsampling."""
+    from engine.checks import nonneg_int, positive_int, probability
+    for k, v in kwargs.items():
+        if v is None:
+            continue
+        if k in _POSITIVE:
+            positive_int(k, v, where)
+        elif k in _NON_NEGATIVE:
+            nonneg_int(k, v, where)
+        elif k in _RATES:
+            probability(k, v, where)
+    for k in ("channel_mult", "attn_resolutions", "resample_filter"):
+        v = kwargs.get(k)
+        if v is not None and (not isinstance(v, (list, tuple)) or (k != "attn_resolutions" and not v)):
+            raise EngineError(f"{where}: {k} must be a list of positive integers, got {v!r}")
+        for x in v or ():
+            positive_int(f"{k} entry", x, where)
+    res, mult = kwargs.get("img_resolution"), kwargs.get("channel_mult")
+    if res and mult and res % (1 << (len(mult) - 1)):
+        raise EngineError(f"{where}: img_resolution {res} is not divisible by 2^{len(mult) - 1}, the downsampling of "
+                          f"{len(mult)} levels (channel_mult {list(mult)})")
+
+
 def set_backbone_interface(module: torch.nn.Module, init_kwargs: dict, *, img_resolution, in_channels: int,
                            out_channels: int, label_dim: int, augment_dim: int, label_dropout: float,
                            data_shape: tuple) -> None:
     """The attributes every backbone exposes to wrappers, samplers and checkpoints (EDM's names: `img_resolution`,
-    `img_channels`, `label_dim`, …), and its recorded constructor arguments (`constructor_arguments`)."""
+    `img_channels`, `label_dim`, …), and its recorded constructor arguments (`constructor_arguments`), which are
+    checked first (`check_backbone_arguments`)."""
+    check_backbone_arguments(type(module).__name__, init_kwargs)
     module.init_kwargs = init_kwargs
     module.img_resolution = img_resolution
     module.in_channels = in_channels

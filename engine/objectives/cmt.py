@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.checks import finite
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
@@ -56,7 +57,9 @@ class _TeacherSolve(Objective):
             raise ValueError(f"third_order must be one of {THIRD_ORDER_RULES}, got {third_order!r}")
         self.teacher = freeze(teacher)
         self.nfe, self.order, self.third_order = int(nfe), int(order), third_order
-        self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
+        where = type(self).__name__
+        self.sigma_min = finite("sigma_min", sigma_min, where, low=0.0, strict=True)
+        self.sigma_max = finite("sigma_max", sigma_max, where, low=self.sigma_min, strict=True)
         self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], docs/spec/cm.md §2.2
         self.distance = resolve_distance(distance)
         # the full-grid solve, CUDA-graph captured on GPUs (engine/teacher.py)
@@ -71,7 +74,7 @@ class _TeacherSolve(Objective):
             if sigmas is self.sigmas:
                 return self.solver(x, labels)
             return dpm_solver_pp(self.teacher, x, sigmas, order=self.order, labels=labels,
-                                 third_order=self.third_order)
+                                 third_order=self.third_order, check=False)
 
 
 class _FromPrior(_TeacherSolve):

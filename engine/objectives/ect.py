@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.checks import finite
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
@@ -54,8 +55,10 @@ class _ConsistencyGap(Objective):
             raise ValueError(f"double_kimg must be at least 0.001 (one image) or None, got {double_kimg!r}")
         if distance is not None and c > 0:
             raise ValueError("give either c (pseudo-Huber constant) or distance, not both")
-        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
-        self.q, self.c, self.k, self.b = float(q), float(c), float(k), float(b)
+        w = type(self).__name__
+        self.P_mean, self.P_std = finite("P_mean", P_mean, w), finite("P_std", P_std, w, low=0.0, strict=True)
+        self.sigma_data = finite("sigma_data", sigma_data, w, low=0.0, strict=True)
+        self.q, self.c, self.k, self.b = float(q), float(c), finite("k", k, w), finite("b", b, w)
         self.mapping, self.weighting = mapping, weighting
         self.double_kimg = None if double_kimg is None else float(double_kimg)
         # docs/spec/cm.md §4.1 step 6; `distance` may replace it (e.g. a perceptual metric).

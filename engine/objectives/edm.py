@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.checks import finite
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.schedules import SIGMA_DATA
 
@@ -28,7 +29,9 @@ class EDMLoss(Objective):
     name = "edm"
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = SIGMA_DATA):
-        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        self.P_mean, self.P_std = finite("P_mean", P_mean, "EDMLoss"), finite("P_std", P_std, "EDMLoss", low=0.0,
+                                                                               strict=True)
+        self.sigma_data = finite("sigma_data", sigma_data, "EDMLoss", low=0.0, strict=True)
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         y = images

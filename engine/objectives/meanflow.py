@@ -21,6 +21,8 @@ import math
 import torch
 
 from engine import dist
+from engine.checks import finite, probability
+from engine.files import EngineError
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
@@ -58,7 +60,9 @@ class FlowMatching(Objective):
     name = "fm"
 
     def __init__(self, mu: float = -0.4, sigma: float = 1.0, label_dropout: float = 0.1):
-        self.mu, self.sigma, self.label_dropout = float(mu), float(sigma), float(label_dropout)
+        self.mu, self.sigma = finite("mu", mu, "FlowMatching"), finite("sigma", sigma, "FlowMatching", low=0.0,
+                                                                       strict=True)
+        self.label_dropout = probability("label_dropout", label_dropout, "FlowMatching")
 
     def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
         x = images.to(noise_dtype(images))
@@ -88,11 +92,15 @@ class MeanFlow(Objective):
                  t_start: float = 0.0, t_end: float = 1.0, jvp_net=None, jvp: str = "auto"):
         if jvp not in JVP_MODES:
             raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
-        if not 0 <= r_equals_t <= 1:
-            raise ValueError(f"r_equals_t is a fraction of the batch, got {r_equals_t}")
-        self.mu, self.sigma, self.r_equals_t = float(mu), float(sigma), float(r_equals_t)
-        self.p, self.c, self.label_dropout = float(p), float(c), float(label_dropout)
-        self.omega, self.kappa, self.t_start, self.t_end = float(omega), float(kappa), float(t_start), float(t_end)
+        w = "MeanFlow"
+        self.r_equals_t = probability("r_equals_t (a fraction of the batch)", r_equals_t, w, below_one=False)
+        self.mu, self.sigma = finite("mu", mu, w), finite("sigma", sigma, w, low=0.0, strict=True)
+        self.p, self.c = finite("p", p, w, low=0.0), finite("c", c, w, low=0.0, strict=True)
+        self.label_dropout = probability("label_dropout", label_dropout, w)
+        self.omega, self.kappa = finite("omega", omega, w), finite("kappa", kappa, w)
+        self.t_start, self.t_end = finite("t_start", t_start, w, 0.0, 1.0), finite("t_end", t_end, w, 0.0, 1.0)
+        if self.t_start > self.t_end:
+            raise EngineError(f"{w}: the guidance interval [t_start, t_end] = [{t_start}, {t_end}] is empty")
         self.jvp_net, self.jvp_mode = jvp_net, jvp
 
     @property

@@ -1,0 +1,147 @@
+"""A stage's settings (`StageConfig`, validated when built) and its identity: what determines the weights it trains
+(engine/identity.py; docs/runs.md says which changes a rerun refuses)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import types
+
+import torch
+from torch import nn
+
+from engine.checks import finite, nonneg_int, one_of, positive_int, probability
+from engine.files import EngineError
+from engine.identity import plain, state_fingerprint, tensor_fingerprint
+
+__all__ = ["StageConfig", "RESULT_NEUTRAL", "LR_SCHEDULES", "stage_identity", "describe_object"]
+
+LR_SCHEDULES = ("constant", "linear", "inv_sqrt")
+# Settings that do not change the trained weights: they may change when a stage is rerun.
+RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "keep_checkpoints", "parallel", "shard_teacher")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    name: str                                   # sub-directory of the run directory
+    total_kimg: float                           # budget, in thousands of student samples (pairs)
+    batch_size: int                             # student samples (pairs) per optimizer step
+    lr: float
+    optimizer: str = "radam"                    # 'adam' | 'radam' (docs/spec/cm.md §3.4: RAdam, eps 1e-8, no decay)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_schedule: str = "linear"                 # 'constant' | 'linear' | 'inv_sqrt' (engine/lr_schedules.py)
+    lr_ref_kimg: float = 0.0                    # inv_sqrt: EDM2's ref_batches × batch, in kimg
+    lr_rampup_kimg: float = 0.0
+    ema_beta: float | None = 0.999              # constant EMA β, or
+    ema_std: float | None = None                # EDM2 power-function EMA σ_rel (set ema_beta=None)
+    grad_clip: float | None = None              # max global grad norm; None = no clipping
+    log_kimg: float | None = 1.0                # None: log, checkpoint only at the end of the stage
+    ckpt_kimg: float | None = 10.0
+    eval_kimg: float | None = None              # evaluate(ema) every this many kimg and at the end
+    keep_checkpoints: int = 3
+    seed: int = 0
+    bf16: bool = True                           # bf16 autocast on CUDA (CPU runs are always fp32)
+    parallel: str = "auto"                      # under torchrun: 'fsdp' (auto) | 'ddp' | 'none' (engine/dist.py)
+    shard_teacher: bool = False                 # under torchrun: FSDP-shard the objective's frozen teacher too
+
+    def __post_init__(self):
+        w = f"StageConfig({self.name!r})"
+        if not isinstance(self.name, str) or not self.name or os.sep in self.name or self.name in (".", ".."):
+            raise EngineError(f"StageConfig: name must be a directory name, got {self.name!r}")
+        finite("total_kimg", self.total_kimg, w, low=0.0, strict=True)
+        positive_int("batch_size", self.batch_size, w)
+        finite("lr", self.lr, w, low=0.0, strict=True)
+        one_of("optimizer", self.optimizer, ("adam", "radam"), w)
+        if len(self.betas) != 2:
+            raise EngineError(f"{w}: betas must be two numbers, got {self.betas!r}")
+        for k, b in zip(("betas[0]", "betas[1]"), self.betas):
+            probability(k, b, w)
+        finite("eps", self.eps, w, low=0.0, strict=True)
+        finite("weight_decay", self.weight_decay, w, low=0.0)
+        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, w)
+        finite("lr_ref_kimg", self.lr_ref_kimg, w, low=0.0)
+        finite("lr_rampup_kimg", self.lr_rampup_kimg, w, low=0.0)
+        if self.lr_schedule == "inv_sqrt" and self.lr_ref_kimg <= 0:
+            raise EngineError(f"{w}: the inv_sqrt schedule needs lr_ref_kimg > 0 (EDM2: ref_batches × batch size)")
+        if (self.ema_beta is None) == (self.ema_std is None):
+            raise EngineError(f"{w}: give exactly one of ema_beta (constant EMA) and ema_std (EDM2's power EMA)")
+        if self.ema_beta is not None:
+            probability("ema_beta", self.ema_beta, w)
+        if self.ema_std is not None:
+            finite("ema_std", self.ema_std, w, low=0.0, high=0.2886, strict=True)
+        if self.grad_clip is not None:
+            finite("grad_clip", self.grad_clip, w, low=0.0, strict=True)
+        for k in ("log_kimg", "ckpt_kimg", "eval_kimg"):   # None: only at the end of the stage
+            if getattr(self, k) is not None:
+                finite(k, getattr(self, k), w, low=0.0, strict=True)
+        positive_int("keep_checkpoints", self.keep_checkpoints, w)
+        nonneg_int("seed", self.seed, w)
+        one_of("parallel", self.parallel, ("auto", "fsdp", "ddp", "none"), w)
+
+    def budget(self) -> int:
+        """The budget in pairs; EngineError when it is not even one step (a tiny --kimg-scale, say)."""
+        total = round(self.total_kimg * 1000)
+        if total < self.batch_size:
+            raise EngineError(f"stage {self.name!r}: total_kimg {self.total_kimg:g} is {total} pairs, less than one "
+                              f"step of {self.batch_size} (a --kimg-scale that small trains nothing)")
+        return total
+
+    def identity(self) -> dict:
+        """The settings that determine the trained weights (those in RESULT_NEUTRAL do not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESULT_NEUTRAL}
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the trained weights (intervals, logging and the parallel layout,
+        which changes only the sharding, excluded): what checkpoints carried before stage identities
+        (stage_identity) were recorded, still checked for them."""
+        d = dataclasses.asdict(self)
+        for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_object(value, depth: int = 0, memo: dict | None = None):
+    """A comparable description of an objective's setting: numbers, strings and containers as they are; modules by
+    class and a hash of their state (once per module); tensors by hash; other objects by class and their public
+    attributes, two levels deep; functions by qualified name."""
+    memo = {} if memo is None else memo
+    if isinstance(value, nn.Module):
+        if id(value) not in memo:
+            memo[id(value)] = {"class": type(value).__name__, "state_sha256": state_fingerprint(value)}
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        return {"tensor_sha256": tensor_fingerprint(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return plain(value)
+    if isinstance(value, (list, tuple)):
+        return [describe_object(v, depth + 1, memo) for v in value] if depth < 3 else type(value).__name__
+    if isinstance(value, dict):
+        return {str(k): describe_object(v, depth + 1, memo) for k, v in value.items()} if depth < 3 else "dict"
+    if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or inspect.isclass(value):
+        return getattr(value, "__qualname__", type(value).__name__)
+    if hasattr(value, "__dict__") and depth < 2:
+        return {"class": type(value).__name__,
+                **{k: describe_object(v, depth + 1, memo) for k, v in sorted(vars(value).items())
+                   if not k.startswith("_")}}
+    return type(value).__name__
+
+
+def _network(net: nn.Module) -> dict:
+    from engine.registry import describe_network
+    try:
+        return describe_network(net)
+    except EngineError:   # not a registered architecture: its class and parameter shapes
+        return {"class": type(net).__name__, "shapes": {k: list(v.shape) for k, v in net.state_dict().items()}}
+
+
+def stage_identity(cfg: StageConfig, net: nn.Module, objective, data) -> dict:
+    """What a stage's result depends on: its settings, the objective (class, settings, teacher weights), the
+    network's architecture and initial weights, and its data."""
+    fingerprint = getattr(data, "fingerprint", None)
+    return dict(stage=cfg.identity(), objective=describe_object(objective), network=_network(net),
+                init_sha256=state_fingerprint(net),
+                data=fingerprint() if callable(fingerprint) else {"class": type(data).__name__, "items": len(data)})
