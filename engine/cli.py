@@ -20,7 +20,8 @@ from engine.files import EngineError
 
 __all__ = ["run_main", "USER_ERRORS", "resolve_device", "check_run_directory"]
 
-USER_ERRORS = (EngineError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (EngineError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
 
 
 def run_main(main, argv=None):

@@ -179,7 +179,7 @@ def load_detectors(metrics, inception=None, dinov2=None, device="cpu", fid_prepr
             from engine.metrics.dinov2 import DINOv2
             out[m] = DINOv2.from_file(dinov2).to(device)
         else:
-            raise ValueError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
+            raise EngineError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
     return out
 
 
