@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from engine.files import CheckpointError, short_list
+from engine.identity import file_fingerprint
 from engine.registry import DESCRIPTION_VERSION, build_from_description, precond_default
+from engine.run_state import StageStart
 from engine.state_dicts import load_network_state
 from engine.unpickler import (PersistentRecord, attributes, flatten, is_module_record, plain, unpickle_file,
                               unpickle_torch_zip)
 
-__all__ = ['TEACHER_ONLY_KEYS', 'NetworkRecord', 'ReferenceCheckpoint', 'read_edm_pickle', 'build_edm_network',
-           'load_edm_pickle', 'load_edm_training_state']
+__all__ = ['TEACHER_ONLY_KEYS', 'EDM2_LOGVAR_KEYS', 'NetworkRecord', 'ReferenceCheckpoint', 'read_edm_pickle',
+           'build_edm_network', 'load_edm_pickle', 'load_edm_training_state', 'read_edm2_training_state']
 
 # Reference wrapper class → ours, and the reference backbones we accept (docs/spec/cm.md §1.2, §1.3, §5).
 _REFERENCE_PRECONDS = {'EDMPrecond': 'EDMPrecond', 'ECMPrecond': 'CMPrecond'}
@@ -29,8 +31,14 @@ _REFERENCE_BACKBONES = ('SongUNet', 'DhariwalUNet')
 # Positional order of the reference wrappers' constructor arguments, to name `_init_args` if any.
 _REFERENCE_PRECOND_ARGS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max',
                            'sigma_data', 'model_type')
-# Weights an EDM teacher has and a CMT/ECT student (augment_dim 0) lacks; a transfer ignores them (§3.3).
-TEACHER_ONLY_KEYS = frozenset({'model.map_augment.weight'})
+# EDM2's wrapper and U-Net (docs/spec/edm2_latent.md §1.5, §2.4): the snapshot's `Precond` around a `UNet`.
+_EDM2_PRECOND, _EDM2_UNET = 'Precond', 'UNet'
+_EDM2_PRECOND_ARGS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_data', 'logvar_channels')
+# The EDM2 uncertainty head, which the CMT / ECT / ECD students do not have (docs/spec/edm2_latent.md §1.5).
+EDM2_LOGVAR_KEYS = frozenset({'logvar_fourier.freqs', 'logvar_fourier.phases', 'logvar_linear.weight'})
+# Weights a teacher has and a CMT/ECT student lacks; a transfer ignores them (docs/spec/cm.md §3.3): EDM's
+# augmentation-label embedding (the students have augment_dim 0) and EDM2's uncertainty head.
+TEACHER_ONLY_KEYS = frozenset({'model.map_augment.weight'}) | EDM2_LOGVAR_KEYS
 
 
 @dataclass
@@ -47,6 +55,7 @@ class NetworkRecord:
     attributes: dict
     state_dict: dict[str, torch.Tensor]
     training: bool = False
+    backbone_init_kwargs: dict | None = None   # the backbone record's own `_init_kwargs` (EDM2's `unet`)
 
 
 @dataclass
@@ -66,13 +75,20 @@ class ReferenceCheckpoint:
 def _network_record(record: PersistentRecord) -> NetworkRecord:
     state = record.state
     init_args = state.get('_init_args') or ()
-    init_kwargs = dict(zip(_REFERENCE_PRECOND_ARGS, init_args))
+    names = _EDM2_PRECOND_ARGS if record.class_name == _EDM2_PRECOND else _REFERENCE_PRECOND_ARGS
+    init_kwargs = dict(zip(names, init_args))
     init_kwargs.update(state.get('_init_kwargs') or {})
     state_dict: dict[str, torch.Tensor] = {}
     flatten(record, '', state_dict)
+    child = (state.get('_modules') or {}).get('unet')
+    backbone_kwargs = None
+    if isinstance(child, PersistentRecord):
+        backbone_kwargs = dict(zip(('img_resolution', 'img_channels', 'label_dim'), child.state.get('_init_args') or ()))
+        backbone_kwargs.update(child.state.get('_init_kwargs') or {})
     return NetworkRecord(class_name=record.class_name, init_kwargs=plain(init_kwargs),
                          attributes=attributes(state), state_dict=state_dict,
-                         training=bool(state.get('training', False)))
+                         training=bool(state.get('training', False)),
+                         backbone_init_kwargs=None if backbone_kwargs is None else plain(backbone_kwargs))
 
 
 def _reference_checkpoint(obj, path) -> ReferenceCheckpoint:
@@ -123,13 +139,50 @@ def load_edm_training_state(path) -> ReferenceCheckpoint:
     return _reference_checkpoint(unpickle_torch_zip(path), path)
 
 
+def _edm2_description(rec: NetworkRecord, source: str, mode: str | None, overrides: dict | None) -> dict:
+    """EDM2's `Precond` record → EDM2Precond around EDM2UNet. The U-Net's arguments are its own record's
+    `_init_kwargs` (the wrapper's, less its own arguments, when the record has none). mode 'student' builds the
+    network without the uncertainty head and in float32 (use_fp16 False: ECT's ImageNet script passes --fp16=0 and
+    CMT's 512 code trains in float32; the stage's bf16 setting applies instead); otherwise the file's."""
+    kw, attrs = dict(rec.init_kwargs), rec.attributes
+    if not any(k.startswith('unet.') for k in rec.state_dict):
+        raise CheckpointError(f'{source}: an EDM2 Precond record without its U-Net (no unet.* tensors; modules '
+                              f'{short_list(sorted({k.split(".")[0] for k in rec.state_dict}))})')
+    if rec.backbone_init_kwargs is not None:
+        unet_kwargs = dict(rec.backbone_init_kwargs)
+    else:
+        unet_kwargs = {k: v for k, v in kw.items() if k not in _EDM2_PRECOND_ARGS[3:]}
+    for k in ('img_resolution', 'img_channels', 'label_dim'):
+        if unet_kwargs.get(k) is None:
+            unet_kwargs[k] = kw.get(k, attrs.get(k))
+    if unet_kwargs['img_resolution'] is None or unet_kwargs['img_channels'] is None:
+        raise CheckpointError(f'{source}: {rec.class_name} record lacks img_resolution / img_channels')
+    unet_kwargs['label_dim'] = unet_kwargs['label_dim'] or 0
+    has_head = 'logvar_linear.weight' in rec.state_dict
+    if mode == 'teacher' and not has_head:
+        raise CheckpointError(f'{source}: this EDM2 network has no uncertainty head (logvar_*): CMT / ECT / ECD '
+                              f'students drop it, so it is a consistency model, not an EDM2 diffusion model; a '
+                              f'teacher is an edm2-img*-*.pkl snapshot or reconstruction')
+    student = mode == 'student'
+    precond_kwargs = dict(
+        use_fp16=False if student else bool(kw.get('use_fp16', attrs.get('use_fp16', True))),
+        logvar_channels=None if student or not has_head else int(kw.get('logvar_channels', 128)))
+    unet_kwargs.update(overrides or {})
+    return dict(version=DESCRIPTION_VERSION, precond='EDM2Precond',
+                sigma_data=float(attrs.get('sigma_data', kw.get('sigma_data', 0.5))), sigma_min=0.0,
+                sigma_max=float('inf'), precond_kwargs=precond_kwargs, backbone='EDM2UNet',
+                backbone_kwargs=unet_kwargs)
+
+
 def _description_from_record(rec: NetworkRecord, source: str, mode: str | None, drop_augment: bool,
                              overrides: dict | None) -> dict:
-    if rec.class_name not in _REFERENCE_PRECONDS:
-        raise CheckpointError(f'{source}: unsupported network class {rec.class_name!r}; supported: '
-                              f'{short_list(_REFERENCE_PRECONDS)}')
     if mode not in (None, 'teacher', 'student'):
         raise ValueError(f"mode must be None, 'teacher' or 'student'; got {mode!r}")
+    if rec.class_name == _EDM2_PRECOND:
+        return _edm2_description(rec, source, mode, overrides)
+    if rec.class_name not in _REFERENCE_PRECONDS:
+        raise CheckpointError(f'{source}: unsupported network class {rec.class_name!r}; supported: '
+                              f'{short_list([*_REFERENCE_PRECONDS, _EDM2_PRECOND])}')
     if mode == 'teacher' and rec.class_name != 'EDMPrecond':
         raise CheckpointError(f'{source}: holds a consistency model ({rec.class_name}: ECT / CMT output), not a '
                               f'diffusion model; a teacher is an EDMPrecond snapshot (EDM\'s edm-*.pkl or a '
@@ -172,6 +225,8 @@ def build_edm_network(record: NetworkRecord, *, mode: str | None = None, drop_au
                       overrides: dict | None = None, source: str = '<record>') -> nn.Module:
     """Our module for a reference network record, weights copied by name; eval mode, requires_grad False.
 
+    EDM2 snapshots (class `Precond`) become EDM2Precond around EDM2UNet, the float16 weights upcast to float32;
+    mode 'student' drops the uncertainty head and sets use_fp16 False (see `_edm2_description`).
     mode: None keeps the wrapper of the file (EDMPrecond → EDMPrecond, ECMPrecond → CMPrecond); 'teacher'
       builds EDMPrecond and 'student' CMPrecond. A changed wrapper keeps sigma_data and takes the new
       wrapper's default sigma_min / sigma_max (CMPrecond: 0.003, inf), as CMT's fresh student does.
@@ -183,7 +238,10 @@ def build_edm_network(record: NetworkRecord, *, mode: str | None = None, drop_au
     """
     desc = _description_from_record(record, source, mode, drop_augment, overrides)
     module = build_from_description(desc)
-    ignore = TEACHER_ONLY_KEYS if desc['backbone_kwargs'].get('augment_dim', 0) == 0 else ()
+    if desc['precond'] == 'EDM2Precond':
+        ignore = EDM2_LOGVAR_KEYS if not desc['precond_kwargs']['logvar_channels'] else ()
+    else:
+        ignore = TEACHER_ONLY_KEYS if desc['backbone_kwargs'].get('augment_dim', 0) == 0 else ()
     try:
         load_network_state(module, record.state_dict, ignore=ignore)
     except CheckpointError as e:
@@ -202,3 +260,26 @@ def load_edm_pickle(path, key: str = 'ema', *, mode: str | None = None, drop_aug
                               f'; other entries: {short_list(ckpt.entries) or "none"}')
     return build_edm_network(ckpt.networks[key], mode=mode, drop_augment=drop_augment, overrides=overrides,
                              source=f'{os.fspath(path)}[{key!r}]')
+
+
+def read_edm2_training_state(path) -> StageStart:
+    """An EDM2 `training-state-*.pt` (docs/spec/edm2_latent.md §2.4: torch.save of dict(state=dict(cur_nimg,
+    total_elapsed_time), net=state dict, loss_fn=its __dict__, optimizer=Adam state dict, ema=dict(stds, emas)))
+    read with the restricted table — nothing in it is executed — as a `StageStart` for `train_stage(start=...)`:
+    the stage continues from its image count with its weights, Adam moments and tracked power EMAs. Its network is
+    an EDM2Precond with the uncertainty head, in float32 as EDM2 trains it."""
+    path = os.fspath(path)
+    obj = unpickle_torch_zip(path)
+    need = ('state', 'net', 'optimizer', 'ema')
+    if not isinstance(obj, dict) or any(k not in obj for k in need):
+        have = short_list(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f'{path}: not an EDM2 training state (needs {short_list(need)}; has {have})')
+    ema = obj['ema'] or {}
+    stds, emas = list(ema.get('stds') or ()), list(ema.get('emas') or ())
+    if len(stds) != len(emas):
+        raise CheckpointError(f'{path}: {len(stds)} EMA stds but {len(emas)} EMA states')
+    tensors = lambda sd: {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return StageStart(net=tensors(obj['net']), optimizer=obj['optimizer'],
+                      tracked={float(s): tensors(e) for s, e in zip(stds, emas)},
+                      pairs_seen=int(obj['state']['cur_nimg']),
+                      fingerprint=dict(kind='edm2-training-state', file=file_fingerprint(path)))

@@ -8,6 +8,7 @@ does: docs/spec/cm.md §3.4).
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import torch
@@ -21,6 +22,30 @@ def std_to_exp(std: float) -> float:
         raise ValueError(f"power EMA std must be in (0, 0.2887), got {std}")
     roots = np.roots([1.0, 7.0, 16.0 - std ** -2, 12.0 - std ** -2])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+_SNAPSHOT = re.compile(r"^(.*)-(\d+)-(\d+\.\d+)\.(pkl|safetensors)$")
+
+
+def snapshot_name(prefix: str, nimg: int, std: float) -> str:
+    """This engine's snapshot files: `{prefix}-{images:012d}-{σ_rel:.3f}.safetensors` — EDM2's pattern
+    (`{prefix}-{kimg:07d}-{σ_rel:.3f}.pkl`, docs/spec/edm2_latent.md §2.3) with the exact image count, numbered as
+    the checkpoints are, so that snapshots less than 1000 images apart (a short stage's last one) never share a
+    name."""
+    return f"{prefix}-{nimg:012d}-{std:.3f}.safetensors"
+
+
+def kimg_to_nimg(kimg: int) -> int:
+    """The image count an EDM2 file name's kimg stands for: its runs snapshot at multiples of 1024 images, so the
+    name's ⌊nimg/1000⌋ maps back to ((kimg·1000 + 999) // 1024)·1024 (EDM2's reconstruct_phema.py)."""
+    return (kimg * 1000 + 999) // 1024 * 1024
+
+
+def parse_snapshot_name(name: str):
+    """(prefix, number, σ_rel) of a snapshot file name, or None; the number is kimg in EDM2's .pkl names and
+    images in this engine's .safetensors names."""
+    m = _SNAPSHOT.match(name)
+    return None if m is None else (m.group(1), int(m.group(2)), float(m.group(3)))
 
 
 class EMA(nn.Module):

@@ -53,7 +53,7 @@ class UnreadableCheckpoint(CheckpointError):
 def short_list(names, limit=20) -> str:
     """The first `limit` names joined by commas, and how many more there are."""
     names = list(names)
-    shown = ', '.join(names[:limit])
+    shown = ', '.join(str(n) for n in names[:limit])
     return shown + (f', ... ({len(names) - limit} more)' if len(names) > limit else '')
 
 

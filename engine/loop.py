@@ -29,14 +29,15 @@ from torch import nn
 from engine import dist
 from engine.data.sampler import ResumableSampler
 from engine.edm_snapshots import TEACHER_ONLY_KEYS
-from engine.ema import EMA
+from engine.ema import EMA, snapshot_name
 from engine.identity import check_or_record, identity_digest, write_identity
 from engine.image_grid import save_image_grid
 from engine.lr_schedules import learning_rate
+from engine.networks.edm2_unet import force_weight_normalization
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import Objective, StepRNG
 from engine.releases import export_safetensors
-from engine.run_state import CheckpointRing, TrainingState
+from engine.run_state import CheckpointRing, StageStart, TrainingState
 from engine.stage_config import StageConfig, stage_identity
 from engine.state_dicts import load_network_state
 from engine.train_log import TrainLog
@@ -127,9 +128,10 @@ def clip_gradients(net_params, obj_params, max_norm: float | None) -> torch.Tens
 def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, run_dir: str,
                 device: torch.device | str = "cpu",
                 evaluate: Callable[[nn.Module], dict] | None = None,
-                grid: Callable[[nn.Module], torch.Tensor] | None = None) -> StageResult:
+                grid: Callable[[nn.Module], torch.Tensor] | None = None, start: StageStart | None = None) -> StageResult:
     """Train `net` (already initialised, on `device`) with `objective` on `data` (a source with `len` and
-    `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any.
+    `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any,
+    else from `start` when given (an EDM2 training state: engine/edm_snapshots.py `read_edm2_training_state`).
     Everything is checked before anything is written: the budget, the division over ranks, and the stage's
     identity against the one recorded in its directory (docs/runs.md). SIGTERM or Ctrl-C saves a checkpoint at
     the next step boundary and exits with 128 + the signal's number. Under torchrun every rank calls this with the
@@ -143,8 +145,10 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     per = getattr(objective, "trajectories_per_batch", None)
     dist.local_share(n_images, f"stage {cfg.name!r}: {objective.name} consumes {n_images} "
                                + ("trajectories" if per else "images") + " per step")
+    if start is not None:
+        start.check(cfg)
     identity_file = os.path.join(stage_dir, "identity.json")
-    identity = check_or_record(identity_file, stage_identity(cfg, net, objective, data), f"stage {cfg.name!r}",
+    identity = check_or_record(identity_file, stage_identity(cfg, net, objective, data, start), f"stage {cfg.name!r}",
                                record=False, hint=f"Use another --out directory, or move {stage_dir} away")
     if lead:
         os.makedirs(stage_dir, exist_ok=True)
@@ -157,11 +161,17 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they get their own optimizer
     objective.to(device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
+    tracked = [EMA(net, std=std) for std in cfg.snapshot_emas]
     _warn_if_ema_too_long(cfg, total)
     teacher = getattr(objective, "teacher", None) if cfg.shard_teacher else None
-    parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module], frozen=teacher)
-    state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity))
+    parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module, *(e.module for e in tracked)], frozen=teacher)
+    state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity),
+                          tracked=tracked)
     resumed = state.load_latest()
+    if not resumed:
+        if start is not None:
+            state.adopt(start)
+        force_weight_normalization(parallel.model)   # as the reference's first training forward (edm2_unet.py)
     if lead:
         write_identity(identity_file, identity)   # once the checkpoints agree with it
         if resumed:
@@ -169,8 +179,7 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
                   f"{dist.world_size()})", flush=True)
 
     with StopSignals() as signals:
-        run_steps(cfg, state, data, n_images, stage_dir, device, lambda: parallel.gathered(ema.module).eval(),
-                  evaluate, grid, signals)
+        run_steps(cfg, state, data, n_images, stage_dir, device, parallel.gathered, evaluate, grid, signals)
 
     # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
     final_ema = parallel.gathered(ema.module).eval()
@@ -184,10 +193,12 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
 
 
 def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage_dir: str, device: torch.device,
-              averaged_ema: Callable[[], nn.Module], evaluate=None, grid=None, signals=None) -> None:
+              gathered: Callable[[nn.Module], nn.Module], evaluate=None, grid=None, signals=None) -> None:
     """The steps from `state.pairs_seen` to the stage's budget, and what happens at image-count boundaries: logs
-    every `log_kimg`, evaluations and grids of the EMA every `eval_kimg`, checkpoints every `ckpt_kimg` (all at the
-    end too), and a checkpoint and exit when `signals` says a stop was asked for. Non-finite losses and gradients
+    every `log_kimg`, evaluations and grids of the EMA every `eval_kimg`, snapshots of the tracked power EMAs every
+    `snapshot_kimg`, checkpoints every `ckpt_kimg` (all at the end too), and a checkpoint and exit when `signals`
+    says a stop was asked for. `gathered(module)` is the module with full weights (dist.Parallel). Non-finite
+    losses and gradients
     are flagged on the device and looked at only at those boundaries, where the ranks synchronise anyway; no
     state that went through a NaN step is saved."""
     rank, world, lead = dist.rank(), dist.world_size(), dist.rank() == 0
@@ -210,7 +221,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
             out, loss, grad_norm = train_step(state.model, state.objective, state.optimizers, state.params, images,
                                               labels, rng, autocast, cfg.grad_clip, device)
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
-            state.ema.update(state.model, before + cfg.batch_size, cfg.batch_size)
+            state.update_averages(before + cfg.batch_size)
             state.advance(cfg.batch_size, n_images, out, world)
             loss_sum += loss.detach()
             steps += 1
@@ -227,7 +238,8 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                                       grad_norm.item(), steps * cfg.batch_size / 1000 / max(t - t_last, 1e-9)))
                 loss_sum.zero_()
                 steps, t_last, last_good_kimg = 0, t, now / 1000
-            if _evaluate_and_draw(state, before, now, done, cfg, stage_dir, averaged_ema, evaluate, grid, log):
+            if _evaluate_and_draw(state, before, now, done, cfg, stage_dir, gathered, evaluate, grid, log) \
+                    | _write_snapshots(state, before, now, done, cfg, stage_dir, gathered):
                 t_last = time.time()  # evaluation time is not training time
             stopping = signals is not None and signals.agreed(at_log)
             if _crossed(before, now, cfg.ckpt_kimg) or done or stopping:
@@ -244,14 +256,14 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
         log.close()
 
 
-def _evaluate_and_draw(state, before, now, done, cfg, stage_dir, averaged_ema, evaluate, grid, log) -> bool:
+def _evaluate_and_draw(state, before, now, done, cfg, stage_dir, gathered, evaluate, grid, log) -> bool:
     """Evaluate the EMA and draw its grid when an `eval_kimg` boundary was crossed (rank 0; every rank takes part
     in gathering it). True when anything was done."""
     evaluating = evaluate is not None and (_crossed(before, now, cfg.eval_kimg) or done)
     drawing = grid is not None and (_crossed(before, now, cfg.eval_kimg) or done)
     if not (evaluating or drawing):
         return False
-    averaged = averaged_ema()
+    averaged = gathered(state.ema.module).eval()
     if dist.rank() == 0 and evaluating:
         metrics = dict(kimg=now / 1000, **evaluate(averaged))
         state.history.append(metrics)
@@ -259,6 +271,23 @@ def _evaluate_and_draw(state, before, now, done, cfg, stage_dir, averaged_ema, e
     if dist.rank() == 0 and drawing:
         save_image_grid(grid(averaged), os.path.join(stage_dir, "grids", f"kimg-{now // 1000:06d}.png"))
     state.history = dist.broadcast_object(state.history)
+    dist.barrier()
+    return True
+
+
+def _write_snapshots(state, before, now, done, cfg, stage_dir, gathered) -> bool:
+    """At a `snapshot_kimg` boundary and at the end: each tracked power EMA as
+    `snapshots/<stage>-<images:012d>-<std:.3f>.safetensors` (engine/ema.py `snapshot_name`; image count and σ_rel
+    also in the metadata), the series `python -m engine.phema` reconstructs from. True when any was written."""
+    if not state.tracked or not (_crossed(before, now, cfg.snapshot_kimg) or done):
+        return False
+    if dist.rank() == 0:
+        os.makedirs(os.path.join(stage_dir, "snapshots"), exist_ok=True)
+    for std, ema in zip(cfg.snapshot_emas, state.tracked):
+        module = gathered(ema.module).eval()
+        if dist.rank() == 0:
+            export_safetensors(module, os.path.join(stage_dir, "snapshots", snapshot_name(cfg.name, now, std)),
+                               metadata=dict(stage=cfg.name, nimg=now, std=std, kimg=now / 1000))
     dist.barrier()
     return True
 

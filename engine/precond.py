@@ -17,6 +17,7 @@ from torch import nn
 from engine import ops
 from engine.checks import finite
 from engine.files import EngineError
+from engine.networks.edm2_unet import EDM2UNet, MPConv, MPFourier
 from engine.schedules import SIGMA_DATA
 from kernels.precond import skip_out_reference
 
@@ -59,7 +60,11 @@ def as_class_labels(labels, label_dim: int, batch: int, device, dtype) -> torch.
 
 
 class _Precond(nn.Module):
-    """Shared machinery: σ/label normalisation and the backbone call. Subclasses define c_skip and c_out."""
+    """Shared machinery: σ/label normalisation and the backbone call. Subclasses define c_skip and c_out. The
+    backbone is registered under `backbone_attribute` (state-dict prefix) and reachable as `.model` in every
+    wrapper."""
+
+    backbone_attribute = "model"
 
     def __init__(self, model: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = 0.0,
                  sigma_max: float = math.inf):
@@ -67,7 +72,7 @@ class _Precond(nn.Module):
         where = type(self).__name__
         if not isinstance(model, nn.Module):
             raise EngineError(f"{where}: model must be a network (nn.Module), got {type(model).__name__}")
-        self.model = model
+        self.add_module(self.backbone_attribute, model)
         self.sigma_data = finite("sigma_data", sigma_data, where, low=0.0, strict=True)
         self.sigma_min = finite("sigma_min", sigma_min, where, low=0.0)
         if not (isinstance(sigma_max, (int, float)) and float(sigma_max) > self.sigma_min):
@@ -93,13 +98,20 @@ class _Precond(nn.Module):
         sigma = as_sigma(sigma, x, dtype).reshape(-1)  # [B] or [1]
         return x, sigma, as_class_labels(labels, self.label_dim, x.shape[0], x.device, dtype)
 
-    def _backbone(self, x, sigma, class_labels, augment_labels):
-        # Input side c_in·x, stored in the backbone's compute dtype (bf16 under CUDA autocast: the cast its first
-        # layer makes anyway).
-        net_dtype = x.dtype
+    def precond_kwargs(self) -> dict:
+        """Constructor arguments beyond the backbone and the σ settings (engine/registry.py describes them)."""
+        return {}
+
+    def backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the backbone computes in: x's, or bf16 under CUDA autocast (the cast its first layer makes
+        anyway)."""
         if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-            net_dtype = torch.get_autocast_dtype(x.device.type)
-        x_in = ops.precond_input(x, sigma, self.sigma_data, net_dtype)
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _backbone(self, x, sigma, class_labels, augment_labels):
+        # Input side c_in·x, stored in the backbone's compute dtype.
+        x_in = ops.precond_input(x, sigma, self.sigma_data, self.backbone_dtype(x))
         c_noise = (sigma.log() / 4).expand(x.shape[0])
         return self.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
 
@@ -141,3 +153,63 @@ class CMPrecond(_Precond):
 
     def boundary(self) -> bool:
         return not self.training
+
+
+class EDM2Precond(_Precond):
+    """EDM2's preconditioning (docs/spec/edm2_latent.md §1.5): EDM's c_skip, c_out, c_in and c_noise = ln(σ)/4
+    around an `EDM2UNet` registered as `unet` (the released state-dict names), with the learned uncertainty head
+    u(σ) = logvar_linear(logvar_fourier(c_noise)) of the EDM2 loss (§2.1).
+
+    `logvar_channels` None (or 0) builds no head: the CMT / ECT / ECD students, which ECT's `imgnet` branch builds
+    without it; teacher weights still load into them (the head's keys are teacher-only, engine/edm_snapshots.py).
+    `use_fp16`: the reference runs the U-Net in float16 on CUDA (and float32 elsewhere); so does this wrapper, the
+    output side staying float32. There is no consistency boundary condition: CMT / ECD at 512 and ECT's ImageNet
+    students use this wrapper unchanged (§1.5).
+
+        net(x, sigma, labels=None) -> D;   net(x, sigma, labels, return_logvar=True) -> (D, u [B,1,1,1])"""
+
+    backbone_attribute = "unet"
+
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, use_fp16: bool = True,
+                 logvar_channels: int | None = 128, sigma_min: float = 0.0, sigma_max: float = math.inf):
+        super().__init__(unet, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max)
+        self.use_fp16 = bool(use_fp16)
+        self.logvar_channels = int(logvar_channels or 0)
+        if self.logvar_channels:
+            self.logvar_fourier = MPFourier(self.logvar_channels)
+            self.logvar_linear = MPConv(self.logvar_channels, 1, kernel=[])
+
+    @property
+    def model(self) -> nn.Module:
+        return self.unet
+
+    def precond_kwargs(self) -> dict:
+        return dict(use_fp16=self.use_fp16, logvar_channels=self.logvar_channels or None)
+
+    def backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.use_fp16 and x.dtype == torch.float32 and x.device.type == "cuda" \
+                and not torch.is_autocast_enabled("cuda"):
+            return torch.float16
+        return super().backbone_dtype(x)
+
+    def logvar(self, sigma, like: torch.Tensor) -> torch.Tensor:
+        """u(σ) per sample, [B, 1, 1, 1] in the compute dtype."""
+        if not self.logvar_channels:
+            raise EngineError("EDM2Precond: this network has no uncertainty head (logvar_channels=None); build it "
+                              "with logvar_channels=128 to train with the EDM2 loss")
+        c_noise = as_sigma(sigma, like).reshape(-1).log() / 4
+        return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None, return_logvar: bool = False):
+        D = super().forward(x, sigma, labels, augment_labels)
+        if not return_logvar:
+            return D
+        return D, self.logvar(sigma, D).expand(D.shape[0], 1, 1, 1)
+
+
+def build_edm2(img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
+               sigma_data: float = 0.5, logvar_channels: int | None = 128, **unet_kwargs) -> EDM2Precond:
+    """The reference's `Precond(img_resolution, img_channels, label_dim, use_fp16, sigma_data, logvar_channels,
+    **unet_kwargs)`: an EDM2Precond around an EDM2UNet (engine/networks/edm2_unet.py)."""
+    unet = EDM2UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+    return EDM2Precond(unet, sigma_data=sigma_data, use_fp16=use_fp16, logvar_channels=logvar_channels)

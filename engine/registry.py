@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from engine.files import CheckpointError, short_list
-from engine.networks import DhariwalUNet, DiT, MLPNet, SongUNet
-from engine.precond import CMPrecond, EDMPrecond
+from engine.networks import DhariwalUNet, DiT, EDM2UNet, MLPNet, SongUNet
+from engine.precond import CMPrecond, EDM2Precond, EDMPrecond
 
 __all__ = ['PRECONDS', 'BACKBONES', 'DESCRIPTION_VERSION', 'describe_network', 'build_from_description', 'precond_default']
 
 # The only classes a checkpoint can make us build. Keys are the names stored in our descriptions.
-PRECONDS: dict[str, type[nn.Module]] = {'EDMPrecond': EDMPrecond, 'CMPrecond': CMPrecond}
-BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet, 'DiT': DiT}
+PRECONDS: dict[str, type[nn.Module]] = {'EDMPrecond': EDMPrecond, 'CMPrecond': CMPrecond, 'EDM2Precond': EDM2Precond}
+BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet, 'DiT': DiT,
+                                         'EDM2UNet': EDM2UNet}
 
 DESCRIPTION_VERSION = 1
 
@@ -63,8 +64,9 @@ def describe_network(module: nn.Module, backbone_kwargs: dict | None = None) -> 
     """The architecture of `module` (a wrapper from `PRECONDS` around a backbone, or a bare backbone) as a
     plain, JSON-able dict that `build_from_description` turns back into the same module:
 
-        dict(version=1, precond='EDMPrecond' | 'CMPrecond' | None, sigma_data, sigma_min, sigma_max,
-             backbone='SongUNet' | 'DhariwalUNet' | 'MLPNet', backbone_kwargs={every constructor argument})
+        dict(version=1, precond='EDMPrecond' | 'CMPrecond' | 'EDM2Precond' | None, sigma_data, sigma_min,
+             sigma_max, [precond_kwargs={the wrapper's other arguments}, only when it has any: EDM2Precond's
+             use_fp16 and logvar_channels], backbone=a BACKBONES name, backbone_kwargs={every constructor argument})
 
     The backbone's constructor arguments come from `backbone_kwargs`, else from the attribute
     `backbone.init_kwargs` that every backbone records in its constructor."""
@@ -87,6 +89,8 @@ def describe_network(module: nn.Module, backbone_kwargs: dict | None = None) -> 
     if precond is not None:
         desc.update(sigma_data=float(module.sigma_data), sigma_min=float(module.sigma_min),
                     sigma_max=float(module.sigma_max))
+        if module.precond_kwargs():
+            desc['precond_kwargs'] = _plain_json(module.precond_kwargs(), precond)
     return desc
 
 
@@ -114,4 +118,10 @@ def build_from_description(desc: dict) -> nn.Module:
         return backbone
     sigmas = {k: float(desc[k]) if desc.get(k) is not None else precond_default(precond, k)
               for k in ('sigma_data', 'sigma_min', 'sigma_max')}
-    return PRECONDS[precond](backbone, **sigmas)
+    extra = dict(desc.get('precond_kwargs') or {})
+    allowed = set(inspect.signature(PRECONDS[precond]).parameters) - {'model', 'unet', *sigmas}
+    unknown = sorted(set(extra) - allowed)
+    if unknown:
+        raise CheckpointError(f'{precond} has no constructor argument(s) {short_list(unknown)}')
+    with torch.random.fork_rng(devices=[]):
+        return PRECONDS[precond](backbone, **sigmas, **extra)

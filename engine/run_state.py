@@ -19,6 +19,7 @@ stage again from scratch over a finished run. Temporaries left by a process kill
 start-up (by rank 0 under torchrun)."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -26,7 +27,9 @@ import re
 import shutil
 
 from engine import dist
-from engine.files import CheckpointError, UnreadableCheckpoint, load_checkpoint, save_checkpoint, sidecar_path
+from engine.files import (CheckpointError, UnreadableCheckpoint, load_checkpoint, save_checkpoint, short_list,
+                          sidecar_path)
+from engine.networks.edm2_unet import force_weight_normalization
 from engine.optimizers import Optimizers
 from engine.state_dicts import load_network_state
 
@@ -112,17 +115,43 @@ def warn_unreadable(path: str, error: Exception) -> None:
         print(f"warning: skipping unreadable checkpoint {path}: {error}", flush=True)
 
 
+@dataclasses.dataclass
+class StageStart:
+    """A training state from elsewhere to start a stage from — an EDM2 `training-state-*.pt`
+    (engine/edm_snapshots.py `read_edm2_training_state`): the network's and the optimizer's state dicts (the
+    optimizer's keyed by parameter index, as `optimizer.state_dict()` writes it), the tracked power EMAs by σ_rel,
+    optionally the stage's EMA, and the image count reached. `fingerprint` goes into the stage's identity."""
+    net: dict
+    optimizer: dict | None
+    tracked: dict              # σ_rel → state dict
+    pairs_seen: int
+    fingerprint: dict
+    ema: dict | None = None
+
+    def check(self, cfg) -> dict:
+        """The tracked EMAs by rounded σ_rel, once every σ_rel of `cfg.snapshot_emas` is found among them."""
+        stds = {round(float(k), 6): v for k, v in self.tracked.items()}
+        missing = [s for s in cfg.snapshot_emas if round(s, 6) not in stds]
+        if missing:
+            raise CheckpointError(f"stage {cfg.name!r}: the start state tracks EMAs of σ_rel "
+                                  f"{short_list(f'{s:g}' for s in sorted(stds))}, not "
+                                  f"{short_list(f'{s:g}' for s in missing)} (StageConfig.snapshot_emas)")
+        return stds
+
+
 class TrainingState:
     """Everything a stage's checkpoint holds, and the one place that saves and loads it.
 
     model: the network as the optimizer sees it (plain, DDP or FSDP2: engine.dist.Parallel); ema: its EMA
-    (engine.ema.EMA, `ema.module` sharded like the model under FSDP); objective: its state (and, when it owns
+    (engine.ema.EMA, `ema.module` sharded like the model under FSDP); tracked: EDM2's tracked power EMAs, whose
+    snapshots post-hoc EMA reconstructs (engine/phema.py), sharded likewise; objective: its state (and, when it owns
     trained parameters, their optimizer); counters: `pairs_seen` (the budget: student samples trained on, one per
     pair in CMT), `data_pos` (dataset images consumed: the sampler's position), `wall_s`, `counters` (global
     totals of images, pairs, teacher NFE, student forwards / backwards and steps) and `history` (evaluations)."""
 
-    def __init__(self, cfg, model, ema, objective, ring: CheckpointRing, device, identity: str = ""):
+    def __init__(self, cfg, model, ema, objective, ring: CheckpointRing, device, identity: str = "", tracked=()):
         self.cfg, self.model, self.ema, self.objective, self.ring, self.device = cfg, model, ema, objective, ring, device
+        self.tracked = list(tracked)   # EDM2's tracked power EMAs (cfg.snapshot_emas), sharded like the EMA
         self.identity = identity   # the SHA-256 of the stage's identity (engine/identity.py), kept in every checkpoint
         net_params = [p for p in model.parameters() if p.requires_grad]
         obj_params = list(objective.parameters())
@@ -133,6 +162,53 @@ class TrainingState:
         self.wall_s = 0.0
         self.counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
         self.history: list = []
+
+    def update_averages(self, nimg_after: int) -> None:
+        """After the optimizer step: the EMA and the tracked power EMAs take the new weights, then the weights of
+        magnitude-preserving layers are renormalised (EDM2's forced weight normalisation, which the reference does
+        at the start of the next training forward: engine/networks/edm2_unet.py). No-op for other networks."""
+        batch = self.cfg.batch_size
+        self.ema.update(self.model, nimg_after, batch)
+        for ema in self.tracked:
+            ema.update(self.model, nimg_after, batch)
+        force_weight_normalization(self.model)
+
+    def adopt(self, start: StageStart) -> None:
+        """Start from `start` instead of the initialisation: weights, optimizer state (this stage's hyperparameters
+        kept), the tracked EMAs (every σ_rel of cfg.snapshot_emas must be there), the EMA (the start's, else its
+        tracked EMA of the stage's σ_rel, else the weights), and the image count, which also places the data
+        sampler (one image per sample, as in EDM2's training)."""
+        stds = start.check(self.cfg)
+        ema = start.ema
+        if ema is None and self.cfg.ema_std is not None:
+            ema = stds.get(round(self.cfg.ema_std, 6))
+        modules = dict(ema=ema if ema is not None else start.net,
+                       **{f"tracked_{i}": stds[round(s, 6)] for i, s in enumerate(self.cfg.snapshot_emas)})
+        opt = self.optimizers.net
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            if dist.is_distributed() and dist.is_sharded(self.model):
+                if start.optimizer is not None:
+                    dist.set_full_train_state(self.model, opt, start.net, start.optimizer)
+                else:
+                    dist.set_full_module_state(self.model, start.net)
+                for k, m in self._averages().items():
+                    dist.set_full_module_state(m, modules[k])
+            else:
+                load_network_state(dist.unwrap(self.model), start.net)
+                for k, m in self._averages().items():
+                    load_network_state(dist.unwrap(m), modules[k])
+                if start.optimizer is not None:
+                    opt.load_state_dict(start.optimizer)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"the start state does not fit this stage: {str(e).splitlines()[0]}") from None
+        for group, kept in zip(opt.param_groups, settings):
+            group.update(kept)
+        self.pairs_seen = self.data_pos = int(start.pairs_seen)
+
+    def _averages(self) -> dict:
+        """The EMA modules a checkpoint holds, by key: 'ema', and 'tracked_<i>' for the tracked power EMAs."""
+        return dict(ema=self.ema.module, **{f"tracked_{i}": e.module for i, e in enumerate(self.tracked)})
 
     def advance(self, pairs: int, images: int, out, world: int) -> None:
         """Count one step of `pairs` student samples that consumed `images` dataset images (global numbers); `out`
@@ -150,11 +226,13 @@ class TrainingState:
         extra = dict(identity=self.identity, fingerprint=self.cfg.fingerprint(), objective=self.objective.state_dict(),
                      pairs_seen=self.pairs_seen, data_pos=self.data_pos, wall_s=self.wall_s, counters=self.counters,
                      eval_history=self.history, objective_optimizer=opt.obj.state_dict() if opt.obj else None)
+        averages = self._averages()
         if dist.is_distributed():
             net_state, opt_state = dist.train_state(self.model, opt.net)
             return self.ring.save_sharded(dict(net=net_state, optimizer=opt_state,
-                                               ema=dist.module_state(self.ema.module)), extra, at)
-        return self.ring.save(dict(extra, net=dist.unwrap(self.model).state_dict(), ema=self.ema.module.state_dict(),
+                                               **{k: dist.module_state(m) for k, m in averages.items()}), extra, at)
+        return self.ring.save(dict(extra, net=dist.unwrap(self.model).state_dict(),
+                                   **{k: m.state_dict() for k, m in averages.items()},
                                    optimizer=opt.net.state_dict()), at)
 
     def load_latest(self) -> str | None:
@@ -189,23 +267,26 @@ class TrainingState:
         """Load a checkpoint of either form into the (possibly sharded) model, EMA and optimizers; its plain
         values. Damaged bytes raise UnreadableCheckpoint (the ring skips it); a checkpoint of another identity or
         one that does not fit raises CheckpointError (refused)."""
-        model, ema_module, opt = self.model, self.ema.module, self.optimizers
+        model, averages, opt = self.model, self._averages(), self.optimizers
         if os.path.isdir(path):
             net_state, opt_state = dist.train_state(model, opt.net)
-            tensors = dict(net=net_state, optimizer=opt_state, ema=dist.module_state(ema_module))
+            tensors = dict(net=net_state, optimizer=opt_state, **{k: dist.module_state(m) for k, m in averages.items()})
             extra = dist.load_sharded(path, tensors, check=self._check_extra)
             dist.set_train_state(model, opt.net, tensors["net"], tensors["optimizer"])
-            dist.set_module_state(ema_module, tensors["ema"])
+            for k, m in averages.items():
+                dist.set_module_state(m, tensors[k])
         else:
             extra = load_checkpoint(path, map_location=self.device)
             self._check_extra(path, extra)
             try:
                 if dist.is_distributed() and dist.is_sharded(model):
                     dist.set_full_train_state(model, opt.net, extra["net"], extra["optimizer"])
-                    dist.set_full_module_state(ema_module, extra["ema"])
+                    for k, m in averages.items():
+                        dist.set_full_module_state(m, extra[k])
                 else:
                     load_network_state(dist.unwrap(model), extra["net"])
-                    load_network_state(dist.unwrap(ema_module), extra["ema"])
+                    for k, m in averages.items():
+                        load_network_state(dist.unwrap(m), extra[k])
                     opt.net.load_state_dict(extra["optimizer"])
             except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
                 raise self._refuse(path, f"does not fit: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \

@@ -30,6 +30,7 @@ import torch
 
 from engine import ops
 from engine.files import EngineError
+from engine.schedules import karras_sigmas
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -239,6 +240,16 @@ def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Te
     check_state(x_T, "heun")
     s = _check_times(sigmas, "heun")
     return heun_ode(lambda x, sigma: (x - denoiser(x, _sigma_batch(sigma, x), labels).to(x.dtype)) / sigma, x_T, s)
+
+
+@torch.no_grad()
+def edm2_sampler(denoiser: Denoiser, z: torch.Tensor, labels=None, num_steps: int = 32, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM2's deterministic sampler (docs/spec/edm2_latent.md §4.1): `heun` from x = σ_max·z over the ρ-grid of
+    `num_steps` points and 0, in float32: 2·num_steps − 1 = 63 denoiser calls by default (twice as many network
+    evaluations with a GuidedDenoiser). Returns the final sample."""
+    sigmas = karras_sigmas(num_steps, sigma_max, sigma_min, rho).tolist()
+    return heun(denoiser, sigma_max * z.to(torch.float32), sigmas, labels)[-1]
 
 
 # ---- Few-step consistency sampler ------------------------------------------------------------------------------

@@ -20,7 +20,11 @@ __all__ = ["StageConfig", "RESULT_NEUTRAL", "LR_SCHEDULES", "stage_identity", "d
 
 LR_SCHEDULES = ("constant", "linear", "inv_sqrt")
 # Settings that do not change the trained weights: they may change when a stage is rerun.
-RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "keep_checkpoints", "parallel", "shard_teacher")
+RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "snapshot_kimg", "keep_checkpoints", "parallel",
+                  "shard_teacher")
+# Fields added after checkpoints carried StageConfig fingerprints; left out of the fingerprint at their defaults so
+# that those checkpoints still resume.
+_LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None)
 
 
 @dataclasses.dataclass
@@ -47,6 +51,8 @@ class StageConfig:
     bf16: bool = True                           # bf16 autocast on CUDA (CPU runs are always fp32)
     parallel: str = "auto"                      # under torchrun: 'fsdp' (auto) | 'ddp' | 'none' (engine/dist.py)
     shard_teacher: bool = False                 # under torchrun: FSDP-shard the objective's frozen teacher too
+    snapshot_emas: tuple[float, ...] = ()       # σ_rel of tracked power EMAs (EDM2: (0.050, 0.100)), snapshotted
+    snapshot_kimg: float | None = None          # every this many kimg and at the end, for engine/phema.py
 
     def __post_init__(self):
         w = f"StageConfig({self.name!r})"
@@ -81,6 +87,12 @@ class StageConfig:
         positive_int("keep_checkpoints", self.keep_checkpoints, w)
         nonneg_int("seed", self.seed, w)
         one_of("parallel", self.parallel, ("auto", "fsdp", "ddp", "none"), w)
+        if not isinstance(self.snapshot_emas, (tuple, list)) or len(set(self.snapshot_emas)) != len(self.snapshot_emas):
+            raise EngineError(f"{w}: snapshot_emas must be a list of distinct σ_rel values, got {self.snapshot_emas!r}")
+        self.snapshot_emas = tuple(finite("snapshot_emas entry", s, w, low=0.0, high=0.2886, strict=True)
+                                   for s in self.snapshot_emas)
+        if self.snapshot_kimg is not None:
+            finite("snapshot_kimg", self.snapshot_kimg, w, low=0.0, strict=True)
 
     def budget(self) -> int:
         """The budget in pairs; EngineError when it is not even one step (a tiny --kimg-scale, say)."""
@@ -101,6 +113,9 @@ class StageConfig:
         d = dataclasses.asdict(self)
         for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher"):
             d.pop(k)
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -138,10 +153,13 @@ def _network(net: nn.Module) -> dict:
         return {"class": type(net).__name__, "shapes": {k: list(v.shape) for k, v in net.state_dict().items()}}
 
 
-def stage_identity(cfg: StageConfig, net: nn.Module, objective, data) -> dict:
+def stage_identity(cfg: StageConfig, net: nn.Module, objective, data, start=None) -> dict:
     """What a stage's result depends on: its settings, the objective (class, settings, teacher weights), the
-    network's architecture and initial weights, and its data."""
+    network's architecture and initial weights, its data, and the training state it starts from, if any."""
     fingerprint = getattr(data, "fingerprint", None)
-    return dict(stage=cfg.identity(), objective=describe_object(objective), network=_network(net),
-                init_sha256=state_fingerprint(net),
-                data=fingerprint() if callable(fingerprint) else {"class": type(data).__name__, "items": len(data)})
+    identity = dict(stage=cfg.identity(), objective=describe_object(objective), network=_network(net),
+                    init_sha256=state_fingerprint(net),
+                    data=fingerprint() if callable(fingerprint) else {"class": type(data).__name__, "items": len(data)})
+    if start is not None:
+        identity["start"] = start.fingerprint
+    return identity

@@ -281,3 +281,68 @@ def dumps(obj, protocol: int = 4) -> bytes:
 def write_training_state(obj, path) -> None:
     """`torch.save(obj, path)` as the reference training loops do (zip archive, torch's storages)."""
     torch.save(obj, path, pickle_module=torch_save_pickle_module)
+
+
+# ---- EDM2 (docs/spec/edm2_latent.md §2.4; NVlabs/edm2 training/networks_edm2.py, training/training_loop.py) ----
+# Plain attributes each reference class sets in __init__, in order, and its positional constructor arguments.
+EDM2_ATTRIBUTES = {
+    'MPFourier': (),
+    'MPConv': ('out_channels',),
+    'Block': ('out_channels', 'flavor', 'resample_filter', 'resample_mode', 'num_heads', 'dropout', 'res_balance',
+              'attn_balance', 'clip_act'),
+    'UNet': ('label_balance', 'concat_balance'),
+}
+_EDM2_CLASS = {'MPFourier': 'MPFourier', 'MPConv': 'MPConv', 'EDM2Block': 'Block', 'EDM2UNet': 'UNet'}
+
+
+def _edm2_record(module: nn.Module, module_src: str, init_kwargs: dict):
+    children = {n: None if c is None else _edm2_record(c, module_src, {}) for n, c in module._modules.items()}
+    if type(module) is nn.ModuleDict:
+        record = nn.ModuleDict.__new__(nn.ModuleDict)
+        record.__dict__.update(_module_state(module, {}, False, children))
+        return record
+    class_name = _EDM2_CLASS[type(module).__name__]
+    attrs = {k: getattr(module, k) for k in EDM2_ATTRIBUTES[class_name]}
+    attrs.update({k: None for k, v in module.__dict__.items() if v is None and not k.startswith('_')})
+    args = ()
+    if class_name == 'MPConv':
+        w = module.weight
+        args, init_kwargs = (w.shape[1], w.shape[0]), dict(kernel=list(w.shape[2:]))
+    elif class_name == 'MPFourier':
+        args = (module.freqs.numel(),)
+    attrs.update(_init_args=args, _init_kwargs=dict(init_kwargs))
+    return Persistent(class_name, _module_state(module, attrs, False, children), module_src)
+
+
+def edm2_network_record(net: nn.Module, *, module_src: str = '', fp16: bool = True,
+                        precond_init_kwargs: dict | None = None) -> Persistent:
+    """The record tree EDM2 pickles for a `Precond` (our EDM2Precond): every tensor cast to float16 as the
+    reference's snapshots do (`copy.deepcopy(ema).to(torch.float16)`), the U-Net's `_init_kwargs` its own."""
+    import copy as _copy
+    net = _copy.deepcopy(net).cpu().eval()
+    if fp16:
+        net = net.to(torch.float16)
+    unet_kwargs = dict(net.unet.init_kwargs)
+    init = precond_init_kwargs if precond_init_kwargs is not None else dict(
+        img_resolution=unet_kwargs['img_resolution'], img_channels=unet_kwargs['img_channels'],
+        label_dim=unet_kwargs['label_dim'], model_channels=unet_kwargs['model_channels'],
+        dropout=unet_kwargs['dropout'], use_fp16=net.use_fp16)
+    children = {'unet': _edm2_record(net.unet, module_src, unet_kwargs)}
+    for name in ('logvar_fourier', 'logvar_linear'):
+        if name in net._modules:
+            children[name] = _edm2_record(net._modules[name], module_src, {})
+    attrs = dict(img_resolution=unet_kwargs['img_resolution'], img_channels=unet_kwargs['img_channels'],
+                 label_dim=unet_kwargs['label_dim'], use_fp16=net.use_fp16, sigma_data=net.sigma_data,
+                 _init_args=(), _init_kwargs=init)
+    return Persistent('Precond', _module_state(net, attrs, False, children), module_src)
+
+
+def edm2_snapshot(ema: Persistent, *, module_src: str = '', P_mean: float = -0.8, P_std: float = 1.6,
+                  dataset_path: str = 'datasets/img64.zip') -> dict:
+    """The dict EDM2's training loop pickles per snapshot: encoder, dataset_kwargs, loss_fn, ema."""
+    encoder = Persistent('StandardRGBEncoder', dict(_init_args=(), _init_kwargs={}), module_src)
+    loss_fn = Persistent('EDM2Loss', dict(P_mean=P_mean, P_std=P_std, sigma_data=0.5, _init_args=(),
+                                          _init_kwargs=dict(P_mean=P_mean, P_std=P_std)), module_src)
+    return dict(encoder=encoder, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset',
+                                                     path=dataset_path, use_labels=True),
+                loss_fn=loss_fn, ema=ema)

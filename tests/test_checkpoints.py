@@ -313,12 +313,20 @@ def test_resample_filter_checked(tmp_path):
         C.load_edm_pickle(path)
 
 
-@pytest.mark.parametrize('class_name', ['VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'Precond'])
+@pytest.mark.parametrize('class_name', ['VPPrecond', 'VEPrecond', 'iDDPMPrecond'])
 def test_unknown_precond_class(tmp_path, class_name):
     net, kwargs = make()
     path, _ = write_snapshot(tmp_path, net, kwargs, edit=lambda r: setattr(r, 'class_name', class_name))
     with pytest.raises(CheckpointError, match=rf"unsupported network class '{class_name}'; supported: "
-                                              r'EDMPrecond, ECMPrecond'):
+                                              r'EDMPrecond, ECMPrecond, Precond'):
+        C.load_edm_pickle(path)
+
+
+def test_edm2_class_name_on_an_edm_network_is_named(tmp_path):
+    net, kwargs = make()
+    path, _ = write_snapshot(tmp_path, net, kwargs, edit=lambda r: setattr(r, 'class_name', 'Precond'))
+    with pytest.raises(CheckpointError, match=r'EDM2 Precond record without its U-Net \(no unet\.\* tensors; modules '
+                                              r'model\)'):
         C.load_edm_pickle(path)
 
 

@@ -136,8 +136,9 @@ def test_every_config_builds_and_exposes_attributes():
             net = build_network(name)
         assert isinstance(net, cls)
         assert net.label_dim == kwargs.get('label_dim', 0)
-        assert net.in_channels == net.img_channels == kwargs['in_channels']
-        assert net.out_channels == kwargs['out_channels']
+        channels = kwargs.get('in_channels', kwargs.get('img_channels'))      # EDM2UNet: img_channels in and out
+        assert net.in_channels == net.img_channels == channels
+        assert net.out_channels == kwargs.get('out_channels', channels)
         assert net.img_resolution == kwargs.get('img_resolution')
 
 

@@ -14,10 +14,11 @@ from typing import NamedTuple
 import torch
 
 from .dhariwal_unet import DhariwalUNet
+from .edm2_unet import EDM2UNet
 from .mlp import MLPNet
 from .song_unet import SongUNet
 
-__all__ = ['NetworkConfig', 'CONFIGS', 'build_network']
+__all__ = ['NetworkConfig', 'CONFIGS', 'EDM2_WIDTHS', 'build_network']
 
 
 class NetworkConfig(NamedTuple):
@@ -57,7 +58,8 @@ CONFIGS = {
         _DDPMPP, img_resolution=64, channel_mult=[1, 2, 2, 2], dropout=_STUDENT_DROPOUT)),
     'afhqv2-64-ddpmpp-teacher': NetworkConfig(SongUNet, dict(
         _DDPMPP, img_resolution=64, channel_mult=[1, 2, 2, 2], dropout=0.25, augment_dim=_EDM_AUGMENT_DIM)),
-    # ImageNet 64×64, class-conditional: EDM's ADM network (README: --arch=adm --dropout=0.10 --augment=0).
+    # ImageNet 64×64, class-conditional: EDM's ADM network (README: --arch=adm --dropout=0.10 --augment=0). The CMT
+    # paper's ImageNet-64 network is EDM2's XL instead: 'edm2-img64-xl' below.
     'imagenet64-adm': NetworkConfig(DhariwalUNet, dict(
         img_resolution=64, in_channels=3, out_channels=3, label_dim=1000, augment_dim=0, model_channels=192,
         channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8],
@@ -71,6 +73,23 @@ CONFIGS = {
         in_channels=2, out_channels=2, label_dim=0, hidden_channels=256, num_blocks=4, noise_channels=64,
         emb_channels=256, dropout=0.0, residual=True)),
 }
+
+# EDM2's magnitude-preserving U-Nets (docs/spec/edm2_latent.md §1.4; NVlabs/edm2 train_edm2.py presets): width C per
+# size, pre-training dropout 0 up to S and 0.1 from M on (ImageNet-64: XS and S 0, M–XL 0.1). ImageNet-512 nets run on
+# 4×64×64 latents, ImageNet-64 nets on 3×64×64 pixels; both class-conditional over 1000 classes.
+EDM2_WIDTHS = dict(xxs=64, xs=128, s=192, m=256, l=320, xl=384, xxl=448)
+for _size, _c in EDM2_WIDTHS.items():
+    CONFIGS[f'edm2-img512-{_size}'] = NetworkConfig(EDM2UNet, dict(
+        img_resolution=64, img_channels=4, label_dim=1000, model_channels=_c,
+        dropout=0.0 if _size in ('xxs', 'xs', 's') else 0.10))
+    if _size not in ('xxs', 'xxl'):
+        CONFIGS[f'edm2-img64-{_size}'] = NetworkConfig(EDM2UNet, dict(
+            img_resolution=64, img_channels=3, label_dim=1000, model_channels=_c,
+            dropout=0.0 if _size in ('xs', 's') else 0.10))
+# A tiny MP-UNet for CPU tests and the recipes' --smoke runs (16×16, two levels, attention at 8×8).
+CONFIGS['edm2-tiny'] = NetworkConfig(EDM2UNet, dict(
+    img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+    attn_resolutions=[8], channels_per_head=16, dropout=0.0))
 
 
 def build_network(name: str, **overrides) -> torch.nn.Module:

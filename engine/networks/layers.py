@@ -270,9 +270,9 @@ class UNetBlock(torch.nn.Module):
         return x
 
 
-_POSITIVE = ("img_resolution", "in_channels", "out_channels", "model_channels", "hidden_channels", "num_blocks",
-             "noise_channels", "emb_channels", "channel_mult_emb", "channel_mult_noise", "input_size", "patch_size",
-             "hidden_size", "depth", "num_heads")
+_POSITIVE = ("img_resolution", "img_channels", "in_channels", "out_channels", "model_channels", "hidden_channels",
+             "num_blocks", "channels_per_head", "noise_channels", "emb_channels", "channel_mult_emb",
+             "channel_mult_noise", "input_size", "patch_size", "hidden_size", "depth", "num_heads")
 _NON_NEGATIVE = ("label_dim", "augment_dim", "num_classes")
 _RATES = ("dropout", "label_dropout")
 

@@ -1,6 +1,7 @@
 """Training objectives: `objective(net, images, labels, rng) -> LossOutput` (engine/objectives/base.py).
 
     EDMLoss   teacher pre-training (docs/spec/cm.md §1.1)
+    EDM2Loss  EDM2 pre-training with learned uncertainty (docs/spec/edm2_latent.md §2.1)
     CMT       consistency mid-training on teacher DPM-Solver++ trajectories (docs/spec/cm.md §3.1)
     CachedCMT CMT on trajectories pre-generated to disk (engine/trajectory_cache.py)
     KD        the KD-style ablation: (x_T, σ_max) → teacher endpoint
@@ -16,11 +17,11 @@ from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import CMT, KD, CachedCMT, SlowCMT
 from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_distance, squared_l2
 from engine.objectives.ect import ECD, ECT
-from engine.objectives.edm import EDMLoss
+from engine.objectives.edm import EDM2Loss, EDMLoss
 from engine.objectives.latent import LatentPosterior
 from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow
 from engine.solvers import mean_flow_sample  # the sampler lives in engine/solvers.py; kept importable here
 from engine.objectives.scm import SCD, SCT
 
-__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
+__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "EDM2Loss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
            "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

@@ -37,6 +37,11 @@ def freeze(teacher):
     return teacher
 
 
+def teacher_calls(teacher) -> int:
+    """Network evaluations per teacher call: 2 for a guided teacher (engine/guidance.py), else 1."""
+    return int(getattr(teacher, "calls", 1))
+
+
 def tile(labels, n: int):
     """Labels [m] or [m, L] repeated n times along the batch: entry j·m + b = labels[b] (step-major)."""
     if labels is None:
@@ -131,7 +136,9 @@ class CMT(_FromPrior):
         # m is whatever this call was given (per rank, it may be a share of trajectories_per_batch).
         x_T = self.start(images, rng)
         traj = self.solve(x_T, self.sigmas, labels)                   # [N + 1, m, ...], no grad
-        return trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, teacher_nfe=True)
+        out = trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, teacher_nfe=True)
+        out.teacher_nfe *= teacher_calls(self.teacher)
+        return out
 
 
 def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance,

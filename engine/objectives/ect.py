@@ -29,7 +29,8 @@ import torch
 from engine.checks import finite
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import LossOutput, Objective, StepRNG
-from engine.objectives.cmt import freeze
+from engine.guidance import guided
+from engine.objectives.cmt import freeze, teacher_calls
 from engine.objectives.distances import l2, pseudo_huber, resolve_distance
 from engine.objectives.edm import batch_view, noise_dtype
 from engine.schedules import SIGMA_DATA
@@ -157,7 +158,8 @@ class ECD(_ConsistencyGap):
         Euler: x_r = x_t + (r − t)·(x_t − D(x_t; t))/t
         Heun:  d = (x_t − D(x_t; t))/t, x' = x_t + (r − t)·d, d' = (x' − D(x'; r))/r, x_r = x_t + (r − t)(d + d')/2
 
-    With `guide` and `guidance` = w, the teacher is auto-guided: D = g + w·(D_teacher − g), g = guide(x, σ).
+    With `guide` and `guidance` = w, the teacher is auto-guided: D = g + w·(D_teacher − g), g = guide(x, σ)
+    (engine/guidance.py; the teacher may also be a GuidedDenoiser itself).
     Where r = 0 the target is y (as ECT); there Heun's second evaluation is made at σ = t instead of 0 and x_r is
     the Euler step (= D(x_t; t)), so no division by zero happens; its result is discarded.
     teacher_nfe counts every sample passed through a teacher network: B per evaluation (Euler 1, Heun 2),
@@ -179,10 +181,9 @@ class ECD(_ConsistencyGap):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
         D = self.teacher(x, sigma, labels).to(x.dtype)
-        if self.guide is None:
+        if self.guide is None or self.guidance == 1:
             return D
-        g = self.guide(x, sigma, labels).to(x.dtype)
-        return g + self.guidance * (D - g)
+        return guided(D, self.guide(x, sigma, labels), self.guidance)   # engine/guidance.py
 
     @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, labels=None) -> torch.Tensor:
@@ -199,5 +200,6 @@ class ECD(_ConsistencyGap):
         return torch.where(rb > 0, x_heun, x_euler)
 
     def target_input(self, x_t, t, r, y, eps, labels):
-        calls = (1 if self.solver == "euler" else 2) * (1 if self.guide is None else 2)
+        with_guide = self.guide is not None and self.guidance != 1
+        calls = (1 if self.solver == "euler" else 2) * (2 if with_guide else teacher_calls(self.teacher))
         return self.teacher_step(x_t, t, r, labels), calls * x_t.shape[0]

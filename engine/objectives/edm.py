@@ -43,3 +43,28 @@ class EDMLoss(Objective):
         D = net(y + s * n, sigma, labels)
         loss = weight * (D - y).flatten(1).square().sum(dim=1)
         return LossOutput(loss=loss, pairs=B, student_forward=B, student_backward=B)
+
+
+class EDM2Loss(EDMLoss):
+    """EDM2's loss with learned uncertainty (docs/spec/edm2_latent.md §2.1; NVlabs/edm2 `training_loop.EDM2Loss`):
+
+        loss_elem = λ(σ)/exp(u(σ))·(D(y + σn; σ) − y)² + u(σ),   λ = (σ² + σ_d²)/(σσ_d)²
+
+    summed per sample (so u counts C·H·W times); u is the network's uncertainty head, `net(x, σ, labels,
+    return_logvar=True)` (EDM2Precond). Defaults are the ImageNet-512 presets' P_mean −0.4, P_std 1.0; ImageNet-64
+    uses −0.8, 1.6. Draw order as the reference's: ln σ's normal, then the noise."""
+
+    name = "edm2"
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+
+    def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
+        y = images
+        B, dtype = y.shape[0], noise_dtype(y)
+        sigma = (rng.randn([B], y.device, dtype) * self.P_std + self.P_mean).exp()
+        n = rng.randn(y.shape, y.device, dtype)
+        weight = batch_view((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2, y)
+        D, logvar = net(y.to(dtype) + batch_view(sigma, y) * n, sigma, labels, return_logvar=True)
+        loss = (weight / logvar.exp() * (D - y).square() + logvar).flatten(1).sum(dim=1)
+        return LossOutput(loss=loss, pairs=B, student_forward=B, student_backward=B)
