@@ -187,10 +187,23 @@ def _fully_shard(net: nn.Module, device: torch.device, reshard_after_forward: bo
         # autocast decides the matmul dtype)
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                cast_forward_inputs=False)
+    # FSDP2 cannot shard 0-d parameters (EDM2's emb_gain / out_gain): they stay whole on every rank, and the loop
+    # averages their gradients itself (replicated_parameters)
+    scalars = {p for p in net.parameters() if p.ndim == 0}
+    if scalars:
+        kw["ignored_params"] = scalars
     for unit in fsdp_units(net):
         fully_shard(unit, **kw)
     fully_shard(net, **kw)
     return net
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trained parameters of an FSDP2 model that FSDP leaves whole (0-d ones): their gradients must be averaged
+    over the ranks by the caller. None for any other model."""
+    if not (is_distributed() and is_sharded(model)):
+        return []
+    return [p for p in model.parameters() if p.requires_grad and not hasattr(p, "to_local")]
 
 
 def wrap(net: nn.Module, strategy: str, device: torch.device) -> nn.Module:

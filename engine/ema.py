@@ -74,7 +74,14 @@ class EMA(nn.Module):
         net_p = [p.detach() for p in net.parameters()]
         if len(ema_p) != len(net_p):
             raise RuntimeError("EMA and network have different parameter lists")
-        torch._foreach_lerp_(ema_p, net_p, 1.0 - beta)
+        # one fused update per kind of tensor (FSDP2 leaves 0-d parameters as plain tensors beside its DTensors)
+        kinds: dict = {}
+        for e, n in zip(ema_p, net_p):
+            kinds.setdefault(type(e), ([], []))
+            kinds[type(e)][0].append(e)
+            kinds[type(e)][1].append(n)
+        for e, n in kinds.values():
+            torch._foreach_lerp_(e, n, 1.0 - beta)
         for b_ema, b_net in zip(self.module.buffers(), net.buffers()):
             b_ema.copy_(b_net)
         return beta

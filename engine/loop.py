@@ -93,9 +93,9 @@ def train_step(net: nn.Module, objective: Objective, opt, params, images, labels
     dropout seed and autocast, backward of the mean per-pair loss, gradient clipping, optimizer step. Returns
     (the objective's LossOutput, the mean loss, the gradient norm), the last two on device (no host sync).
 
-    `params` is the list of trained parameters, or a pair (network's, objective's) when the objective owns some:
-    under data parallelism the wrapper reduces the network's gradients and the objective's are averaged here; the
-    clipping norm is over both."""
+    `params` is the list of trained parameters, or a pair (those whose gradients the wrapper reduces, those averaged
+    here): under data parallelism the objective's own parameters (sCM's adaptive weight) and the network's 0-d ones
+    that FSDP2 leaves whole are averaged here. The clipping norm is over both."""
     with dropout_generator(rng.seed(), device), autocast:
         out = objective(net, images, labels, rng)
     loss = out.loss.float().mean()

@@ -155,7 +155,11 @@ class TrainingState:
         self.identity = identity   # the SHA-256 of the stage's identity (engine/identity.py), kept in every checkpoint
         net_params = [p for p in model.parameters() if p.requires_grad]
         obj_params = list(objective.parameters())
-        self.params = (net_params, obj_params) if obj_params else net_params
+        # parameters whose gradients the loop averages over the ranks itself: the objective's, and those FSDP leaves
+        # whole (engine/dist.py replicated_parameters); all of the network's stay in the network's optimizer
+        whole = dist.replicated_parameters(model)
+        reduced = [p for p in net_params if not any(p is q for q in whole)]
+        self.params = (reduced, whole + obj_params) if whole or obj_params else net_params
         self._optimizers = lambda: Optimizers.build(cfg, net_params, obj_params, device)
         self.optimizers = self._optimizers()
         self.pairs_seen = self.data_pos = 0

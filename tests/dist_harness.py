@@ -4,7 +4,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_harness.py ...       (torchrun)
 
 It trains 20 steps of 8 pairs (a checkpoint every 5 steps, a log record every step) on float64 synthetic data
-with a tiny DDPM++ (CMT's teacher and student, ECT) or a tiny Mean Flow DiT (guidance and label dropout on), and
+with a tiny DDPM++ (CMT's teacher and student, ECT), a tiny Mean Flow DiT (guidance and label dropout on) or a
+tiny EDM2 U-Net with EDM2's loss (forced weight normalisation, two tracked power EMAs snapshotted), and
 writes final.pt (the consolidated network and EMA) on rank 0. --stop-at N leaves every rank after the checkpoint
 of step N, as if the job ended there; --kill-at N SIGKILLs rank 1 at step N on the first attempt only (torchrun
 --max-restarts then restarts the job, which resumes). float64 makes 1- and 2-process runs agree to ~1e-12, so the
@@ -21,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import dist  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.loop import StageConfig, train_stage  # noqa: E402
-from engine.networks import DiT, SongUNet  # noqa: E402
-from engine.objectives import CMT, ECT, MeanFlow, squared_l2  # noqa: E402
-from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
+from engine.networks import DiT, EDM2UNet, SongUNet  # noqa: E402
+from engine.objectives import CMT, ECT, EDM2Loss, MeanFlow, squared_l2  # noqa: E402
+from engine.precond import CMPrecond, EDM2Precond, EDMPrecond  # noqa: E402
 
 BATCH, STEPS = 8, 20
 
@@ -36,6 +37,12 @@ def unet():
 def build(objective: str):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
+    if objective == "edm2":   # EDM2's U-Net and loss: forced weight normalisation of sharded weights, tracked EMAs
+        net = EDM2Precond(EDM2UNet(img_resolution=8, img_channels=1, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                                   num_blocks=1, attn_resolutions=[4], channels_per_head=8, dropout=0.0))
+        data = TensorSource(torch.randn(64, 1, 8, 8, generator=g, dtype=torch.float64),
+                            torch.randint(0, 4, (64,), generator=g))
+        return net.double(), EDM2Loss(P_mean=-0.8, P_std=1.6), data
     if objective == "mf":
         net = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
         data = TensorSource(torch.randn(64, 1, 8, 8, generator=g, dtype=torch.float64),
@@ -76,7 +83,7 @@ class Interrupt:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--objective", choices=["cmt", "ect", "mf"], required=True)
+    p.add_argument("--objective", choices=["cmt", "ect", "mf", "edm2"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", default="auto")
     p.add_argument("--stop-at", type=int, default=None)
@@ -88,7 +95,8 @@ def main():
     net, objective, data = build(a.objective)
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",
                       lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=5 * BATCH / 1000,
-                      parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher)
+                      parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher,
+                      snapshot_emas=(0.05, 0.1) if a.objective == "edm2" else (), snapshot_kimg=5 * BATCH / 1000)
     res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at, a.sigterm_at), data, a.out, device)
     if dist.rank() == 0:
         torch.save(dict(net=res.net.state_dict(), ema=res.ema.state_dict()), os.path.join(a.out, "final.pt"))

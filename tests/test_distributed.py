@@ -134,11 +134,13 @@ def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_pa
 
 # ---- multi-process, through torchrun -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective,flags", [("cmt", []), ("cmt", ["--shard-teacher"]), ("ect", []), ("mf", [])])
+@pytest.mark.parametrize("objective,flags", [("cmt", []), ("cmt", ["--shard-teacher"]), ("ect", []), ("mf", []),
+                                            ("edm2", [])])
 def test_two_processes_equal_one(objective, flags, tmp_path):
     """FSDP2 over 2 gloo processes against one process, same global batch of 8: every one of the 20 per-step
     losses within 1e-5 relative, and the final weights (float64) within 1e-9. CMT also with its frozen teacher
-    FSDP-sharded (gathered block by block inside the teacher's solve)."""
+    FSDP-sharded (gathered block by block inside the teacher's solve). EDM2: its weights renormalised shard by shard
+    after every step, and the tracked EMAs' snapshots equal too."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_ok(["--objective", objective, "--out", one])
     run_ok(["--objective", objective, "--out", two, *flags], nproc=2)
@@ -146,6 +148,16 @@ def test_two_processes_equal_one(objective, flags, tmp_path):
     assert_losses_close(losses(one), losses(two))
     assert len(losses(one)) == 20
     assert_states_close(final(one), final(two))
+    if objective == "edm2":
+        from safetensors.torch import load_file
+        names = sorted(os.listdir(os.path.join(one, "stage", "snapshots")))
+        assert len(names) == 8 and names == sorted(os.listdir(os.path.join(two, "stage", "snapshots")))
+        for n in names:
+            a, b = (load_file(os.path.join(d, "stage", "snapshots", n)) for d in (one, two))
+            assert_states_close(dict(net=a, ema=a), dict(net=b, ema=b))
+        w = final(two)["net"]["unet.enc.4x4_block0.conv_res0.weight"]
+        torch.testing.assert_close(w.flatten(1).square().mean(1).sqrt(), torch.full((16,), 1 / (1 + 1e-4),
+                                   dtype=w.dtype), rtol=1e-6, atol=0)      # unit RMS rows after the last step
 
 
 def test_ddp_equals_one_process(tmp_path):
@@ -156,22 +168,28 @@ def test_ddp_equals_one_process(tmp_path):
     assert_states_close(final(one), final(two))
 
 
-@pytest.mark.parametrize("first,second", [(2, None), (None, 2)])
-def test_checkpoint_resumes_at_another_world_size(first, second, tmp_path):
+@pytest.mark.parametrize("objective,first,second", [("mf", 2, None), ("mf", None, 2), ("edm2", 2, None),
+                                                    ("edm2", None, 2)])
+def test_checkpoint_resumes_at_another_world_size(objective, first, second, tmp_path):
     """Stop after step 10's checkpoint at one world size, resume at the other (2 → 1: a DCP directory read by one
     process; 1 → 2: a single-process file sharded on load): the losses of steps 11–20 equal an uninterrupted
-    run's, the next step's included."""
+    run's, the next step's included. EDM2: with its tracked EMAs and the 0-d gains FSDP leaves whole."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    run_ok(["--objective", "mf", "--out", ref])
-    run_ok(["--objective", "mf", "--out", out, "--stop-at", "10"], nproc=first)
+    run_ok(["--objective", objective, "--out", ref])
+    run_ok(["--objective", objective, "--out", out, "--stop-at", "10"], nproc=first)
     assert not os.path.exists(os.path.join(out, "final.pt"))
-    done = run_ok(["--objective", "mf", "--out", out], nproc=second)
+    done = run_ok(["--objective", objective, "--out", out], nproc=second)
     form = "ckpt-000000000080" + (".pt" if first is None else " ")
     assert f"resuming stage 'stage' from {os.path.join(out, 'stage', 'checkpoints', form)}" in done.stdout + " "
     a, b = losses(ref), losses(out)
     assert min(k for k in b) == 8 and 88 in b   # the resumed run logged the 11th step (88 images) afresh
     assert_losses_close(a, b)
     assert_states_close(final(ref), final(out))
+    if objective == "edm2":                     # the tracked EMAs resumed too
+        from safetensors.torch import load_file
+        a, b = (load_file(os.path.join(d, "stage", "snapshots", "stage-000000000160-0.050.safetensors"))
+                for d in (ref, out))
+        assert_states_close(dict(net=a, ema=a), dict(net=b, ema=b))
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
