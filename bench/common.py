@@ -60,6 +60,31 @@ def median_time(fn, device: torch.device, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per the vendor
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The device's dense bf16 peak for MFU: `override`, else the vendor's figure for a known GPU, else None."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def step_flags(p, reps: int, warmup: int, smoke_help: str, out: str) -> None:
+    """The flags of the scripts that time training steps: repetitions, device, peak, smoke, record, output."""
+    from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg
+    p.add_argument("--reps", type=positive_int_arg, default=reps)
+    p.add_argument("--warmup", type=nonneg_int_arg, default=warmup)
+    p.add_argument("--device", default=None)
+    p.add_argument("--peak-tflops", type=positive_float_arg, default=None, help="the device's peak (for MFU)")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    p.add_argument("--out", default=out)
+
+
 def machine(device: torch.device) -> str:
     try:
         import triton

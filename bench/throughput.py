@@ -34,9 +34,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg  # noqa: E402
+from engine.checks import positive_int_arg  # noqa: E402
 
-from common import StepBench, kernel_mode, machine, sync, write_results  # noqa: E402
+from common import StepBench, kernel_mode, machine, peak_tflops, step_flags, sync, write_results  # noqa: E402
 from engine import trajectory_cache as tc  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.networks import build_network  # noqa: E402
@@ -46,18 +46,6 @@ from engine.objectives import (CMT, ECD, ECT, SCD, SCT, CachedCMT, CMTMeanFlow, 
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
 
 PAPER_TABLE_10 = {"ect": 0.79, "ecd_euler": 0.98, "ecd_heun": 1.17}  # CIFAR-10, relative to CMT = 1
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per the vendor
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
 def methods(teacher, trajectories: int, store_spec) -> list[tuple]:
     """(name, label, objective factory, source kind, kernel mode)."""
     return [
@@ -226,13 +214,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=positive_int_arg, default=None, help="training pairs per iteration (default: CMT's, "
                    "128 = 8 × 16 for unet, 112 = 4 × 28 for dit)")
     p.add_argument("--trajectories", type=positive_int_arg, default=None, help="CMT trajectories per iteration")
-    p.add_argument("--reps", type=positive_int_arg, default=20)
-    p.add_argument("--warmup", type=nonneg_int_arg, default=5)
-    p.add_argument("--device", default=None)
-    p.add_argument("--peak-tflops", type=positive_float_arg, default=None, help="the device's peak (for MFU)")
-    p.add_argument("--smoke", action="store_true", help="tiny network, two repetitions (CPU)")
-    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    step_flags(p, reps=20, warmup=5, smoke_help="tiny network, two repetitions (CPU)",
+               out=os.path.join(HERE, "results"))
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     a.argv = argv

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from engine import dist
 from engine.checks import nonneg_int_arg, positive_int_arg
-from engine.files import file_sha256
+from engine.files import file_sha256, in_weights_dir
 from engine.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
 from engine.metrics.reference_stats import METRICS, StatsError, check_fid_preprocessing, load_detectors, load_stats
@@ -178,6 +178,44 @@ def recipe_fid(net, shape, schedules, num: int, device, decode=None, progress: b
     return [{"fid": r["fid"], "fid_detector": record} for r in res.values()]
 
 
+def recipe_metric_inputs(device, metrics=("fid", "fd_dinov2"), stats_names=(), stats_where: str = ""):
+    """The detectors and reference statistics of a recipe's closing evaluation, each looked up as the rest of the
+    engine does (ENGINE_INCEPTION_WEIGHTS, ENGINE_DINOV2_WEIGHTS, ENGINE_FID_STATS, else their published names in
+    the --weights directory): ((detectors, stats, declared preprocessing), []) when all are present — checked
+    against each other, so call it before training too — else (None, one line per missing file saying what it is
+    and where it goes)."""
+    missing, detectors = [], {}
+    stats_path = os.environ.get("ENGINE_FID_STATS") or in_weights_dir(*stats_names)
+    if not stats_path or not os.path.exists(stats_path):
+        missing.append(f"reference statistics ({' or '.join(stats_names) or 'a .npz / .pkl file'})"
+                       + (f": not found: {stats_path}" if stats_path else "")
+                       + f"; set ENGINE_FID_STATS or put it in the --weights directory{stats_where}")
+    for m in metrics:
+        try:
+            detectors.update(load_detectors([m], device=device,
+                                            fid_preprocessing=os.environ.get("ENGINE_FID_PREPROCESSING", "nvidia")))
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    if missing:
+        return None, missing
+    stats, declared = load_stats(stats_path), os.environ.get("ENGINE_FID_STATS_PREPROCESSING")
+    check_statistics(detectors, stats, declared)
+    return (detectors, stats, declared), []
+
+
+def recipe_metrics(net, shape, schedules, num: int, device, inputs, progress: bool = True) -> list[dict]:
+    """Every metric of `inputs` (recipe_metric_inputs) for each schedule, with the detectors' and statistics'
+    records beside the numbers: [{"fid": .., "fd_dinov2": .., "detectors": {...}, "stats": .., ...}, ...]."""
+    detectors, stats, declared = inputs
+    res = evaluate(net, shape, schedules, num, detectors=detectors, stats=stats, device=device, progress=progress,
+                   stats_preprocessing=declared)
+    if res is None:
+        return []
+    record = dict(detectors={m: d.describe() for m, d in detectors.items()}, stats=stats["path"],
+                  stats_sha256=file_sha256(stats["path"]))
+    return [{**{m: r[m] for m in detectors}, **record} for r in res.values()]
+
+
 def _load_net(path: str, device):
     if path.endswith(".safetensors"):
         from engine.releases import load_safetensors_network
@@ -231,7 +269,8 @@ def main(argv=None) -> dict | None:
         raise SystemExit(str(e))
     net = _load_net(a.net, device)
     m = getattr(net, "model", net)
-    shape = (m.init_kwargs.get("in_channels", 3), m.img_resolution, m.img_resolution)
+    shape = (getattr(m, "in_channels", None) or m.init_kwargs.get("in_channels", 3), m.img_resolution,
+             m.img_resolution)
     schedules = a.schedules or default_schedules(net)
     decode = None
     if shape[0] not in (1, 3):

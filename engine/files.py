@@ -244,12 +244,40 @@ def file_sha256(path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Pretrained weights
 
-def weights_file(path, env: str, needs: str, where: str) -> str:
-    """The path of a pretrained-weights file: `path`, else the environment variable `env`; FileNotFoundError saying
-    what `needs` it, the path that was not found, and `where` to get it when neither names an existing file."""
-    path = path or os.environ.get(env)
+WEIGHTS_DIR_ENV = 'ENGINE_WEIGHTS_DIR'
+_weights_dir: str | None = None
+
+
+def set_weights_dir(path) -> None:
+    """The directory where pretrained files are looked up by their published names (the recipes' `--weights
+    DIR`); None unsets it. ENGINE_WEIGHTS_DIR does the same for any process."""
+    global _weights_dir
+    if path is not None and not os.path.isdir(path):
+        raise EngineError(f'--weights {path}: not a directory')
+    _weights_dir = None if path is None else os.path.abspath(path)
+
+
+def weights_dir() -> str | None:
+    return _weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
+
+
+def in_weights_dir(*names: str) -> str | None:
+    """The first of the published file `names` present in the weights directory, or None."""
+    d = weights_dir()
+    for name in names if d else ():
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
+def weights_file(path, env: str, needs: str, where: str, names=()) -> str:
+    """The path of a pretrained-weights file: `path`, else the environment variable `env`, else the first of its
+    published file `names` in the weights directory (`--weights DIR`); FileNotFoundError saying what `needs` it,
+    the path that was not found, and `where` to get it when none names an existing file."""
+    path = path or os.environ.get(env) or in_weights_dir(*names)
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"{needs}{': not found: ' + str(path) if path else ''}; {where}")
+        in_dir = f'; or put {" or ".join(names)} in the --weights directory' if names else ''
+        raise FileNotFoundError(f"{needs}{': not found: ' + str(path) if path else ''}; {where}{in_dir}")
     return path
 
 

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.files import in_weights_dir
+
 __all__ = [
     "LPIPS", "VGG16_FILENAME", "VGG16_ENV", "LIN_ENV", "LIN_INSTALL",
     "default_vgg16_path", "bundled_lin_path", "load_vgg16_state_dict", "load_lin_state_dict",
@@ -86,8 +88,10 @@ def _lin_shapes() -> dict[str, tuple[int, ...]]:
 # Locating and loading weights
 
 def default_vgg16_path() -> str:
-    """$ENGINE_VGG16_WEIGHTS, else torchvision's cache location of vgg16-397923af.pth."""
-    return os.environ.get(VGG16_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
+    """$ENGINE_VGG16_WEIGHTS, else vgg16-397923af.pth in the --weights directory, else torchvision's cache
+    location of that file."""
+    return (os.environ.get(VGG16_ENV) or in_weights_dir(VGG16_FILENAME)
+            or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME))
 
 
 def bundled_lin_path() -> str | None:

@@ -8,7 +8,9 @@ GPU, and rank 0 prints and writes the run's files. Shared flags only (STYLE.md):
     --out DIR        run directory (resolved config, identity, logs, grids, checkpoints, results.json); rerun the
                      same command to resume — a rerun with other settings or inputs is refused (docs/runs.md)
     --data PATH      dataset (EDM zip/folder) for recipes that need one
-    --teacher PATH   EDM/ECT/CMT teacher .pkl for recipes that need one
+    --teacher PATH   EDM/ECT/CMT/EDM2 teacher .pkl for recipes that need one
+    --weights DIR    pretrained files by their published names (teacher, guide, VGG16, Inception, DINOv2, VAE,
+                     reference statistics); --teacher and the ENGINE_* variables override (engine/files.py)
     --kimg-scale X   multiplies every stage's budget (and its intervals)
     --device DEV     cpu | cuda | cuda:N (default: cuda if available)
     --seed N         the run's seed; a CPU run is deterministic for a given seed
@@ -27,7 +29,7 @@ import torch
 from engine import dist
 from engine.checks import nonneg_int_arg, positive_float_arg
 from engine.cli import check_run_directory, resolve_device
-from engine.files import EngineError
+from engine.files import EngineError, set_weights_dir
 from engine.identity import VERSION as IDENTITY_VERSION
 from engine.identity import check_or_record, dataset_fingerprint, file_fingerprint, plain, write_identity
 from engine.loop import StageConfig, StageResult, initialise, train_stage
@@ -37,7 +39,10 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=default_out, help=f"run directory (default {default_out})")
     ap.add_argument("--data", default=None, help="dataset zip/folder in EDM's format")
-    ap.add_argument("--teacher", default=None, help="teacher checkpoint (.pkl from EDM/ECT/CMT)")
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint (.pkl from EDM/ECT/CMT/EDM2)")
+    ap.add_argument("--weights", default=None, metavar="DIR",
+                    help="directory of pretrained files under their published names; per-file flags and ENGINE_* "
+                         "variables override")
     ap.add_argument("--kimg-scale", type=positive_float_arg, default=1.0, help="multiply every stage's budget")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ap.add_argument("--seed", type=nonneg_int_arg, default=0)
@@ -49,6 +54,7 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argpar
     try:
         args.device = resolve_device(args.device)
         check_run_directory(args.out)
+        set_weights_dir(args.weights)
     except EngineError as e:
         ap.error(str(e))
     if dist.is_distributed() and args.device == "cuda":

@@ -49,9 +49,13 @@ def as_class_labels(labels, label_dim: int, batch: int, device, dtype) -> torch.
         return torch.zeros(batch, label_dim, device=device, dtype=dtype)
     labels = torch.as_tensor(labels, device=device)
     if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) and labels.ndim == 1:
-        if labels.numel() and (labels.min() < 0 or labels.max() >= label_dim):
+        # Range-checked where that costs no device synchronisation (CPU tensors, eager); on a GPU the indices come
+        # from a dataset that validated them, and one-hot by comparison needs no host round trip (F.one_hot's
+        # range check has one) and leaves a compiled graph whole.
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() \
+                and (labels.min() < 0 or labels.max() >= label_dim):
             raise ValueError(f"class index out of range [0, {label_dim}): {labels.min().item()}..{labels.max().item()}")
-        labels = nn.functional.one_hot(labels.long(), label_dim)
+        labels = labels.long()[:, None] == torch.arange(label_dim, device=labels.device)
     if labels.ndim != 2 or labels.shape[1] != label_dim:
         raise ValueError(f"labels must be class indices [B] or one-hot [B, {label_dim}]; got {tuple(labels.shape)}")
     if labels.shape[0] not in (1, batch):
@@ -105,9 +109,9 @@ class _Precond(nn.Module):
     def backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the backbone computes in: x's, or bf16 under CUDA autocast (the cast its first layer makes
         anyway)."""
-        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        if x.dtype == torch.float32 and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
+        return x.dtype      # (the meta device, where FLOPs are counted, has no autocast)
 
     def _backbone(self, x, sigma, class_labels, augment_labels):
         # Input side c_in·x, stored in the backbone's compute dtype.

@@ -28,6 +28,8 @@ from engine.state_dicts import mismatch_summary
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
 SD_SCALING = 0.18215  # the SD convention of DiT / SiT / Mean Flow latents (docs/spec/mf.md §7.1)
+# as published (stabilityai/sd-vae-ft-mse), also under the repository's name inside the --weights directory
+VAE_FILES = ("diffusion_pytorch_model.safetensors", "sd-vae-ft-mse/diffusion_pytorch_model.safetensors")
 WHERE = ("pass its path (--vae) or set ENGINE_VAE_WEIGHTS; it is diffusion_pytorch_model.safetensors of the "
          "Hugging Face repository stabilityai/sd-vae-ft-mse")
 
@@ -185,7 +187,7 @@ class LatentDecoder(nn.Module):
     @classmethod
     def from_file(cls, path=None, convention: str = "edm2") -> "LatentDecoder":
         path = weights_file(path, "ENGINE_VAE_WEIGHTS", "decoding latents needs the SD VAE "
-                            "(diffusion_pytorch_model.safetensors)", WHERE)
+                            "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
         net = cls(convention=convention)
         net.load_vae_state(read_vae_file(path))
         return net
@@ -234,7 +236,7 @@ class LatentEncoder(nn.Module):
     @classmethod
     def from_file(cls, path=None, convention: str = "sd") -> "LatentEncoder":
         path = weights_file(path, "ENGINE_VAE_WEIGHTS", "encoding images needs the SD VAE "
-                            "(diffusion_pytorch_model.safetensors)", WHERE)
+                            "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
         state = read_vae_file(path)
         # the block widths as stored (128, 256, 512, 512 for SD's VAE), so smaller test VAEs load too
         widths, i = [], 0

@@ -121,3 +121,21 @@ def test_memory_plan_is_computed_and_docs_are_current():
     fresh = mp.markdown(p).split("## Inputs", 1)[1]
     committed = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "scaling.md")).read()
     assert committed.split("## Inputs", 1)[1] == fresh, "docs/scaling.md is stale: rerun bench/memory_plan.py --write"
+
+
+def test_edm2_bench_smoke(tmp_path):
+    """bench/edm2.py: every preset's per-sample MACs equal the spec's table (counted on the reference), the
+    backward costs about twice the forward, and the recipe's three steps run with their teacher accounting."""
+    res = load("edm2").main(["--smoke", "--peak-tflops", "1", "--out", str(tmp_path)])
+    presets = {r["preset"]: r for r in res["presets"]}
+    assert len(presets) == 12
+    for r in presets.values():
+        if r["spec_gmac"] is not None:
+            assert r["fwd_gmac"] == pytest.approx(r["spec_gmac"], abs=0.06), r
+        assert r["fwd_bwd_gflop"] == pytest.approx(3 * r["fwd_gflop"], rel=0.01)
+        assert r["fwd_gflop"] == pytest.approx(2 * r["fwd_gmac"])
+    assert presets["edm2-img512-xxl"]["attention_gmac"] == pytest.approx(1.4, abs=0.05)      # spec §9.1
+    steps = {r["method"]: r for r in res["steps"]}
+    assert [steps[m]["teacher_nfe_per_pair"] for m in ("cmt", "ect", "ecd_heun_guided")] == [1, 0, 4]
+    assert steps["cmt"]["relative"] == 1.0 and all(r["seconds"] > 0 and r["mfu"] > 0 for r in steps.values())
+    assert "EDM2's \"Gflops\"" in open(next(tmp_path.glob("*.md"))).read()

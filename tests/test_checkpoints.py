@@ -650,3 +650,31 @@ def test_cyclic_record_tree(tmp_path):
     W.write_pickle(W.snapshot(record), path)
     with pytest.raises(CheckpointError, match='cyclic'):
         C.read_edm_pickle(path)
+
+
+def test_weights_are_looked_up_by_flag_then_variable_then_published_name_in_the_weights_directory(tmp_path,
+                                                                                                  monkeypatch):
+    from engine.files import EngineError, set_weights_dir, weights_file
+    d = tmp_path / 'weights'
+    d.mkdir()
+    (d / 'b.pt').write_bytes(b'1')
+    flag, env = tmp_path / 'flag.pt', tmp_path / 'env.pt'
+    flag.write_bytes(b'2')
+    env.write_bytes(b'3')
+    monkeypatch.delenv('ENGINE_WEIGHTS_DIR', raising=False)
+    try:
+        set_weights_dir(d)
+        monkeypatch.setenv('X_WEIGHTS', str(env))
+        assert weights_file(str(flag), 'X_WEIGHTS', 'it', 'there', names=('a.pt', 'b.pt')) == str(flag)
+        assert weights_file(None, 'X_WEIGHTS', 'it', 'there', names=('a.pt', 'b.pt')) == str(env)
+        monkeypatch.delenv('X_WEIGHTS')
+        assert weights_file(None, 'X_WEIGHTS', 'it', 'there', names=('a.pt', 'b.pt')) == str(d / 'b.pt')
+        with pytest.raises(FileNotFoundError, match=r'it; there; or put c\.pt in the --weights directory'):
+            weights_file(None, 'X_WEIGHTS', 'it', 'there', names=('c.pt',))
+        set_weights_dir(None)
+        monkeypatch.setenv('ENGINE_WEIGHTS_DIR', str(d))            # the variable stands in for the flag
+        assert weights_file(None, 'X_WEIGHTS', 'it', 'there', names=('b.pt',)) == str(d / 'b.pt')
+        with pytest.raises(EngineError, match='--weights .*: not a directory'):
+            set_weights_dir(flag)
+    finally:
+        set_weights_dir(None)

@@ -166,6 +166,18 @@ def test_fused_attention_equals_the_reference_einsum():
     torch.testing.assert_close(mp_attention(q, k, v), mp_attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
     q, k, v = (t.double() for t in (q, k, v))
     torch.testing.assert_close(mp_attention(q, k, v), mp_attention_reference(q, k, v), rtol=1e-12, atol=1e-13)
+    # the whole network with either kernel (the U-Net's attention_kernel setting)
+    torch.manual_seed(0)
+    a = build_edm2_preset('edm2-tiny').eval()
+    b = build_edm2_preset('edm2-tiny', attention_kernel='einsum').eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for p in (*a.parameters(), *b.parameters()):
+            if p.ndim == 0:
+                p.fill_(1.0)
+    x, s, lab = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 5.0]), torch.tensor([1, 2])
+    torch.testing.assert_close(a(x, s, lab), b(x, s, lab), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(a(x, s, lab), build_edm2_preset('edm2-tiny').eval()(x, s, lab))
 
 
 # ---- topology, sizes and the released layout (§1.3, §1.4, §1.6) ------------------------------------------------
@@ -544,6 +556,19 @@ def test_step_ema_normalise_in_the_loop_equals_the_references_in_forward_order(t
                                atol=0)
 
 
+def test_a_training_forward_compiles_whole_and_writes_nothing():
+    """Forced weight normalisation lives outside forward, so a training-mode forward is one graph for torch.compile
+    (and capturable in a CUDA graph): no graph break, no parameter mutated. (Dropout > 0 still breaks the graph
+    where it reads its pinned generator, engine/networks/dropout.py.)"""
+    net = tiny_edm2(0).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), torch.tensor([1, 2])
+    explained = torch._dynamo.explain(net)(x, sigma, labels)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    net(x, sigma, labels).square().mean().backward()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 # ---- pre-training pieces: the uncertainty loss and the learning-rate schedule (§2.1, §2.2) -----------------------
 
 def test_the_uncertainty_loss_equals_a_direct_recomputation():
@@ -714,6 +739,18 @@ def test_a_guided_teacher_is_ecds_auto_guided_teacher():
     assert a.target_input(x, t, r, None, None, labels)[1] == b.target_input(x, t, r, None, None, labels)[1] == 12
 
 
+def test_a_guided_teacher_drives_cmts_trajectories_at_twice_the_evaluations():
+    from engine.guidance import GuidedDenoiser
+    from engine.objectives import CMT, StepRNG, squared_l2
+    from engine.solvers import dpm_solver_pp
+    guided = GuidedDenoiser(tiny_edm2(0), tiny_edm2(1), 2.0)
+    cmt = CMT(guided, nfe=16, trajectories_per_batch=2, distance=squared_l2, graphs=False)
+    x_T, labels = torch.randn(2, 3, 16, 16) * 80, torch.tensor([3, 4])
+    assert torch.equal(cmt.solve(x_T, cmt.sigmas, labels), dpm_solver_pp(guided, x_T, cmt.sigmas, labels=labels))
+    out = cmt(tiny_edm2(2, logvar_channels=None).train(), torch.randn(2, 3, 16, 16), labels, StepRNG.for_step(0, 0, 0))
+    assert out.pairs == 32 and out.teacher_nfe == 2 * 32
+
+
 def test_edm2_sampler_is_heun_on_the_rho_grid_with_63_calls():
     from engine.schedules import karras_sigmas
     from engine.solvers import edm2_sampler
@@ -734,3 +771,67 @@ def test_edm2_sampler_is_heun_on_the_rho_grid_with_63_calls():
                 x_next = x + (s[i + 1] - s[i]) * (d + d2) / 2
             x = x_next
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_the_imagenet64_recipe_reads_its_files_from_the_weights_directory(tmp_path, monkeypatch):
+    """The recipe's real path on files in the official layouts with random weights: EDM2 pickles of a teacher and
+    a guide found in --weights by their names, a labelled dataset zip, random VGG16 weights for LPIPS. The files
+    are fingerprinted into the run's identity, the student starts as the teacher without its head."""
+    import json
+    from engine.data import write_image_dataset
+    from engine.edm2_recipes import EDM2Settings, run_edm2_recipe
+    from engine.files import file_sha256, set_weights_dir
+    from engine.lpips import random_vgg16_state_dict
+    weights = tmp_path / 'weights'
+    weights.mkdir()
+    write_edm2_pickle(weights, tiny_edm2(0), 'teacher.pkl')
+    write_edm2_pickle(weights, tiny_edm2(1), 'guide.pkl')
+    torch.save(random_vgg16_state_dict(0), weights / 'vgg16-397923af.pth')
+    monkeypatch.delenv('ENGINE_VGG16_WEIGHTS', raising=False)
+    g = torch.Generator().manual_seed(0)
+    data = write_image_dataset(tmp_path / 'img.zip', torch.randint(0, 256, (16, 3, 16, 16), generator=g,
+                                                                   dtype=torch.uint8).numpy(), list(range(10)) + [0] * 6)
+    s = EDM2Settings(resolution=16, label_dim=10, dropout_res=8, batch_size=32, trajectories_per_batch=2,
+                     mid_kimg=0.032, ect_kimg=0.032, ecd_kimg=0.032, ckpt_kimg=0.032, log_kimg=0.032, grid_kimg=0.032,
+                     teacher_file='teacher.pkl', guide_file='guide.pkl', guidance=1.7)
+    out = tmp_path / 'run'
+    try:
+        res = run_edm2_recipe('doc', s, 'imagenet64_test', ['--data', str(data), '--weights', str(weights),
+                                                             '--out', str(out), '--device', 'cpu'])
+    finally:
+        set_weights_dir(None)
+    assert set(res['runs']) == {'cmt_ect', 'cmt_ecd'}
+    inputs = json.load(open(out / 'identity.json'))['inputs']
+    assert inputs['teacher']['sha256'] == file_sha256(weights / 'teacher.pkl')
+    assert inputs['guide']['sha256'] == file_sha256(weights / 'guide.pkl')
+    student_init = json.load(open(out / 'cmt' / 'mid_cmt' / 'identity.json'))
+    assert student_init['network']['precond'] == 'EDM2Precond'
+    assert student_init['network']['precond_kwargs'] == dict(use_fp16=False, logvar_channels=None)
+    assert student_init['network']['backbone_kwargs']['dropout_res'] == 8
+
+
+# ---- CUDA (lent GPU only) -------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.gpu
+def test_fp16_unet_and_graph_captured_teacher_on_gpu():
+    """use_fp16: the U-Net in float16 on CUDA, the output side in float32 (EDM2's evaluation precision), close to
+    the float32 CPU network; the EDM2 teacher's 16-step trajectory captured in a CUDA graph equals its eager solve."""
+    from engine.schedules import logsnr_sigmas
+    from engine.teacher import TeacherSolver
+    net = tiny_edm2(0).eval()
+    x, sigma, labels = torch.randn(4, 3, 16, 16) * 3, torch.tensor([0.01, 0.5, 3.0, 70.0]), torch.tensor([1, 2, 3, 4])
+    ref = net(x, sigma, labels)
+    gpu = net.cuda()
+    out = gpu(x.cuda(), sigma.cuda(), labels.cuda())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-2, atol=2e-2)
+    solver = TeacherSolver(gpu, logsnr_sigmas(16))
+    x_T = torch.randn(8, 3, 16, 16, device="cuda") * 80
+    lab = torch.randint(0, 10, (8,), device="cuda")
+    traj = solver(x_T, lab)
+    torch.testing.assert_close(traj, solver.eager(x_T, lab), rtol=1e-3, atol=1e-3)
+    assert solver.replays == 1

@@ -83,3 +83,39 @@ def test_imagenet256_cmt_mf_smoke_and_missing_data(tmp_path):
     assert full.mid_kimg == 200_000 * 112 / 1000 and full.post_batch == 64 and cfg["tiny"] is True
     for stage in ("pre_mf_teacher", "mid_cmt", "post_mf"):
         assert os.path.exists(os.path.join(out, "cmt_mf", stage, "ema.safetensors"))
+
+
+def test_imagenet64_cmt_ect_smoke_and_required_settings(tmp_path, capsys, monkeypatch):
+    """The ImageNet-64 pipeline: without the choices the paper leaves open the run stops, naming EDM2's published
+    files, and writes nothing; --smoke runs CMT → ECT and CMT → ECD on a tiny MP-UNet with a checkpoint per stage
+    and the results table."""
+    mod = load("imagenet64_cmt_ect")
+    for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_DINOV2_WEIGHTS", "ENGINE_WEIGHTS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    from engine.data import write_image_dataset
+    import numpy as np
+    data = write_image_dataset(tmp_path / "img64.zip", np.zeros((2, 64, 64, 3), np.uint8), [0, 1])
+    with pytest.raises(SystemExit) as e:
+        mod.run_edm2_recipe(mod.__doc__, mod.SETTINGS, "imagenet64_cmt_ect",
+                            ["--out", str(tmp_path / "x"), "--device", "cpu", "--data", str(data)])
+    text = str(e.value)
+    assert "teacher_file: the EMA length of the EDM2-XL ImageNet-64 teacher" in text
+    assert "edm2-img64-xl-0671088-0.040.pkl as the FID-optimal reconstruction (FID 1.33" in text
+    assert "edm2-img64-s-1073741-0.045.pkl guided by edm2-img64-xs-0134217-0.110.pkl, w 1.7 (FID 1.01" in text
+    assert not os.path.exists(tmp_path / "x")
+    out = str(tmp_path / "run")
+    res = mod.run_edm2_recipe(mod.__doc__, mod.SETTINGS, "imagenet64_cmt_ect", ["--smoke", "--out", out,
+                                                                                 "--device", "cpu"])
+    check_results(out, ["cmt_ect", "cmt_ecd"])
+    assert res["runs"]["cmt_ecd"]["kimg"] == {"mid": 0.064, "post": 0.064}
+    assert "| cmt_ecd |" in res["table"]
+    for stage in ("cmt/mid_cmt", "cmt_ect/post_ect", "cmt_ecd/post_ecd"):
+        assert os.path.exists(os.path.join(out, stage, "checkpoints", "ckpt-000000000064.pt"))
+        assert os.path.exists(os.path.join(out, stage, "ema.safetensors"))
+    ecd = res["runs"]["cmt_ecd"]["stages"]["post"]["counters"]
+    assert ecd["teacher_nfe"] == 4 * ecd["pairs"]       # Heun's 2 evaluations, each of the main net and the guide
+    mid = res["runs"]["cmt_ect"]["stages"]["mid"]["counters"]
+    assert mid["teacher_nfe"] == mid["pairs"]            # CMT: one unguided teacher call per pair
+    said = capsys.readouterr().out                       # the metrics' files, each with where it goes, in one message
+    assert said.count("  missing: ") == 3 and "(EDM2's https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img64.pkl)" in said
+    assert "dinov2_vitl14_pretrain.pth in the --weights directory" in said

@@ -117,7 +117,7 @@ class DINOv2(nn.Module):
     @classmethod
     def from_file(cls, path=None) -> "DINOv2":
         path = weights_file(path, "ENGINE_DINOV2_WEIGHTS", f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights "
-                            f"({WEIGHTS_FILE})", WHERE)
+                            f"({WEIGHTS_FILE})", WHERE, names=(WEIGHTS_FILE,))
         net = cls()
         net.load_state_dict(read_dinov2_state(path, net), strict=True)
         net.source = {"file": os.fspath(path), "sha256": file_sha256(path)}

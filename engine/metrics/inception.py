@@ -229,7 +229,7 @@ class InceptionV3(nn.Module):
         """The detector from NVIDIA's `.pt` / `.pkl` or pytorch-fid's `.pth` (path, else ENGINE_INCEPTION_WEIGHTS).
         A file whose own code preprocesses differently from NVIDIA's is refused (inception_files.py)."""
         path = weights_file(path, "ENGINE_INCEPTION_WEIGHTS", f"FID needs the Inception-v3 weights "
-                            f"({' or '.join(DETECTOR_FILES)})", WHERE)
+                            f"({' or '.join(DETECTOR_FILES)})", WHERE, names=DETECTOR_FILES)
         found = read_inception_file(path)
         net = cls(preprocessing)
         net.load_state_dict(checked_state(found.file, found.state), strict=True)

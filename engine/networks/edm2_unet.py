@@ -155,16 +155,24 @@ def mp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return out.transpose(2, 3)
 
 
+# docs/spec/edm2_latent.md §11 item 11: EDM2's authors did not verify that fused attention reproduces their einsums;
+# the choice is the U-Net's `attention_kernel` (tests/test_edm2.py holds the two equal to rounding).
+ATTENTION_KERNELS = {'sdpa': mp_attention, 'einsum': mp_attention_reference}
+
+
 class EDM2Block(nn.Module):
     """Encoder or decoder block with optional self-attention (§1.2, EDM2 Fig. 21). The class name ends in "Block"
     so that FSDP2 shards each block as its own unit (engine/dist.py)."""
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
                  resample_filter=[1, 1], attention=False, channels_per_head=64, dropout=0, res_balance=0.3,
-                 attn_balance=0.3, clip_act=256):
+                 attn_balance=0.3, clip_act=256, attention_kernel='sdpa'):
         super().__init__()
         if flavor not in ('enc', 'dec'):
             raise ValueError(f"flavor must be 'enc' or 'dec', got {flavor!r}")
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise EngineError(f"attention_kernel must be one of {sorted(ATTENTION_KERNELS)}, got {attention_kernel!r}")
+        self.attention_kernel = attention_kernel
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_filter = resample_filter
@@ -206,7 +214,7 @@ class EDM2Block(nn.Module):
             # channels are ordered (head, channel-in-head, q/k/v): q/k/v is the innermost axis (§1.2 step 6)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)
-            y = mp_attention(q, k, v)
+            y = ATTENTION_KERNELS[self.attention_kernel](q, k, v)
             x = mp_sum(x, self.attn_proj(y.reshape(x.shape)), t=self.attn_balance)
         if self.clip_act is not None:
             x = x.clamp(-self.clip_act, self.clip_act)
@@ -215,8 +223,8 @@ class EDM2Block(nn.Module):
 
 class EDM2UNet(nn.Module):
     """Backbone F(x, c_noise, class_labels) -> [B, img_channels, R, R] (§1.3). Arguments and defaults are the
-    reference UNet's (its `**block_kwargs` spelled out); `dropout_res` is ECT's; `augment_labels` is accepted and
-    must be None (EDM2 trains without augmentation labels)."""
+    reference UNet's (its `**block_kwargs` spelled out); `dropout_res` is ECT's, `attention_kernel` ours; an
+    `augment_labels` argument is accepted and must be None (EDM2 trains without augmentation labels)."""
 
     def __init__(self,
                  img_resolution,                 # input/output resolution R
@@ -237,6 +245,7 @@ class EDM2UNet(nn.Module):
                  res_balance=0.3,
                  attn_balance=0.3,
                  clip_act=256,
+                 attention_kernel='sdpa',        # 'sdpa' (fused) or 'einsum' (the reference's; §11 item 11)
                  ):
         init_kwargs = constructor_arguments(locals())
         super().__init__()
@@ -259,7 +268,8 @@ class EDM2UNet(nn.Module):
         def block(cin, cout, res, **kw):
             p = dropout if not dropout_res or res <= dropout_res else 0.0   # ECT: falsy = every resolution
             return EDM2Block(cin, cout, cemb, resample_filter=resample_filter, channels_per_head=channels_per_head,
-                             dropout=p, res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act, **kw)
+                             dropout=p, res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act,
+                             attention_kernel=attention_kernel, **kw)
 
         self.enc = nn.ModuleDict()
         cout = img_channels + 1                               # the input is concatenated with a channel of ones
