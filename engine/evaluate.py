@@ -45,11 +45,18 @@ from engine.files import file_sha256, in_weights_dir
 from engine.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
 from engine.metrics.reference_stats import METRICS, StatsError, check_fid_preprocessing, load_detectors, load_stats
-from engine.solvers import consistency_sampler, mean_flow_sampler
+from engine.solvers import consistency_sampler, edm2_sampler, mean_flow_sampler
 
 
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """'80' → (80,): one step; '80,0.821' → two steps (σ_max, then re-noise to 0.821)."""
+def parse_schedule(text: str) -> tuple:
+    """'80' → (80,): one step; '80,0.821' → two steps (σ_max, then re-noise to 0.821); 'heun' or 'heun:N' →
+    ('heun', N): EDM2's deterministic Heun sampler with N steps (default 32, 2N − 1 calls) for a diffusion
+    network (a teacher's reference samples; docs/spec/edm2_latent.md §4.1)."""
+    if text.startswith("heun"):
+        n = text.partition(":")[2] or "32"
+        if not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"heun:N needs a positive step count, got {text!r}")
+        return ("heun", int(n))
     try:
         s = tuple(float(v) for v in text.split(","))
     except ValueError as e:
@@ -84,7 +91,9 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
     labels = None
     if label_dim:
         labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
-    if is_flow_map(net):   # the schedule lists the t each step starts from (docs/spec/mf.md §1.8)
+    if schedule[0] == "heun":  # a diffusion network through EDM2's sampler
+        x = edm2_sampler(net, z, labels, num_steps=schedule[1])
+    elif is_flow_map(net):     # the schedule lists the t each step starts from (docs/spec/mf.md §1.8)
         x = mean_flow_sampler(net, z, schedule, labels)
     else:                  # σ_max, then the σ each re-noised step starts from (docs/spec/cm.md §3.5)
         renoise = [torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) for _ in schedule[1:]]
@@ -121,7 +130,10 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
     out = {}
     for schedule in schedules:
         var = "t" if is_flow_map(net) else "σ"
-        key = f"{len(schedule)}-step" + ("" if len(schedule) < 2 else f" {var}=" + ",".join(f"{s:g}" for s in schedule))
+        if schedule[0] == "heun":
+            key = f"heun-{schedule[1]} ({2 * schedule[1] - 1} NFE)"
+        else:
+            key = f"{len(schedule)}-step" + ("" if len(schedule) < 2 else f" {var}=" + ",".join(f"{s:g}" for s in schedule))
         local = []
         t0 = time.time()
         for b in tqdm(mine, desc=key, disable=not progress or dist.rank() != 0):
@@ -247,7 +259,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--num-samples", type=positive_int_arg, default=50_000)
     p.add_argument("--seed-start", type=nonneg_int_arg, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
-                   help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 1,0.5)")
+                   help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 1,0.5); "
+                        "heun[:N] for a diffusion network (EDM2's sampler, 32 steps = 63 NFE)")
     p.add_argument("--batch", type=positive_int_arg, default=128)
     p.add_argument("--out", default="eval")
     p.add_argument("--save-samples", action="store_true", help="also write samples.npz (uint8, in seed order)")

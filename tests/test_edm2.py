@@ -835,3 +835,21 @@ def test_fp16_unet_and_graph_captured_teacher_on_gpu():
     traj = solver(x_T, lab)
     torch.testing.assert_close(traj, solver.eager(x_T, lab), rtol=1e-3, atol=1e-3)
     assert solver.replays == 1
+
+
+def test_evaluate_samples_a_diffusion_teacher_with_edm2s_sampler():
+    """`python -m engine.evaluate --schedules heun:N`: a teacher's reference samples, seed by seed as EDM2 draws
+    them (noise, then a uniform class)."""
+    from engine.evaluate import evaluate, parse_schedule, to_uint8
+    from engine.solvers import edm2_sampler
+    assert parse_schedule('heun') == ('heun', 32) and parse_schedule('heun:4') == ('heun', 4)
+    net = tiny_edm2(0).eval()
+    res = evaluate(net, (3, 16, 16), [parse_schedule('heun:4')], num=3, batch=2, keep_samples=True, progress=False)
+    (key, r), = res.items()
+    assert key == 'heun-4 (7 NFE)'
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(3, 16, 16, generator=g)
+        label = torch.randint(10, (1,), generator=g)
+        want = to_uint8(edm2_sampler(net, z[None], label, num_steps=4))
+        assert torch.equal(r['samples'][seed:seed + 1], want)
