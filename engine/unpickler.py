@@ -299,8 +299,10 @@ def unpickle_file(path) -> Any:
             raise CheckpointError(f'{source}: corrupt or truncated pickle ({type(e).__name__}: {e})') from None
 
 
-def unpickle_torch_zip(path) -> Any:
-    """The object in a `torch.save` zip archive, unpickled with the restricted table (no torch.load involved)."""
+def unpickle_torch_zip(path, extra_globals: dict | None = None) -> Any:
+    """The object in a `torch.save` zip archive, unpickled with the restricted table (no torch.load involved).
+    `extra_globals` adds passive record classes a caller expects (e.g. the torch.nn modules of a pickled network:
+    engine/elatentlpips.py), never anything that runs code."""
     source = os.fspath(path)
     try:
         zf = zipfile.ZipFile(path)
@@ -330,7 +332,10 @@ def unpickle_torch_zip(path) -> Any:
             return storages[key]
 
         try:
-            return _ZipUnpickler(io.BytesIO(zf.read(pickles[0])), source, load_storage).load()
+            unpickler = _ZipUnpickler(io.BytesIO(zf.read(pickles[0])), source, load_storage)
+            if extra_globals:
+                unpickler.extra_globals = {**_STORAGE_GLOBALS, **extra_globals}
+            return unpickler.load()
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError, ValueError,

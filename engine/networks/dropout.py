@@ -33,6 +33,14 @@ def dropout_generator(seed: int, device: torch.device | str = "cpu"):
         _GENERATOR.reset(token)
 
 
+def pinned_generator(device) -> torch.Generator | None:
+    """The generator pinned by `dropout_generator` when it is on `device`'s type, else None (the global RNG): what
+    other per-step random draws inside a network or a distance use (the augmentation of E-LatentLPIPS,
+    engine/elatentlpips.py), so that they replay with the step."""
+    g = _GENERATOR.get()
+    return g if g is not None and g.device.type == torch.device(device).type else None
+
+
 def uniform(shape, device, dtype=torch.float32) -> torch.Tensor:
     """U[0, 1) draws from the pinned generator when one is active, else from the global RNG."""
     g = _GENERATOR.get()
