@@ -147,10 +147,15 @@ class JointAugment(torch.nn.Module):
     # ---- parameters ----------------------------------------------------------------------------------------------
     def draw(self, batch: int, shape, device, generator: torch.Generator | None = None, dtype=torch.float32) -> dict:
         """Every random number of one call: per-sample parameters of each enabled op, with an op skipped (identity)
-        for a sample with probability 1 − p. `shape` = (C, H, W) of the inputs (for the noise tensors)."""
-        kw = dict(generator=generator, device=device, dtype=dtype)
-        rand = lambda *s: torch.rand(*s, **kw)
-        randn = lambda *s: torch.randn(*s, **kw)
+        for a sample with probability 1 − p. `shape` = (C, H, W) of the inputs (for the noise tensors). `generator`:
+        a torch.Generator, None (the global RNG) or the step's stream (engine.objectives.base.StepRNG)."""
+        if generator is None or isinstance(generator, torch.Generator):
+            kw = dict(generator=generator, device=device, dtype=dtype)
+            rand = lambda *s: torch.rand(*s, **kw)
+            randn = lambda *s: torch.randn(*s, **kw)
+        else:                     # the step's stream (engine/networks/dropout.py step_stream): global-batch rows
+            rand = lambda *s: generator.rand(s, device, dtype)
+            randn = lambda *s: generator.randn(s, device, dtype)
         on = lambda *s: rand(*s) < self.p
         std, out = self.std, {}
         if "xflip" in self.ops:
@@ -328,6 +333,6 @@ class JointAugment(torch.nn.Module):
             x, y = x * mask, y * mask
         return x, y
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator=None):
         P = self.draw(x.shape[0], x.shape[1:], x.device, generator)
         return self.apply(x, y, {k: v.to(x.dtype) if v.is_floating_point() else v for k, v in P.items()})

@@ -16,7 +16,9 @@ Variants (`variant=`):
 
 d = Σ_k mean_{h,w} Σ_c w_{k,c}(φ̂_k(x) − φ̂_k(y))², φ̂ = φ/sqrt(Σ_c φ² + 1e-8) (§6.1). The trunk is frozen; gradients
 reach the first argument through the augmentation and the trunk. The augmentation draws its parameters from the
-step's generator when the loop has pinned one (engine/networks/dropout.py `pinned_generator`), so runs replay.
+step's random stream, which the objectives pin around their distance call (engine/networks/dropout.py
+`step_stream`): runs replay on resume and a pair's transform does not depend on the world size. Outside one it
+uses a pinned dropout generator, else the global RNG.
 
 Weights: `vgg_path` is a plain state dict (`.safetensors` or `.pt`) with `LatentVGG`'s names —
 `features.{0,3,…,38}` convolutions, `features.{1,4,…,39}` GroupNorms, `classifier.{0,3,6}` (§6.5), which is what
@@ -32,7 +34,7 @@ from torch import nn
 
 from engine.augment import JointAugment
 from engine.files import CheckpointError, EngineError, weights_file
-from engine.networks.dropout import pinned_generator
+from engine.networks.dropout import pinned_generator, pinned_stream
 from engine.state_dicts import load_network_state
 
 __all__ = ["LatentVGG", "ELatentLPIPS", "CMT_TAPS", "read_vgg_state", "convert_reference_checkpoint",
@@ -123,9 +125,7 @@ class ELatentLPIPS(nn.Module):
         else:
             trunk, taps, widths = _official_trunk(in_channels), _OFFICIAL_TAPS, (64, 128, 256, 512, 512)
         if vgg_state_dict is None:
-            vgg_state_dict = read_vgg_state(weights_file(vgg_path, "ENGINE_LATENT_VGG_WEIGHTS",
-                                                         f"E-LatentLPIPS needs the latent VGG16 trunk "
-                                                         f"({LATENT_VGG_FILE})", WHERE, names=(LATENT_VGG_FILE,)))
+            vgg_state_dict = read_vgg_state(self.weights_path(vgg_path))
         holder = nn.Module()
         holder.features = trunk
         feats = {k: v for k, v in vgg_state_dict.items() if k.startswith("features.")}
@@ -151,6 +151,13 @@ class ELatentLPIPS(nn.Module):
             shared_noise=(variant == "cmt") if shared_noise is None else shared_noise)
         self.l1 = (variant == "official") if l1 is None else bool(l1)
 
+    @staticmethod
+    def weights_path(vgg_path=None) -> str:
+        """The trunk's file: `vgg_path`, ENGINE_LATENT_VGG_WEIGHTS, or latent_vgg16.safetensors in --weights;
+        FileNotFoundError saying where it comes from when none exists."""
+        return weights_file(vgg_path, "ENGINE_LATENT_VGG_WEIGHTS", f"E-LatentLPIPS needs the latent VGG16 trunk "
+                            f"({LATENT_VGG_FILE})", WHERE, names=(LATENT_VGG_FILE,))
+
     def train(self, mode: bool = True) -> "ELatentLPIPS":
         return super().train(False)   # frozen; GroupNorm has no running statistics, the official BatchNorm does
 
@@ -165,7 +172,7 @@ class ELatentLPIPS(nn.Module):
         y = y.detach()
         l1 = (x - y).abs().flatten(1).mean(dim=1) if self.l1 else None
         if self.augment is not None:
-            x, y = self.augment(x, y, pinned_generator(x.device))
+            x, y = self.augment(x, y, pinned_stream() or pinned_generator(x.device))
         d = 0
         for k, (fx, fy) in enumerate(zip(self.features(x), self.features(y))):
             nx = fx / torch.sqrt(fx.square().sum(dim=1, keepdim=True) + 1e-8)

@@ -215,12 +215,14 @@ def recipe_metric_inputs(device, metrics=("fid", "fd_dinov2"), stats_names=(), s
     return (detectors, stats, declared), []
 
 
-def recipe_metrics(net, shape, schedules, num: int, device, inputs, progress: bool = True) -> list[dict]:
+def recipe_metrics(net, shape, schedules, num: int, device, inputs, progress: bool = True, decode=None,
+                   batch: int = 128) -> list[dict]:
     """Every metric of `inputs` (recipe_metric_inputs) for each schedule, with the detectors' and statistics'
-    records beside the numbers: [{"fid": .., "fd_dinov2": .., "detectors": {...}, "stats": .., ...}, ...]."""
+    records beside the numbers: [{"fid": .., "fd_dinov2": .., "detectors": {...}, "stats": .., ...}, ...].
+    `decode`: latents → uint8 images (engine.vae.LatentDecoder) for latent-space networks."""
     detectors, stats, declared = inputs
     res = evaluate(net, shape, schedules, num, detectors=detectors, stats=stats, device=device, progress=progress,
-                   stats_preprocessing=declared)
+                   stats_preprocessing=declared, decode=decode, batch=batch)
     if res is None:
         return []
     record = dict(detectors={m: d.describe() for m, d in detectors.items()}, stats=stats["path"],

@@ -184,12 +184,18 @@ class LatentDecoder(nn.Module):
             outs.append((x.clamp(0, 1) * 255).to(torch.uint8))  # truncation, as EDM2 (docs/spec/edm2_latent.md §3.1)
         return torch.cat(outs)
 
+    @staticmethod
+    def weights_path(path=None) -> str:
+        """`path`, ENGINE_VAE_WEIGHTS, or the published file in --weights; FileNotFoundError saying where from."""
+        return weights_file(path, "ENGINE_VAE_WEIGHTS", "decoding latents needs the SD VAE "
+                            "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
+
     @classmethod
     def from_file(cls, path=None, convention: str = "edm2") -> "LatentDecoder":
-        path = weights_file(path, "ENGINE_VAE_WEIGHTS", "decoding latents needs the SD VAE "
-                            "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
-        net = cls(convention=convention)
-        net.load_vae_state(read_vae_file(path))
+        path = cls.weights_path(path)
+        state = read_vae_file(path)
+        net = cls(channels=_widths(state, "decoder.up_blocks", reverse=True), convention=convention)
+        net.load_vae_state(state)
         return net
 
     def load_vae_state(self, state: dict) -> "LatentDecoder":
@@ -238,12 +244,7 @@ class LatentEncoder(nn.Module):
         path = weights_file(path, "ENGINE_VAE_WEIGHTS", "encoding images needs the SD VAE "
                             "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
         state = read_vae_file(path)
-        # the block widths as stored (128, 256, 512, 512 for SD's VAE), so smaller test VAEs load too
-        widths, i = [], 0
-        while f"encoder.down_blocks.{i}.resnets.0.conv1.weight" in state:
-            widths.append(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
-            i += 1
-        net = cls(channels=tuple(widths) or (128, 256, 512, 512), convention=convention)
+        net = cls(channels=_widths(state, "encoder.down_blocks"), convention=convention)
         net.load_vae_state(state)
         return net
 
@@ -255,6 +256,16 @@ class LatentEncoder(nn.Module):
             raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) encoder: {problems}")
         self.load_state_dict(ours)
         return self
+
+
+def _widths(state: dict, blocks: str, reverse: bool = False) -> tuple[int, ...]:
+    """The block widths as stored (128, 256, 512, 512 for SD's VAE; the decoder lists them deepest first), so
+    that smaller VAEs in the same layout load too (tests, --smoke runs); SD's when the file has none."""
+    widths, i = [], 0
+    while f"{blocks}.{i}.resnets.0.conv1.weight" in state:
+        widths.append(state[f"{blocks}.{i}.resnets.0.conv1.weight"].shape[0])
+        i += 1
+    return (tuple(reversed(widths)) if reverse else tuple(widths)) or (128, 256, 512, 512)
 
 
 def _vae_part(state: dict, prefixes: tuple[str, ...]) -> dict:

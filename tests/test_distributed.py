@@ -3,6 +3,7 @@
 at another world size, an elastic restart after SIGKILL, the errors for batches that do not divide, and a recipe
 under torchrun. The multi-process runs go through tests/dist_harness.py under torch.distributed.run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -240,3 +241,30 @@ def test_recipe_runs_under_torchrun(tmp_path):
     for stage in ("pre_mf_teacher", "mid_cmt", "post_mf"):
         assert os.path.exists(os.path.join(out, "cmt_mf", stage, "ema.safetensors"))
         assert os.listdir(os.path.join(out, "cmt_mf", stage, "grids"))
+
+
+def test_imagenet512_headline_runs_under_torchrun_and_resumes_on_one_process(tmp_path):
+    """recipes/imagenet512_cmt_ecd.py --smoke on 2 processes (FSDP2 over gloo: tiny MP-UNet student, teacher,
+    guide; E-LatentLPIPS; the evaluation gathered from both ranks), then the same command on one process, which
+    resumes both finished stages instead of retraining them and reports the same FID."""
+    out = str(tmp_path / "run")
+    recipe = os.path.join(ROOT, "recipes", "imagenet512_cmt_ecd.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_WEIGHTS_DIR", "ENGINE_VAE_WEIGHTS"):
+        env.pop(var, None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           recipe, "--smoke", "--out", out, "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+    for stage in ("mid_cmt", "post_ecd"):
+        assert os.path.isdir(os.path.join(out, "cmt_ecd", stage, "checkpoints", "ckpt-000000000016"))  # sharded
+    again = subprocess.run([sys.executable, recipe, "--smoke", "--out", out, "--device", "cpu"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    said = again.stdout + again.stderr
+    assert "resuming stage 'mid_cmt'" in said and "resuming stage 'post_ecd'" in said
+    res2 = json.load(open(os.path.join(out, "results.json")))
+    for k in ("one_step", "two_step"):
+        assert math.isclose(res2["runs"]["cmt_ecd"][k]["fid"], res["runs"]["cmt_ecd"][k]["fid"], rel_tol=1e-6)

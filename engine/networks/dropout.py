@@ -33,6 +33,27 @@ def dropout_generator(seed: int, device: torch.device | str = "cpu"):
         _GENERATOR.reset(token)
 
 
+_STREAM: contextvars.ContextVar = contextvars.ContextVar("step_stream", default=None)
+
+
+@contextlib.contextmanager
+def step_stream(rng):
+    """Route the per-sample random draws of a distance or network inside the block (the augmentation of
+    E-LatentLPIPS, engine/elatentlpips.py) through the step's random stream `rng` (engine.objectives.base.StepRNG,
+    or anything with its `rand(shape, device, dtype)` / `randn(...)`): its draws are those of the global batch,
+    sliced for this rank, so they replay on resume and do not depend on the world size."""
+    token = _STREAM.set(rng)
+    try:
+        yield rng
+    finally:
+        _STREAM.reset(token)
+
+
+def pinned_stream():
+    """The stream pinned by `step_stream`, else None."""
+    return _STREAM.get()
+
+
 def pinned_generator(device) -> torch.Generator | None:
     """The generator pinned by `dropout_generator` when it is on `device`'s type, else None (the global RNG): what
     other per-step random draws inside a network or a distance use (the augmentation of E-LatentLPIPS,

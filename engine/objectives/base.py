@@ -46,6 +46,13 @@ class StepRNG:
     cpu: torch.Generator
     rank: int = 0
     world: int = 1
+    groups: int = 1     # local rows are `groups` equal blocks, block g a share of the global batch's block g
+
+    def grouped(self, groups: int) -> "StepRNG":
+        """The same streams for a batch laid out as `groups` blocks of this rank's rows — CMT's step-major pairs,
+        entry j·m + b = (grid level j, trajectory b): a draw is made for every block of the global batch and this
+        rank's rows are taken from each, so pair (j, b) gets the same numbers at any world size."""
+        return dataclasses.replace(self, groups=int(groups))
 
     def seed(self) -> int:
         """A fresh 63-bit seed for this rank (e.g. for `engine.networks.dropout.dropout_generator`). Every rank
@@ -63,9 +70,12 @@ class StepRNG:
         shape = tuple(shape)
         if self.world == 1:
             return draw(shape, generator=self.device, device=device, dtype=dtype)
-        n = shape[0]
-        full = draw((n * self.world, *shape[1:]), generator=self.device, device=device, dtype=dtype)
-        return full[self.rank * n:(self.rank + 1) * n]
+        g = self.groups
+        if shape[0] % g:
+            raise ValueError(f"a draw of {shape[0]} rows is not {g} equal blocks")
+        n = shape[0] // g
+        full = draw((g, n * self.world, *shape[1:]), generator=self.device, device=device, dtype=dtype)
+        return full[:, self.rank * n:(self.rank + 1) * n].reshape(shape)
 
     def randn(self, shape, device, dtype=torch.float32) -> torch.Tensor:
         """N(0, 1) numbers for this rank's rows (shape[0] = local rows) of the global batch's draw."""

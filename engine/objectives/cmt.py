@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.checks import finite
+from engine.networks.dropout import step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
@@ -28,6 +29,7 @@ from engine.solvers import THIRD_ORDER_RULES, dpm_solver_pp
 from engine.teacher import TeacherSolver
 
 PRIORS = ("data", "noise")
+LABELS = ("data", "uniform")
 
 
 def freeze(teacher):
@@ -83,13 +85,28 @@ class _TeacherSolve(Objective):
 
 
 class _FromPrior(_TeacherSolve):
-    """CMT and KD start each trajectory at σ_max from the prior chosen by `prior`."""
+    """CMT and KD start each trajectory at σ_max from the prior chosen by `prior`, conditioned on the data's labels
+    or (`labels='uniform'`, CMT's ImageNet-512 code, docs/spec/edm2_latent.md §7.1) on classes drawn uniformly
+    from `num_classes`."""
 
-    def __init__(self, teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs=True):
+    def __init__(self, teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs=True,
+                 labels="data", num_classes=None):
         super().__init__(teacher, nfe, order, sigma_max, sigma_min, distance, third_order, graphs)
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        self.prior = prior
+        if labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+        if labels == "uniform" and not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"labels='uniform' needs num_classes, a positive integer; got {num_classes!r}")
+        self.prior, self.labels, self.num_classes = prior, labels, num_classes
+
+    def condition(self, data_labels, m: int, device, rng: StepRNG):
+        """The class indices [m] the trajectories are solved for: the data's, or uniform draws (one per
+        trajectory, from the step's stream: the same at any world size)."""
+        if self.labels == "data":
+            return data_labels
+        u = rng.rand([m], device, torch.float64)
+        return (u * self.num_classes).long().clamp_(max=self.num_classes - 1)
 
     def start(self, images: torch.Tensor, rng: StepRNG) -> torch.Tensor:
         """x_T = y + σ_max ε ('data', the reference, docs/spec/cm.md §3.1 step 4) or σ_max ε ('noise'); one draw
@@ -118,8 +135,10 @@ class CMT(_FromPrior):
 
     def __init__(self, teacher, nfe: int = 16, order: int = 3, *, trajectories_per_batch: int = 8,
                  sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, prior: str = "data", distance,
-                 third_order: str = "upstream", graphs: bool = True):
-        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs)
+                 third_order: str = "upstream", graphs: bool = True, labels: str = "data",
+                 num_classes: int | None = None):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs, labels,
+                         num_classes)
         if int(trajectories_per_batch) != trajectories_per_batch or trajectories_per_batch < 1:
             raise ValueError(f"trajectories_per_batch must be a positive integer, got {trajectories_per_batch!r}")
         self.trajectories_per_batch = int(trajectories_per_batch)
@@ -135,22 +154,25 @@ class CMT(_FromPrior):
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         # m is whatever this call was given (per rank, it may be a share of trajectories_per_batch).
         x_T = self.start(images, rng)
+        labels = self.condition(labels, x_T.shape[0], x_T.device, rng)
         traj = self.solve(x_T, self.sigmas, labels)                   # [N + 1, m, ...], no grad
-        out = trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, teacher_nfe=True)
+        out = trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, rng, teacher_nfe=True)
         out.teacher_nfe *= teacher_calls(self.teacher)
         return out
 
 
-def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance,
+def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance, rng: StepRNG,
                           teacher_nfe: bool) -> LossOutput:
     """CMT's pairs from trajectories [N + 1, m, ...] on the grid `sigmas` [N + 1] (docs/spec/cm.md §3.1): entry
-    k = j·m + b has input x_j[b], σ = σ_j and target x_N[b] — step-major, as the reference lays them out."""
+    k = j·m + b has input x_j[b], σ = σ_j and target x_N[b] — step-major, as the reference lays them out. A
+    distance that draws per pair (E-LatentLPIPS's augmentation) draws from the step's stream in that layout."""
     N, m = traj.shape[0] - 1, traj.shape[1]
     X = traj[:N].reshape(N * m, *traj.shape[2:])                      # entry j·m + b = x_j[b]  (a view)
     Y = traj[N].repeat(N, *([1] * (traj.ndim - 2)))                    # entry j·m + b = x_N[b]
     tau = sigmas[:N].to(device=traj.device, dtype=traj.dtype).repeat_interleave(m)  # σ_j, step-major
     S = net(X, tau, tile(labels, N))
-    loss = distance(S, Y)
+    with step_stream(rng.grouped(N)):
+        loss = distance(S, Y)
     return LossOutput(loss=loss, pairs=N * m, teacher_nfe=N * m if teacher_nfe else 0, student_forward=N * m,
                       student_backward=N * m)
 
@@ -178,7 +200,7 @@ class CachedCMT(Objective):
         if trajectories.ndim < 3 or trajectories.shape[1] != self.nfe + 1:
             raise ValueError(f"CachedCMT takes trajectories [m, {self.nfe + 1}, ...] from a TrajectorySource, got "
                              f"{tuple(trajectories.shape)}")
-        return trajectory_pairs_loss(net, trajectories.transpose(0, 1), self.sigmas, labels, self.distance,
+        return trajectory_pairs_loss(net, trajectories.transpose(0, 1), self.sigmas, labels, self.distance, rng,
                                      teacher_nfe=False)
 
 
@@ -191,15 +213,19 @@ class KD(_FromPrior):
 
     def __init__(self, teacher, nfe: int = 16, order: int = 3, *, sigma_max: float = SIGMA_MAX,
                  sigma_min: float = SIGMA_MIN, prior: str = "data", distance, third_order: str = "upstream",
-                 graphs: bool = True):
-        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs)
+                 graphs: bool = True, labels: str = "data", num_classes: int | None = None):
+        super().__init__(teacher, nfe, order, sigma_max, sigma_min, prior, distance, third_order, graphs, labels,
+                         num_classes)
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
         m, N = images.shape[0], self.nfe
         x_T = self.start(images, rng)
+        labels = self.condition(labels, m, x_T.device, rng)
         target = self.solve(x_T, self.sigmas, labels)[N]
         sigma = torch.full((m,), self.sigma_max, device=x_T.device, dtype=x_T.dtype)
-        loss = self.distance(net(x_T, sigma, labels), target)
+        S = net(x_T, sigma, labels)
+        with step_stream(rng):
+            loss = self.distance(S, target)
         return LossOutput(loss=loss, pairs=m, teacher_nfe=N * m, student_forward=m, student_backward=m)
 
 
@@ -237,6 +263,8 @@ class SlowCMT(_TeacherSolve):
             idx = torch.tensor([i for i in range(B) if j[i] == level], device=device)
             sub_labels = None if labels is None else labels[idx]
             target[idx] = self.solve(x[idx], self.sigmas[level:], sub_labels)[-1]
-        loss = self.distance(net(x, sigma, labels), target)
+        S = net(x, sigma, labels)
+        with step_stream(rng):
+            loss = self.distance(S, target)
         return LossOutput(loss=loss, pairs=B, teacher_nfe=sum(N - level for level in j), student_forward=B,
                           student_backward=B)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from engine.checks import finite
-from engine.networks.dropout import dropout_generator
+from engine.networks.dropout import dropout_generator, step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.guidance import guided
 from engine.objectives.cmt import freeze, teacher_calls
@@ -128,7 +128,8 @@ class _ConsistencyGap(Objective):
             S_r = net(x_r, r_eval, labels)
         S_r = torch.where(batch_view(r > 0, S_r), S_r, y.to(S_r.dtype))
 
-        loss = self.distance(S_t, S_r) * self.weight(t, r).to(S_t.dtype)
+        with step_stream(rng):
+            loss = self.distance(S_t, S_r) * self.weight(t, r).to(S_t.dtype)
         return LossOutput(loss=loss, pairs=B, teacher_nfe=teacher_nfe, student_forward=2 * B,
                           student_backward=B)
 
