@@ -63,14 +63,17 @@ def median_time(fn, device: torch.device, reps: int, warmup: int) -> float:
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per the vendor
 
 
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    """The device's dense bf16 peak for MFU: `override`, else the vendor's figure for a known GPU, else None."""
+def peak_tflops(device: torch.device, override: float | None, precision: str = "bf16") -> float | None:
+    """The device's dense peak for MFU: `override`, else the vendor's figure for a known GPU, else None.
+    precision 'tf32' (a float32 run with TF32 tensor cores, as CMT's 512 code): half the bf16 rate on these
+    GPUs (H100/H200 SXM 494.7, A100 156, L40S 181 dense TFLOP/s in the vendors' data sheets)."""
     if override:
         return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    bf16 = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None if bf16 is None else bf16 / (2 if precision == "tf32" else 1)
 
 
 def step_flags(p, reps: int, warmup: int, smoke_help: str, out: str) -> None:
@@ -113,17 +116,18 @@ def write_results(res: dict, text: str, out: str, name: str, smoke: bool, record
 
 
 class StepBench:
-    """One objective's real training step on a fresh student: RAdam (or `optimizer`), bf16 autocast on CUDA, the
+    """One objective's real training step on a fresh student: RAdam (or `optimizer`), bf16 autocast on CUDA (unless
+    bf16=False), the
     loop's per-step RNG. `step()` runs one iteration; `time(reps, warmup)` its median seconds."""
 
     def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4,
-                 optimizer: str = "radam"):
+                 optimizer: str = "radam", bf16: bool = True):
         self.net = student.to(device).train()
         self.objective = objective.to(device)
         self.params = [p for p in self.net.parameters() if p.requires_grad] + list(objective.parameters())
         cfg = StageConfig(name="bench", total_kimg=1, batch_size=batch, lr=lr, optimizer=optimizer)
         self.opt = make_optimizer(cfg, self.params, device)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
         self.data, self.batch, self.device, self.nimg = data, batch, device, 0
         self.last = None
 

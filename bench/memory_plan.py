@@ -9,13 +9,17 @@ What is computed and from what:
     activations per sample measured by running one training forward of the engine's DiT on the meta device with
     autograd's saved-tensor hooks (storages counted once, parameters excluded), at batch 1 and 2 (the difference
     is the per-sample part), in fp32 and with bf16 weights and inputs (what bf16 autocast saves for matmuls);
-  * EDM2-XXL / EDM2-M (docs/spec/edm2_latent.md; the engine has no EDM2 network yet): parameters from the size table
-    (§1.4), saved activations per sample and the batch-independent normalised-weight copies from the reference
-    measurements (§9.3), the largest block from the topology (§1.3: the 8×8 decoder block0, 8C → 4C channels);
+  * EDM2-XXL / EDM2-M: parameters, the largest FSDP unit and saved activations (per sample, and the
+    batch-independent normalised-weight copies MPConv makes each forward) measured on the engine's own EDM2UNet
+    (engine/networks/edm2_unet.py) on the meta device, in float32 — the precision CMT's 512 code trains in — with
+    the reference implementation's figures (docs/spec/edm2_latent.md §9.3) beside them;
+  * E-LatentLPIPS (engine/elatentlpips.py): what its VGG16_Latent_GN trunk saves for the input gradient of the
+    student's output (meta device) plus what the 'bgcfnc' augmentation saves (measured on a CPU tensor), per pair
+    at 64² latents — the mid-training loss network of the ImageNet-512 headline;
   * the FSDP2 layout of engine/dist.py: fp32 master weights, fp32 gradients, Adam's two moments and the EMA all
     sharded 1/W; each block's bf16 parameters gathered for its forward and backward, with the next block
     prefetched (2 blocks resident); a frozen teacher either replicated (fp32) or sharded like the student.
-Allocator slack, CUDA context (~0.5–1 GB) and the loss network (LPIPS/latent VGG) are not included.
+Allocator slack, CUDA context (~0.5–1 GB), the no-grad teacher transients and pixel LPIPS are not included.
 """
 from __future__ import annotations
 
@@ -38,6 +42,57 @@ EDM2 = {
     "XXL": dict(params=1523.2e6, C=448, act_fp32_gib=0.98, weight_copies_gib=11.6),
     "M": dict(params=497.8e6, C=256, act_fp32_gib=0.56, weight_copies_gib=3.80),
 }
+
+
+def _saved(fn, own=()) -> int:
+    """Bytes of the storages autograd keeps for backward while `fn()` runs (storages in `own` excluded)."""
+    own = {p.untyped_storage()._cdata for p in own}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        st = t.untyped_storage()
+        if st._cdata not in own and st._cdata not in seen:
+            seen.add(st._cdata)
+            total += st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def edm2_facts(preset: str) -> dict:
+    """Parameters, largest FSDP unit and fp32 saved activations (per sample; batch-independent) of the engine's
+    EDM2 network on the meta device (ImageNet-512 latents 4 × 64 × 64, 1000 classes, no uncertainty head)."""
+    from engine.dist import fsdp_units
+    from engine.edm2_presets import build_edm2_preset
+    with torch.device("meta"):
+        net = build_edm2_preset(preset, use_fp16=False, logvar_channels=None)
+    net.train().requires_grad_(True)
+
+    def forward(b):
+        x, sigma = torch.randn(b, 4, 64, 64, device="meta"), torch.rand(b, device="meta")
+        return lambda: net(x, sigma, torch.zeros(b, 1000, device="meta"))
+    one, two = (_saved(forward(b), net.parameters()) for b in (1, 2))
+    return dict(params=sum(p.numel() for p in net.parameters()),
+                unit=max(sum(p.numel() for p in u.parameters()) for u in fsdp_units(net)),
+                act_fp32=two - one, fixed=one - (two - one))
+
+
+def elatentlpips_per_pair() -> float:
+    """Bytes E-LatentLPIPS saves per pair for the student output's gradient: trunk (meta) + augmentation (CPU)."""
+    from engine.augment import JointAugment
+    from engine.elatentlpips import LatentVGG
+    with torch.device("meta"):
+        trunk = LatentVGG().features.requires_grad_(False)
+    per = []
+    for b in (1, 2):
+        x = torch.randn(b, 4, 64, 64, device="meta", requires_grad=True)
+        t = _saved(lambda: trunk(x), trunk.parameters())
+        xc, yc = torch.randn(b, 4, 64, 64, requires_grad=True), torch.randn(b, 4, 64, 64)
+        a = _saved(lambda: JointAugment("bgcfnc")(xc, yc, torch.Generator().manual_seed(0)))
+        per.append(t + a)
+    return per[1] - per[0]
 
 
 def edm2_largest_block_params(C: int) -> float:
@@ -86,12 +141,14 @@ def saved_bytes(net, batch: int, dtype) -> int:
 
 def per_gpu(student_params: float, world: int, unit_params: float, samples: float, act_bytes: float,
             fixed_act_bytes: float = 0.0, teacher_params: float = 0.0, teacher_sharded: bool = False,
-            teacher_unit: float = 0.0) -> dict:
-    """Bytes per GPU, by component (see the module docstring for the layout)."""
+            teacher_unit: float = 0.0, compute_bytes: int = 2) -> dict:
+    """Bytes per GPU, by component (see the module docstring for the layout); `compute_bytes` 2 for the bf16
+    gathers of a bf16 stage, 4 for a float32 one (StageConfig.bf16 False)."""
     state = 20 * student_params / world                  # fp32 weights, grads, Adam m and v, EMA: 5 × 4 bytes
-    gathered = 2 * 2 * unit_params                        # bf16 copies of 2 blocks (current + prefetched)
+    gathered = 2 * compute_bytes * unit_params            # copies of 2 blocks (current + prefetched)
     if teacher_params:
-        teacher = (4 * teacher_params / world + 2 * 2 * teacher_unit) if teacher_sharded else 4 * teacher_params
+        teacher = ((4 * teacher_params / world + 2 * compute_bytes * teacher_unit) if teacher_sharded
+                   else 4 * teacher_params)
     else:
         teacher = 0.0
     acts = samples * act_bytes + fixed_act_bytes
@@ -101,8 +158,8 @@ def per_gpu(student_params: float, world: int, unit_params: float, samples: floa
 
 def plan() -> dict:
     b4, xl2 = dit_facts("B/4"), dit_facts("XL/2")
-    xxl, m = EDM2["XXL"], EDM2["M"]
-    xxl_unit = edm2_largest_block_params(xxl["C"])
+    xxl, m = edm2_facts("edm2-img512-xxl"), edm2_facts("edm2-img512-m")
+    lpips = elatentlpips_per_pair()
     rows = []
 
     def add(run, world, global_units, unit_name, samples_per_unit, **kw):
@@ -116,17 +173,18 @@ def plan() -> dict:
                          **{k: v / GiB for k, v in mem.items()}))
 
     for W in WORLDS:
-        # EDM2-XXL CMT mid-training at 512 (spec §7.2): 128 pairs = 8 trajectories × 16, fp32 student (the CMT
-        # code's precision: activations at the fp32 figure), teacher XXL frozen
-        common = dict(student_params=xxl["params"], unit_params=xxl_unit, act_bytes=xxl["act_fp32_gib"] * GiB,
-                      fixed_act_bytes=xxl["weight_copies_gib"] * GiB, teacher_params=xxl["params"],
-                      teacher_unit=xxl_unit)
-        add("EDM2-XXL CMT mid-training, teacher replicated", W, 8, "trajectories", 16, **common)
-        add("EDM2-XXL CMT mid-training, teacher sharded", W, 8, "trajectories", 16,
+        # The ImageNet-512 headline (recipes/imagenet512_cmt_ecd.py), float32 throughout as the CMT 512 code.
+        # Mid-training (spec §7.2): 128 pairs = 8 trajectories × 16, XXL teacher, E-LatentLPIPS on every pair.
+        common = dict(student_params=xxl["params"], unit_params=xxl["unit"], act_bytes=xxl["act_fp32"] + lpips,
+                      fixed_act_bytes=xxl["fixed"], teacher_params=xxl["params"], teacher_unit=xxl["unit"],
+                      compute_bytes=4)
+        add("ImageNet-512 CMT mid-training (XXL), teacher replicated", W, 8, "trajectories", 16, **common)
+        add("ImageNet-512 CMT mid-training (XXL), teacher sharded (recipe default)", W, 8, "trajectories", 16,
             **dict(common, teacher_sharded=True))
-        # ECD post-training at 512 (spec §8): 128 samples, XXL teacher + M guide
-        add("EDM2-XXL ECD post-training, teachers sharded", W, 128, "samples", 1,
-            **dict(common, teacher_params=xxl["params"] + m["params"], teacher_sharded=True))
+        # ECD post-training (spec §8): 128 samples, the XXL-0.075 teacher and the M guide, pseudo-Huber on latents
+        add("ImageNet-512 ECD post-training (XXL + M guide), sharded (recipe default)", W, 128, "samples", 1,
+            **dict(common, act_bytes=xxl["act_fp32"], teacher_params=xxl["params"] + m["params"],
+                   teacher_unit=max(xxl["unit"], m["unit"]), teacher_sharded=True))
         # MF-XL/2 CMT mid-training (docs/spec/mf.md §4.5): 112 pairs = 4 trajectories × 28, B/4 teacher replicated
         dit_common = dict(student_params=xl2["params"], unit_params=xl2["unit"], act_bytes=xl2["act_bf16"])
         add("MF-XL/2 CMT mid-training (B/4 teacher)", W, 4, "trajectories", 28,
@@ -134,7 +192,7 @@ def plan() -> dict:
         # MF-XL/2 post-training (batch 64) and Mean Flow from scratch (batch 256)
         add("MF-XL/2 post-training", W, 64, "samples", 1, **dit_common)
         add("MF-XL/2 from scratch (batch 256)", W, 256, "samples", 1, **dit_common)
-    return dict(b4=b4, xl2=xl2, xxl_unit=xxl_unit, rows=rows)
+    return dict(b4=b4, xl2=xl2, xxl=xxl, m=m, lpips=lpips, rows=rows)
 
 
 def markdown(p: dict) -> str:
@@ -174,10 +232,13 @@ def markdown(p: dict) -> str:
         f"{b4['act_fp32'] / 2**20:.0f} MiB | {b4['act_bf16'] / 2**20:.0f} MiB | measured on the meta device |",
         f"| MF-XL/2 (engine DiT) | {xl2['params'] / 1e6:.1f} M | {xl2['unit'] / 1e6:.1f} M | "
         f"{xl2['act_fp32'] / 2**20:.0f} MiB | {xl2['act_bf16'] / 2**20:.0f} MiB | measured on the meta device |",
-        f"| EDM2-XXL | {EDM2['XXL']['params'] / 1e6:.1f} M | {p['xxl_unit'] / 1e6:.1f} M | "
-        f"{EDM2['XXL']['act_fp32_gib']:.2f} GiB (+ {EDM2['XXL']['weight_copies_gib']} GiB of normalised-weight "
-        "copies per step) | – | docs/spec/edm2_latent.md §1.3, §1.4, §9.3 |",
-        f"| EDM2-M (ECD guide) | {EDM2['M']['params'] / 1e6:.1f} M | – | – | – | spec §1.4 |", "",
+        *(f"| EDM2-{k} (engine EDM2UNet) | {p[k.lower()]['params'] / 1e6:.1f} M | {p[k.lower()]['unit'] / 1e6:.1f} M "
+          f"| {p[k.lower()]['act_fp32'] / GiB:.2f} GiB (+ {p[k.lower()]['fixed'] / GiB:.2f} GiB of normalised-weight "
+          f"copies per step) | – | measured on the meta device; the reference implementation: "
+          f"{EDM2[k]['act_fp32_gib']:.2f} + {EDM2[k]['weight_copies_gib']} GiB (docs/spec/edm2_latent.md §9.3) |"
+          for k in ("XXL", "M")),
+        f"| E-LatentLPIPS (VGG16_Latent_GN + 'bgcfnc'), per pair | 14.7 M (frozen) | – | "
+        f"{p['lpips'] / 2**20:.0f} MiB | – | measured (trunk on the meta device, augmentation on CPU) |", "",
         "Mean Flow activations are counted for the training forward (the JVP runs under no_grad, one block at a time: "
         "its transient is a block's activations for the r ≠ t rows).", "",
         "## Memory per GPU (GiB) at the paper's global batch", "",
@@ -194,8 +255,23 @@ def markdown(p: dict) -> str:
                      f"{r['gathered']:.1f} | {r['teacher']:.1f} | {r['activations']:.1f} | {r['total']:.1f} | "
                      f"{'yes' if r['total'] <= GPU_GIB else 'no'} | {r['min_global']:g} |")
     xxl_rows = {(r["run"], r["world"]): r for r in p["rows"]}
-    r8 = xxl_rows[("EDM2-XXL CMT mid-training, teacher replicated", 8)]
-    lines += ["", "## Where CMT's per-device trajectory batch becomes the limit", "",
+    r8 = xxl_rows[("ImageNet-512 CMT mid-training (XXL), teacher replicated", 8)]
+    s8 = xxl_rows[("ImageNet-512 CMT mid-training (XXL), teacher sharded (recipe default)", 8)]
+    e8 = xxl_rows[("ImageNet-512 ECD post-training (XXL + M guide), sharded (recipe default)", 8)]
+    lines += ["", "## The ImageNet-512 headline on 8 GPUs", "",
+              "`torchrun --standalone --nproc_per_node=8 recipes/imagenet512_cmt_ecd.py --data datasets/img512-sd.zip "
+              "--weights weights/` runs both stages float32 (TF32 matmuls; `bf16=False`, so FSDP2 gathers float32 "
+              "blocks) with `shard_teacher=True`:", "",
+              f"* **mid-training**: one trajectory (16 pairs) per GPU; {s8['total']:.1f} GiB per GPU with the XXL "
+              f"teacher sharded ({r8['total']:.1f} GiB replicated). The activations ({s8['activations']:.1f} GiB) are "
+              f"16 pairs of the student's fp32 activations, E-LatentLPIPS's {p['lpips'] / 2**20:.0f} MiB per pair "
+              "and the normalised-weight copies; the teacher's no-grad solve adds one block's transient at a time.",
+              f"* **ECD**: 16 samples per GPU, the XXL-0.075 teacher and the M guide both sharded (weights held in "
+              f"float32; the guide computes in float16 as EDM2 pickled it, `guide_fp16`): {e8['total']:.1f} GiB. "
+              "The mid-training teacher is released before ECD starts.",
+              "* **evaluation**: the post-trained EMA is gathered whole on every rank (6.1 GB fp32) and the SD VAE "
+              "decoder (49.5 M parameters) decodes in chunks of 8; each rank samples its share of the 50 000 seeds.",
+              "", "## Where CMT's per-device trajectory batch becomes the limit", "",
               "CMT's unit of work is a trajectory: its 16 (EDM2) or 28 (MF) pairs share one teacher solve and the "
               "engine keeps them on one rank. So the data-parallel width is capped by the trajectories per step:",
               "",
@@ -203,7 +279,8 @@ def markdown(p: dict) -> str:
               f"trajectory, 16 pairs per GPU, {r8['total']:.1f} GiB with the teacher replicated — inside 80 GB, "
               "where activations of 16 pairs at fp32 dominate). At 64 and 256 GPUs the global batch must grow to "
               "≥ 1024 and ≥ 4096 pairs (one trajectory per GPU); memory per GPU then falls only in the sharded "
-              "state (the activations of 16 pairs and the 11.6 GiB of normalised-weight copies stay per GPU).",
+              f"state (the activations of 16 pairs and the {p['xxl']['fixed'] / GiB:.1f} GiB of normalised-weight copies stay "
+              "per GPU).",
               "* **MF-XL/2, 4 trajectories × 28 = 112 pairs**: already at 8 GPUs half the ranks would get no "
               "trajectory; the smallest global batch at W GPUs is 28·W pairs (224 at 8, 1792 at 64, 7168 at 256). "
               "Per GPU, 28 pairs of XL/2 activations in bf16 fit easily, so memory is not what limits it.",

@@ -178,11 +178,12 @@ def _mesh(device: torch.device):
     return init_device_mesh(device.type, (world_size(),))
 
 
-def _fully_shard(net: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
+def _fully_shard(net: nn.Module, device: torch.device, reshard_after_forward: bool = True,
+                 bf16: bool = True) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = _mesh(device)
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if device.type == "cuda":
+    if device.type == "cuda" and bf16:   # a stage with bf16=False (CMT at 512: fp32 + TF32) computes in fp32
         # bf16 compute, fp32 reduction; inputs are not cast (σ, t and the preconditioning stay fp32; the loop's
         # autocast decides the matmul dtype)
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -206,15 +207,16 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and not hasattr(p, "to_local")]
 
 
-def wrap(net: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """The network as the optimizer and the objective see it under `strategy` (see the module docstring)."""
+def wrap(net: nn.Module, strategy: str, device: torch.device, bf16: bool = True) -> nn.Module:
+    """The network as the optimizer and the objective see it under `strategy` (see the module docstring); `bf16`:
+    FSDP2 gathers bf16 parameters for compute on CUDA (the stage's bf16 setting)."""
     strategy = resolve_strategy(strategy)
     if strategy == "none":
         return net
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return _fully_shard(net, device)
+    return _fully_shard(net, device, bf16=bf16)
 
 
 class Parallel:
@@ -222,21 +224,21 @@ class Parallel:
 
     `model` is what the optimizer and the objective see (the network itself without torchrun; FSDP2-sharded or
     DDP-wrapped under it). `also` are modules sharded like the model under FSDP (the EMA copy: its update is then
-    shard-local); `frozen` a module sharded for its forwards only (a large teacher, `shard_frozen`).
+    shard-local); `frozen` modules sharded for their forwards only (a large teacher, a guide: `shard_frozen`).
     `gathered(module)` is the module with its full weights on every rank: itself where it is whole, else a plain
     copy built from a CPU shell of the network taken before wrapping (every rank takes part)."""
 
-    def __init__(self, net: nn.Module, strategy: str, device: torch.device, also=(), frozen: nn.Module | None = None):
+    def __init__(self, net: nn.Module, strategy: str, device: torch.device, also=(), frozen=(), bf16: bool = True):
         self.strategy, self.device, self.shell = resolve_strategy(strategy), device, None
         if self.strategy != "none":
             self.shell = copy.deepcopy(net.cpu())
             net.to(device)
-            if frozen is not None:
-                shard_frozen(frozen, device)
-        self.model = wrap(net, self.strategy, device)
+            for module in frozen:
+                shard_frozen(module, device, bf16=bf16)
+        self.model = wrap(net, self.strategy, device, bf16=bf16)
         if self.strategy == "fsdp":
             for module in also:
-                wrap(module, "fsdp", device)
+                wrap(module, "fsdp", device, bf16=bf16)
 
     def gathered(self, module: nn.Module) -> nn.Module:
         if not (is_distributed() and is_sharded(module)) and type(module).__name__ != "DistributedDataParallel":
@@ -244,12 +246,13 @@ class Parallel:
         return load_network_state(copy.deepcopy(self.shell), full_state(module)).to(self.device)
 
 
-def shard_frozen(module: nn.Module, device: torch.device) -> nn.Module:
+def shard_frozen(module: nn.Module, device: torch.device, bf16: bool = True) -> nn.Module:
     """Shard a frozen module (a large teacher) over the ranks; its forwards gather parameters block by block.
-    Every rank must then call it the same number of times, which the objectives do (same code, local batch)."""
-    if world_size() == 1:
+    Every rank must then call it the same number of times, which the objectives do (same code, local batch).
+    A module already sharded (by an earlier stage) is left as it is."""
+    if world_size() == 1 or is_sharded(module):
         return module
-    return _fully_shard(module, device)
+    return _fully_shard(module, device, bf16=bf16)
 
 
 def unwrap(net: nn.Module) -> nn.Module:

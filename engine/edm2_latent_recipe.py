@@ -54,7 +54,7 @@ class Latent512Settings:
     guide_file: str = "edm2-img512-m-0268435-0.155.pkl"          # ECD's guide
     guidance: float = 2.05
     teacher_fp16: bool = False            # the CMT code builds both XXL teachers in float32 (TF32 allowed)
-    guide_fp16: bool = True               # ... and uses the guide as pickled: float16 weights and compute
+    guide_fp16: bool = True               # ... and the guide as pickled: float16 compute on CUDA
     # E-LatentLPIPS of the mid-training loss (§6.3, §6.4)
     lpips_variant: str = "cmt"            # 'official' = mingukkang/elatentlpips (§6.2, §11.4)
     augment: str = "bgcfnc"
@@ -184,9 +184,7 @@ def _released(s: Latent512Settings, args):
     ecd_teacher = load_edm_pickle(path(s.ecd_teacher_file), mode="teacher")
     guide = load_edm_pickle(path(s.guide_file), mode="teacher")
     teacher.use_fp16 = ecd_teacher.use_fp16 = s.teacher_fp16
-    guide.use_fp16 = s.guide_fp16
-    if not s.guide_fp16:
-        guide.float()
+    guide.use_fp16 = s.guide_fp16      # weights are held in float32 either way (engine/edm_snapshots.py)
     return args.data, teacher, ecd_teacher, guide, student.train().requires_grad_(True)
 
 

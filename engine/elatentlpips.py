@@ -69,14 +69,16 @@ def _layers(cfg, in_channels: int, norm: str, num_groups: int = 32) -> nn.Sequen
 
 class LatentVGG(nn.Module):
     """VGG16_Latent_GN (§6.3, §6.5): the trunk `features` and the ImageNet classifier it is trained with
-    (AdaptiveAvgPool(7) → 25088 → 4096 → 4096 → classes, ReLU and dropout between)."""
+    (AdaptiveAvgPool(7) → 25088 → 4096 → 4096 → classes, ReLU and dropout between; `hidden` other than 4096 only
+    for --smoke runs: the trunk E-LatentLPIPS uses is the same)."""
 
-    def __init__(self, in_channels: int = 4, num_classes: int = 1000, num_groups: int = 32):
+    def __init__(self, in_channels: int = 4, num_classes: int = 1000, num_groups: int = 32, hidden: int = 4096):
         super().__init__()
+        self.init_kwargs = dict(in_channels=in_channels, num_classes=num_classes, num_groups=num_groups, hidden=hidden)
         self.features = _layers(_LATENT_CFG, in_channels, "group", num_groups)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(),
-                                        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, num_classes))
+        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, hidden), nn.ReLU(), nn.Dropout(),
+                                        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

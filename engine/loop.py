@@ -163,8 +163,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
     tracked = [EMA(net, std=std) for std in cfg.snapshot_emas]
     _warn_if_ema_too_long(cfg, total)
-    teacher = getattr(objective, "teacher", None) if cfg.shard_teacher else None
-    parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module, *(e.module for e in tracked)], frozen=teacher)
+    frozen = objective.frozen_networks() if cfg.shard_teacher else []
+    parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module, *(e.module for e in tracked)],
+                             frozen=frozen, bf16=cfg.bf16)
     state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity),
                           tracked=tracked)
     resumed = state.load_latest()
@@ -214,7 +215,8 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
             before = state.pairs_seen
             state.objective.set_progress(before)
             lr = learning_rate(cfg.lr_schedule, before, lr=cfg.lr, total_nimg=total, ref_nimg=cfg.lr_ref_kimg * 1000,
-                               rampup_nimg=cfg.lr_rampup_kimg * 1000)
+                               rampup_nimg=cfg.lr_rampup_kimg * 1000, step_nimg=round(cfg.lr_step_kimg * 1000),
+                               gamma=cfg.lr_step_gamma)
             state.optimizers.set_lr(lr)
             rng = StepRNG.for_step(cfg.seed, rank, before, device, world)
             images, labels = data.batch(sampler.indices(state.data_pos, n_images, rank, world), device)

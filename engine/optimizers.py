@@ -1,4 +1,4 @@
-"""A stage's optimizers: Adam or RAdam (PyTorch's fused / foreach kernels on CUDA; NVIDIA apex is not used), one
+"""A stage's optimizers: Adam, RAdam or SGD (PyTorch's fused / foreach kernels on CUDA; NVIDIA apex is not used), one
 for the network and, when the objective owns trained parameters (sCM's adaptive weight), a second one with the
 same settings — so that the network's optimizer state is exactly what a sharded checkpoint of the network
 describes."""
@@ -8,7 +8,7 @@ import torch
 
 
 def make_optimizer(cfg, params, device: torch.device):
-    """`cfg`: a StageConfig (optimizer, lr, betas, eps, weight_decay)."""
+    """`cfg`: a StageConfig (optimizer, lr, betas, eps, weight_decay, momentum)."""
     cuda = device.type == "cuda"
     if cfg.optimizer == "adam":  # fused kernel on CUDA: one launch for the whole update
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -16,7 +16,10 @@ def make_optimizer(cfg, params, device: torch.device):
     if cfg.optimizer == "radam":  # RAdam has no fused kernel; foreach batches the update on CUDA
         return torch.optim.RAdam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                  foreach=cuda or None)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adam' or 'radam'")
+    if cfg.optimizer == "sgd":   # PyTorch's SGD: v ← μv + (g + λθ), θ ← θ − lr·v (the latent VGG's, §6.5)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               foreach=cuda or None)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adam', 'radam' or 'sgd'")
 
 
 class Optimizers:

@@ -35,8 +35,11 @@ from engine.identity import check_or_record, dataset_fingerprint, file_fingerpri
 from engine.loop import StageConfig, StageResult, initialise, train_stage
 
 
-def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe") -> argparse.Namespace:
+def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: dict | None = None) -> argparse.Namespace:
+    """The recipes' shared flags, and a recipe's own `extra` ({flag: add_argument keywords})."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kw in (extra or {}).items():
+        ap.add_argument(flag, **kw)
     ap.add_argument("--out", default=default_out, help=f"run directory (default {default_out})")
     ap.add_argument("--data", default=None, help="dataset zip/folder in EDM's format")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (.pkl from EDM/ECT/CMT/EDM2)")

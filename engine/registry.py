@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.elatentlpips import LatentVGG
 from engine.files import CheckpointError, short_list
 from engine.networks import DhariwalUNet, DiT, EDM2UNet, MLPNet, SongUNet
 from engine.precond import CMPrecond, EDM2Precond, EDMPrecond
@@ -24,7 +25,7 @@ __all__ = ['PRECONDS', 'BACKBONES', 'DESCRIPTION_VERSION', 'describe_network', '
 # The only classes a checkpoint can make us build. Keys are the names stored in our descriptions.
 PRECONDS: dict[str, type[nn.Module]] = {'EDMPrecond': EDMPrecond, 'CMPrecond': CMPrecond, 'EDM2Precond': EDM2Precond}
 BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet, 'DiT': DiT,
-                                         'EDM2UNet': EDM2UNet}
+                                         'EDM2UNet': EDM2UNet, 'LatentVGG': LatentVGG}
 
 DESCRIPTION_VERSION = 1
 

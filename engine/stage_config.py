@@ -18,13 +18,13 @@ from engine.identity import plain, state_fingerprint, tensor_fingerprint
 
 __all__ = ["StageConfig", "RESULT_NEUTRAL", "LR_SCHEDULES", "stage_identity", "describe_object"]
 
-LR_SCHEDULES = ("constant", "linear", "inv_sqrt")
+LR_SCHEDULES = ("constant", "linear", "inv_sqrt", "step")
 # Settings that do not change the trained weights: they may change when a stage is rerun.
 RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "snapshot_kimg", "keep_checkpoints", "parallel",
                   "shard_teacher")
 # Fields added after checkpoints carried StageConfig fingerprints; left out of the fingerprint at their defaults so
 # that those checkpoints still resume.
-_LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None)
+_LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None, momentum=0.0, lr_step_kimg=0.0, lr_step_gamma=0.1)
 
 
 @dataclasses.dataclass
@@ -34,10 +34,14 @@ class StageConfig:
     batch_size: int                             # student samples (pairs) per optimizer step
     lr: float
     optimizer: str = "radam"                    # 'adam' | 'radam' (docs/spec/cm.md §3.4: RAdam, eps 1e-8, no decay)
+                                                # | 'sgd' (with `momentum`; the latent VGG, docs/spec/edm2_latent.md §6.5)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    lr_schedule: str = "linear"                 # 'constant' | 'linear' | 'inv_sqrt' (engine/lr_schedules.py)
+    momentum: float = 0.0                       # sgd only
+    lr_schedule: str = "linear"                 # 'constant' | 'linear' | 'inv_sqrt' | 'step' (engine/lr_schedules.py)
+    lr_step_kimg: float = 0.0                   # step: × lr_step_gamma every this many kimg
+    lr_step_gamma: float = 0.1
     lr_ref_kimg: float = 0.0                    # inv_sqrt: EDM2's ref_batches × batch, in kimg
     lr_rampup_kimg: float = 0.0
     ema_beta: float | None = 0.999              # constant EMA β, or
@@ -61,7 +65,10 @@ class StageConfig:
         finite("total_kimg", self.total_kimg, w, low=0.0, strict=True)
         positive_int("batch_size", self.batch_size, w)
         finite("lr", self.lr, w, low=0.0, strict=True)
-        one_of("optimizer", self.optimizer, ("adam", "radam"), w)
+        one_of("optimizer", self.optimizer, ("adam", "radam", "sgd"), w)
+        probability("momentum", self.momentum, w)
+        if self.optimizer != "sgd" and self.momentum:
+            raise EngineError(f"{w}: momentum is SGD's; {self.optimizer} takes betas")
         if len(self.betas) != 2:
             raise EngineError(f"{w}: betas must be two numbers, got {self.betas!r}")
         for k, b in zip(("betas[0]", "betas[1]"), self.betas):
@@ -71,6 +78,9 @@ class StageConfig:
         one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, w)
         finite("lr_ref_kimg", self.lr_ref_kimg, w, low=0.0)
         finite("lr_rampup_kimg", self.lr_rampup_kimg, w, low=0.0)
+        if self.lr_schedule == "step" and not finite("lr_step_kimg", self.lr_step_kimg, w, low=0.0) > 0:
+            raise EngineError(f"{w}: the step schedule needs lr_step_kimg > 0")
+        finite("lr_step_gamma", self.lr_step_gamma, w, low=0.0, strict=True)
         if self.lr_schedule == "inv_sqrt" and self.lr_ref_kimg <= 0:
             raise EngineError(f"{w}: the inv_sqrt schedule needs lr_ref_kimg > 0 (EDM2: ref_batches × batch size)")
         if (self.ema_beta is None) == (self.ema_std is None):

@@ -111,9 +111,13 @@ def test_memory_plan_is_computed_and_docs_are_current():
     p = mp.plan()
     assert p["b4"]["params"] == 131_165_248 and p["xl2"]["params"] == 676_440_592
     assert p["xl2"]["act_bf16"] < p["xl2"]["act_fp32"] and p["xl2"]["act_fp32"] > 0
-    assert p["xxl_unit"] == mp.edm2_largest_block_params(448)
+    # the engine's EDM2 (no uncertainty head) against the spec's size table and the topology's largest block
+    assert abs(p["xxl"]["params"] - 1523.2e6) < 0.05e6 and abs(p["m"]["params"] - 497.8e6) < 0.05e6
+    assert abs(p["xxl"]["unit"] - mp.edm2_largest_block_params(448)) <= 1             # + its 0-d gain
+    assert abs(p["m"]["unit"] - mp.edm2_largest_block_params(256)) <= 1
+    assert 0.5 < p["xxl"]["act_fp32"] / 2**30 < 2 and 40 < p["lpips"] / 2**20 < 100   # spec §9.3: 0.98 GiB, ≈ 1 GB/16
     rows = {(r["run"], r["world"]): r for r in p["rows"]}
-    cmt = "EDM2-XXL CMT mid-training, teacher replicated"
+    cmt = "ImageNet-512 CMT mid-training (XXL), teacher replicated"
     assert rows[(cmt, 8)]["feasible"] and not rows[(cmt, 64)]["feasible"] and rows[(cmt, 64)]["min_global"] == 1024
     assert not rows[("MF-XL/2 CMT mid-training (B/4 teacher)", 8)]["feasible"]
     for r in p["rows"]:
@@ -139,3 +143,19 @@ def test_edm2_bench_smoke(tmp_path):
     assert [steps[m]["teacher_nfe_per_pair"] for m in ("cmt", "ect", "ecd_heun_guided")] == [1, 0, 4]
     assert steps["cmt"]["relative"] == 1.0 and all(r["seconds"] > 0 and r["mfu"] > 0 for r in steps.values())
     assert "EDM2's \"Gflops\"" in open(next(tmp_path.glob("*.md"))).read()
+
+
+def test_imagenet512_bench_smoke(tmp_path):
+    """bench/imagenet512.py: the headline's four steps with their teacher accounting (CMT one unguided call per pair,
+    CD two guided calls per Euler step and four per Heun step), the paper's relative costs beside the measured ones,
+    and counted FLOPs that grow with what each step evaluates."""
+    res = load("imagenet512").main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["steps"]}
+    assert list(rows) == ["cmt", "ct", "cd_euler", "cd_heun"]
+    assert [rows[m]["teacher_nfe_per_pair"] for m in rows] == [1, 0, 2, 4]
+    assert [rows[m]["paper_relative"] for m in rows] == [1.0, 0.68, 0.83, 0.98]
+    assert rows["cmt"]["relative"] == 1.0 and all(r["seconds"] > 0 for r in rows.values())
+    assert rows["ct"]["tflop_per_iter"] < rows["cd_euler"]["tflop_per_iter"] < rows["cd_heun"]["tflop_per_iter"]
+    # Heun adds one guided evaluation pair per sample over Euler: main + guide forwards of the same tiny net
+    euler, heun, ct = (rows[m]["tflop_per_iter"] for m in ("cd_euler", "cd_heun", "ct"))
+    assert heun - euler == pytest.approx(euler - ct, rel=0.02)

@@ -115,6 +115,26 @@ class LatentSource:
         return x, y
 
 
+class Subset:
+    """The items `indices` of another source, in that order (a held-out split: engine/latent_vgg_training.py)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, torch.as_tensor(indices, dtype=torch.long)
+        if self.indices.numel() == 0:
+            raise ValueError("an empty subset")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def fingerprint(self) -> dict:
+        import hashlib
+        return {"of": self.source.fingerprint(), "items": len(self.indices),
+                "indices_sha256": hashlib.sha256(self.indices.numpy().tobytes()).hexdigest()}
+
+    def batch(self, idx: torch.Tensor, device):
+        return self.source.batch(self.indices[idx.cpu()], device)
+
+
 def _dataset_fingerprint(dataset) -> dict:
     """A dataset on disk: its file's size and index hash (engine/identity.py) and what of it is used."""
     from engine.identity import dataset_fingerprint

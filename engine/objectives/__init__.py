@@ -11,9 +11,11 @@
     SCT, SCD  continuous-time consistency training / distillation with TrigFlow (docs/spec/mf.md §5)
     FlowMatching, MeanFlow, CMTMeanFlow   flow-map objectives for DiT-style networks (docs/spec/mf.md §1, §4)
     (their samplers and teacher solves, like every other, live in engine/solvers.py)
+    Classification   cross-entropy, for the latent VGG of E-LatentLPIPS (engine/objectives/classification.py)
     LatentPosterior  any of them on VAE posterior samples of stored latent moments (engine/objectives/latent.py)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.classification import Classification
 from engine.objectives.cmt import CMT, KD, CachedCMT, SlowCMT
 from engine.objectives.distances import l2, perceptual, pseudo_huber, resolve_distance, squared_l2
 from engine.objectives.ect import ECD, ECT
@@ -24,4 +26,4 @@ from engine.solvers import mean_flow_sample  # the sampler lives in engine/solve
 from engine.objectives.scm import SCD, SCT
 
 __all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "EDM2Loss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
-           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]
+           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "Classification", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

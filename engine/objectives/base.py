@@ -111,6 +111,11 @@ class Objective:
     def images_per_step(self, batch_size: int) -> int:
         return batch_size
 
+    def frozen_networks(self) -> list:
+        """The frozen networks the objective calls (its teacher, an ECD guide): what `shard_teacher` shards."""
+        from torch import nn
+        return [m for m in (getattr(self, "teacher", None), getattr(self, "guide", None)) if isinstance(m, nn.Module)]
+
     def set_progress(self, nimg: int) -> None:
         pass
 

@@ -63,6 +63,9 @@ class LatentPosterior(Objective):
     def set_progress(self, nimg: int) -> None:
         self.inner.set_progress(nimg)
 
+    def frozen_networks(self) -> list:
+        return self.inner.frozen_networks()
+
     def log_values(self) -> dict:
         return self.inner.log_values()
 
