@@ -102,7 +102,7 @@ def smoke_settings(s: Latent512Settings) -> Latent512Settings:
     """32² latents (the augmentation's 43-tap filter bank reflects 21 pixels), tiny MP-UNets, two steps a stage."""
     return dataclasses.replace(s, latent_resolution=32, label_dim=10, nfe=4, trajectories_per_batch=2, mid_kimg=0.016,
                                batch_size=8, ecd_kimg=0.016, ckpt_kimg=0.008, log_kimg=0.008, grid_kimg=0.016,
-                               fid_samples=16, eval_batch=8, guidance=1.5, mid_ema=0.5, ecd_ema=0.5, smoke=True)
+                               fid_samples=8, eval_batch=8, guidance=1.5, mid_ema=0.5, ecd_ema=0.5, smoke=True)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def _smoke_inputs(out: str, s: Latent512Settings):
     from engine.smoke_weights import write_inception, write_latent_vgg, write_sd_vae
     wdir = os.path.join(out, "smoke-weights")
     rng = np.random.default_rng(0)
-    n, r = 64, s.latent_resolution
+    n, r = 32, s.latent_resolution
     labels = np.arange(n) % s.label_dim
     # raw SD latents whose standardised means are class-dependent (final = raw·scale + bias, §3.1)
     final = rng.normal(0, 0.3, size=(s.label_dim, 4, 1, 1))[labels] + rng.normal(0, 0.4, size=(n, 4, r, r))
@@ -158,8 +158,8 @@ def _smoke_inputs(out: str, s: Latent512Settings):
         stats = os.path.join(wdir, "img512.pkl")
         if not os.path.exists(stats):
             decode = LatentDecoder.from_file(os.path.join(wdir, VAE_FILES[1]))
-            images = decode(torch.from_numpy(final).float()).permute(0, 2, 3, 1).numpy()
-            ref = write_image_dataset(os.path.join(wdir, "smoke-reference.zip"), images, labels, overwrite=True)
+            images = decode(torch.from_numpy(final[:16]).float()).permute(0, 2, 3, 1).numpy()
+            ref = write_image_dataset(os.path.join(wdir, "smoke-reference.zip"), images, labels[:16], overwrite=True)
             det = load_detectors(["fid"], inception=os.path.join(wdir, "pt_inception-2015-12-05-6726825d.pth"))
             save_stats(stats, dataset_stats(ImageDataset(ref), det, progress=False))
     dist.barrier()

@@ -151,4 +151,15 @@ def test_smoke_pipeline_writes_a_checkpoint_per_stage_and_a_report(tmp_path, mon
         assert math.isfinite(run[k]["fid"]) and run[k]["detectors"]["fid"]["layout"] == "pytorch-fid"
     report = json.load(open(os.path.join(out, "results.json")))
     assert report["runs"]["cmt_ecd"]["two_step"]["fid"] == run["two_step"]["fid"]
+    # the command the recipe prints for evaluating later reproduces its numbers from the release alone
+    from engine import evaluate
+    w = os.path.join(out, "smoke-weights")
+    res2 = evaluate.main(["--net", os.path.join(out, "cmt_ecd", "post_ecd", "ema.safetensors"), "--metrics", "fid",
+                          "--stats", os.path.join(w, "img512.pkl"), "--inception",
+                          os.path.join(w, "pt_inception-2015-12-05-6726825d.pth"), "--vae",
+                          os.path.join(w, "sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"),
+                          "--latent-convention", "edm2", "--schedules", "80", "80,1.526", "--num-samples", "8",
+                          "--batch", "8", "--out", str(tmp_path / "eval")])
+    got = [r["fid"] for r in res2.values()]
+    assert got == pytest.approx([run["one_step"]["fid"], run["two_step"]["fid"]], rel=1e-9)
     # rerunning resumes: tests/test_distributed.py reruns this command after a 2-process run
