@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from engine import dist
+from engine.data.loader import BatchStream, reads_files
 from engine.data.sampler import ResumableSampler
 from engine.edm_snapshots import TEACHER_ONLY_KEYS
 from engine.ema import EMA, snapshot_name
@@ -205,6 +206,10 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
     rank, world, lead = dist.rank(), dist.world_size(), dist.rank() == 0
     total = cfg.budget()
     sampler = ResumableSampler(len(data), seed=cfg.seed)
+    workers = cfg.data_workers if cfg.data_workers is not None else (4 if reads_files(data) and device.type == "cuda"
+                                                                    else 0)
+    batches = BatchStream(data, sampler, state.data_pos, n_images, rank, world, -(-(total - state.pairs_seen)
+                                                                                   // cfg.batch_size), device, workers)
     log = TrainLog(stage_dir, cfg.total_kimg, state.pairs_seen / 1000, desc=cfg.name) if lead else _NoLog()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     loss_sum = torch.zeros((), device=device)
@@ -219,7 +224,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                                gamma=cfg.lr_step_gamma)
             state.optimizers.set_lr(lr)
             rng = StepRNG.for_step(cfg.seed, rank, before, device, world)
-            images, labels = data.batch(sampler.indices(state.data_pos, n_images, rank, world), device)
+            images, labels = batches.next()         # = data.batch(sampler.indices(data_pos, n_images, ...))
             out, loss, grad_norm = train_step(state.model, state.objective, state.optimizers, state.params, images,
                                               labels, rng, autocast, cfg.grad_clip, device)
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
@@ -255,6 +260,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                     signals.exit(f"stage {cfg.name!r}: stopped by {signals.name} at {now / 1000:g} kimg with a "
                                  f"checkpoint ({path}); rerun the same command to resume", lead)
     finally:
+        batches.close()
         log.close()
 
 

@@ -159,3 +159,9 @@ def test_imagenet512_bench_smoke(tmp_path):
     # Heun adds one guided evaluation pair per sample over Euler: main + guide forwards of the same tiny net
     euler, heun, ct = (rows[m]["tflop_per_iter"] for m in ("cd_euler", "cd_heun", "ct"))
     assert heun - euler == pytest.approx(euler - ct, rel=0.02)
+
+
+def test_loader_bench_smoke(tmp_path):
+    """bench/loader.py: the batch stream's images/s from a PNG zip, in process and with a worker."""
+    res = load("loader").main(["--smoke", "--out", str(tmp_path)])
+    assert [r["workers"] for r in res["rows"]] == [0, 1] and all(r["images_per_s"] > 0 for r in res["rows"])
