@@ -6,8 +6,8 @@ arguments, so d(T(x), T(y)) compares like with like; gradients flow through T in
     params = aug.draw(batch, device, generator) # every random number of one call, per sample
     x2, y2 = aug.apply(x, y, params)            # the same transform on both
 
-Parameters are drawn from an explicit generator (the loop's step generator: engine/networks/dropout.py
-`pinned_generator`), so a run replays exactly. `draw` and `apply` are separate so that each op can be checked with
+Parameters are drawn from the step's random stream (engine/networks/dropout.py `step_stream`) or an explicit
+generator, so a run replays exactly. `draw` and `apply` are separate so that each op can be checked with
 fixed parameters (tests/test_elatentlpips.py).
 
 Execution follows the reference: blit + geometric ops compose one inverse affine matrix G⁻¹ applied in one

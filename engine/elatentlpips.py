@@ -18,7 +18,7 @@ d = Σ_k mean_{h,w} Σ_c w_{k,c}(φ̂_k(x) − φ̂_k(y))², φ̂ = φ/sqrt(Σ_c
 reach the first argument through the augmentation and the trunk. The augmentation draws its parameters from the
 step's random stream, which the objectives pin around their distance call (engine/networks/dropout.py
 `step_stream`): runs replay on resume and a pair's transform does not depend on the world size. Outside one it
-uses a pinned dropout generator, else the global RNG.
+draws from the process's generator (seeded inside a `dropout_generator` block).
 
 Weights: `vgg_path` is a plain state dict (`.safetensors` or `.pt`) with `LatentVGG`'s names —
 `features.{0,3,…,38}` convolutions, `features.{1,4,…,39}` GroupNorms, `classifier.{0,3,6}` (§6.5), which is what
@@ -34,7 +34,7 @@ from torch import nn
 
 from engine.augment import JointAugment
 from engine.files import CheckpointError, EngineError, weights_file
-from engine.networks.dropout import pinned_generator, pinned_stream
+from engine.networks.dropout import pinned_stream
 from engine.state_dicts import load_network_state
 
 __all__ = ["LatentVGG", "ELatentLPIPS", "CMT_TAPS", "read_vgg_state", "convert_reference_checkpoint",
@@ -174,7 +174,7 @@ class ELatentLPIPS(nn.Module):
         y = y.detach()
         l1 = (x - y).abs().flatten(1).mean(dim=1) if self.l1 else None
         if self.augment is not None:
-            x, y = self.augment(x, y, pinned_stream() or pinned_generator(x.device))
+            x, y = self.augment(x, y, pinned_stream())
         d = 0
         for k, (fx, fy) in enumerate(zip(self.features(x), self.features(y))):
             nx = fx / torch.sqrt(fx.square().sum(dim=1, keepdim=True) + 1e-8)

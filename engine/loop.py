@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from engine import dist
+from engine.compiled import compile_regions
 from engine.data.loader import BatchStream, reads_files
 from engine.data.sampler import ResumableSampler
 from engine.edm_snapshots import TEACHER_ONLY_KEYS
@@ -167,6 +168,9 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     frozen = objective.frozen_networks() if cfg.shard_teacher else []
     parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module, *(e.module for e in tracked)],
                              frozen=frozen, bf16=cfg.bf16)
+    if cfg.compile:   # after wrapping: the EMA and the gathering shell stay eager copies; FSDP hooks stay outside
+        for module in (dist.unwrap(parallel.model), *objective.frozen_networks()):
+            compile_regions(module, cfg.compile)
     state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity),
                           tracked=tracked)
     resumed = state.load_latest()

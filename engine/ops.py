@@ -106,7 +106,12 @@ def attention_backend(q: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
     the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
-    (kernels/jvp_attention.py; docs/spec/mf.md §2.3) from `attention_backend(q)`. float64 included."""
+    (kernels/jvp_attention.py; docs/spec/mf.md §2.3) from `attention_backend(q)`. float64 included.
+    Inside a compiled region (engine/compiled.py) it is PyTorch's fused attention itself — the same primal and
+    backward — because dynamo cannot trace an autograd.Function with a custom jvp; forward-mode AD through a
+    compiled block is not supported (Mean Flow's JVP runs the dual-stream path on the weights, dit_jvp.py)."""
+    if torch.compiler.is_compiling():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     return _attn.attention(q, k, v, scale, attention_backend(q))
 
 

@@ -51,6 +51,10 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: di
     ap.add_argument("--seed", type=nonneg_int_arg, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (CI)")
     ap.add_argument("--dry-run", action="store_true", help="print and save the resolved config; train nothing")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile every block of the student and teachers (default mode, or "
+                         "max-autotune-no-cudagraphs / aot_eager; engine/compiled.py); results equal eager within "
+                         "float tolerance, and a run may change it between reruns")
     args = ap.parse_args(argv)
     # under torchrun: join the process group; each rank trains on its own GPU (cuda:LOCAL_RANK)
     local = dist.init()
@@ -148,6 +152,8 @@ class Run:
         and record it as stage `kind` ('pre' | 'mid' | 'post') of `arm` — or, for a stage several arms start
         from (the pre-trained teacher), of every arm in `shared_by`."""
         cfg = scaled(cfg, self.args.kimg_scale)
+        if getattr(self.args, "compile", None):
+            cfg = dataclasses.replace(cfg, compile=self.args.compile)
         cfg.budget()   # at least one step, checked before the run directory is written
         self.record()
         net = initialise(net, init).to(self.device)

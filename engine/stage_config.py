@@ -21,7 +21,7 @@ __all__ = ["StageConfig", "RESULT_NEUTRAL", "LR_SCHEDULES", "stage_identity", "d
 LR_SCHEDULES = ("constant", "linear", "inv_sqrt", "step")
 # Settings that do not change the trained weights: they may change when a stage is rerun.
 RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "snapshot_kimg", "keep_checkpoints", "parallel",
-                  "shard_teacher", "data_workers")
+                  "shard_teacher", "data_workers", "compile")
 # Fields added after checkpoints carried StageConfig fingerprints; left out of the fingerprint at their defaults so
 # that those checkpoints still resume.
 _LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None, momentum=0.0, lr_step_kimg=0.0, lr_step_gamma=0.1)
@@ -55,6 +55,8 @@ class StageConfig:
     bf16: bool = True                           # bf16 autocast on CUDA (CPU runs are always fp32)
     parallel: str = "auto"                      # under torchrun: 'fsdp' (auto) | 'ddp' | 'none' (engine/dist.py)
     shard_teacher: bool = False                 # under torchrun: FSDP-shard the objective's frozen teacher too
+    compile: str | None = None                  # torch.compile each block: 'default' | 'max-autotune-no-cudagraphs'
+                                                # | 'aot_eager' (engine/compiled.py); the student and frozen teachers
     data_workers: int | None = None             # processes reading batches ahead (engine/data/loader.py); None:
                                                 # 4 for a file-backed source on CUDA, else 0 (in the training process)
     snapshot_emas: tuple[float, ...] = ()       # σ_rel of tracked power EMAs (EDM2: (0.050, 0.100)), snapshotted
@@ -99,6 +101,9 @@ class StageConfig:
         positive_int("keep_checkpoints", self.keep_checkpoints, w)
         nonneg_int("seed", self.seed, w)
         one_of("parallel", self.parallel, ("auto", "fsdp", "ddp", "none"), w)
+        if self.compile is not None:
+            from engine.compiled import CHOICES
+            one_of("compile", self.compile, CHOICES, w)
         if self.data_workers is not None:
             nonneg_int("data_workers", self.data_workers, w)
         if not isinstance(self.snapshot_emas, (tuple, list)) or len(set(self.snapshot_emas)) != len(self.snapshot_emas):
@@ -125,7 +130,8 @@ class StageConfig:
         which changes only the sharding, excluded): what checkpoints carried before stage identities
         (stage_identity) were recorded, still checked for them."""
         d = dataclasses.asdict(self)
-        for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher", "data_workers"):
+        for k in ("log_kimg", "eval_kimg", "keep_checkpoints", "parallel", "shard_teacher", "data_workers",
+                  "compile"):
             d.pop(k)
         for k, default in _LATER_FIELDS.items():
             if d[k] == default:

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,3 +166,32 @@ def test_loader_bench_smoke(tmp_path):
     """bench/loader.py: the batch stream's images/s from a PNG zip, in process and with a worker."""
     res = load("loader").main(["--smoke", "--out", str(tmp_path)])
     assert [r["workers"] for r in res["rows"]] == [0, 1] and all(r["images_per_s"] > 0 for r in res["rows"])
+
+
+def test_micro_benchmarks_run_as_tests():
+    """bench/test_micro.py (pytest-benchmark): every micro-benchmark once, its result checked against the reference."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_micro.py",
+                           "--benchmark-disable"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "8 passed" in done.stdout
+
+
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    """bench/gpu_check.py --dry-run: the prepared GPU run's sections on CPU at tiny sizes, one JSON record each, a
+    deadline that skips what no longer fits, and --only for a rerun."""
+    mod = load("gpu_check")
+    res = mod.main(["--out", str(tmp_path), "--dry-run", "--only", "env,tests,imagenet512,loader,install"])
+    recs = {r["section"]: r for r in res["sections"]}
+    assert list(recs) == ["install", "env", "tests", "imagenet512", "loader"]
+    assert "skipped" in recs["install"] and res["failed"] == []
+    assert recs["env"]["env"]["torch"] == torch.__version__ and recs["tests"]["rc"] == 0
+    assert recs["imagenet512"]["results"]["steps"][0]["method"] == "cmt"
+    saved = json.load(open(tmp_path / "gpu_check.json"))
+    assert [r["section"] for r in saved["sections"]] == list(recs)
+    late = mod.main(["--out", str(tmp_path / "late"), "--dry-run", "--only", "env,loader", "--deadline", "3"])
+    assert all("deadline" in r["skipped"] for r in late["sections"])
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(tmp_path), "--only", "nope"])
