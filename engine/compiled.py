@@ -28,6 +28,15 @@ def compile_regions(module: nn.Module, how: str) -> list[nn.Module]:
     import torch._inductor.config as inductor_config
     inductor_config.fallback_random = True
     units = fsdp_units(module) or [module]
+    # One block class (a U-Net's UNetBlock) gets a compiled version per instance whose structure or shapes differ
+    # (optional skip / attention submodules are guarded on), for the student and each teacher, in every stage;
+    # dynamo stops compiling a code object after `recompile_limit` (8) versions and runs the rest eagerly. Allow
+    # what a whole run can need.
+    import torch._dynamo.config as dynamo_config
+    for name, floor in (("recompile_limit", 64 + 8 * len(units)), ("cache_size_limit", 64 + 8 * len(units)),
+                        ("accumulated_recompile_limit", 1024), ("accumulated_cache_size_limit", 1024)):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), floor))
     for unit in units:
         if how in BACKENDS:
             unit.compile(backend=how, dynamic=False)

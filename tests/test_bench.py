@@ -195,3 +195,13 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert all("deadline" in r["skipped"] for r in late["sections"])
     with pytest.raises(SystemExit):
         mod.main(["--out", str(tmp_path), "--only", "nope"])
+
+
+def test_vs_reference_names_what_it_needs(tmp_path):
+    """bench/vs_reference.py times the authors' code, which is never committed: without a copy it says so, and
+    sizes whose pairs are not whole trajectories are refused."""
+    mod = load("vs_reference")
+    with pytest.raises(SystemExit, match="not a copy of sony/cmt"):
+        mod.main(["--ref", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        mod.main(["--ref", str(tmp_path), "--sizes", "16:10"])
