@@ -14,7 +14,9 @@ skipped with the reason printed. Sections, in order (the order is the priority w
   install      pip install --no-deps --no-build-isolation -e . (the machine reaches no registry; builds the
                C++ extension against its torch) — skipped in --dry-run and when the engine already imports
   env          torch / CUDA / Triton versions, the device, whether the extension and Triton kernels load
-  tests        pytest of the CUDA tests (-m gpu) and the kernel tests on CUDA tensors
+  tests        pytest of the CUDA tests (-m gpu)
+  loop_bf16    the gmm recipe's --smoke on CUDA: the loop with bf16 autocast, the graph teacher, kernels
+  headline_smoke  recipes/imagenet512_cmt_ecd.py --smoke on CUDA: float32 + TF32 stages, E-LatentLPIPS, VAE decoding
   fast_teacher fused DPM-Solver++ update vs copy bandwidth, CUDA-graph teacher vs eager (bench/fast_teacher.py)
   throughput   CMT vs ECT / ECD / sCT / sCD at CIFAR-10 batch 128 (bench/throughput.py)
   imagenet512  the headline's CMT / CT / CD-Euler / CD-Heun steps at EDM2-XXL, 16 pairs (bench/imagenet512.py)
@@ -42,6 +44,8 @@ def sections(out: str, dry: bool) -> list[tuple[str, list[str] | None, int, str 
     smoke = ["--smoke"] if dry else []
     bench = lambda script, *extra: [PY, os.path.join(HERE, script), *(smoke or extra), "--out",  # noqa: E731
                                     os.path.join(out, "results")]
+    recipe = lambda script, name: [PY, os.path.join(ROOT, "recipes", script), "--smoke", "--device", "cuda",  # noqa: E731
+                                   "--out", os.path.join(out, name)]
     have_engine = subprocess.run([PY, "-c", "import engine"], cwd=ROOT, capture_output=True).returncode == 0
     install = [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]
     tests = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"] + (
@@ -51,6 +55,9 @@ def sections(out: str, dry: bool) -> list[tuple[str, list[str] | None, int, str 
          "--dry-run" if dry else ("the engine imports already" if have_engine else None)),
         ("env", [PY, "-c", ENV_PROBE], 30, None),
         ("tests", tests, 120, None),
+        ("loop_bf16", None if dry else recipe("gmm_cmt_ect.py", "loop_bf16"), 60, "needs a CUDA device" if dry else None),
+        ("headline_smoke", None if dry else recipe("imagenet512_cmt_ecd.py", "headline_smoke"), 90,
+         "needs a CUDA device" if dry else None),
         ("fast_teacher", bench("fast_teacher.py"), 60, None),
         ("throughput", bench("throughput.py"), 60, None),
         ("imagenet512", bench("imagenet512.py", "--reps", "3", "--warmup", "1"), 75, None),
