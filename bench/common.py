@@ -142,3 +142,27 @@ class StepBench:
 
     def time(self, reps: int, warmup: int) -> float:
         return median_time(self.step, self.device, reps, warmup)
+
+
+def measure_step(name: str, bench: "StepBench", pairs: int, device: torch.device, peak: float | None, reps: int,
+                 warmup: int) -> dict:
+    """One row of the EDM2 step benchmarks (bench/edm2.py, bench/imagenet512.py): the step's counted FLOPs
+    (torch.utils.flop_counter, one step), then its median time with forced weight normalisation after each step as
+    the loop does, pairs/s, MFU against `peak`, peak memory on CUDA and teacher NFE per pair."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from engine.networks.edm2_unet import force_weight_normalization
+
+    def step():
+        bench.step()
+        force_weight_normalization(bench.net)     # the loop's step → EMA → normalise
+    with FlopCounterMode(display=False) as counter:
+        bench.step()
+    total = float(counter.get_total_flops())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_time(step, device, reps, warmup)
+    sync(device)
+    return dict(method=name, seconds=seconds, pairs_per_s=pairs / seconds, tflop_per_iter=total / 1e12,
+                mfu=None if not peak else total / seconds / (peak * 1e12),
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+                teacher_nfe_per_pair=bench.last.teacher_nfe / max(bench.last.pairs, 1))

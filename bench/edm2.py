@@ -25,13 +25,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import StepBench, machine, median_time, peak_tflops, step_flags, sync, write_results  # noqa: E402
+from common import StepBench, machine, measure_step, peak_tflops, step_flags, write_results  # noqa: E402
 from engine.checks import positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.edm2_presets import build_edm2_preset  # noqa: E402
 from engine.guidance import GuidedDenoiser  # noqa: E402
 from engine.networks.configs import CONFIGS  # noqa: E402
-from engine.networks.edm2_unet import force_weight_normalization  # noqa: E402
 from engine.objectives import CMT, ECD, ECT, squared_l2  # noqa: E402
 
 PRESETS = [k for k, v in CONFIGS.items() if k.startswith("edm2-img")]
@@ -94,19 +93,7 @@ def run_steps(a) -> list[dict]:
     rows = []
     for name, student, objective in methods:
         bench = StepBench(student, objective, data, pairs, device, lr=1e-4, optimizer="adam")
-
-        def step():
-            bench.step()
-            force_weight_normalization(bench.net)     # the loop's step → EMA → normalise
-        total, _ = flops(bench.step)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_time(step, device, a.reps, a.warmup)
-        sync(device)
-        rows.append(dict(method=name, seconds=seconds, pairs_per_s=pairs / seconds, tflop_per_iter=total / 1e12,
-                         mfu=None if not peak else total / seconds / (peak * 1e12),
-                         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
-                         else None, teacher_nfe_per_pair=bench.last.teacher_nfe / max(bench.last.pairs, 1)))
+        rows.append(measure_step(name, bench, pairs, device, peak, a.reps, a.warmup))
     base = rows[0]["seconds"]
     for r in rows:
         r["relative"] = r["seconds"] / base

@@ -29,12 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import StepBench, machine, median_time, peak_tflops, step_flags, sync, write_results  # noqa: E402
+from common import StepBench, machine, measure_step, peak_tflops, step_flags, write_results  # noqa: E402
 from engine.checks import positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.edm2_presets import build_edm2_preset  # noqa: E402
 from engine.elatentlpips import ELatentLPIPS, LatentVGG  # noqa: E402
-from engine.networks.edm2_unet import force_weight_normalization  # noqa: E402
 from engine.objectives import CMT, ECD, ECT, LatentPosterior, perceptual  # noqa: E402
 
 PAPER = {"cmt": 1.0, "ct": 0.68, "cd_euler": 0.83, "cd_heun": 0.98}     # spec §7.3 (one H100, batch 16)
@@ -69,13 +68,6 @@ def methods(a, device):
     ]
 
 
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def run(a) -> list[dict]:
     device = torch.device(a.device)
     if device.type == "cuda":
@@ -89,22 +81,10 @@ def run(a) -> list[dict]:
     rows = []
     for name, make_student, objective in methods(a, device):
         bench = StepBench(make_student(), objective, data, a.pairs, device, lr=1e-4, optimizer="adam", bf16=False)
-
-        def step():
-            bench.step()
-            force_weight_normalization(bench.net)
-        total = count_flops(bench.step)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_time(step, device, a.reps, a.warmup)
-        sync(device)
         paper_shapes = a.preset == "edm2-img512-xxl" and a.channels is None and a.resolution == 64
-        rows.append(dict(method=name, seconds=seconds, pairs_per_s=a.pairs / seconds, tflop_per_iter=total / 1e12,
+        rows.append(dict(measure_step(name, bench, a.pairs, device, peak, a.reps, a.warmup),
                          spec_tflop_per_iter=SPEC_TFLOP[name] * a.pairs if paper_shapes and name in SPEC_TFLOP
-                         else None,
-                         mfu=None if not peak else total / seconds / (peak * 1e12), paper_relative=PAPER[name],
-                         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
-                         else None, teacher_nfe_per_pair=bench.last.teacher_nfe / max(bench.last.pairs, 1)))
+                         else None, paper_relative=PAPER[name]))
         bench = None               # the student, its gradients and Adam moments go before the next one
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -119,24 +119,11 @@ def dit_facts(name: str) -> dict:
 
 def saved_bytes(net, batch: int, dtype) -> int:
     """Bytes of the storages autograd keeps for backward in one training forward (parameters excluded)."""
-    own = {p.untyped_storage()._cdata for p in net.parameters()}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        s = t.untyped_storage()
-        if s._cdata not in own and s._cdata not in seen:
-            seen.add(s._cdata)
-            total += s.nbytes()
-        return t
-
     x = torch.randn(batch, 4, 32, 32, device="meta", dtype=dtype)
     t = torch.rand(batch, device="meta", dtype=dtype)
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     net.requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x, t, t, labels)
-    return total
+    return _saved(lambda: net(x, t, t, labels), net.parameters())
 
 
 def per_gpu(student_params: float, world: int, unit_params: float, samples: float, act_bytes: float,
