@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine import host_memory  # noqa: E402
 from engine.loop import StageConfig, train_step  # noqa: E402
 from engine.optimizers import make_optimizer  # noqa: E402
 from engine.objectives import StepRNG  # noqa: E402
@@ -122,6 +123,7 @@ class StepBench:
 
     def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4,
                  optimizer: str = "radam", bf16: bool = True):
+        host_memory.apply()     # as the loop does (engine/loop.py train_stage)
         self.net = student.to(device).train()
         self.objective = objective.to(device)
         self.params = [p for p in self.net.parameters() if p.requires_grad] + list(objective.parameters())

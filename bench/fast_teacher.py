@@ -10,7 +10,9 @@ CMT iteration against the ECT iteration.
    difference form (D1_0, D1_1, D1, D2 then the φ-sum, as LuChengTHU/dpm-solver and sony/cmt write it), and of a
    device-to-device copy of one state (the bandwidth ceiling).
 2. Teacher trajectory, 16 NFE on the CIFAR-10 DDPM++ teacher at 8 trajectories: eager with the reference math,
-   eager with the kernels, CUDA-graph replay, and reading 8 stored trajectories from a trajectory store.
+   eager with the kernels, CUDA-graph replay, the teacher's blocks compiled (engine/compiled.py) run eagerly and
+   captured in a CUDA graph — the loop keeps the graph teacher and compile off until this row says otherwise — and
+   reading 8 stored trajectories from a trajectory store.
 3. One training iteration (engine.loop.train_step, the same function training runs; RAdam, bf16 autocast) on the
    CIFAR-10 DDPM++ student at 128 pairs: ECT (the post-training objective of recipes/cifar10_cmt_ect.py), CMT
    with the eager teacher, CMT with the graph teacher and kernels, and CMT on cached trajectories; each with the
@@ -22,11 +24,13 @@ timed repetitions (CUDA events around each). Networks have random weights; speed
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import math
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -34,9 +38,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import StepBench, kernel_mode, machine, median_time, write_results  # noqa: E402
+from common import StepBench, kernel_mode, machine, median_time, sync, write_results  # noqa: E402
 from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
 from engine import ops  # noqa: E402
+from engine.compiled import compile_regions  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.lpips import LPIPS  # noqa: E402
 from engine.networks import build_network  # noqa: E402
@@ -117,6 +122,22 @@ def bench_teacher(device, teacher, shape, trajectories, reps, warmup, store_dir)
         reference = eager_ref(x_T)   # the same trajectory from each path (CPU: bit for bit)
         rows["kernels_vs_reference_max_abs"] = float((eager_k(x_T) - reference).abs().max())
         rows["graph_vs_reference_max_abs"] = float((graph(x_T) - reference).abs().max())
+        # the teacher's blocks compiled (engine/compiled.py; inductor on CUDA, aot_eager in the CPU smoke): run
+        # eagerly block by block, and captured in a CUDA graph (compilation happens in the capture's warm-up)
+        compiled_teacher = copy.deepcopy(teacher)
+        compile_regions(compiled_teacher, "default" if device.type == "cuda" else "aot_eager")
+        compiled = TeacherSolver(compiled_teacher, sig, graphs=False)
+        t0 = time.perf_counter()
+        compiled(x_T)
+        sync(device)
+        rows["compile_s"] = time.perf_counter() - t0
+        rows["compiled_ms"] = median_time(lambda: compiled(x_T), device, reps, warmup) * 1e3
+        graph_compiled = TeacherSolver(compiled_teacher, sig)
+        rows["graph_compiled_ms"] = median_time(lambda: graph_compiled(x_T), device, reps, warmup) * 1e3
+        rows["compiled_vs_reference_max_abs"] = float((compiled(x_T) - reference).abs().max())
+        rows["graph_compiled_vs_reference_max_abs"] = float((graph_compiled(x_T) - reference).abs().max())
+        fastest = min(("graph", "compiled", "graph_compiled"), key=lambda k: rows[f"{k}_ms"])
+        rows["fastest"] = fastest
         # a store of 64 trajectories; each timed read takes 8 random ones to the device
         images = torch.rand(64, *shape) * 2 - 1
         spec = tc.StoreSpec(num_trajectories=64, shape=list(shape), chunk=32, teacher="bench (random weights)")
@@ -173,10 +194,13 @@ def markdown(res: dict) -> str:
                      f"{r['fused_rel_err']:.1e} / {r['eager_rel_err']:.1e} / {r['upstream_rel_err']:.1e} |")
     t = res["teacher"]
     lines += ["", f"Teacher trajectory (16 NFE, {res['trajectories']} trajectories, {res['network']}):", "",
-              "| eager, reference math | eager, kernels | CUDA graph | cache read | graph × vs eager kernels | "
-              "graph × vs eager reference |", "|---|---|---|---|---|---|",
+              "| eager, reference math | eager, kernels | CUDA graph | compiled | graph of compiled | cache read | "
+              "graph × vs eager kernels | graph × vs eager reference | fastest | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|",
               f"| {t['eager_reference_ms']:.2f} ms | {t['eager_kernels_ms']:.2f} ms | {t['graph_ms']:.2f} ms | "
-              f"{t['cache_read_ms']:.2f} ms | {t['graph_speedup']:.2f} | {t['graph_speedup_vs_reference']:.2f} |"]
+              f"{t['compiled_ms']:.2f} ms | {t['graph_compiled_ms']:.2f} ms | "
+              f"{t['cache_read_ms']:.2f} ms | {t['graph_speedup']:.2f} | {t['graph_speedup_vs_reference']:.2f} | "
+              f"{t['fastest'].replace('_', ' ')} | {t['compile_s']:.0f} |"]
     it = res["iterations"]
     lines += ["", f"Training iteration (train_step, {res['batch']} pairs, {res['network']}, RAdam, "
               f"bf16 autocast on CUDA), ms and ratio to ECT:", "",

@@ -14,11 +14,15 @@ skipped with the reason printed. Sections, in order (the order is the priority w
   install      pip install --no-deps --no-build-isolation -e . (the machine reaches no registry; builds the
                C++ extension against its torch) — skipped in --dry-run and when the engine already imports
   env          torch / CUDA / Triton versions, the device, whether the extension and Triton kernels load
-  tests        pytest of the CUDA tests (-m gpu)
+  tests        pytest of the CUDA tests (-m gpu: the kernels compiled, the CUDA-graph teacher eager and compiled,
+               a CMT stage in fp32 and bf16 against the CPU's, FSDP2 over NCCL in a one-GPU process group, the
+               Mean Flow JVP paths; tests/devices.py)
   loop_bf16    the gmm recipe's --smoke on CUDA: the loop with bf16 autocast, the graph teacher, kernels
   headline_smoke  recipes/imagenet512_cmt_ecd.py --smoke on CUDA: float32 + TF32 stages, E-LatentLPIPS, VAE decoding
   fast_teacher fused DPM-Solver++ update vs copy bandwidth, CUDA-graph teacher vs eager (bench/fast_teacher.py)
-  throughput   CMT vs ECT / ECD / sCT / sCD at CIFAR-10 batch 128 (bench/throughput.py)
+  throughput   CMT vs ECT / ECD / sCT / sCD at CIFAR-10 batch 128, eager and graph + kernels, CMT with LPIPS and
+               squared L2 (bench/throughput.py)
+  throughput_compiled  the CMT (L2, LPIPS) and ECT rows with every block compiled (--compile default)
   imagenet512  the headline's CMT / CT / CD-Euler / CD-Heun steps at EDM2-XXL, 16 pairs (bench/imagenet512.py)
   edm2         EDM2 presets and the ImageNet-64 XL steps (bench/edm2.py)
   jvp          Mean Flow JVP paths at DiT-XL/2 (bench/jvp.py)
@@ -54,12 +58,14 @@ def sections(out: str, dry: bool) -> list[tuple[str, list[str] | None, int, str 
         ("install", None if dry or have_engine else install, 150,
          "--dry-run" if dry else ("the engine imports already" if have_engine else None)),
         ("env", [PY, "-c", ENV_PROBE], 30, None),
-        ("tests", tests, 120, None),
+        ("tests", tests, 150, None),
         ("loop_bf16", None if dry else recipe("gmm_cmt_ect.py", "loop_bf16"), 60, "needs a CUDA device" if dry else None),
         ("headline_smoke", None if dry else recipe("imagenet512_cmt_ecd.py", "headline_smoke"), 90,
          "needs a CUDA device" if dry else None),
         ("fast_teacher", bench("fast_teacher.py"), 60, None),
         ("throughput", bench("throughput.py"), 60, None),
+        ("throughput_compiled", bench("throughput.py", "--compile", "default", "--methods",
+                                      "cmt_graph,cmt_graph_lpips,ect", "--reps", "10", "--warmup", "3"), 120, None),
         ("imagenet512", bench("imagenet512.py", "--reps", "3", "--warmup", "1"), 75, None),
         ("edm2", bench("edm2.py", "--reps", "3", "--warmup", "1"), 60, None),
         ("jvp", bench("jvp.py"), 45, None),

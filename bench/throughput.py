@@ -38,17 +38,20 @@ from engine.checks import positive_int_arg  # noqa: E402
 
 from common import StepBench, kernel_mode, machine, peak_tflops, step_flags, sync, write_results  # noqa: E402
 from engine import trajectory_cache as tc  # noqa: E402
+from engine.compiled import CHOICES, compile_regions  # noqa: E402
+from engine.lpips import LPIPS  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.networks import build_network  # noqa: E402
 from engine.networks import DiT  # noqa: E402
 from engine.objectives import (CMT, ECD, ECT, SCD, SCT, CachedCMT, CMTMeanFlow, FlowMatching, MeanFlow,  # noqa: E402
-                               squared_l2)
+                               perceptual, squared_l2)
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
 
 PAPER_TABLE_10 = {"ect": 0.79, "ecd_euler": 0.98, "ecd_heun": 1.17}  # CIFAR-10, relative to CMT = 1
-def methods(teacher, trajectories: int, store_spec) -> list[tuple]:
-    """(name, label, objective factory, source kind, kernel mode)."""
-    return [
+def methods(teacher, trajectories: int, store_spec, lpips=None) -> list[tuple]:
+    """(name, label, objective factory, source kind, kernel mode). `lpips`: the CMT row with the paper's LPIPS
+    distance (random VGG weights: the cost of the real ones), left out without it."""
+    rows = [
         ("cmt", "CMT, eager teacher (reference math)",
          lambda: CMT(teacher, trajectories_per_batch=trajectories, distance=squared_l2, graphs=False),
          "images", "ref"),
@@ -62,6 +65,11 @@ def methods(teacher, trajectories: int, store_spec) -> list[tuple]:
         ("sct", "sCT (TrigFlow, torch.func.jvp)", lambda: SCT(), "images", "auto"),
         ("scd", "sCD (TrigFlow, torch.func.jvp)", lambda: SCD(teacher), "images", "auto"),
     ]
+    if lpips is not None:
+        rows.insert(2, ("cmt_graph_lpips", "CMT, CUDA-graph teacher + kernels, LPIPS (the paper's distance)",
+                        lambda: CMT(teacher, trajectories_per_batch=trajectories, distance=perceptual(lpips)),
+                        "images", "auto"))
+    return rows
 
 
 def count_flops(bench: StepBench) -> float:
@@ -106,18 +114,32 @@ def run(a) -> dict:
         tc.write_store(store, spec, teacher, TensorSource(torch.rand(64, *shape) * 2 - 1), device,
                        batch=a.trajectories, progress=False)
         sources = dict(images=images, store=tc.TrajectorySource(store))
-        for name, label, make, source, mode in methods(teacher, a.trajectories, sources["store"].spec):
+        # LPIPS compares 224² RGB images: minutes per step on a CPU, and not defined for 1-channel smoke images
+        lpips = LPIPS.random(0).to(device) if device.type == "cuda" and shape[0] == 3 else None
+        chosen = methods(teacher, a.trajectories, sources["store"].spec, lpips)
+        unknown = set(a.methods or ()) - {m[0] for m in chosen}
+        if unknown:
+            raise SystemExit(f"--methods: {sorted(unknown)} not among {[m[0] for m in chosen]} on this device")
+        for name, label, make, source, mode in chosen:
+            if a.methods and name not in a.methods:
+                continue
             with kernel_mode(mode if device.type == "cuda" else "ref"):
                 torch.manual_seed(0)
-                bench = StepBench(student_fn(), make(), sources[source], a.batch, device)
+                objective = make()
+                bench = StepBench(student_fn(), objective, sources[source], a.batch, device)
+                if a.compile:   # as the loop's --compile: every block of the student and of the frozen networks
+                    for module in (bench.net, *objective.frozen_networks()):
+                        compile_regions(module, a.compile)
+                    label += f" (compiled, {a.compile})"
                 rows.append(measure(bench, name, label, a, device, peak))
-    cmt = next(r["ms"] for r in rows if r["method"] == "cmt")
+    base = next((r for r in rows if r["method"] == "cmt"), rows[0])
     for r in rows:
-        r["relative_to_cmt"] = r["ms"] / cmt
+        r["relative_to_cmt"] = r["ms"] / base["ms"]
     width = "full width" if a.channels is None else f"model_channels={a.channels}"
     return dict(date=datetime.date.today().isoformat(), machine=machine(device), device=device.type,
                 command="python bench/throughput.py " + " ".join(a.argv), network=f"{a.network} ({width})",
-                batch=a.batch, trajectories=a.trajectories, rows=rows, paper_table_10=PAPER_TABLE_10)
+                batch=a.batch, trajectories=a.trajectories, rows=rows, paper_table_10=PAPER_TABLE_10,
+                compile=a.compile, baseline=base["method"])
 
 
 def dit(name: str, smoke: bool) -> DiT:
@@ -161,13 +183,14 @@ def markdown(res: dict) -> str:
     else:
         head = (f"Network {res['network']}, {res['batch']} pairs per iteration ({res['trajectories']} CMT "
                 f"trajectories × 16), squared-L2 distances, median of repeated iterations after warm-up:")
-        rel = "relative to CMT (paper's Table 10)"
+        rel = ("relative to CMT (paper's Table 10)" if res.get("baseline", "cmt") == "cmt"
+               else f"relative to {res['baseline']}")
     lines = [f"### Throughput — {res['date']}", "", f"Machine: {res['machine']}", "",
              f"Command: `{res['command']}`", "", head, "",
              f"| method | ms / iteration | {rel} | images/s | pairs/s | teacher NFE / pair "
              "| peak GiB | MFU |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        paper = res["paper_table_10"].get(r["method"])
+        paper = res["paper_table_10"].get(r["method"]) if res.get("baseline", "cmt") == "cmt" else None
         rel = f"{r['relative_to_cmt']:.2f}" + (f" ({paper:.2f})" if paper else "")
         mem = "–" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -214,6 +237,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=positive_int_arg, default=None, help="training pairs per iteration (default: CMT's, "
                    "128 = 8 × 16 for unet, 112 = 4 × 28 for dit)")
     p.add_argument("--trajectories", type=positive_int_arg, default=None, help="CMT trajectories per iteration")
+    p.add_argument("--methods", type=lambda v: v.split(","), default=None,
+                   help="--family unet: comma-separated rows to run (default all), e.g. cmt_graph,ect")
+    p.add_argument("--compile", choices=CHOICES, default=None,
+                   help="--family unet: compile every block of the student and the teacher (engine/compiled.py)")
     step_flags(p, reps=20, warmup=5, smoke_help="tiny network, two repetitions (CPU)",
                out=os.path.join(HERE, "results"))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -236,7 +263,8 @@ def main(argv=None) -> dict:
     res["nfe_profile"] = nfe_profile.profile()
     text = markdown(res)
     print(text)
-    stem = write_results(res, text, a.out, "throughput", a.smoke, a.record, markdown=True)
+    stem = write_results(res, text, a.out, "throughput" + ("-compiled" if a.compile else ""), a.smoke, a.record,
+                         markdown=True)
     plot(res, res["nfe_profile"], stem + ".png")
     return res
 

@@ -14,9 +14,15 @@ Both sides get the same DDPM++ network (the reference's `SongUNet` configuration
 `--channels` width; ours is the engine's SongUNet with the same state dict), the same teacher weights, RAdam at lr
 2e-4, dropout 0.2, float32, one step per call: CMT (16-NFE DPM-Solver++ teacher solve of pairs/16 trajectories,
 `pairs` student pairs, squared L2) and ECT (q = 2, c = 0). The methods are interleaved round by round (every
-round times each method once, in a rotated order), after `--warmup` untimed rounds; the table gives the median and
+round times each step once, in a rotated order), after `--warmup` untimed rounds; the table gives the median and
 the spread (max − min over median). Ours compiled: `engine/compiled.py` (inductor, every block of student and
 teacher); its compile time — the first compiled steps minus steady state — is reported separately.
+
+The reference is timed twice: as its authors run it, in a spawned process of its own whose C allocator is glibc's
+untouched (driven step by step through a pipe, so the two processes never run at once), and in this process under
+the engine's host allocator policy (engine/host_memory.py: freed memory is kept and reused instead of being
+page-faulted in again every step), which our steps run under as the loop does. The first is what a user of their
+code gets; the second isolates what our code does from what the allocator policy does.
 """
 from __future__ import annotations
 
@@ -136,31 +142,98 @@ def interleaved(steps: dict, rounds: int, warmup: int) -> dict:
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            steps[k]()
-            times[k].append(time.perf_counter() - t)
+            took = steps[k]()          # a step in another process answers its own time
+            times[k].append(took if isinstance(took, float) else time.perf_counter() - t)
     return {k: dict(median=statistics.median(v), spread=(max(v) - min(v)) / statistics.median(v))
             for k, v in times.items()}
+
+
+def reference_step(loss, nets, method: str, res: int, pairs: int, channels: int):
+    """(the authors' step, the images, our student, our teacher) for one method and size; deterministic, so a
+    worker process builds the same reference step as this one."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(pairs, 3, res, res, generator=g) * 2 - 1
+    student, teacher, ref_student, ref_teacher = networks(nets, res, channels)
+    if method == "cmt":
+        ref = ReferenceStep(ref_student, loss.DPMSolverLoss(NFE=16, loss_metric="MSE"), images, ref_teacher)
+    else:
+        ref = ReferenceStep(ref_student, loss.ECMLoss(q=2, c=0.0), images)
+    return ref, images, student, teacher
+
+
+def _reference_worker(ref_dir: str, method: str, res: str, pairs: str, channels: str) -> None:
+    """`vs_reference.py --reference-worker ...`: the authors' step in a process of its own, whose C allocator is
+    glibc's as in their runs (the timing process's policy is the engine's, engine/host_memory.py, and glibc's
+    untouched defaults cannot be restored in it). Each "step" line on stdin runs one step and answers its
+    seconds on stdout; everything the reference prints goes to stderr."""
+    reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
+    with reference_code(ref_dir) as (loss, nets):
+        ref = reference_step(loss, nets, method, int(res), int(pairs), int(channels))[0]
+        print("ready", file=reply)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            t = time.perf_counter()
+            ref.step()
+            print(repr(time.perf_counter() - t), file=reply)
+
+
+class SeparateProcessStep:
+    """A step run by `_reference_worker` in a process of its own; `step()` blocks until it is done, so the two
+    processes never compete for the cores, and returns the worker's own time of the step."""
+
+    def __init__(self, ref_dir: str, method: str, res: int, pairs: int, channels: int):
+        import subprocess
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--reference-worker", ref_dir,
+                                      method, str(res), str(pairs), str(channels)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the reference worker process did not start (exit {self.proc.wait()})")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+# what compilation cannot speed up: the convolutions (oneDNN, forward and backward) and attention's matmuls
+DENSE_OPS = {"convolution": ("aten::mkldnn_convolution", "aten::convolution_backward"), "attention matmuls": (
+    "aten::bmm",)}
+
+
+def op_shares(step) -> dict:
+    """Shares of one step's CPU time (torch.profiler, self time) spent in DENSE_OPS' classes: the floor below
+    which fusing the rest cannot take the step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    table = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(table.values())
+    return {k: sum(table.get(n, 0.0) for n in names) / total for k, names in DENSE_OPS.items()}
 
 
 def run_size(loss, nets, res: int, pairs: int, a) -> list[dict]:
     from engine.compiled import compile_regions
     from engine.data.sampler import TensorSource
     from engine.objectives import CMT, ECT, squared_l2
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(pairs, 3, res, res, generator=g) * 2 - 1
-    data = TensorSource(images)
     m = pairs // 16
     out = []
     for method in ("cmt", "ect"):
-        student, teacher, ref_student, ref_teacher = networks(nets, res, a.channels)
+        ref, images, student, teacher = reference_step(loss, nets, method, res, pairs, a.channels)
+        data = TensorSource(images)
         if method == "cmt":
-            ref = ReferenceStep(ref_student, loss.DPMSolverLoss(NFE=16, loss_metric="MSE"), images, ref_teacher)
             objective = lambda t: CMT(t, nfe=16, trajectories_per_batch=m, distance=squared_l2)  # noqa: E731
         else:
-            ref = ReferenceStep(ref_student, loss.ECMLoss(q=2, c=0.0), images)
             objective = lambda t: ECT(q=2)                                                        # noqa: E731
+        # StepBench sets the engine's host allocator policy in this process (engine/host_memory.py)
         eager = StepBench(student, objective(teacher), data, pairs, torch.device("cpu"), lr=2e-4)
-        steps = {"reference": ref.step, "ours_eager": eager.step}
+        steps = {"reference": None, "reference_retain": ref.step, "ours_eager": eager.step}
+        shipped = SeparateProcessStep(os.path.abspath(a.ref), method, res, pairs, a.channels)
+        steps["reference"] = shipped.step
         compile_s = None
         if a.compiled:
             import copy
@@ -173,13 +246,18 @@ def run_size(loss, nets, res: int, pairs: int, a) -> list[dict]:
             compiled.step()
             first_two = time.perf_counter() - t0
             steps["ours_compiled"] = compiled.step
-        res_t = interleaved(steps, a.rounds, a.warmup)
+        try:
+            res_t = interleaved(steps, a.rounds, a.warmup)
+        finally:
+            shipped.close()
         if a.compiled:
             compile_s = first_two - 2 * res_t["ours_compiled"]["median"]
+        shares = op_shares(eager.step)
         ms = {k: v["median"] * 1e3 for k, v in res_t.items()}
         out.append(dict(method=method, resolution=res, pairs=pairs, reference_ms=ms["reference"],
-                        ours_eager_ms=ms["ours_eager"], ours_compiled_ms=ms.get("ours_compiled"),
-                        compile_s=compile_s, spread={k: v["spread"] for k, v in res_t.items()}))
+                        reference_retain_ms=ms["reference_retain"], ours_eager_ms=ms["ours_eager"],
+                        ours_compiled_ms=ms.get("ours_compiled"), compile_s=compile_s,
+                        spread={k: v["spread"] for k, v in res_t.items()}, ours_eager_op_shares=shares))
     return out
 
 
@@ -187,17 +265,24 @@ def markdown(res: dict) -> str:
     lines = [f"## Ours vs the authors' code (CPU) — {res['date']}", "", f"Machine: {res['machine']}", "",
              f"Command: `{res['command']}`", "", f"DDPM++ at width {res['channels']}, RAdam, dropout 0.2, float32; "
              f"{res['rounds']} interleaved rounds after {res['warmup']} (median; spread = (max − min)/median). "
-             f"Patches to the reference: {'; '.join(res['patches'])}.", "",
-             "| method | size / pairs | reference ms | ours eager ms | eager ratio | ours compiled ms | compiled "
-             "ratio | compile s | spreads (ref / eager / compiled) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Patches to the reference: {'; '.join(res['patches'])}. \"reference\" runs in a process of its own "
+             "with glibc's allocator as the authors run it; \"reference, retain\" runs in ours, under the engine's "
+             "host allocator policy (engine/host_memory.py). Ratios are to \"reference\" and, in brackets, to "
+             "\"reference, retain\".", "",
+             "| method | size / pairs | reference ms | reference, retain ms | ours eager ms (ratio) | "
+             "ours compiled ms (ratio) | compile s | spreads (ref / ref retain / eager / compiled) | eager step in "
+             "convolutions / attention matmuls |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:
-        c, ref = r["ours_compiled_ms"], r["reference_ms"]
-        sp = " / ".join(f"{100 * r['spread'][k]:.0f}%" for k in ("reference", "ours_eager", "ours_compiled")
-                        if k in r["spread"])
-        compiled = "- | -" if c is None else f"{c:.0f} | {c / ref:.2f}"
+        c, ref, ret = r["ours_compiled_ms"], r["reference_ms"], r["reference_retain_ms"]
+        sp = " / ".join(f"{100 * r['spread'][k]:.0f}%" for k in ("reference", "reference_retain", "ours_eager",
+                                                                 "ours_compiled") if k in r["spread"])
+
+        def cell(ms):
+            return "-" if ms is None else f"{ms:.0f} ({ms / ref:.2f} [{ms / ret:.2f}])"
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-        lines.append(f"| {r['method']} | {r['resolution']}² / {r['pairs']} | {ref:.0f} | {r['ours_eager_ms']:.0f} | "
-                     f"{r['ours_eager_ms'] / ref:.2f} | {compiled} | {compile_s} | {sp} |")
+        dense = " / ".join(f"{100 * v:.0f}%" for v in r["ours_eager_op_shares"].values())
+        lines.append(f"| {r['method']} | {r['resolution']}² / {r['pairs']} | {ref:.0f} | {ret:.0f} | "
+                     f"{cell(r['ours_eager_ms'])} | {cell(c)} | {compile_s} | {sp} | {dense} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +314,8 @@ def main(argv=None) -> list[dict]:
                command="python bench/vs_reference.py " + " ".join(argv), records=records, channels=a.channels,
                rounds=a.rounds, warmup=a.warmup, patches=PATCHES)
     if a.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "spread"} for r in records]))
+        print(json.dumps([{k: v for k, v in r.items() if k not in ("spread", "ours_eager_op_shares")}
+                          for r in records]))
     else:
         text = markdown(res)
         print(text)
@@ -238,5 +324,8 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from engine.cli import run_main
-    run_main(main)
+    if sys.argv[1:2] == ["--reference-worker"]:
+        _reference_worker(*sys.argv[2:])
+    else:
+        from engine.cli import run_main
+        run_main(main)

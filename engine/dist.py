@@ -18,7 +18,8 @@ Wrapping (`Parallel(net, strategy, device)` after the network is built and initi
         and on the root; on CUDA with bf16 parameters in compute and fp32 gradient reduction
         (MixedPrecisionPolicy); parameters, gradients and optimizer state are sharded DTensors;
   ddp   DistributedDataParallel (small models: one all-reduce per step, replicated state);
-  auto  fsdp when distributed, nothing otherwise.
+  auto  fsdp when distributed over two or more processes, nothing otherwise (an explicit fsdp or ddp is honoured
+        under torchrun with one process too).
 Forward-mode work (Mean Flow's JVP, sCM's tangents) runs on `unwrap(net)` — the DDP wrapper cannot be traced by
 torch.func and its gradient hooks must not see the no-grad JVP (docs/spec/mf.md §2.7); FSDP2 modules are used in place,
 with their parameters gathered around code that reads weights directly (`unsharded`). A frozen teacher may be
@@ -155,8 +156,10 @@ def to_scalar_tensor(t: torch.Tensor) -> torch.Tensor:
 def resolve_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown data-parallel strategy {strategy!r}; expected one of {STRATEGIES}")
-    if world_size() == 1:
+    if not is_distributed() or (world_size() == 1 and strategy == "auto"):
         return "none"
+    # an explicit 'fsdp' / 'ddp' is honoured under torchrun at any world size, one process included (the one-GPU
+    # FSDP2-over-NCCL check of bench/gpu_check.py; tests/test_distributed.py)
     return "fsdp" if strategy == "auto" else strategy
 
 

@@ -30,7 +30,7 @@ import torch
 from engine import dist
 from engine.data import ImageDataset, write_image_dataset, write_latent_dataset
 from engine.data.sampler import LatentSource
-from engine.edm2_presets import PUBLISHED_URL, build_edm2_preset
+from engine.edm2_presets import PUBLISHED_URL, build_edm2_preset, with_unit_gains
 from engine.edm2_recipes import STATS_URL
 from engine.edm_snapshots import load_edm_pickle
 from engine.elatentlpips import ELatentLPIPS
@@ -168,10 +168,7 @@ def _smoke_inputs(out: str, s: Latent512Settings):
     tiny = dict(img_resolution=r, img_channels=4, label_dim=s.label_dim)
     teacher, ecd_teacher, guide = (build_edm2_preset("edm2-tiny", **tiny) for _ in range(3))
     for net in (teacher, ecd_teacher, guide):
-        with torch.no_grad():       # the released gains are not zero
-            for p in net.parameters():
-                if p.ndim == 0:
-                    p.fill_(1.0)
+        with_unit_gains(net)        # the released gains are not zero
     ecd_teacher.load_state_dict(teacher.state_dict())  # another EMA length of one training run
     student = build_edm2_preset("edm2-tiny", use_fp16=False, logvar_channels=None, **tiny)
     return data, teacher.eval(), ecd_teacher.eval(), guide.eval(), initialise(student, teacher)

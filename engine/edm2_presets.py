@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from engine.files import EngineError, short_list
 from engine.networks.configs import CONFIGS, build_network
 from engine.precond import EDM2Precond
@@ -143,6 +145,16 @@ def build_edm2_preset(name: str, *, use_fp16: bool = True, logvar_channels: int 
         known = [k for k, v in CONFIGS.items() if v.cls.__name__ == 'EDM2UNet']
         raise EngineError(f'unknown EDM2 preset {name!r}; known: {short_list(known)}')
     return EDM2Precond(build_network(name, **unet_overrides), use_fp16=use_fp16, logvar_channels=logvar_channels)
+
+
+def with_unit_gains(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with its 0-d gains (EDM2's zero-initialised output and skip gains) set to 1, in place: fresh weights
+    that behave like a released network's, whose gains are not zero (the smoke runs' random teachers, tests)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net
 
 
 def pretraining_stage(preset: str, name: str = 'pretrain', **overrides) -> StageConfig:

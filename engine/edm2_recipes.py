@@ -24,7 +24,7 @@ import torch
 from engine import dist
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.sampler import ImageDatasetSource
-from engine.edm2_presets import GUIDED, PUBLISHED_URL, UNGUIDED, build_edm2_preset
+from engine.edm2_presets import GUIDED, PUBLISHED_URL, UNGUIDED, build_edm2_preset, with_unit_gains
 from engine.edm_snapshots import load_edm_pickle
 from engine.evaluate import recipe_metric_inputs, recipe_metrics
 from engine.files import EngineError, in_weights_dir
@@ -137,10 +137,7 @@ def _smoke_inputs(out: str, s: EDM2Settings):
     torch.manual_seed(0)
     teacher, guide = build_edm2_preset("edm2-tiny"), build_edm2_preset("edm2-tiny")
     for net in (teacher, guide):
-        with torch.no_grad():      # the released gains are not zero
-            for p in net.parameters():
-                if p.ndim == 0:
-                    p.fill_(1.0)
+        with_unit_gains(net)       # the released gains are not zero
     student = build_edm2_preset("edm2-tiny", use_fp16=False, logvar_channels=None, dropout=s.dropout,
                                 dropout_res=s.dropout_res)
     from engine.lpips import LPIPS

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine import dist
+from engine import dist, host_memory
 from engine.compiled import compile_regions
 from engine.data.loader import BatchStream, reads_files
 from engine.data.sampler import ResumableSampler
@@ -159,6 +159,7 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     dist.barrier()
     ring = CheckpointRing(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
 
+    host_memory.apply()   # freed host memory is reused, not page-faulted in again each step (engine/host_memory.py)
     net.train()
     # an objective may own trained parameters too (sCM's adaptive weight w_φ(t)); they get their own optimizer
     objective.to(device)

@@ -90,7 +90,15 @@ def main():
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--sigterm-at", type=int, default=None, help="SIGTERM rank 1 at the start of that step")
     p.add_argument("--shard-teacher", action="store_true")
+    p.add_argument("--one-process-group", action="store_true",
+                   help="without torchrun: join a process group of this one process (NCCL on CUDA, else gloo), so "
+                        "that --parallel fsdp shards at world size 1")
     a = p.parse_args()
+    if a.one_process_group:
+        import torch.distributed as td
+        os.makedirs(a.out, exist_ok=True)
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
+                              init_method="file://" + os.path.join(os.path.abspath(a.out), "process-group"))
     device = dist.init()
     net, objective, data = build(a.objective)
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",

@@ -17,22 +17,24 @@ from engine.networks import DiT, SongUNet
 from engine.objectives import CMT, ECT, CMTMeanFlow, FlowMatching, MeanFlow, SlowCMT, StepRNG, squared_l2
 from engine.precond import CMPrecond, EDMPrecond
 
+from devices import DEVICES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "dist_harness.py")
 
 
-def launch(args, nproc=None, extra=()):
+def launch(args, nproc=None, extra=(), env=None):
     """Run the harness: plainly (nproc None) or under torch.distributed.run; returns the completed process."""
     cmd = [sys.executable, HARNESS, *args] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
          HARNESS, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     return done
 
 
-def run_ok(args, nproc=None, extra=()):
-    done = launch(args, nproc, extra)
+def run_ok(args, nproc=None, extra=(), env=None):
+    done = launch(args, nproc, extra, env)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -159,6 +161,20 @@ def test_two_processes_equal_one(objective, flags, tmp_path):
         w = final(two)["net"]["unet.enc.4x4_block0.conv_res0.weight"]
         torch.testing.assert_close(w.flatten(1).square().mean(1).sqrt(), torch.full((16,), 1 / (1 + 1e-4),
                                    dtype=w.dtype), rtol=1e-6, atol=0)      # unit RMS rows after the last step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_in_a_one_process_group_equals_unsharded(device, tmp_path):
+    """FSDP2 at world size 1 (a process group of one: gloo on CPU, NCCL on a GPU): sharded parameters, gathers,
+    DCP checkpoints, against the plain run: losses within 1e-5, final float64 weights within 1e-9."""
+    env = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
+    one, sharded = str(tmp_path / "one"), str(tmp_path / "sharded")
+    run_ok(["--objective", "cmt", "--out", one], env=env)
+    run_ok(["--objective", "cmt", "--out", sharded, "--parallel", "fsdp", "--one-process-group"], env=env)
+    assert sorted(os.listdir(os.path.join(sharded, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dir
+    assert os.path.isdir(os.path.join(sharded, "stage", "checkpoints", "ckpt-000000000040"))
+    assert_losses_close(losses(one), losses(sharded))
+    assert_states_close(final(one), final(sharded))
 
 
 def test_ddp_equals_one_process(tmp_path):

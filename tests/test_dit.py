@@ -14,6 +14,8 @@ from engine.networks.dit import sincos_pos_embed
 from kernels import jvp_attention
 from kernels.jvp_attention import attention_reference
 
+from devices import CUDA
+
 
 def require_extension():
     """The C++ extension is built by the README's install (setup.py); a build that failed must not pass as a
@@ -150,9 +152,10 @@ def test_attention_op_backward_and_jvp():
         ops.attention(q[0], k[0], v[0])
 
 
-@pytest.mark.parametrize("kernel", ["cpp", "triton"])
+@pytest.mark.parametrize("kernel,device", [("cpp", "cpu"), ("triton", "cpu"),
+                                           pytest.param("triton", "cuda", id="triton-cuda", marks=CUDA.marks)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_tangent_kernels_against_float64(kernel, dtype, tol):
+def test_tangent_kernels_against_float64(kernel, device, dtype, tol):
     """The one-pass online-softmax (O, Ȯ) kernels against the float64 reference: the C++ one
     (csrc/jvp_attention.cpp) and the Triton one (the CUDA path; here in Triton's interpreter, head dim 72 padded to
     128). Head dims 72, 64 and 16; 61, 1, 37 and 130 keys (130 crosses two 64-key blocks and ends inside a third)."""
@@ -165,12 +168,13 @@ def test_tangent_kernels_against_float64(kernel, dtype, tol):
         q, k, v, dq, dk, dv = ts
         out = attention_reference(q, k, v)
         ref = jvp_attention.attention_tangent(q, k, v, out, dq, dk, dv, d ** -0.5)
-        o, t = op(*[x.to(dtype) for x in ts], d ** -0.5)
+        o, t = op(*[x.to(device, dtype) for x in ts], d ** -0.5)
         assert o.dtype == dtype and t.dtype == dtype
+        o, t = o.cpu(), t.cpu()
         assert (o.double() - out).abs().max() <= tol * out.abs().max() + tol
         assert (t.double() - ref).abs().max() <= tol * ref.abs().max() + tol
     with pytest.raises((RuntimeError, ValueError), match="must have its primal's shape"):
-        op(q, k, v, dq[:, :, :1], dk, dv, 0.1)
+        op(*[x.to(device) for x in (q, k, v, dq[:, :, :1], dk, dv)], 0.1)
 
 
 def test_attention_block_extension_equals_its_pytorch_reference(monkeypatch):

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edm_pickle_writer as W  # noqa: E402
 from engine.checkpoints import load_edm_pickle  # noqa: E402
-from engine.edm2_presets import GUIDED, build_edm2_preset, pretraining_stage  # noqa: E402
+from engine.edm2_presets import GUIDED, build_edm2_preset, pretraining_stage, with_unit_gains  # noqa: E402
 from engine.files import CheckpointError, EngineError  # noqa: E402
 from engine.networks.edm2_unet import (EDM2Block, EDM2UNet, MPConv, MPFourier, force_weight_normalization,  # noqa: E402
                                        mp_attention, mp_attention_reference, mp_cat, mp_silu, mp_sum, normalize,
@@ -171,10 +171,7 @@ def test_fused_attention_equals_the_reference_einsum():
     a = build_edm2_preset('edm2-tiny').eval()
     b = build_edm2_preset('edm2-tiny', attention_kernel='einsum').eval()
     b.load_state_dict(a.state_dict())
-    with torch.no_grad():
-        for p in (*a.parameters(), *b.parameters()):
-            if p.ndim == 0:
-                p.fill_(1.0)
+    with_unit_gains(a), with_unit_gains(b)
     x, s, lab = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 5.0]), torch.tensor([1, 2])
     torch.testing.assert_close(a(x, s, lab), b(x, s, lab), rtol=1e-5, atol=1e-5)
     assert not torch.equal(a(x, s, lab), build_edm2_preset('edm2-tiny').eval()(x, s, lab))

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from engine.edm2_presets import build_edm2_preset
+from engine.edm2_presets import build_edm2_preset, with_unit_gains
 from engine.guidance import GuidedDenoiser
 from engine.objectives import CMT, ECD, StepRNG, perceptual
 
@@ -20,11 +20,7 @@ D = torch.float64
 
 def tiny(res=16, seed=0, **kw):
     torch.manual_seed(seed)
-    net = build_edm2_preset("edm2-tiny", img_resolution=res, img_channels=4, **kw)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(1.0)
+    net = with_unit_gains(build_edm2_preset("edm2-tiny", img_resolution=res, img_channels=4, **kw))
     return net.double().eval()
 
 

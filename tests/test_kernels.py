@@ -20,6 +20,8 @@ from kernels import dpm_solver as kdpm
 from kernels import precond as kpre
 from kernels import runtime
 
+from devices import DEVICES
+
 SIZES = [(1,), (1025,), (3, 3, 17, 13), (2, 4, 33, 7)]  # 1, block + 1, 1989, 1848 elements
 
 
@@ -63,13 +65,14 @@ def grid_coefficients():
     return coef.tolist(), orders
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SIZES)
-def test_update_within_twice_pytorch_error(dtype, shape):
+def test_update_within_twice_pytorch_error(dtype, shape, device):
     coefs, orders = grid_coefficients()
     g = torch.Generator().manual_seed(hash(shape) % 2 ** 31)
-    x = (torch.randn(shape, generator=g) * 20).to(dtype)       # a σ ≈ 20 state: values well away from 0
-    ms = [torch.randn(shape, generator=g).to(dtype) for _ in range(3)]
+    x = (torch.randn(shape, generator=g) * 20).to(device, dtype)       # a σ ≈ 20 state: values well away from 0
+    ms = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(3)]
     for step in (0, 1, 5, 15):                                 # orders 1, 2, 3 and the final first-order step
         k = orders[step]
         coef = coefs[step]
@@ -80,11 +83,12 @@ def test_update_within_twice_pytorch_error(dtype, shape):
         assert max_err(kernel, truth) <= 2 * torch_err + 1e-30, (step, k, max_err(kernel, truth), torch_err)
 
 
-def test_update_writes_only_its_trajectory_slot(triton_mode):
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_writes_only_its_trajectory_slot(triton_mode, device):
     coefs, orders = grid_coefficients()
-    buf = torch.randn(5, 3, 2, 9, 9)
+    buf = torch.randn(5, 3, 2, 9, 9, device=device)
     before = buf.clone()
-    hist = [torch.randn(3, 2, 9, 9) for _ in range(3)]
+    hist = [torch.randn(3, 2, 9, 9, device=device) for _ in range(3)]
     ops.dpm_solver_update(buf[1], hist, coefs[4], out=buf[2])
     torch.testing.assert_close(buf[2], kdpm.update_reference(before[1], hist, coefs[4]), rtol=1e-6, atol=1e-6)
     for i in (0, 1, 3, 4):
@@ -101,13 +105,14 @@ def test_update_rejects_mismatched_operands():
         kdpm.update_triton(x.t(), [x], [1, 0, 0, 0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_trajectory_through_dispatcher_equals_reference(monkeypatch, dtype):
+def test_full_trajectory_through_dispatcher_equals_reference(monkeypatch, dtype, device):
     """A whole 16-step CMT teacher trajectory (orders 1, 2, 3×12, 2, 1) on the analytic teacher: the fused path
     equals the reference path to the rounding of the storage dtype, at every state."""
     gm = GaussianMixture.random(4, (3, 5, 5), std=0.3, seed=1)
-    teacher = lambda x, s, labels=None: gm.denoise(x.double(), s.double()).to(x.dtype)
-    x_T = (torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(3)) * 80).to(dtype)
+    teacher = lambda x, s, labels=None: gm.denoise(x.double(), s.double()).to(x.device, x.dtype)
+    x_T = (torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(3)) * 80).to(device, dtype)
     sig = logsnr_sigmas(16)
     monkeypatch.setenv("ENGINE_KERNELS", "ref")
     ref = dpm_solver_pp(teacher, x_T, sig)
@@ -131,11 +136,12 @@ def random_sigma(batch, dtype=torch.float32, seed=0):
     return torch.exp(torch.rand(batch, generator=g, dtype=torch.float64) * 10.6 - 6.2).to(dtype)  # 0.002 … 80
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SIZES[1:])
-def test_input_side_within_twice_pytorch_error(shape, out_dtype):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 40
-    sigma = random_sigma(shape[0])
+def test_input_side_within_twice_pytorch_error(shape, out_dtype, device):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device) * 40
+    sigma = random_sigma(shape[0]).to(device)
     truth = kpre.input_reference(x.double(), sigma.double(), 0.5, torch.float64)
     torch_err = max_err(kpre.input_reference(x, sigma, 0.5, out_dtype), truth)
     kernel = kpre.precond_input(x, sigma, 0.5, out_dtype)
@@ -143,14 +149,15 @@ def test_input_side_within_twice_pytorch_error(shape, out_dtype):
     assert max_err(kernel, truth) <= 2 * torch_err
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("boundary", [False, True])
 @pytest.mark.parametrize("shape", SIZES[1:])
-def test_output_side_within_twice_pytorch_error(shape, boundary, f_dtype):
+def test_output_side_within_twice_pytorch_error(shape, boundary, f_dtype, device):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(shape, generator=g) * 40
-    F = torch.randn(shape, generator=g).to(f_dtype)
-    sigma = random_sigma(shape[0], seed=3)
+    x = torch.randn(shape, generator=g).to(device) * 40
+    F = torch.randn(shape, generator=g).to(device, f_dtype)
+    sigma = random_sigma(shape[0], seed=3).to(device)
     truth = kpre.output_reference(x.double(), F.double(), sigma.double(), 0.5, 0.003, boundary)
     torch_err = max_err(kpre.output_reference(x, F, sigma, 0.5, 0.003, boundary), truth)
     kernel = kpre.precond_output(x, F, sigma, 0.5, 0.003, boundary)
@@ -185,12 +192,13 @@ def test_precond_gradcheck_float64(monkeypatch, mode, boundary):
                                     (x, F, one))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16])
-def test_precond_kernel_gradients_match_reference(monkeypatch, f_dtype):
+def test_precond_kernel_gradients_match_reference(monkeypatch, f_dtype, device):
     grads = {}
     for mode in ("ref", "triton"):
         monkeypatch.setenv("ENGINE_KERNELS", mode)
-        x, F, sigma = _grad_inputs(torch.float32, batch=5, seed=7)
+        x, F, sigma = (t.detach().to(device).requires_grad_() for t in _grad_inputs(torch.float32, batch=5, seed=7))
         Fd = F.detach().to(f_dtype).requires_grad_()
         x_in = ops.precond_input(x, sigma, 0.5, f_dtype)
         D = ops.precond_output(x, Fd * x_in, sigma, 0.5, 0.003, True)   # a backbone-like product of the two sides
@@ -235,27 +243,32 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(torch.ops.engine.dpm_solver_update, (xs[0], xs[1:], [0.9, 0.2, -0.1, 0.01], xs[0].clone()))
 
 
-def test_torch_compile_traces_through_the_kernels(triton_mode):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_through_the_kernels(triton_mode, device):
+    """The registered ops trace without a graph break (their fake implementations); on CUDA inductor compiles
+    the code around the launched kernels."""
     coefs, _ = grid_coefficients()
 
     def step(x, m0, m1, m2, sigma, F):
         nxt = ops.dpm_solver_update(x, [m0, m1, m2], coefs[6])
         return ops.precond_output(nxt, F, sigma, 0.5, 0.003, True)
 
-    args = [torch.randn(3, 65) for _ in range(4)] + [random_sigma(3), torch.randn(3, 65)]
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    args = [t.to(device) for t in [torch.randn(3, 65) for _ in range(4)] + [random_sigma(3), torch.randn(3, 65)]]
+    compiled = torch.compile(step, backend="aot_eager" if device == "cpu" else "inductor", fullgraph=True)
     torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_non_finite_values_propagate(dtype):
+def test_non_finite_values_propagate(dtype, device):
     """A NaN or inf in the state reaches the output (the bf16 rounding must not turn a NaN into a number)."""
-    x = torch.randn(1030).to(dtype)
+    x = torch.randn(1030).to(device, dtype)
     x[3], x[1027] = float("nan"), float("inf")
-    out = kdpm.update_triton(x, [torch.randn(1030).to(dtype)], [0.5, 0.25, 0, 0])
+    out = kdpm.update_triton(x, [torch.randn(1030).to(device, dtype)], [0.5, 0.25, 0, 0])
     assert out[3].isnan() and out[1027].isinf() and out[1027] > 0
     assert torch.isfinite(out[[0, 1, 2, 4, 1029]]).all()
-    y = kpre.precond_input(x.float().reshape(2, 515), torch.tensor([1.0, 2.0]), 0.5, dtype).reshape(-1)
+    y = kpre.precond_input(x.float().reshape(2, 515), torch.tensor([1.0, 2.0], device=device), 0.5,
+                           dtype).reshape(-1)
     assert y[3].isnan() and y[1027].isinf()
 
 

@@ -13,6 +13,8 @@ from engine.solvers import mean_flow_sample
 from engine.objectives.meanflow import pair_indices
 from kernels.jvp_attention import attention_reference
 
+from devices import CUDA
+
 
 def net64(seed=0, classes=10):
     torch.manual_seed(seed)
@@ -71,15 +73,18 @@ def test_mean_flow_loss_equals_direct_recomputation(guided, jvp):
     assert out.student_forward == 8 + 2 + (16 if guided else 0)  # forward, JVP on the 2 r ≠ t rows, CFG passes
 
 
-@pytest.mark.parametrize("jvp,kernels", [("dual", "auto"), ("dual", "triton"), ("func", "auto")])
-def test_mean_flow_gradients_equal_the_explicit_attention_path(jvp, kernels, monkeypatch):
+@pytest.mark.parametrize("jvp,kernels,device", [("dual", "auto", "cpu"), ("dual", "triton", "cpu"),
+                                                ("func", "auto", "cpu"),
+                                                pytest.param("dual", "auto", "cuda", marks=CUDA.marks, id="dual-cuda"),
+                                                pytest.param("func", "auto", "cuda", marks=CUDA.marks, id="func-cuda")])
+def test_mean_flow_gradients_equal_the_explicit_attention_path(jvp, kernels, device, monkeypatch):
     """The loss's gradients with the extension's paths (dual-stream JVP with the C++ block, or with the Triton
-    kernel in the interpreter; torch.func.jvp through the op's forward-AD rule) against torch.func.jvp through
-    explicit math attention."""
-    x, y = data()
+    kernel: compiled on CUDA, in the interpreter on CPU; torch.func.jvp through the op's forward-AD rule) against
+    torch.func.jvp through explicit math attention."""
+    x, y = (t.to(device) for t in data())
     grads = []
     for reference in (False, True):
-        net = net64()
+        net = net64().to(device)
         with monkeypatch.context() as m:
             if reference:
                 m.setattr(ops, "attention", lambda q, k, v, scale=None: attention_reference(q, k, v, scale))

@@ -79,3 +79,23 @@ def test_capture_failure_falls_back_with_a_reason(caplog):
         traj = solver(x_T)
     assert any("capture of the teacher trajectory failed" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(traj, dpm_solver_pp(gm.denoise, x_T, logsnr_sigmas(8)))
+
+
+@cuda
+@pytest.mark.gpu
+def test_graph_of_the_compiled_teacher_equals_eager_on_gpu():
+    """The teacher's blocks compiled with inductor (engine/compiled.py) and the whole solve captured in a CUDA
+    graph: compilation happens in the capture's warm-up, and the replayed trajectory equals the eager one's."""
+    import copy
+    from engine.compiled import compile_regions
+    teacher = small_unet(label_dim=10).cuda()
+    compiled = copy.deepcopy(teacher)
+    compile_regions(compiled, "default")
+    sig = logsnr_sigmas(16)
+    solver = TeacherSolver(compiled, sig)
+    x_T = torch.randn(8, 1, 8, 8, device="cuda") * 80
+    labels = torch.randint(0, 10, (8,), device="cuda")
+    for _ in range(2):
+        traj = solver(x_T, labels)
+    assert solver.replays == 2
+    torch.testing.assert_close(traj, TeacherSolver(teacher, sig, graphs=False)(x_T, labels), rtol=1e-4, atol=1e-4)
