@@ -27,7 +27,7 @@ import os
 import torch
 
 from engine import dist
-from engine.checks import nonneg_int_arg, positive_float_arg
+from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg
 from engine.cli import check_run_directory, resolve_device
 from engine.files import EngineError, set_weights_dir
 from engine.identity import VERSION as IDENTITY_VERSION
@@ -49,6 +49,9 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: di
     ap.add_argument("--kimg-scale", type=positive_float_arg, default=1.0, help="multiply every stage's budget")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ap.add_argument("--seed", type=nonneg_int_arg, default=0)
+    ap.add_argument("--seeds", type=positive_int_arg, default=None, metavar="N",
+                    help="repeat over seeds --seed … --seed + N − 1 (recipes that report seed statistics; their "
+                         "default otherwise)")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (CI)")
     ap.add_argument("--dry-run", action="store_true", help="print and save the resolved config; train nothing")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -94,7 +97,7 @@ def scaled(cfg: StageConfig, factor: float) -> StageConfig:
                                lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor)
 
 
-FLAG_DEFAULTS = dict(seed=0, smoke=False, kimg_scale=1.0)
+FLAG_DEFAULTS = dict(seed=0, smoke=False, kimg_scale=1.0, seeds=None)
 
 
 class Run:
@@ -118,7 +121,7 @@ class Run:
         files.update(inputs or {})
         self.identity = dict(recipe=recipe, config=config,
                              flags=dict(seed=args.seed, smoke=bool(args.smoke), kimg_scale=args.kimg_scale,
-                                        device_type=self.device.type),
+                                        device_type=self.device.type, seeds=getattr(args, "seeds", None)),
                              inputs={k: _fingerprint(k, v) for k, v in files.items() if v is not None})
         self._identity_file = os.path.join(self.out, "identity.json")
         check_or_record(self._identity_file, self.identity, f"run {recipe!r}",

@@ -324,24 +324,34 @@ def flow_heun_trajectory(velocity: Callable[[torch.Tensor, float], torch.Tensor]
 # ---- float64 reference integrator ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def pf_ode_reference(denoiser: Denoiser, x_T: torch.Tensor, sigma_from: float, sigma_to: float,
+def pf_ode_reference(denoiser: Denoiser, x_T: torch.Tensor, sigma_from, sigma_to: float,
                      steps: int = 2000, labels=None) -> torch.Tensor:
     """High-accuracy float64 solution of the PF-ODE by classical RK4 in u = ln σ, where dx/du = x − D(x; e^u).
 
-    Used as the oracle for solver convergence tests (error O(steps^-4))."""
+    `sigma_from` is one level, or one per sample (a [B] tensor: each row is integrated over its own interval, in
+    `steps` equal steps of ln σ). Used as the oracle for solver convergence tests (error O(steps^-4)) and as the
+    exact flow map Ψ_{σ→σ_to} of the Gaussian-mixture teacher (engine/metrics, recipes/gmm_gradient_bias.py)."""
     x = x_T.to(torch.float64)
-    u0, u1 = math.log(sigma_from), math.log(sigma_to)
-    h = (u1 - u0) / steps
+    if torch.is_tensor(sigma_from) and sigma_from.ndim > 0:
+        if sigma_from.shape != (x.shape[0],):
+            raise ValueError(f"sigma_from has shape {tuple(sigma_from.shape)} for a batch of {x.shape[0]}")
+        u = sigma_from.to(device=x.device, dtype=torch.float64).log()
+        h = (math.log(sigma_to) - u) / steps
+        hx = h.reshape(-1, *([1] * (x.ndim - 1)))             # the step, broadcast over each row
+        level = torch.exp
+    else:
+        u = math.log(float(sigma_from))
+        h = hx = (math.log(sigma_to) - u) / steps
+        level = lambda u: _sigma_batch(math.exp(u), x)          # noqa: E731
 
     def f(x, u):
-        return x - denoiser(x, _sigma_batch(math.exp(u), x), labels).to(torch.float64)
+        return x - denoiser(x, level(u), labels).to(torch.float64)
 
-    u = u0
     for _ in range(steps):
         k1 = f(x, u)
-        k2 = f(x + 0.5 * h * k1, u + 0.5 * h)
-        k3 = f(x + 0.5 * h * k2, u + 0.5 * h)
-        k4 = f(x + h * k3, u + h)
-        x = x + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
-        u += h
+        k2 = f(x + 0.5 * hx * k1, u + 0.5 * h)
+        k3 = f(x + 0.5 * hx * k2, u + 0.5 * h)
+        k4 = f(x + hx * k3, u + h)
+        x = x + (hx / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+        u = u + h
     return x

@@ -1,0 +1,107 @@
+"""What the Gaussian-mixture validation recipes share (recipes/gmm_gradient_bias.py, gmm_mid_training.py,
+gmm_cmt_ablations.py; docs/validation.md): one fixed mixture and training set for every seed, the MLP student, the
+stage settings, the seeds a run repeats over, and the evaluation of a trained flow map against the exact flow.
+
+The recipes' configurations extend `MixtureSettings`, the fields read here."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from engine.data import GaussianMixture
+from engine.data.sampler import TensorSource
+from engine.loop import StageConfig
+from engine.metrics import flow_map_error, sliced_wasserstein
+from engine.networks import build_network
+from engine.solvers import consistency_sampler
+
+METRICS = ("flow_map_error", "swd_1step", "swd_2step")
+
+
+@dataclasses.dataclass
+class MixtureSettings:
+    """The mixture problem, the MLP student, the pre-training that gives the diffusion weights, and the evaluation,
+    shared by the validation recipes (each adds its own fields)."""
+    components: int = 8
+    component_std: float = 0.1
+    mixture_seed: int = 0                # one problem and training set for every seed (paired comparisons)
+    train_samples: int = 50_000
+    hidden: int = 256
+    blocks: int = 4
+    batch_size: int = 128
+    pre_kimg: float = 200.0              # EDM pre-training of the diffusion weights
+    pre_lr: float = 1e-3
+    ema_std: float = 0.05                # EDM2 power EMA; a stage's result is its EMA
+    mid_t: float = 0.77569               # 2-step sampling point (docs/spec/cm.md §3.5)
+    eval_sigmas: tuple = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
+    eval_samples: int = 2000
+    default_seeds: int = 5
+
+
+def mixture_problem(cfg) -> tuple[GaussianMixture, TensorSource]:
+    """The mixture and its training set, the same for every seed (so differences between seeds are paired)."""
+    gm = GaussianMixture.random(cfg.components, (2,), std=cfg.component_std, seed=cfg.mixture_seed)
+    data = gm.sample(cfg.train_samples, generator=torch.Generator().manual_seed(cfg.mixture_seed)).float()
+    return gm, TensorSource(data)
+
+
+def backbone(cfg):
+    return build_network("gmm-mlp", hidden_channels=cfg.hidden, num_blocks=cfg.blocks)
+
+
+def seeds(args, cfg) -> list[int]:
+    """--seed … --seed + N − 1, N from --seeds or the recipe's default."""
+    return list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+
+
+def stage_config(cfg, name: str, kimg: float, lr: float, seed: int) -> StageConfig:
+    """RAdam with a linear decay and EDM2's power EMA (σ_rel = ema_std), one checkpoint at the end."""
+    return StageConfig(name=name, total_kimg=kimg, batch_size=cfg.batch_size, lr=lr, optimizer="radam",
+                       lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=kimg / 5, ckpt_kimg=kimg,
+                       seed=seed)
+
+
+def evaluate(gm: GaussianMixture, cfg, net) -> dict:
+    """A flow map's quality, in float64 on a copy: the flow-map error E‖f − Ψ‖² (mean over cfg.eval_sigmas, each
+    on eval_samples/4 draws) and the sliced Wasserstein distance of 1- and 2-step samples (eval_samples, 2-step
+    point cfg.mid_t) to as many mixture samples; fixed generators, so models are compared on the same draws."""
+    f = copy.deepcopy(net).double().eval()
+    fm = flow_map_error(f, gm, cfg.eval_sigmas, n=cfg.eval_samples // 4, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(7))
+    ref = gm.sample(cfg.eval_samples, generator=torch.Generator().manual_seed(4321))
+
+    def swd(steps: int) -> float:
+        z = torch.randn(cfg.eval_samples, 2, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+        x = consistency_sampler(f, z, (cfg.mid_t,) if steps == 2 else (), generator=torch.Generator().manual_seed(99))
+        return sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(5))
+    return dict(flow_map_error=fm.mean, swd_1step=swd(1), swd_2step=swd(2))
+
+
+def interval_text(p: dict) -> str:
+    """A paired interval (engine/seed_stats.paired_interval of this arm against the reference arm) in a table."""
+    said = {"a < b": "lower", "a > b": "higher", "tie": "tie"}.get(p["verdict"], p["verdict"])
+    return said if p["low"] is None else f"{p['mean']:.3g} [{p['low']:.3g}, {p['high']:.3g}] ({said})"
+
+
+def bar_plot(summary: dict, arms, keys, path: str, spread: str = "stderr") -> None:
+    """One panel per key: the arms' means with their `spread` ('stderr' or 'std') and each seed as a dot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        means = [summary[a][k]["mean"] for a in arms]
+        bars = [summary[a][k][spread] for a in arms]
+        ax.bar(range(len(arms)), means, yerr=[0 if b != b else b for b in bars], capsize=3,
+               color=[f"C{i}" for i in range(len(arms))])
+        for i, a in enumerate(arms):
+            ax.plot([i] * len(summary[a][k]["per_seed"]), summary[a][k]["per_seed"], "k.", ms=4)
+        ax.set_xticks(range(len(arms)), arms)
+        ax.set_title(f"{k.replace('_', ' ')} (mean ± {'s.e.' if spread == 'stderr' else 'std'}, dots: seeds)",
+                     fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""Statistics over seeds for the validation recipes (docs/validation.md): means with standard errors, and the 95%
+t-interval of a paired difference — an interval that contains 0 is reported as a tie."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / √n; nan for one value)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("no values")
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return m, sd / math.sqrt(len(v))
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """The t-interval of the mean of a_i − b_i over paired seeds: {mean, low, high, n, verdict}, verdict one of
+    'a < b', 'a > b', 'tie' (the interval contains 0) or 'one seed' (no interval)."""
+    from scipy import stats
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired samples need equal, non-zero lengths, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m, se = mean_se(d)
+    if len(d) < 2:
+        return dict(mean=m, low=None, high=None, n=1, verdict="one seed")
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
+    low, high = m - half, m + half
+    verdict = "tie" if low <= 0 <= high else ("a < b" if high < 0 else "a > b")
+    return dict(mean=m, low=low, high=high, n=len(d), verdict=verdict)
