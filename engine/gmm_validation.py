@@ -63,6 +63,16 @@ def stage_config(cfg, name: str, kimg: float, lr: float, seed: int) -> StageConf
                        seed=seed)
 
 
+def diffusion_weights(run, cfg, data, arms: list[str], seed: int):
+    """The seed's EDM pre-training of the MLP (the diffusion weights the arms start from), trained under the first
+    arm's directory and recorded as the 'pre' stage of every arm in `arms`."""
+    from engine.objectives import EDMLoss
+    from engine.precond import EDMPrecond
+    torch.manual_seed(seed)
+    return run.stage(arms[0], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
+                     EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=tuple(arms))
+
+
 def evaluate(gm: GaussianMixture, cfg, net) -> dict:
     """A flow map's quality, in float64 on a copy: the flow-map error E‖f − Ψ‖² (mean over cfg.eval_sigmas, each
     on eval_samples/4 draws) and the sliced Wasserstein distance of 1- and 2-step samples (eval_samples, 2-step

@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
 
-from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, evaluate, interval_text,
-                                   mixture_problem, seeds, stage_config)
-from engine.objectives import CMT, ECT, KD, EDMLoss, SlowCMT, squared_l2
+from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
+                                   interval_text, mixture_problem, seeds, stage_config)
+from engine.objectives import CMT, ECT, KD, SlowCMT, squared_l2
 from engine.pipeline import begin
-from engine.precond import CMPrecond, EDMPrecond
+from engine.precond import CMPrecond
 from engine.seed_stats import mean_se, paired_interval
 
 METHODS = ("cmt", "kd", "slow_cmt")
@@ -66,13 +65,11 @@ def main(argv=None) -> dict:
     values = {m: {k: [] for k in METRICS + COSTS} for m in METHODS}
     seed_list = seeds(args, cfg)
     for seed in seed_list:
-        torch.manual_seed(seed)
         arms = {m: f"s{seed}/{m}" for m in METHODS}
-        pre = run.stage(arms["cmt"], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
-                        EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=tuple(arms.values()))
+        pre = diffusion_weights(run, cfg, data, list(arms.values()), seed)
         for m in METHODS:
-            mid = run.stage(arms[m], "mid", stage_config(cfg, f"mid_{m}", cfg.mid_kimg, cfg.mid_lr, seed), CMPrecond(backbone(cfg)),
-                            objective(m, gm, cfg), data, init=pre.ema)
+            mid = run.stage(arms[m], "mid", stage_config(cfg, f"mid_{m}", cfg.mid_kimg, cfg.mid_lr, seed),
+                            CMPrecond(backbone(cfg)), objective(m, gm, cfg), data, init=pre.ema)
             post = run.stage(arms[m], "post", stage_config(cfg, "post_ect", cfg.post_kimg, cfg.post_lr, seed),
                              CMPrecond(backbone(cfg)), ECT(q=cfg.q), data, init=mid.ema)
             q = evaluate(gm, cfg, post.ema)
@@ -98,8 +95,8 @@ def main(argv=None) -> dict:
 
 
 def table(summary: dict, paired: dict) -> str:
-    lines = ["| method | flow-map error | 1-step SWD | 2-step SWD | teacher NFE / pair | mid wall s | vs CMT (95% CI of "
-             "the paired difference) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | flow-map error | 1-step SWD | 2-step SWD | teacher NFE / pair | mid wall s | vs CMT (95% CI "
+             "of the paired difference) |", "|---|---|---|---|---|---|---|"]
     for m in METHODS:
         cells = [f"{summary[m][k]['mean']:.4g} ± {summary[m][k]['stderr']:.2g}" for k in METRICS]
         cells += [f"{summary[m]['teacher_nfe_per_pair']['mean']:.3g}", f"{summary[m]['mid_wall_s']['mean']:.1f}"]

@@ -19,7 +19,8 @@ and for each, B at every Δt, ‖∇L_or‖² (the Δt → 0 limit of B: ∇L_CM
 ε² = E‖f − Ψ‖². results.json: {"gradient_bias": {scheme: [mean over seeds per Δt]}, "dt": [...], "stderr":
 {scheme: [...]}, "per_seed", "paired" (95% t-intervals of B_other − B_cmt per Δt), "paired_ratio" (the same on
 ln B, as ratios), "excess_over_limit" (B(Δt) − ‖∇L_or‖²) and "slopes" (log-log, of B and of the excess),
-"flow_map_error", "oracle_gradient_norm"}; gradient_bias.png plots B against Δt, log-log, with the theorem's shapes drawn in.
+"flow_map_error", "oracle_gradient_norm"}; gradient_bias.png plots B against Δt, log-log, with the theorem's
+shapes drawn in.
 Sized for: 2 CPU cores, about 2 minutes a seed (5 seeds by default: 11 minutes).
 
     python recipes/gmm_gradient_bias.py [--seeds 5] [--out runs/gmm_gradient_bias] [--smoke]
@@ -33,13 +34,13 @@ import os
 
 import torch
 
-from engine.gmm_validation import MixtureSettings, backbone, mixture_problem, seeds, stage_config
+from engine.gmm_validation import MixtureSettings, backbone, diffusion_weights, mixture_problem, seeds, stage_config
 from engine.loop import initialise
 from engine.metrics import flow_map_error
 from engine.metrics.gradient_bias import BiasProbe
-from engine.objectives import CMT, ECD, ECT, EDMLoss, squared_l2
+from engine.objectives import CMT, ECD, ECT, squared_l2
 from engine.pipeline import begin
-from engine.precond import CMPrecond, EDMPrecond
+from engine.precond import CMPrecond
 from engine.seed_stats import mean_se, paired_interval
 
 SCHEMES = ("cmt", "diffusion", "cd", "random")
@@ -74,13 +75,12 @@ def main(argv=None) -> dict:
 
     per_seed = {k: [] for k in ("bias", "bias_se", "oracle", "flow_map_error")}
     for seed in seeds(args, cfg):
-        torch.manual_seed(seed)
         arms = {s: f"s{seed}/{s}" for s in SCHEMES}
-        pre = run.stage(arms["diffusion"], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
-                        EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=(arms["diffusion"], arms["cmt"], arms["cd"]))
+        pre = diffusion_weights(run, cfg, data, [arms["diffusion"], arms["cmt"], arms["cd"]], seed)
         mid = run.stage(arms["cmt"], "mid", stage_config(cfg, "mid_cmt", cfg.mid_kimg, cfg.mid_lr, seed),
-                        CMPrecond(backbone(cfg)), CMT(gm, nfe=cfg.nfe, trajectories_per_batch=cfg.trajectories_per_batch,
-                                                   distance=squared_l2), data, init=pre.ema)
+                        CMPrecond(backbone(cfg)), CMT(gm, nfe=cfg.nfe, distance=squared_l2,
+                                                      trajectories_per_batch=cfg.trajectories_per_batch),
+                        data, init=pre.ema)
         cd = run.stage(arms["cd"], "mid", stage_config(cfg, "mid_cd", cfg.mid_kimg, cfg.mid_lr, seed),
                        CMPrecond(backbone(cfg)), ECD(gm, solver="heun", q=cfg.cd_q), data, init=pre.ema)
         torch.manual_seed(10_000 + seed)
@@ -177,7 +177,8 @@ def verdict_table(out: dict) -> str:
         ratio = []
         for k in ("diffusion_over_cmt", "cd_over_cmt", "random_over_cmt"):
             p = out["paired_ratio"][k][i]
-            ratio.append(f"{p['ratio']:.3g}" if p["low"] is None else f"{p['ratio']:.3g} [{p['low']:.3g}, {p['high']:.3g}]")
+            ratio.append(f"{p['ratio']:.3g}" if p["low"] is None
+                         else f"{p['ratio']:.3g} [{p['low']:.3g}, {p['high']:.3g}]")
         lines.append(f"| 1/{round(1 / dt)} | " + " | ".join(cells + pairs + ["; ".join(ratio)]) + " |")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """The importance of mid-training (the CMT paper's §4.3), on the analytic Gaussian mixture: no mid-training, a
 short one and a long one, at the same total budget of mid- plus post-training, over seeds.
 
-Per seed (a seed changes the initialisation, data order and noise; the mixture and its training set are fixed):
+Per seed (a seed changes the initialisation, data order and noise; the mixture, its training set and the evaluation
+draws are fixed):
 EDM pre-training of the MLP gives the diffusion weights every arm starts from (as the paper's pipeline), then
   no_mid     ECT post-training for the whole budget from the diffusion weights
   short_mid  CMT (exact teacher, 16-step DPM-Solver++ trajectories) for `short_mid_kimg`, then ECT for the rest
@@ -19,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
 
-from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, evaluate, interval_text,
-                                   mixture_problem, seeds, stage_config)
-from engine.objectives import CMT, ECT, EDMLoss, squared_l2
+from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
+                                   interval_text, mixture_problem, seeds, stage_config)
+from engine.objectives import CMT, ECT, squared_l2
 from engine.pipeline import begin
-from engine.precond import CMPrecond, EDMPrecond
+from engine.precond import CMPrecond
 from engine.seed_stats import mean_se, paired_interval
 
 ARMS = ("no_mid", "short_mid", "long_mid")
@@ -59,10 +59,8 @@ def main(argv=None) -> dict:
     values = {a: {m: [] for m in METRICS} for a in ARMS}
     seed_list = seeds(args, cfg)
     for seed in seed_list:
-        torch.manual_seed(seed)
         arms = {a: f"s{seed}/{a}" for a in ARMS}
-        pre = run.stage(arms["no_mid"], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
-                        EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=tuple(arms.values()))
+        pre = diffusion_weights(run, cfg, data, list(arms.values()), seed)
         for a in ARMS:
             start = pre.ema
             if mids[a] > 0:
@@ -70,7 +68,8 @@ def main(argv=None) -> dict:
                                   CMPrecond(backbone(cfg)), CMT(gm, nfe=cfg.nfe, distance=squared_l2,
                                                              trajectories_per_batch=cfg.trajectories_per_batch),
                                   data, init=start).ema
-            post = run.stage(arms[a], "post", stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed),
+            post_cfg = stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed)
+            post = run.stage(arms[a], "post", post_cfg,
                              CMPrecond(backbone(cfg)), ECT(q=cfg.q), data, init=start)
             m = evaluate(gm, cfg, post.ema)
             for k in METRICS:
