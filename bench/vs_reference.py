@@ -231,9 +231,8 @@ def run_size(loss, nets, res: int, pairs: int, a) -> list[dict]:
             objective = lambda t: ECT(q=2)                                                        # noqa: E731
         # StepBench sets the engine's host allocator policy in this process (engine/host_memory.py)
         eager = StepBench(student, objective(teacher), data, pairs, torch.device("cpu"), lr=2e-4)
-        steps = {"reference": None, "reference_retain": ref.step, "ours_eager": eager.step}
         shipped = SeparateProcessStep(os.path.abspath(a.ref), method, res, pairs, a.channels)
-        steps["reference"] = shipped.step
+        steps = {"reference": shipped.step, "reference_retain": ref.step, "ours_eager": eager.step}
         compile_s = None
         if a.compiled:
             import copy

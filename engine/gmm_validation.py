@@ -1,5 +1,5 @@
 """What the Gaussian-mixture validation recipes share (recipes/gmm_gradient_bias.py, gmm_mid_training.py,
-gmm_cmt_ablations.py; docs/validation.md): one fixed mixture and training set for every seed, the MLP student, the
+gmm_cmt_ablations.py; docs/validation.md; `evaluate` serves recipes/gmm_cmt_ect.py too): one fixed mixture and training set for every seed, the MLP student, the
 stage settings, the seeds a run repeats over, and the evaluation of a trained flow map against the exact flow.
 
 The recipes' configurations extend `MixtureSettings`, the fields read here."""
@@ -15,6 +15,8 @@ from engine.data.sampler import TensorSource
 from engine.loop import StageConfig
 from engine.metrics import flow_map_error, sliced_wasserstein
 from engine.networks import build_network
+from engine.objectives import EDMLoss
+from engine.precond import EDMPrecond
 from engine.solvers import consistency_sampler
 
 METRICS = ("flow_map_error", "swd_1step", "swd_2step")
@@ -66,8 +68,6 @@ def stage_config(cfg, name: str, kimg: float, lr: float, seed: int) -> StageConf
 def diffusion_weights(run, cfg, data, arms: list[str], seed: int):
     """The seed's EDM pre-training of the MLP (the diffusion weights the arms start from), trained under the first
     arm's directory and recorded as the 'pre' stage of every arm in `arms`."""
-    from engine.objectives import EDMLoss
-    from engine.precond import EDMPrecond
     torch.manual_seed(seed)
     return run.stage(arms[0], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
                      EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=tuple(arms))

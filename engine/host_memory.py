@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 POLICIES = ("retain", "system")
@@ -47,6 +48,7 @@ _SYSTEM = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024), (M_MMAP_THRESHOL
 _state = {"policy": "system"}
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """The process's C library when it is glibc (it has gnu_get_libc_version and mallopt), else None."""
     try:
