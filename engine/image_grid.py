@@ -20,10 +20,15 @@ def samples_to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_image_grid(images: torch.Tensor, path: str, ncols: int | None = None, pad: int = 1) -> str:
-    """Tile N images into rows of `ncols` (default ≈ √N) and write a PNG atomically (temp file + rename)."""
-    from PIL import Image
+def upscale_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """[N, C, H, W] → [N, C, factor·H, factor·W] by repeating each pixel (for viewing: 8×8 digits are unreadable at
+    native size, and nearest repetition adds no detail the model did not produce)."""
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"upscale factor must be a positive integer, got {factor!r}")
+    return images if factor == 1 else images.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
 
+
+def _grid_pixels(images: torch.Tensor, ncols: int | None, pad: int) -> np.ndarray:
     pix = samples_to_uint8(images)
     n, h, w, c = pix.shape
     if c not in (1, 3):
@@ -34,7 +39,45 @@ def save_image_grid(images: torch.Tensor, path: str, ncols: int | None = None, p
     for i in range(n):
         r, k = divmod(i, ncols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = pix[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str, ncols: int | None = None, pad: int = 1) -> str:
+    """Tile N images into rows of `ncols` (default ≈ √N) and write a PNG atomically (temp file + rename)."""
+    from PIL import Image
+
+    grid = _grid_pixels(images, ncols, pad)
+    return _save_png(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid), path)
+
+
+def save_labeled_panels(panels: list[tuple[str, torch.Tensor]], path: str, ncols: int | None = None,
+                        pad: int = 2, gap: int = 12, per_row: int | None = None) -> str:
+    """One picture of several image grids, each under its label, `per_row` panels a row (default: all in one):
+    [(label, images [N, C, H, W] in [−1, 1]), ...], every panel with the same image size and channels (e.g. real |
+    teacher | student samples). Labels are drawn in PIL's default bitmap font (ASCII). Written atomically, like
+    save_image_grid."""
+    from PIL import Image, ImageDraw
+
+    if not panels:
+        raise ValueError("save_labeled_panels needs at least one (label, images) panel")
+    grids = [_grid_pixels(images, ncols, pad) for _, images in panels]
+    if len({g.shape for g in grids}) != 1:
+        raise ValueError("every panel needs the same number, size and channels of images, got grids of shapes "
+                         + ", ".join(str(g.shape) for g in grids))
+    gh, gw, c = grids[0].shape
+    top = 16                                 # one line of PIL's default bitmap font
+    per_row = per_row or len(grids)
+    rows = -(-len(grids) // per_row)
+    canvas = Image.new("RGB", (per_row * (gw + gap) - gap, rows * (gh + top + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, ((label, _), g) in enumerate(zip(panels, grids)):
+        x, y = (i % per_row) * (gw + gap), (i // per_row) * (gh + top + gap)
+        canvas.paste(Image.fromarray(g[..., 0] if c == 1 else g).convert("RGB"), (x, y + top))
+        draw.text((x + 2, y + 2), label, fill=(0, 0, 0))
+    return _save_png(canvas, path)
+
+
+def _save_png(img, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
     try:

@@ -94,7 +94,8 @@ def scaled(cfg: StageConfig, factor: float) -> StageConfig:
     scale = lambda v: None if v is None else v * factor
     return dataclasses.replace(cfg, total_kimg=cfg.total_kimg * factor, log_kimg=scale(cfg.log_kimg),
                                ckpt_kimg=scale(cfg.ckpt_kimg), eval_kimg=scale(cfg.eval_kimg),
-                               lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor)
+                               lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor,
+                               ema_continue_kimg=cfg.ema_continue_kimg * factor)
 
 
 FLAG_DEFAULTS = dict(seed=0, smoke=False, kimg_scale=1.0, seeds=None)

@@ -172,7 +172,8 @@ class TrainingState:
         magnitude-preserving layers are renormalised (EDM2's forced weight normalisation, which the reference does
         at the start of the next training forward: engine/networks/edm2_unet.py). No-op for other networks."""
         batch = self.cfg.batch_size
-        self.ema.update(self.model, nimg_after, batch)
+        # ema_continue_kimg: the stage's EMA goes on from an average over that many earlier images (StageConfig)
+        self.ema.update(self.model, nimg_after + round(self.cfg.ema_continue_kimg * 1000), batch)
         for ema in self.tracked:
             ema.update(self.model, nimg_after, batch)
         force_weight_normalization(self.model)

@@ -18,6 +18,12 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, sd / math.sqrt(len(v))
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n − 1; nan for one value): the spread the paper's "mean ± std" tables give."""
+    _, se = mean_se(values)
+    return se * math.sqrt(len(values))
+
+
 def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
     """The t-interval of the mean of a_i − b_i over paired seeds: {mean, low, high, n, verdict}, verdict one of
     'a < b', 'a > b', 'tie' (the interval contains 0) or 'one seed' (no interval)."""

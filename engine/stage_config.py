@@ -24,7 +24,11 @@ RESULT_NEUTRAL = ("log_kimg", "eval_kimg", "ckpt_kimg", "snapshot_kimg", "keep_c
                   "shard_teacher", "data_workers", "compile")
 # Fields added after checkpoints carried StageConfig fingerprints; left out of the fingerprint at their defaults so
 # that those checkpoints still resume.
-_LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None, momentum=0.0, lr_step_kimg=0.0, lr_step_gamma=0.1)
+_LATER_FIELDS = dict(snapshot_emas=(), snapshot_kimg=None, momentum=0.0, lr_step_kimg=0.0, lr_step_gamma=0.1,
+                     ema_continue_kimg=0.0)
+# Fields added after stage identities were recorded: left out of the identity at their defaults, so that those
+# stages still resume.
+_LATER_IDENTITY_FIELDS = dict(ema_continue_kimg=0.0)
 
 
 @dataclasses.dataclass
@@ -46,6 +50,10 @@ class StageConfig:
     lr_rampup_kimg: float = 0.0
     ema_beta: float | None = 0.999              # constant EMA β, or
     ema_std: float | None = None                # EDM2 power-function EMA σ_rel (set ema_beta=None)
+    # Power EMA only: continue an average over this many kimg that came before the stage, the initial weights
+    # standing for them (β = (1 − batch / (prior + seen))^(γ+1)), instead of restarting at the stage's first step.
+    # For a stage initialised from an earlier stage's EMA: mid → post with an EMA that does not restart.
+    ema_continue_kimg: float = 0.0
     grad_clip: float | None = None              # max global grad norm; None = no clipping
     log_kimg: float | None = 1.0                # None: log, checkpoint only at the end of the stage
     ckpt_kimg: float | None = 10.0
@@ -93,6 +101,10 @@ class StageConfig:
             probability("ema_beta", self.ema_beta, w)
         if self.ema_std is not None:
             finite("ema_std", self.ema_std, w, low=0.0, high=0.2886, strict=True)
+        finite("ema_continue_kimg", self.ema_continue_kimg, w, low=0.0)
+        if self.ema_continue_kimg and self.ema_std is None:
+            raise EngineError(f"{w}: ema_continue_kimg continues EDM2's power EMA (ema_std); a constant ema_beta has "
+                              f"no image count to continue")
         if self.grad_clip is not None:
             finite("grad_clip", self.grad_clip, w, low=0.0, strict=True)
         for k in ("log_kimg", "ckpt_kimg", "eval_kimg"):   # None: only at the end of the stage
@@ -123,7 +135,8 @@ class StageConfig:
 
     def identity(self) -> dict:
         """The settings that determine the trained weights (those in RESULT_NEUTRAL do not)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESULT_NEUTRAL}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in RESULT_NEUTRAL and not (k in _LATER_IDENTITY_FIELDS and v == _LATER_IDENTITY_FIELDS[k])}
 
     def fingerprint(self) -> str:
         """Hash of the settings that change the trained weights (intervals, logging and the parallel layout,

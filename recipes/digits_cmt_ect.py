@@ -1,56 +1,49 @@
 """The embedded default: the CMT pipeline end to end on scikit-learn's digits, against ECT at equal budget.
 
-Reproduces, in miniature: pre-train an EDM teacher (DDPM++ U-Net) → CMT mid-training on its 16-NFE
+Reproduces, in miniature: pre-train a class-conditional EDM teacher (DDPM++ U-Net) → CMT mid-training on its 16-NFE
 DPM-Solver++ trajectories → ECT post-training from the mid-trained EMA; baseline: ECT initialised from the teacher's
 weights with the same mid + post budget (the paper's "vanilla ECT" arm, docs/spec/cm.md §8.1). Metrics: Fréchet distance
 in the features of a small digits classifier (trained once, cached) and the class histogram of 1- and 2-step
-samples. Data: the 1,797 8×8 digits bundled with scikit-learn (no download). CMT's distance is pseudo-Huber rather
-than LPIPS: LPIPS needs ImageNet VGG16 weights, which cannot be shipped.
-Sized for: 2 CPU cores, at most 15 minutes (measured time in the README).
+samples, 1,000 of each with balanced labels. Data: the 1,438 training digits of the 8×8 set bundled with
+scikit-learn (no download); the 359 held-out ones give the floor, the FD a perfect model would score. CMT's distance
+is pseudo-Huber rather than LPIPS: LPIPS needs ImageNet VGG16 weights, which cannot be shipped.
 
-    python recipes/digits_cmt_ect.py [--out runs/digits_cmt_ect] [--kimg-scale 1] [--seed 0] [--smoke]
+Written to --out: results.json (per arm the final metrics; the floor, the teacher's own 16-step FD; with --seeds N
+the per-seed values and the paired 95% interval of CMT → ECT − ECT), grids of every evaluation (upscaled ×4,
+nearest), metrics_vs_kimg.png, and comparison.png: real | teacher | CMT→ECT 1- and 2-step | ECT 1- and 2-step,
+one class per column. --seeds N repeats the two arms over N seeds from the one teacher (trained at --seed).
+Sized for: 2 CPU cores, at most 15 minutes at one seed (measured time in the README).
+
+    python recipes/digits_cmt_ect.py [--out runs/digits_cmt_ect] [--kimg-scale 1] [--seed 0] [--seeds N] [--smoke]
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 
 import torch
 
-from engine.data import digits_source
-from engine.loop import StageConfig
+from engine.data import digits, digits_source
+from engine.digits_edm import (DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples)
+from engine.image_grid import save_labeled_panels, upscale_nearest
 from engine.metrics import DigitsMetrics
-from engine.networks import build_network
-from engine.objectives import CMT, ECT, EDMLoss, pseudo_huber
+from engine.objectives import ECT, EDMLoss
 from engine.pipeline import begin
 from engine.precond import CMPrecond, EDMPrecond
-from engine.solvers import consistency_sampler
+from engine.seed_stats import mean_se, paired_interval
+
+ARMS = ("cmt_ect", "ect")
 
 
 @dataclasses.dataclass
-class Config:
-    resolution: int = 8
-    model_channels: int = 32             # digits-ddpmpp: DDPM++ with channel_mult [1, 2], attention at 4×4
-    teacher_dropout: float = 0.1
-    student_dropout: float = 0.1
-    batch_size: int = 128
-    pre_kimg: float = 160.0              # EDM pre-training of the teacher
-    pre_lr: float = 2e-3
-    # EDM2 power-function EMA (σ_rel) in every stage, not the paper's constant β: these stages are 250–1250 steps,
-    # and β = 0.999 over 250 steps would still be 78% the initial weights at the end (the loop warns about this).
-    ema_std: float = 0.05
-    nfe: int = 16                        # CMT teacher: 16-step multistep DPM-Solver++ (docs/spec/cm.md §2)
-    trajectories_per_batch: int = 8      # 8 trajectories × 16 states = 128 pairs
+class Config(DigitsSettings):
     # mid : post = 3 : 1, the paper's split (docs/spec/cm.md §8.1: 300k + 100k iterations); 80 kimg in all, the
     # baseline's budget
     mid_kimg: float = 60.0
-    mid_lr: float = 2e-4                 # docs/spec/cm.md §8.1: RAdam 2e-4, linear decay
     post_kimg: float = 20.0
-    post_lr: float = 1e-4                # docs/spec/cm.md §8.1: RAdam 1e-4, linear decay
-    q: float = 256.0                     # ECT Δt = 1/q, constant stage
-    mid_t: float = 0.77569               # 2-step sampling point after mid-training (docs/spec/cm.md §3.5)
-    eval_samples: int = 1000
-    eval_kimg: float = 16.0
+    eval_kimg: float = 20.0
+    grid_scale: int = 4                  # grids and the comparison picture, nearest ×4 (8×8 digits are unreadable)
+    default_seeds: int = 1
 
 
 def smoke(cfg: Config) -> Config:
@@ -64,51 +57,70 @@ def main(argv=None) -> dict:
         return {}
     args, cfg, run = started
     data, metrics = digits_source(cfg.resolution), DigitsMetrics()
-    backbone = lambda dropout: build_network("digits-ddpmpp", img_resolution=cfg.resolution,
-                                              model_channels=cfg.model_channels, dropout=dropout)
-
-    def samples(f, steps: int) -> torch.Tensor:
-        z = torch.randn(cfg.eval_samples, 1, cfg.resolution, cfg.resolution,
-                        generator=torch.Generator().manual_seed(1234))
-        mid = (cfg.mid_t,) if steps == 2 else ()
-        with torch.no_grad():
-            return consistency_sampler(f, z, mid, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
-
+    samples = lambda f, steps, n=None: consistency_samples(cfg, f, steps, n)
     evaluate = lambda ema: metrics.few_step(lambda steps: samples(ema, steps))
+    grid = lambda ema: upscale_nearest(samples(ema, 2, 100), cfg.grid_scale)
+    stage_cfg = lambda name, kimg, lr, seed: stage_config(cfg, name, kimg, lr, seed, eval_kimg=cfg.eval_kimg)
 
-    grid = lambda ema: samples(ema, 2)[:100]
-
-    def stage_cfg(name, kimg, lr, **kw):
-        return StageConfig(name=name, total_kimg=kimg, batch_size=cfg.batch_size, lr=lr, optimizer="radam",
-                           lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=cfg.eval_kimg / 4, ckpt_kimg=cfg.eval_kimg,
-                           seed=args.seed, **kw)
-
-    # Stage 1: the teacher (EDM denoising loss, docs/spec/cm.md §1.1).
-    pre = run.stage("teacher", "pre", stage_cfg("pre_edm", cfg.pre_kimg, cfg.pre_lr),
-                    EDMPrecond(backbone(cfg.teacher_dropout)), EDMLoss(), data, shared_by=("cmt_ect", "ect"))
+    seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+    arm = lambda a, seed: a if len(seed_list) == 1 else f"s{seed}/{a}"
+    # Stage 1: the teacher (EDM denoising loss, docs/spec/cm.md §1.1), once for every seed's arms.
+    pre = run.stage("teacher", "pre", stage_cfg("pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed),
+                    EDMPrecond(backbone(cfg, cfg.teacher_dropout)), EDMLoss(), data,
+                    shared_by=tuple(arm(a, s) for s in seed_list for a in ARMS))
     teacher = pre.ema.eval().requires_grad_(False)
+    x_teacher = teacher_samples(cfg, teacher)
+    t, floor = metrics(x_teacher), metrics.heldout_floor()
+    # the teacher at the floor's footing too: as many samples, against the training digits
+    reference = dict(floor=floor, teacher_16step=dict(fd=t["fd"], class_tv=t["tv_data"],
+                                                     fd_vs_train_at_floor_n=metrics.against_training(
+                                                         x_teacher[:floor["n"]])))
+    print(f"[digits_cmt_ect] floor: FD of the {floor['n']} held-out digits against the training digits "
+          f"{floor['fd']:.3g}; teacher (16-step DPM-Solver++) FD {t['fd']:.4g}", flush=True)
 
     ect = lambda: ECT(q=cfg.q)
     evals = dict(evaluate=evaluate, grid=grid)
-    # Arm 1: CMT mid-training from the teacher's weights, then ECT from the mid-trained EMA.
-    mid = run.stage("cmt_ect", "mid", stage_cfg("mid_cmt", cfg.mid_kimg, cfg.mid_lr,
-                                                eval_kimg=cfg.eval_kimg),
-                    CMPrecond(backbone(cfg.student_dropout)),
-                    CMT(teacher, nfe=cfg.nfe, trajectories_per_batch=cfg.trajectories_per_batch,
-                        distance=pseudo_huber(0.00054 * math.sqrt(cfg.resolution ** 2))),
-                    data, init=teacher, **evals)
-    post = run.stage("cmt_ect", "post", stage_cfg("post_ect", cfg.post_kimg, cfg.post_lr,
-                                                  eval_kimg=cfg.eval_kimg),
-                     CMPrecond(backbone(cfg.student_dropout)), ect(), data, init=mid.ema, **evals)
-    # Arm 2: ECT from the teacher's weights with the same mid + post budget.
-    base = run.stage("ect", "post", stage_cfg("ect", cfg.mid_kimg + cfg.post_kimg, cfg.post_lr,
-                                              eval_kimg=cfg.eval_kimg),
-                     CMPrecond(backbone(cfg.student_dropout)), ect(), data, init=teacher, **evals)
-    for arm, res in (("cmt_ect", post), ("ect", base)):
-        m = res.eval_history[-1]
-        run.record_metrics(arm, one_step=dict(fd=m["fd_1step"], class_tv=m["class_tv_1step"]),
-                           two_step=dict(fd=m["fd_2step"], class_tv=m["class_tv_2step"]))
+    finals, values = {}, {a: {k: [] for k in ("fd_1step", "fd_2step")} for a in ARMS}
+    for seed in seed_list:
+        torch.manual_seed(seed)
+        # Arm 1: CMT mid-training from the teacher's weights, then ECT from the mid-trained EMA.
+        mid = run.stage(arm("cmt_ect", seed), "mid", stage_cfg("mid_cmt", cfg.mid_kimg, cfg.mid_lr, seed),
+                        CMPrecond(backbone(cfg, cfg.student_dropout)), cmt(cfg, teacher), data, init=teacher, **evals)
+        post = run.stage(arm("cmt_ect", seed), "post", stage_cfg("post_ect", cfg.post_kimg, cfg.post_lr, seed),
+                         CMPrecond(backbone(cfg, cfg.student_dropout)), ect(), data, init=mid.ema, **evals)
+        # Arm 2: ECT from the teacher's weights with the same mid + post budget.
+        base = run.stage(arm("ect", seed), "post", stage_cfg("ect", cfg.mid_kimg + cfg.post_kimg, cfg.post_lr, seed),
+                         CMPrecond(backbone(cfg, cfg.student_dropout)), ect(), data, init=teacher, **evals)
+        for a, res in (("cmt_ect", post), ("ect", base)):
+            m = res.eval_history[-1]
+            run.record_metrics(arm(a, seed), one_step=dict(fd=m["fd_1step"], class_tv=m["class_tv_1step"]),
+                               two_step=dict(fd=m["fd_2step"], class_tv=m["class_tv_2step"]))
+            for k in values[a]:
+                values[a][k].append(m[k])
+            finals.setdefault(a, res.ema)       # the first seed's models go into the picture
+    run.results.update(reference=reference, seeds=seed_list)
+    if len(seed_list) > 1:
+        run.results["summary"] = {a: {k: dict(zip(("mean", "stderr"), mean_se(v)), per_seed=v)
+                                      for k, v in values[a].items()} for a in ARMS}
+        run.results["paired_cmt_ect_minus_ect"] = {k: paired_interval(values["cmt_ect"][k], values["ect"][k])
+                                                   for k in values["ect"]}
+    if run.lead:
+        comparison(cfg, samples, lambda n: teacher_samples(cfg, teacher, n), finals,
+                   os.path.join(args.out, "comparison.png"))
     return run.finish(["fd", "class_tv"], ["fd_1step", "fd_2step"])
+
+
+def comparison(cfg, samples, teacher_samples, finals: dict, path: str) -> None:
+    """real | teacher | CMT→ECT 1-, 2-step | ECT 1-, 2-step: 6 rows × 10 columns each, column k the digit k (the
+    real panel: the first training digits of each class), upscaled for viewing."""
+    real, y = digits(cfg.resolution, split="train")
+    real = torch.stack([real[y == k][r] for r in range(6) for k in range(10)])
+    n = 60
+    panels = [("real (training digits)", real), ("teacher, 16-step DPM-Solver++", teacher_samples(n))]
+    for a, name in (("cmt_ect", "CMT->ECT"), ("ect", "ECT")):
+        panels += [(f"{name} 1-step", samples(finals[a], 1, n)), (f"{name} 2-step", samples(finals[a], 2, n))]
+    save_labeled_panels([(label, upscale_nearest(x, cfg.grid_scale)) for label, x in panels], path, ncols=10,
+                        per_row=2)
 
 
 if __name__ == "__main__":

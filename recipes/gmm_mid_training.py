@@ -26,7 +26,7 @@ from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot,
 from engine.objectives import CMT, ECT, squared_l2
 from engine.pipeline import begin
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import mean_se, paired_interval, sample_std
 
 ARMS = ("no_mid", "short_mid", "long_mid")
 
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
                   flush=True)
 
     summary = {a: {k: dict(zip(("mean", "stderr"), mean_se(values[a][k])), per_seed=values[a][k],
-                       std=_std(values[a][k])) for k in METRICS} for a in ARMS}
+                       std=sample_std(values[a][k])) for k in METRICS} for a in ARMS}
     paired = {a: {k: paired_interval(values[a][k], values["no_mid"][k]) for k in METRICS} for a in ARMS[1:]}
     run.results.update(seeds=seed_list, mid_kimg=mids, total_kimg=cfg.total_kimg, summary=summary,
                        paired_vs_no_mid=paired)
@@ -88,11 +88,6 @@ def main(argv=None) -> dict:
         print(table(summary, paired), flush=True)
         bar_plot(summary, ARMS, METRICS, os.path.join(args.out, "mid_training.png"), spread="std")
     return run.finish(["flow_map_error", "swd"], [])
-
-
-def _std(v):
-    m, se = mean_se(v)
-    return se * len(v) ** 0.5 if se == se else float("nan")
 
 
 def table(summary: dict, paired: dict) -> str:

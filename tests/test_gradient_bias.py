@@ -10,7 +10,7 @@ from engine.metrics.gradient_bias import BiasProbe, unbiased_squared_norm
 from engine.networks import build_network
 from engine.objectives import ECT
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import mean_se, paired_interval, sample_std
 from engine.solvers import pf_ode_reference
 
 
@@ -94,6 +94,7 @@ def test_psi_is_the_exact_flow():
 def test_seed_statistics():
     m, se = mean_se([1.0, 2.0, 3.0])
     assert m == 2.0 and se == pytest.approx(1 / math.sqrt(3))
+    assert sample_std([1.0, 2.0, 3.0]) == pytest.approx(1.0) and math.isnan(sample_std([4.0]))
     tie = paired_interval([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])          # d = 1, 2, 3: t(0.975, 2) = 4.303
     assert tie["verdict"] == "tie" and tie["low"] == pytest.approx(2 - 4.302653 / math.sqrt(3), rel=1e-6)
     assert paired_interval([1.1, 1.0, 1.2], [0.1, 0.05, 0.12])["verdict"] == "a > b"

@@ -97,3 +97,42 @@ def test_truncate_jsonl_drops_lines_past_resume_point_and_partial_line(tmp_path)
     p.write_text('{"kimg": 1.0}\n{"kimg": 2.0}\n{"kimg": 3.0}\n{"kimg": 4.')
     truncate_jsonl(str(p), 2.0)
     assert p.read_text() == '{"kimg": 1.0}\n{"kimg": 2.0}\n'
+
+
+def test_power_ema_continued_over_earlier_images_keeps_the_telescoped_share():
+    # ema_continue_kimg = K: β_k = (1 − b/(K + k·b))^(γ+1), whose product over m steps telescopes to
+    # (K/(K + m·b))^(γ+1): the share of the initial weights (standing for the K earlier images) after m steps
+    import dataclasses
+    import types
+
+    from engine.files import EngineError
+    from engine.run_state import TrainingState
+    from engine.stage_config import StageConfig
+    base = StageConfig(name="s", total_kimg=1.0, batch_size=64, lr=1e-3, ema_beta=None, ema_std=0.10)
+    g = std_to_exp(0.10)
+    for K, m in ((2.0, 5), (4.0, 3)):
+        cfg = dataclasses.replace(base, ema_continue_kimg=K)
+        net = torch.nn.Linear(3, 2)
+        w0 = [p.detach().clone() for p in net.parameters()]
+        ema = EMA(net, std=0.10)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)          # the trained weights, held fixed: the EMA moves from w0 toward them
+        state = types.SimpleNamespace(cfg=cfg, ema=ema, tracked=[], model=net)
+        for k in range(1, m + 1):
+            TrainingState.update_averages(state, k * 64)
+        share = (K * 1000 / (K * 1000 + m * 64)) ** (g + 1)
+        for a, e, p in zip(w0, ema.module.parameters(), net.parameters()):
+            torch.testing.assert_close(e.double(), (share * a + (1 - share) * p.detach()).double(), atol=1e-6,
+                                       rtol=0)
+        assert 0.05 < share < 0.95   # a case where the continuation visibly keeps part of the initial weights
+    # without it the power EMA restarts: β = 0 on the first step, the EMA is the weights
+    state = types.SimpleNamespace(cfg=base, ema=EMA(torch.nn.Linear(3, 2), std=0.10), tracked=[], model=net)
+    TrainingState.update_averages(state, 64)
+    for e, p in zip(state.ema.module.parameters(), net.parameters()):
+        torch.testing.assert_close(e, p.detach())
+    # a constant β has no image count to continue; the default stays out of the stage identity (old runs resume)
+    with pytest.raises(EngineError, match="ema_continue_kimg continues EDM2's power EMA"):
+        StageConfig(name="s", total_kimg=1.0, batch_size=64, lr=1e-3, ema_beta=0.99, ema_continue_kimg=1.0)
+    assert "ema_continue_kimg" not in base.identity()
+    assert dataclasses.replace(base, ema_continue_kimg=2.0).identity()["ema_continue_kimg"] == 2.0

@@ -319,6 +319,9 @@ def test_digits_fd_separates_real_from_degraded(digits_metrics):
     fd_blur = m.frechet_distance(blurred, reference=train_stats)
     assert fd_real < fd_blur / 20 and fd_real < fd_noise / 20 and fd_real < fd_gray / 20, \
         (fd_real, fd_blur, fd_noise, fd_gray)
+    # the recipes' floor is exactly this held-out measurement, and `against_training` the same reference
+    assert m.heldout_floor() == dict(fd=pytest.approx(fd_real, rel=1e-12), n=359)
+    assert m.against_training(blurred) == pytest.approx(fd_blur, rel=1e-12)
     # The cached reference is all 1797 images; the whole set scores 0 against it.
     assert m.frechet_distance(digits(8)[0]) < 1e-6
     # Resolution: nearest-upsampled digits average-pool back to the source exactly.

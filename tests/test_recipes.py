@@ -41,6 +41,15 @@ def test_embedded_recipes_smoke(tmp_path, name):
     # rerunning the same command resumes every finished stage instead of training again
     again = load(name).main(["--smoke", "--out", out, "--device", "cpu"])
     assert again["runs"][cmt]["one_step"] == res["runs"][cmt]["one_step"]
+    if name == "digits_cmt_ect":   # the showcase: the floor, the teacher, the side-by-side picture, grids ×4
+        from PIL import Image
+        ref = res["reference"]
+        assert ref["floor"]["n"] == 359 and 0 < ref["floor"]["fd"] < 10 and ref["teacher_16step"]["fd"] > 0
+        picture = Image.open(os.path.join(out, "comparison.png"))
+        # 3 rows of 2 panels, each 10 × 6 digits upscaled to 32 × 32 with 2-pixel padding, 12-pixel gaps
+        assert picture.size == (2 * (10 * 34 + 2) + 12, 3 * (6 * 34 + 2 + 16) + 2 * 12)
+        grids = os.path.join(out, "cmt_ect", "post_ect", "grids")
+        assert Image.open(os.path.join(grids, sorted(os.listdir(grids))[-1])).size == (10 * 33 + 1,) * 2
 
 
 @pytest.mark.parametrize("name", ["cifar10_cmt_ect", "ffhq64_cmt_ect", "afhqv2_64_cmt_ect"])

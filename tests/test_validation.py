@@ -62,3 +62,44 @@ def test_cmt_ablations_recipe_smoke(tmp_path):
     assert s["cmt"]["images_per_pair"]["mean"] == 1 / 16 and s["kd"]["images_per_pair"]["mean"] == 1.0
     assert set(res["paired_vs_cmt"]) == {"kd", "slow_cmt"}
     assert os.path.getsize(os.path.join(out, "cmt_ablations.png")) > 0
+
+
+def test_digits_mid_training_recipe_smoke(tmp_path):
+    """No / short / long mid-training on digits from one teacher: equal budgets, the floor and the teacher's FD
+    recorded beside the arms, and a rerun resumes every stage."""
+    mod = load("digits_mid_training")
+    out = str(tmp_path / "run")
+    res = mod.main(["--smoke", "--out", out, "--device", "cpu", "--seeds", "2"])
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert set(saved["paired_vs_no_mid"]) == {"short_mid", "long_mid"} and saved["seeds"] == [0, 1]
+    for arm in mod.ARMS:
+        assert all(math.isfinite(v) and v >= 0 for k in mod.METRICS for v in saved["summary"][arm][k]["per_seed"])
+        kimg = res["runs"][f"s1/{arm}"]["kimg"]
+        assert kimg.get("mid", 0) + kimg["post"] == res["runs"]["s1/no_mid"]["kimg"]["post"]   # equal budgets
+        assert kimg["pre"] == res["runs"]["s0/no_mid"]["kimg"]["pre"]                        # the one teacher
+    assert saved["reference"]["floor"]["n"] == 359 and saved["reference"]["teacher_16step_fd"] > 0
+    assert os.path.getsize(os.path.join(out, "mid_training.png")) > 0
+    assert mod.main(["--smoke", "--out", out, "--device", "cpu", "--seeds", "2"])["summary"] == res["summary"]
+
+
+def test_digits_mf_post_training_recipe_smoke(tmp_path):
+    """The Mean Flow candidates: every arm over two seeds against mf and cmt_mf, the shared mid-trainings (the EMA
+    and learning-rate arms start from cmt_mf's), and the teacher's own FD."""
+    mod = load("digits_mf_post_training")
+    out = str(tmp_path / "run")
+    res = mod.main(["--smoke", "--out", out, "--device", "cpu", "--seeds", "2"])
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert set(saved["summary"]) == set(mod.ARMS)
+    assert set(saved["paired"]["mf"]) == set(mod.ARMS) - {"mf"} and set(saved["paired"]["cmt_mf"]) == set(mod.ARMS) - {"cmt_mf"}
+    assert set(saved["teacher"]) == {"fd_1step", "fd_2step", "fd_8step"}
+    assert set(saved["after_mid"]) == {"nonadjacent28", "long", "all36"}
+    runs = res["runs"]
+    for a in mod.ARMS:       # the same total budget in every arm, up to each stage's rounding to whole steps
+        spent = runs[f"s0/{a}"]["kimg"].get("mid", 0) + runs[f"s0/{a}"]["kimg"]["post"]
+        assert abs(spent - runs["s0/mf"]["kimg"]["post"]) <= 0.128 + 1e-9
+    # one mid-training serves cmt_mf, ema_continued and low_lr: recorded for each, trained once
+    assert runs["s1/ema_continued"]["stages"]["mid"] == runs["s1/cmt_mf"]["stages"]["mid"]
+    assert not os.path.exists(os.path.join(out, "s1", "ema_continued", "mid_nonadjacent28"))
+    post = json.load(open(os.path.join(out, "s0", "ema_continued", "post_ema_continued", "config.json")))
+    assert post["ema_continue_kimg"] == 0.224          # the smoke's mid-training kimg: the EMA goes on from it
+    assert os.path.getsize(os.path.join(out, "post_training.png")) > 0

@@ -1,0 +1,177 @@
+"""Why CMT → Mean Flow loses to Mean Flow on digits (recipes/digits_cmt_mf.py): the post-training candidates,
+measured over seeds against the Mean Flow baseline at the same budget.
+
+The setting is digits_cmt_mf.py's (its Config: the small MF teacher, the larger DiT student, 105 kimg of CMT pairs
+then 35 kimg of Mean Flow, against Mean Flow from random weights for 140 kimg). One teacher is trained per run, at
+--seed: it is the given of the comparison, as a released teacher would be. Per seed (student initialisations, data
+order and training noise) the arms are
+  mf              Mean Flow from random weights for mid + post kimg (the baseline)
+  cmt_mf          digits_cmt_mf.py's arm: CMT, then Mean Flow at the same rate with a fresh EMA and optimizer
+  ema_continued   the same mid-training; post-training's power EMA continues over the mid-training's images
+                  instead of restarting at the boundary (StageConfig.ema_continue_kimg)
+  low_lr          the same mid-training; post-training at `low_post_lr`, a fine-tuning rate
+and, with `variants` extended (heavy: each needs its own mid-training per seed),
+  long_post       CMT for `long_post_mid_kimg`, then Mean Flow for the rest of the budget
+  all36           CMT on the `all36` pair rule (adjacent pairs too), then the recipe's post-training
+Besides the arms' final 1- and 2-step FD, results.json holds what bounds a mid-trained student: the teacher's own
+1-, 2- and 8-step FD (its 8-step samples are the endpoints the CMT pairs target) and each seed's FD after
+mid-training. Each arm is compared with mf and with cmt_mf by the 95% t-interval of the paired difference over
+seeds (an interval containing 0 is a tie); post_training.png shows the arms per seed.
+Sized for: 2 CPU cores, 3 seeds at the defaults (measured time in docs/validation.md).
+
+    python recipes/digits_mf_post_training.py [--seeds 3] [--out runs/digits_mf_post_training] [--smoke]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from engine.data import digits_source
+from engine.gmm_validation import bar_plot, interval_text
+from engine.loop import StageConfig
+from engine.metrics import DigitsMetrics
+from engine.networks import DiT
+from engine.objectives import CMTMeanFlow, MeanFlow
+from engine.pipeline import begin
+from engine.seed_stats import mean_se, paired_interval
+from engine.solvers import mean_flow_sample
+
+ARMS = ("mf", "cmt_mf", "ema_continued", "low_lr", "long_post", "all36")
+METRICS = ("fd_1step", "fd_2step")
+
+
+@dataclasses.dataclass
+class Config:
+    # digits_cmt_mf.py's settings
+    resolution: int = 8
+    patch: int = 2
+    teacher_width: int = 64
+    teacher_depth: int = 4
+    student_width: int = 96
+    student_depth: int = 6
+    heads: int = 4
+    batch_size: int = 128
+    pre_kimg: float = 200.0
+    lr: float = 1e-3
+    trajectories_per_batch: int = 16
+    pairs_per_trajectory: int = 7
+    mid_kimg: float = 105.0
+    post_kimg: float = 35.0
+    ema_std: float = 0.05
+    mu: float = -0.4
+    sigma: float = 1.0
+    eval_samples: int = 1000
+    # the candidates
+    variants: tuple = ("mf", "cmt_mf", "ema_continued", "low_lr")
+    low_post_lr: float = 1e-4
+    long_post_mid_kimg: float = 70.0
+    default_seeds: int = 3
+
+
+def smoke(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, teacher_width=16, teacher_depth=1, student_width=16, student_depth=1, heads=2,
+                               pre_kimg=0.256, mid_kimg=0.224, post_kimg=0.128, long_post_mid_kimg=0.112,
+                               eval_samples=128, variants=ARMS, default_seeds=2)
+
+
+def main(argv=None) -> dict:
+    started = begin(__doc__, "digits_mf_post_training", Config(), smoke, argv)
+    if started is None:
+        return {}
+    args, cfg, run = started
+    unknown = sorted(set(cfg.variants) - set(ARMS))
+    if unknown or "mf" not in cfg.variants or "cmt_mf" not in cfg.variants:
+        raise ValueError(f"variants must include 'mf' and 'cmt_mf' and be among {ARMS}; got {cfg.variants}")
+    arms = [a for a in ARMS if a in cfg.variants]
+    data, metrics = digits_source(cfg.resolution), DigitsMetrics()
+    dit = lambda width, depth: DiT(input_size=cfg.resolution, patch_size=cfg.patch, in_channels=1,
+                                   hidden_size=width, depth=depth, num_heads=cfg.heads, num_classes=10)
+
+    def fd(net, steps: int) -> float:
+        g = torch.Generator().manual_seed(1234)
+        z = torch.randn(cfg.eval_samples, 1, cfg.resolution, cfg.resolution, generator=g)
+        y = torch.arange(cfg.eval_samples) % 10
+        with torch.no_grad():
+            return metrics(mean_flow_sample(net, z, steps, y).clamp(-1, 1))["fd"]
+
+    evaluate = lambda net: dict(fd_1step=fd(net, 1), fd_2step=fd(net, 2))
+
+    def stage_cfg(name, kimg, seed, batch=cfg.batch_size, lr=cfg.lr, **kw):
+        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, optimizer="adam", betas=(0.9, 0.95),
+                           lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std, log_kimg=kimg / 3,
+                           ckpt_kimg=kimg, seed=seed, **kw)
+
+    mf = lambda: MeanFlow(mu=cfg.mu, sigma=cfg.sigma)
+    torch.manual_seed(args.seed)
+    pre = run.stage("teacher", "pre", stage_cfg("pre_mf", cfg.pre_kimg, args.seed),
+                    dit(cfg.teacher_width, cfg.teacher_depth), mf(), data)
+    teacher = pre.ema.eval().requires_grad_(False)
+    teacher_fd = dict(fd_1step=fd(teacher, 1), fd_2step=fd(teacher, 2), fd_8step=fd(teacher, 8))
+    print("[digits_mf_post_training] teacher " + "  ".join(f"{k} {v:.3g}" for k, v in teacher_fd.items()),
+          flush=True)
+
+    def cmt(rule="nonadjacent28"):
+        return CMTMeanFlow(teacher, teacher_kind="mf", pair_rule=rule, trajectories_per_batch=cfg.trajectories_per_batch,
+                           pairs_per_trajectory=cfg.pairs_per_trajectory)
+
+    pairs = cfg.trajectories_per_batch * cfg.pairs_per_trajectory
+    total = cfg.mid_kimg + cfg.post_kimg
+    values = {a: {k: [] for k in METRICS} for a in arms}
+    after_mid = {}
+    seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+    # the mid-training each CMT arm starts from: (key, pair rule, kimg); arms with the same key share it
+    mid_of = {a: dict(long_post=("long", "nonadjacent28", cfg.long_post_mid_kimg),
+                      all36=("all36", "all36", cfg.mid_kimg)).get(a, ("nonadjacent28", "nonadjacent28", cfg.mid_kimg))
+              for a in arms if a != "mf"}
+    for seed in seed_list:
+        torch.manual_seed(seed)
+        student = lambda: dit(cfg.student_width, cfg.student_depth)
+        mids = {}
+        for a in arms:
+            if a == "mf":
+                final = run.stage(f"s{seed}/mf", "post", stage_cfg("mf", total, seed), student(), mf(), data).ema
+            else:
+                key, rule, mid_kimg = mid_of[a]
+                if key not in mids:   # trained under the first arm that uses it, recorded for all of them
+                    users = tuple(f"s{seed}/{b}" for b in arms if b != "mf" and mid_of[b][0] == key)
+                    res = run.stage(users[0], "mid", stage_cfg(f"mid_{key}", mid_kimg, seed, batch=pairs),
+                                    student(), cmt(rule), data, shared_by=users)
+                    mids[key] = res.ema
+                    after_mid.setdefault(key, []).append(evaluate(res.ema))
+                kw = dict(ema_continue_kimg=mid_kimg) if a == "ema_continued" else {}
+                lr = cfg.low_post_lr if a == "low_lr" else cfg.lr
+                final = run.stage(f"s{seed}/{a}", "post", stage_cfg(f"post_{a}", total - mid_kimg, seed, lr=lr, **kw),
+                                  student(), mf(), data, init=mids[key]).ema
+            m = evaluate(final)
+            for k in METRICS:
+                values[a][k].append(m[k])
+            print(f"[digits_mf_post_training] seed {seed} {a:13s} fd_1step {m['fd_1step']:.4g}  "
+                  f"fd_2step {m['fd_2step']:.4g}", flush=True)
+
+    summary = {a: {k: dict(zip(("mean", "stderr"), mean_se(values[a][k])), per_seed=values[a][k]) for k in METRICS}
+               for a in arms}
+    paired = {ref: {a: {k: paired_interval(values[a][k], values[ref][k]) for k in METRICS} for a in arms if a != ref}
+              for ref in ("mf", "cmt_mf")}
+    run.results.update(seeds=seed_list, teacher=teacher_fd, after_mid=after_mid, summary=summary, paired=paired)
+    if run.lead:
+        print(table(summary, paired), flush=True)
+        bar_plot(summary, arms, METRICS, os.path.join(args.out, "post_training.png"))
+    return run.finish([], [])
+
+
+def table(summary: dict, paired: dict) -> str:
+    lines = ["| arm | 1-step FD | 2-step FD | vs mf (95% CI of the paired difference) | vs cmt_mf |",
+             "|---|---|---|---|---|"]
+    for a, s in summary.items():
+        cells = [f"{s[k]['mean']:.4g} ± {s[k]['stderr']:.2g}" for k in METRICS]
+        vs = ["–" if a == ref else "; ".join(f"{k}: {interval_text(p)}" for k, p in paired[ref][a].items())
+              for ref in ("mf", "cmt_mf")]
+        lines.append(f"| {a} | " + " | ".join(cells + vs) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from engine.cli import run_main
+    run_main(main)
