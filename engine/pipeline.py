@@ -94,6 +94,7 @@ def scaled(cfg: StageConfig, factor: float) -> StageConfig:
     scale = lambda v: None if v is None else v * factor
     return dataclasses.replace(cfg, total_kimg=cfg.total_kimg * factor, log_kimg=scale(cfg.log_kimg),
                                ckpt_kimg=scale(cfg.ckpt_kimg), eval_kimg=scale(cfg.eval_kimg),
+                               snapshot_kimg=scale(cfg.snapshot_kimg),
                                lr_ref_kimg=cfg.lr_ref_kimg * factor, lr_rampup_kimg=cfg.lr_rampup_kimg * factor,
                                ema_continue_kimg=cfg.ema_continue_kimg * factor)
 

@@ -2,21 +2,26 @@
 measured over seeds against the Mean Flow baseline at the same budget.
 
 The setting is digits_cmt_mf.py's (its Config: the small MF teacher, the larger DiT student, 105 kimg of CMT pairs
-then 35 kimg of Mean Flow, against Mean Flow from random weights for 140 kimg). One teacher is trained per run, at
---seed: it is the given of the comparison, as a released teacher would be. Per seed (student initialisations, data
-order and training noise) the arms are
+then 35 kimg of Mean Flow, against Mean Flow from random weights for 140 kimg). The teacher and the CMT
+mid-training are trained once per run, at --seed: they are the given of the question, which is about what follows
+them. Per seed (initialisations, data order and training noise of the post-training and the baseline) the arms are
   mf              Mean Flow from random weights for mid + post kimg (the baseline)
+  mf_restarted    the control: the baseline's own EMA after mid_kimg, then post_kimg of Mean Flow with a fresh
+                  EMA and optimizer — cmt_mf's stage boundary without CMT (the first mid_kimg are the baseline's)
   cmt_mf          digits_cmt_mf.py's arm: CMT, then Mean Flow at the same rate with a fresh EMA and optimizer
   ema_continued   the same mid-training; post-training's power EMA continues over the mid-training's images
                   instead of restarting at the boundary (StageConfig.ema_continue_kimg)
-  low_lr          the same mid-training; post-training at `low_post_lr`, a fine-tuning rate
-and, with `variants` extended (heavy: each needs its own mid-training per seed),
-  long_post       CMT for `long_post_mid_kimg`, then Mean Flow for the rest of the budget
-  all36           CMT on the `all36` pair rule (adjacent pairs too), then the recipe's post-training
+and, with `variants` set to ARMS (heavy: docs/validation.md §4 has them at one seed),
+  continued_warmup  the EMA continued and the rate ramped up linearly over `warmup_kimg` (a fresh Adam's first
+                  steps are full-size)
+  low_lr          post-training at `low_post_lr`, a fine-tuning rate
+  linear_decay    post-training's rate decayed linearly to 0
+  long_post       CMT for `long_post_mid_kimg`, then Mean Flow for the rest of the budget (its own mid-training)
+  all36           CMT on the `all36` pair rule (adjacent pairs too), then cmt_mf's post-training
 Besides the arms' final 1- and 2-step FD, results.json holds what bounds a mid-trained student: the teacher's own
-1-, 2- and 8-step FD (its 8-step samples are the endpoints the CMT pairs target) and each seed's FD after
-mid-training. Each arm is compared with mf and with cmt_mf by the 95% t-interval of the paired difference over
-seeds (an interval containing 0 is a tie); post_training.png shows the arms per seed.
+1-, 2- and 8-step FD (its 8-step samples are the endpoints the CMT pairs target) and the FD after mid-training.
+Each arm is compared with mf and with cmt_mf by the 95% t-interval of the paired difference over seeds (an
+interval containing 0 is a tie); post_training.png shows the arms per seed.
 Sized for: 2 CPU cores, 3 seeds at the defaults (measured time in docs/validation.md).
 
     python recipes/digits_mf_post_training.py [--seeds 3] [--out runs/digits_mf_post_training] [--smoke]
@@ -29,16 +34,19 @@ import os
 import torch
 
 from engine.data import digits_source
+from engine.ema import parse_snapshot_name
 from engine.gmm_validation import bar_plot, interval_text
 from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, MeanFlow
 from engine.pipeline import begin
+from engine.releases import load_safetensors_network
 from engine.seed_stats import mean_se, paired_interval
 from engine.solvers import mean_flow_sample
 
-ARMS = ("mf", "cmt_mf", "ema_continued", "low_lr", "long_post", "all36")
+ARMS = ("mf", "mf_restarted", "cmt_mf", "ema_continued", "continued_warmup", "low_lr", "linear_decay", "long_post",
+        "all36")
 METRICS = ("fd_1step", "fd_2step")
 
 
@@ -64,7 +72,9 @@ class Config:
     sigma: float = 1.0
     eval_samples: int = 1000
     # the candidates
-    variants: tuple = ("mf", "cmt_mf", "ema_continued", "low_lr")
+    variants: tuple = ("mf", "mf_restarted", "cmt_mf", "ema_continued")
+    post_eval_kimg: float | None = None  # also evaluate the post-training stages every this many kimg
+    warmup_kimg: float = 10.0            # continued_warmup's linear ramp of the post-training rate
     low_post_lr: float = 1e-4
     long_post_mid_kimg: float = 70.0
     default_seeds: int = 3
@@ -72,7 +82,7 @@ class Config:
 
 def smoke(cfg: Config) -> Config:
     return dataclasses.replace(cfg, teacher_width=16, teacher_depth=1, student_width=16, student_depth=1, heads=2,
-                               pre_kimg=0.256, mid_kimg=0.224, post_kimg=0.128, long_post_mid_kimg=0.112,
+                               pre_kimg=0.256, mid_kimg=0.224, post_kimg=0.128, long_post_mid_kimg=0.112, warmup_kimg=0.064,
                                eval_samples=128, variants=ARMS, default_seeds=2)
 
 
@@ -99,9 +109,9 @@ def main(argv=None) -> dict:
     evaluate = lambda net: dict(fd_1step=fd(net, 1), fd_2step=fd(net, 2))
 
     def stage_cfg(name, kimg, seed, batch=cfg.batch_size, lr=cfg.lr, **kw):
-        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, optimizer="adam", betas=(0.9, 0.95),
-                           lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std, log_kimg=kimg / 3,
-                           ckpt_kimg=kimg, seed=seed, **kw)
+        settings = dict(optimizer="adam", betas=(0.9, 0.95), lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std,
+                        log_kimg=kimg / 3, ckpt_kimg=kimg, seed=seed)
+        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, **{**settings, **kw})
 
     mf = lambda: MeanFlow(mu=cfg.mu, sigma=cfg.sigma)
     torch.manual_seed(args.seed)
@@ -121,29 +131,47 @@ def main(argv=None) -> dict:
     values = {a: {k: [] for k in METRICS} for a in arms}
     after_mid = {}
     seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
-    # the mid-training each CMT arm starts from: (key, pair rule, kimg); arms with the same key share it
+    # the mid-training each CMT arm starts from: (key, pair rule, kimg), trained once (at --seed) and shared by every
+    # seed's arms that use it: the seeds repeat the post-training and the baseline, the question here
     mid_of = {a: dict(long_post=("long", "nonadjacent28", cfg.long_post_mid_kimg),
                       all36=("all36", "all36", cfg.mid_kimg)).get(a, ("nonadjacent28", "nonadjacent28", cfg.mid_kimg))
-              for a in arms if a != "mf"}
+              for a in arms if a not in ("mf", "mf_restarted")}
+    post_eval = dict(evaluate=evaluate) if cfg.post_eval_kimg else {}
+    every = dict(eval_kimg=cfg.post_eval_kimg) if cfg.post_eval_kimg else {}
+    mids = {}
+    for key, rule, kimg in sorted(set(mid_of.values())):
+        users = tuple(f"s{s}/{b}" for s in seed_list for b in arms if b in mid_of and mid_of[b][0] == key)
+        torch.manual_seed(args.seed)
+        res = run.stage("mid", "mid", stage_cfg(f"mid_{key}", kimg, args.seed, batch=pairs),
+                        dit(cfg.student_width, cfg.student_depth), cmt(rule), data, shared_by=users)
+        mids[key] = res.ema
+        after_mid[key] = evaluate(res.ema)
     for seed in seed_list:
         torch.manual_seed(seed)
         student = lambda: dit(cfg.student_width, cfg.student_depth)
-        mids = {}
         for a in arms:
             if a == "mf":
-                final = run.stage(f"s{seed}/mf", "post", stage_cfg("mf", total, seed), student(), mf(), data).ema
+                # with the control: the baseline's EMA is also written at mid_kimg (a tracked EMA of the same σ_rel,
+                # so the same average)
+                snap = dict(snapshot_emas=(cfg.ema_std,), snapshot_kimg=cfg.mid_kimg) if "mf_restarted" in arms else {}
+                final = run.stage(f"s{seed}/mf", "post", stage_cfg("mf", total, seed, **snap), student(), mf(),
+                                  data).ema
+            elif a == "mf_restarted":
+                init = _snapshot_at(args.out, seed, cfg.mid_kimg * args.kimg_scale)
+                final = run.stage(f"s{seed}/{a}", "post", stage_cfg("post_mf_restarted", cfg.post_kimg, seed, **every),
+                                  student(), mf(), data, init=init, **post_eval).ema
             else:
                 key, rule, mid_kimg = mid_of[a]
-                if key not in mids:   # trained under the first arm that uses it, recorded for all of them
-                    users = tuple(f"s{seed}/{b}" for b in arms if b != "mf" and mid_of[b][0] == key)
-                    res = run.stage(users[0], "mid", stage_cfg(f"mid_{key}", mid_kimg, seed, batch=pairs),
-                                    student(), cmt(rule), data, shared_by=users)
-                    mids[key] = res.ema
-                    after_mid.setdefault(key, []).append(evaluate(res.ema))
-                kw = dict(ema_continue_kimg=mid_kimg) if a == "ema_continued" else {}
+                kw = dict(every)
+                if a in ("ema_continued", "continued_warmup"):
+                    kw["ema_continue_kimg"] = mid_kimg
+                if a == "continued_warmup":
+                    kw["lr_rampup_kimg"] = cfg.warmup_kimg
+                if a == "linear_decay":
+                    kw["lr_schedule"] = "linear"
                 lr = cfg.low_post_lr if a == "low_lr" else cfg.lr
                 final = run.stage(f"s{seed}/{a}", "post", stage_cfg(f"post_{a}", total - mid_kimg, seed, lr=lr, **kw),
-                                  student(), mf(), data, init=mids[key]).ema
+                                  student(), mf(), data, init=mids[key], **post_eval).ema
             m = evaluate(final)
             for k in METRICS:
                 values[a][k].append(m[k])
@@ -159,6 +187,16 @@ def main(argv=None) -> dict:
         print(table(summary, paired), flush=True)
         bar_plot(summary, arms, METRICS, os.path.join(args.out, "post_training.png"))
     return run.finish([], [])
+
+
+def _snapshot_at(out: str, seed: int, kimg: float) -> torch.nn.Module:
+    """The mf baseline's power EMA as written at its first snapshot at or after `kimg` (engine/loop.py)."""
+    folder = os.path.join(out, f"s{seed}", "mf", "mf", "snapshots")
+    found = sorted((parse_snapshot_name(n)[1], n) for n in os.listdir(folder)
+                   if parse_snapshot_name(n) and parse_snapshot_name(n)[1] >= kimg * 1000)
+    if not found:
+        raise FileNotFoundError(f"{folder}: no snapshot of the mf baseline at {kimg} kimg")
+    return load_safetensors_network(os.path.join(folder, found[0][1]))
 
 
 def table(summary: dict, paired: dict) -> str:

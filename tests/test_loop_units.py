@@ -136,3 +136,15 @@ def test_power_ema_continued_over_earlier_images_keeps_the_telescoped_share():
         StageConfig(name="s", total_kimg=1.0, batch_size=64, lr=1e-3, ema_beta=0.99, ema_continue_kimg=1.0)
     assert "ema_continue_kimg" not in base.identity()
     assert dataclasses.replace(base, ema_continue_kimg=2.0).identity()["ema_continue_kimg"] == 2.0
+
+
+def test_kimg_scale_scales_the_budget_and_every_interval_measured_in_kimg():
+    from engine.pipeline import scaled
+    from engine.stage_config import StageConfig
+    cfg = StageConfig(name="s", total_kimg=10.0, batch_size=64, lr=1e-3, ema_beta=None, ema_std=0.05, log_kimg=1.0,
+                      ckpt_kimg=5.0, eval_kimg=2.0, snapshot_emas=(0.05,), snapshot_kimg=4.0, lr_rampup_kimg=3.0,
+                      ema_continue_kimg=7.0)
+    s = scaled(cfg, 0.5)
+    assert (s.total_kimg, s.log_kimg, s.ckpt_kimg, s.eval_kimg, s.snapshot_kimg, s.lr_rampup_kimg,
+            s.ema_continue_kimg) == (5.0, 0.5, 2.5, 1.0, 2.0, 1.5, 3.5)
+    assert scaled(cfg, 1.0) is cfg and s.lr == cfg.lr and s.batch_size == cfg.batch_size
