@@ -108,7 +108,8 @@ def bar_plot(summary: dict, arms, keys, path: str, spread: str = "stderr") -> No
                color=[f"C{i}" for i in range(len(arms))])
         for i, a in enumerate(arms):
             ax.plot([i] * len(summary[a][k]["per_seed"]), summary[a][k]["per_seed"], "k.", ms=4)
-        ax.set_xticks(range(len(arms)), arms)
+        ax.set_xticks(range(len(arms)), arms, rotation=20 if max(map(len, arms)) > 8 else 0, ha="right"
+                      if max(map(len, arms)) > 8 else "center", fontsize=8)
         ax.set_title(f"{k.replace('_', ' ')} (mean ± {'s.e.' if spread == 'stderr' else 'std'}, dots: seeds)",
                      fontsize=8)
         ax.grid(alpha=0.3, axis="y")

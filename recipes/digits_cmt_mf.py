@@ -8,7 +8,7 @@ whose power EMA continues across the stage boundary (`post_ema_continues`); base
 weights with the same mid + post budget (the paper's "MF from scratch" arm). Class-conditional, label dropout 0.1, no guidance.
 Metrics: Fréchet distance in the features of the cached digits classifier and the class histogram of 1- and
 2-step samples (engine.metrics.DigitsMetrics).
-Sized for: 2 CPU cores; 9 min 2 s measured (the limit is 15).
+Sized for: 2 CPU cores; 7 min 49 s measured (the limit is 15).
 
     python recipes/digits_cmt_mf.py [--out runs/digits_cmt_mf] [--kimg-scale 1] [--seed 0] [--smoke]
 """
@@ -48,8 +48,9 @@ class Config:
     post_kimg: float = 35.0
     ema_std: float = 0.05                # power-function EMA: these stages are short (see digits_cmt_ect.py)
     # Post-training's EMA continues over the mid-training's images instead of restarting at the boundary: over 3
-    # seeds the restarted one ended at 1-step FD 12.47 (higher than Mean Flow's 8.94), the continued one at 9.69
-    # (a tie with it); docs/validation.md §4
+    # seeds of recipes/digits_mf_post_training.py the restarted one ended at 1-step FD 12.47 (higher than Mean Flow's
+    # 8.94), the continued one at 9.69 (a tie); on this recipe's own draw it changed nothing (12.04 → 12.06).
+    # docs/validation.md §4
     post_ema_continues: bool = True
     mu: float = -0.4                     # logit-normal time proposal, 75% of rows with r = t (ImageNet values)
     sigma: float = 1.0
