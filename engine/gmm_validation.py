@@ -1,6 +1,6 @@
 """What the Gaussian-mixture validation recipes share (recipes/gmm_gradient_bias.py, gmm_mid_training.py,
 gmm_cmt_ablations.py; docs/validation.md; `evaluate` serves recipes/gmm_cmt_ect.py too): one fixed mixture and training set for every seed, the MLP student, the
-stage settings, the seeds a run repeats over, and the evaluation of a trained flow map against the exact flow.
+stage settings, and the evaluation of a trained flow map against the exact flow.
 
 The recipes' configurations extend `MixtureSettings`, the fields read here."""
 from __future__ import annotations
@@ -53,11 +53,6 @@ def backbone(cfg):
     return build_network("gmm-mlp", hidden_channels=cfg.hidden, num_blocks=cfg.blocks)
 
 
-def seeds(args, cfg) -> list[int]:
-    """--seed … --seed + N − 1, N from --seeds or the recipe's default."""
-    return list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
-
-
 def stage_config(cfg, name: str, kimg: float, lr: float, seed: int) -> StageConfig:
     """RAdam with a linear decay and EDM2's power EMA (σ_rel = ema_std), one checkpoint at the end."""
     return StageConfig(name=name, total_kimg=kimg, batch_size=cfg.batch_size, lr=lr, optimizer="radam",
@@ -87,12 +82,6 @@ def evaluate(gm: GaussianMixture, cfg, net) -> dict:
         x = consistency_sampler(f, z, (cfg.mid_t,) if steps == 2 else (), generator=torch.Generator().manual_seed(99))
         return sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(5))
     return dict(flow_map_error=fm.mean, swd_1step=swd(1), swd_2step=swd(2))
-
-
-def interval_text(p: dict) -> str:
-    """A paired interval (engine/seed_stats.paired_interval of this arm against the reference arm) in a table."""
-    said = {"a < b": "lower", "a > b": "higher", "tie": "tie"}.get(p["verdict"], p["verdict"])
-    return said if p["low"] is None else f"{p['mean']:.3g} [{p['low']:.3g}, {p['high']:.3g}] ({said})"
 
 
 def bar_plot(summary: dict, arms, keys, path: str, spread: str = "stderr") -> None:

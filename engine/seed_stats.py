@@ -1,5 +1,6 @@
-"""Statistics over seeds for the validation recipes (docs/validation.md): means with standard errors, and the 95%
-t-interval of a paired difference — an interval that contains 0 is reported as a tie."""
+"""Statistics over seeds for the validation recipes (docs/validation.md): the seeds a run repeats over, means with
+standard errors, the 95% t-interval of a paired difference — an interval that contains 0 is reported as a tie — and
+the table the recipes print of them."""
 from __future__ import annotations
 
 import math
@@ -38,3 +39,28 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
     low, high = m - half, m + half
     verdict = "tie" if low <= 0 <= high else ("a < b" if high < 0 else "a > b")
     return dict(mean=m, low=low, high=high, n=len(d), verdict=verdict)
+
+
+def seeds(args, cfg) -> list[int]:
+    """--seed … --seed + N − 1, N from --seeds or the recipe's `cfg.default_seeds`."""
+    return list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+
+
+def interval_text(p: dict) -> str:
+    """A paired interval (`paired_interval` of an arm against a reference arm) in a table."""
+    said = {"a < b": "lower", "a > b": "higher", "tie": "tie"}.get(p["verdict"], p["verdict"])
+    return said if p["low"] is None else f"{p['mean']:.3g} [{p['low']:.3g}, {p['high']:.3g}] ({said})"
+
+
+def seed_table(summary: dict, arms, metrics: dict, spread: str, refs: list) -> str:
+    """A markdown table: per arm, 'mean ± spread' of each metric (`metrics`: key → column header; `spread` 'std' or
+    'stderr' of `summary[arm][key]`), then per reference one column of the paired intervals to it
+    (`refs`: [(column header, reference arm, {arm: {key: paired_interval}})]; '–' in the reference's own row)."""
+    head = ["arm", *metrics.values(), *(h for h, _, _ in refs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in arms:
+        cells = [f"{summary[a][k]['mean']:.4g} ± {summary[a][k][spread]:.2g}" for k in metrics]
+        cells += ["–" if a == ref else "; ".join(f"{k}: {interval_text(q)}" for k, q in paired[a].items())
+                  for _, ref, paired in refs]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

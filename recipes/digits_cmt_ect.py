@@ -30,7 +30,7 @@ from engine.metrics import DigitsMetrics
 from engine.objectives import ECT, EDMLoss
 from engine.pipeline import begin
 from engine.precond import CMPrecond, EDMPrecond
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import mean_se, paired_interval, seeds
 
 ARMS = ("cmt_ect", "ect")
 
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     grid = lambda ema: upscale_nearest(samples(ema, 2, 100), cfg.grid_scale)
     stage_cfg = lambda name, kimg, lr, seed: stage_config(cfg, name, kimg, lr, seed, eval_kimg=cfg.eval_kimg)
 
-    seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+    seed_list = seeds(args, cfg)
     arm = lambda a, seed: a if len(seed_list) == 1 else f"s{seed}/{a}"
     # Stage 1: the teacher (EDM denoising loss, docs/spec/cm.md §1.1), once for every seed's arms.
     pre = run.stage("teacher", "pre", stage_cfg("pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed),

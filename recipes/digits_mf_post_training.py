@@ -35,14 +35,14 @@ import torch
 
 from engine.data import digits_source
 from engine.ema import parse_snapshot_name
-from engine.gmm_validation import bar_plot, interval_text
+from engine.gmm_validation import bar_plot
 from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, MeanFlow
 from engine.pipeline import begin
 from engine.releases import load_safetensors_network
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import mean_se, paired_interval, seed_table, seeds
 from engine.solvers import mean_flow_sample
 
 ARMS = ("mf", "mf_restarted", "cmt_mf", "ema_continued", "continued_warmup", "low_lr", "linear_decay", "long_post",
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     total = cfg.mid_kimg + cfg.post_kimg
     values = {a: {k: [] for k in METRICS} for a in arms}
     after_mid = {}
-    seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+    seed_list = seeds(args, cfg)
     # the mid-training each CMT arm starts from: (key, pair rule, kimg), trained once (at --seed) and shared by every
     # seed's arms that use it: the seeds repeat the post-training and the baseline, the question here
     mid_of = {a: dict(long_post=("long", "nonadjacent28", cfg.long_post_mid_kimg),
@@ -184,7 +184,9 @@ def main(argv=None) -> dict:
               for ref in ("mf", "cmt_mf")}
     run.results.update(seeds=seed_list, teacher=teacher_fd, after_mid=after_mid, summary=summary, paired=paired)
     if run.lead:
-        print(table(summary, paired), flush=True)
+        print(seed_table(summary, arms, dict(fd_1step="1-step FD", fd_2step="2-step FD"), "stderr",
+                         [("vs mf (95% CI of the paired difference)", "mf", paired["mf"]),
+                          ("vs cmt_mf", "cmt_mf", paired["cmt_mf"])]), flush=True)
         bar_plot(summary, arms, METRICS, os.path.join(args.out, "post_training.png"))
     return run.finish([], [])
 
@@ -197,17 +199,6 @@ def _snapshot_at(out: str, seed: int, kimg: float) -> torch.nn.Module:
     if not found:
         raise FileNotFoundError(f"{folder}: no snapshot of the mf baseline at {kimg} kimg")
     return load_safetensors_network(os.path.join(folder, found[0][1]))
-
-
-def table(summary: dict, paired: dict) -> str:
-    lines = ["| arm | 1-step FD | 2-step FD | vs mf (95% CI of the paired difference) | vs cmt_mf |",
-             "|---|---|---|---|---|"]
-    for a, s in summary.items():
-        cells = [f"{s[k]['mean']:.4g} ± {s[k]['stderr']:.2g}" for k in METRICS]
-        vs = ["–" if a == ref else "; ".join(f"{k}: {interval_text(p)}" for k, p in paired[ref][a].items())
-              for ref in ("mf", "cmt_mf")]
-        lines.append(f"| {a} | " + " | ".join(cells + vs) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

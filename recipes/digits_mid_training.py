@@ -24,12 +24,12 @@ import torch
 
 from engine.data import digits_source
 from engine.digits_edm import DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples
-from engine.gmm_validation import bar_plot, interval_text
+from engine.gmm_validation import bar_plot
 from engine.metrics import DigitsMetrics
 from engine.objectives import ECT, EDMLoss
 from engine.pipeline import begin
 from engine.precond import CMPrecond, EDMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std
+from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 
 ARMS = ("no_mid", "short_mid", "long_mid")
 METRICS = ("fd_1step", "fd_2step")
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     args, cfg, run = started
     data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     evaluate = lambda f: {f"fd_{k}step": metrics(consistency_samples(cfg, f, k))["fd"] for k in (1, 2)}
-    seed_list = list(range(args.seed, args.seed + (args.seeds or cfg.default_seeds)))
+    seed_list = seeds(args, cfg)
     pre = run.stage("teacher", "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed),
                     EDMPrecond(backbone(cfg, cfg.teacher_dropout)), EDMLoss(), data,
                     shared_by=tuple(f"s{s}/{a}" for s in seed_list for a in ARMS))
@@ -92,18 +92,10 @@ def main(argv=None) -> dict:
     run.results.update(seeds=seed_list, mid_kimg=mids, total_kimg=cfg.total_kimg, reference=reference,
                        summary=summary, paired_vs_no_mid=paired)
     if run.lead:
-        print(table(summary, paired), flush=True)
+        print(seed_table(summary, ARMS, dict(fd_1step="1-step FD", fd_2step="2-step FD"), "std",
+                         [("vs no_mid (95% CI of the paired difference)", "no_mid", paired)]), flush=True)
         bar_plot(summary, ARMS, METRICS, os.path.join(args.out, "mid_training.png"), spread="std")
     return run.finish(["fd"], [])
-
-
-def table(summary: dict, paired: dict) -> str:
-    lines = ["| arm | 1-step FD | 2-step FD | vs no_mid (95% CI of the paired difference) |", "|---|---|---|---|"]
-    for a in ARMS:
-        cells = [f"{summary[a][k]['mean']:.4g} ± {summary[a][k]['std']:.2g}" for k in METRICS]
-        vs = "–" if a == "no_mid" else "; ".join(f"{k}: {interval_text(p)}" for k, p in paired[a].items())
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {vs} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ import os
 
 
 from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                   interval_text, mixture_problem, seeds, stage_config)
+                                   mixture_problem, stage_config)
 from engine.objectives import CMT, ECT, KD, SlowCMT, squared_l2
 from engine.pipeline import begin
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import interval_text, mean_se, paired_interval, seeds
 
 METHODS = ("cmt", "kd", "slow_cmt")
 COSTS = ("teacher_nfe_per_pair", "images_per_pair", "mid_wall_s")

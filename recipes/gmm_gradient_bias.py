@@ -34,14 +34,14 @@ import os
 
 import torch
 
-from engine.gmm_validation import MixtureSettings, backbone, diffusion_weights, mixture_problem, seeds, stage_config
+from engine.gmm_validation import MixtureSettings, backbone, diffusion_weights, mixture_problem, stage_config
 from engine.loop import initialise
 from engine.metrics import flow_map_error
 from engine.metrics.gradient_bias import BiasProbe
 from engine.objectives import CMT, ECD, ECT, squared_l2
 from engine.pipeline import begin
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval
+from engine.seed_stats import mean_se, paired_interval, seeds
 
 SCHEMES = ("cmt", "diffusion", "cd", "random")
 

@@ -22,11 +22,11 @@ import os
 
 
 from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                   interval_text, mixture_problem, seeds, stage_config)
+                                   mixture_problem, stage_config)
 from engine.objectives import CMT, ECT, squared_l2
 from engine.pipeline import begin
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std
+from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 
 ARMS = ("no_mid", "short_mid", "long_mid")
 
@@ -85,19 +85,11 @@ def main(argv=None) -> dict:
     run.results.update(seeds=seed_list, mid_kimg=mids, total_kimg=cfg.total_kimg, summary=summary,
                        paired_vs_no_mid=paired)
     if run.lead:
-        print(table(summary, paired), flush=True)
+        print(seed_table(summary, ARMS, dict(flow_map_error="flow-map error", swd_1step="1-step SWD",
+                                             swd_2step="2-step SWD"), "std",
+                         [("vs no_mid (95% CI of the paired difference)", "no_mid", paired)]), flush=True)
         bar_plot(summary, ARMS, METRICS, os.path.join(args.out, "mid_training.png"), spread="std")
     return run.finish(["flow_map_error", "swd"], [])
-
-
-def table(summary: dict, paired: dict) -> str:
-    lines = ["| arm | flow-map error | 1-step SWD | 2-step SWD | vs no_mid (95% CI of the paired difference) |",
-             "|---|---|---|---|---|"]
-    for a in ARMS:
-        cells = [f"{summary[a][k]['mean']:.4g} ± {summary[a][k]['std']:.2g}" for k in METRICS]
-        vs = "–" if a == "no_mid" else "; ".join(f"{k}: {interval_text(p)}" for k, p in paired[a].items())
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {vs} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

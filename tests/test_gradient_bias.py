@@ -10,7 +10,7 @@ from engine.metrics.gradient_bias import BiasProbe, unbiased_squared_norm
 from engine.networks import build_network
 from engine.objectives import ECT
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std
+from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table
 from engine.solvers import pf_ode_reference
 
 
@@ -97,6 +97,10 @@ def test_seed_statistics():
     assert sample_std([1.0, 2.0, 3.0]) == pytest.approx(1.0) and math.isnan(sample_std([4.0]))
     tie = paired_interval([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])          # d = 1, 2, 3: t(0.975, 2) = 4.303
     assert tie["verdict"] == "tie" and tie["low"] == pytest.approx(2 - 4.302653 / math.sqrt(3), rel=1e-6)
+    summary = {"a": {"x": dict(mean=2.0, std=1.0)}, "b": {"x": dict(mean=4.0, std=2.0)}}
+    assert seed_table(summary, ["a", "b"], {"x": "X"}, "std", [("vs a", "a", {"b": {"x": tie}})]) == (
+        "| arm | X | vs a |\n|---|---|---|\n| a | 2 ± 1 | – |\n"
+        f"| b | 4 ± 2 | x: 2 [{tie['low']:.3g}, {tie['high']:.3g}] (tie) |")
     assert paired_interval([1.1, 1.0, 1.2], [0.1, 0.05, 0.12])["verdict"] == "a > b"
     assert paired_interval([0.1], [0.2])["verdict"] == "one seed"
     with pytest.raises(ValueError, match="equal, non-zero"):
