@@ -6,9 +6,14 @@ network and batch:
                        layer; attention (O, Ȯ) from the one-pass kernel: the C++ block on CPU, Triton on CUDA)
     mf_forward_ad      torch.func.jvp through the attention op's forward-AD rule (same kernels for the tangent)
     mf_math_attention  torch.func.jvp through explicit attention
+    mf_fd              the central difference (two ordinary forwards, step engine.jvp.FD_STEP)
+    mf_dual_autocast   (CUDA only) the dual-stream JVP under the step's bf16 autocast instead of the default
+                       float32 pass (jvp_precision='autocast'; on a CPU there is no autocast, so it would equal mf_dual)
     flow_matching      the plain flow-matching iteration
 
-Besides the whole iteration, each Mean Flow variant times its JVP alone (no grad, the whole batch).
+Besides the whole iteration, each Mean Flow variant times its JVP alone (no grad, the whole batch, under the
+step's autocast) and measures that JVP's relative error (‖d − d₆₄‖/‖d₆₄‖) against torch.func.jvp of a float64
+copy of the network through explicit attention: what each path costs and what it gives.
 
     python bench/jvp.py                       # CPU: DiT-B/4, batch 8;  GPU: DiT-XL/2, batch 32
     python bench/jvp.py --name B/4 --batch 8 --record
@@ -21,6 +26,7 @@ iterations (engine.loop.train_step) after warm-up, device-synchronised.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -36,7 +42,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
 
-VARIANTS = ("mf_dual", "mf_forward_ad", "mf_math_attention", "flow_matching")
+VARIANTS = ("mf_dual", "mf_forward_ad", "mf_math_attention", "mf_fd", "mf_dual_autocast", "flow_matching")
+CUDA_ONLY = ("mf_dual_autocast",)
+MODES = dict(mf_dual=("dual", "fp32"), mf_forward_ad=("func", "fp32"), mf_math_attention=("func", "fp32"),
+             mf_fd=("fd", "fp32"), mf_dual_autocast=("dual", "autocast"))
 
 
 def run_variant(a) -> dict:
@@ -53,7 +62,7 @@ def run_variant(a) -> dict:
     net = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2) if a.smoke else \
         DiT.from_name(a.name, input_size=32, in_channels=4, num_classes=1000)
     objective = FlowMatching() if a.variant == "flow_matching" else \
-        MeanFlow(omega=1.0, kappa=0.5, jvp="dual" if a.variant == "mf_dual" else "func")
+        MeanFlow(omega=1.0, kappa=0.5, jvp=MODES[a.variant][0], jvp_precision=MODES[a.variant][1])
     size = 8 if a.smoke else 32
     data = TensorSource(torch.randn(4 * a.batch, 4, size, size, device=device),
                         torch.randint(0, 1000, (4 * a.batch,), device=device))
@@ -63,13 +72,24 @@ def run_variant(a) -> dict:
     seconds = bench.time(a.reps, a.warmup)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    jvp_ms = None
+    jvp_ms = jvp_err = None
     if a.variant != "flow_matching":  # the JVP alone, whole batch, after the iteration's peak was read
-        z, v = torch.randn(2, a.batch, 4, size, size, device=device)
-        t = torch.rand(a.batch, device=device)
-        r, y = t * 0.5, torch.randint(0, 1000, (a.batch,), device=device)
-        jvp_ms = 1e3 * median_time(lambda: objective.time_derivative(net, z, r, t, y, v), device, a.reps, a.warmup)
-    return dict(variant=a.variant, ms=seconds * 1e3, jvp_ms=jvp_ms, peak_gib=peak / 2 ** 30, device=device.type)
+        g = torch.Generator(device).manual_seed(5)
+        z, v = torch.randn(2, a.batch, 4, size, size, device=device, generator=g)
+        t = torch.rand(a.batch, device=device, generator=g)
+        r, y = t * 0.5, torch.randint(0, 1000, (a.batch,), device=device, generator=g)
+
+        def jvp():
+            with bench.autocast:
+                return objective.time_derivative(net, z, r, t, y, v)
+        jvp_ms = 1e3 * median_time(jvp, device, a.reps, a.warmup)
+        got = jvp().double()
+        ops.attention = lambda q, k, v, scale=None: attention_reference(q, k, v, scale)
+        net64 = copy.deepcopy(net).double()
+        ref = MeanFlow(jvp="func").time_derivative(net64, z.double(), r.double(), t.double(), y, v.double())
+        jvp_err = float((got - ref).norm() / ref.norm())
+    return dict(variant=a.variant, ms=seconds * 1e3, jvp_ms=jvp_ms, jvp_rel_err=jvp_err, peak_gib=peak / 2 ** 30,
+                device=device.type)
 
 
 def main(argv=None) -> dict:
@@ -93,7 +113,7 @@ def main(argv=None) -> dict:
         print(json.dumps(run_variant(a)))
         return {}
     rows = []
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if gpu or v not in CUDA_ONLY):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--name", a.name, "--batch",
                str(a.batch), "--reps", str(a.reps), "--warmup", str(a.warmup)] + (["--smoke"] if a.smoke else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -107,16 +127,21 @@ def main(argv=None) -> dict:
                batch=a.batch, rows=rows,
                dual_over_math=by["mf_dual"]["ms"] / by["mf_math_attention"]["ms"],
                dual_jvp_over_math_jvp=by["mf_dual"]["jvp_ms"] / by["mf_math_attention"]["jvp_ms"],
-               mf_over_fm=by["mf_dual"]["ms"] / by["flow_matching"]["ms"])
+               mf_over_fm=by["mf_dual"]["ms"] / by["flow_matching"]["ms"],
+               fd_over_dual=by["mf_fd"]["ms"] / by["mf_dual"]["ms"],
+               fd_jvp_over_dual_jvp=by["mf_fd"]["jvp_ms"] / by["mf_dual"]["jvp_ms"])
     jvp = lambda r: "–" if r["jvp_ms"] is None else f"{r['jvp_ms']:.1f}"
+    err = lambda r: "–" if r["jvp_rel_err"] is None else f"{r['jvp_rel_err']:.1e}"
     text = "\n".join([
         f"### Mean Flow JVP — {res['date']}", "", f"Machine: {res['machine']}", "", f"Command: `{res['command']}`",
         "", f"{res['network']}, batch {a.batch}, Mean Flow with guidance (ω 1, κ 0.5), 25% of rows with r ≠ t:", "",
-        "| variant | ms / iteration | ms / JVP alone (whole batch) | peak memory GiB |", "|---|---|---|---|",
-        *[f"| {r['variant']} | {r['ms']:.1f} | {jvp(r)} | {r['peak_gib']:.2f} |" for r in rows], "",
+        "| variant | ms / iteration | ms / JVP alone (whole batch) | JVP relative error vs float64 | peak memory GiB |",
+        "|---|---|---|---|---|",
+        *[f"| {r['variant']} | {r['ms']:.1f} | {jvp(r)} | {err(r)} | {r['peak_gib']:.2f} |" for r in rows], "",
         f"Mean Flow iteration, dual-stream JVP / math-attention torch.func.jvp: {res['dual_over_math']:.2f}×; "
         f"the JVP alone: {res['dual_jvp_over_math_jvp']:.2f}×; Mean Flow (dual) / flow matching: "
-        f"{res['mf_over_fm']:.2f}× (goal on a GPU: ≤ 1.4×).", ""])
+        f"{res['mf_over_fm']:.2f}× (goal on a GPU: ≤ 1.4×). Central difference / dual-stream: "
+        f"{res['fd_over_dual']:.2f}× per iteration, {res['fd_jvp_over_dual_jvp']:.2f}× for the JVP alone.", ""])
     print(text)
     from common import write_results
     write_results(res, text, a.out, "jvp", a.smoke, a.record)

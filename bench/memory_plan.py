@@ -203,15 +203,18 @@ def markdown(p: dict) -> str:
         "* A step's noise is drawn for the global batch from (seed, images seen) and each rank keeps its rows; "
         "dropout is seeded per rank. A run's data and noise therefore do not depend on the world size: a 2-process "
         "run reproduces a 1-process run (tests/test_distributed.py: 20 steps, per-step losses within 1e-5, float64 "
-        "weights within 1e-9, for CMT, ECT and Mean Flow), and a checkpoint resumes at any world size.",
+        "weights within 1e-9, for CMT, ECT, Mean Flow, sCT and sCD), and a checkpoint resumes at any world size.",
         "* Checkpoints under torchrun are torch.distributed.checkpoint directories (`ckpt-<images>/`, written under "
         "a hidden name and renamed when every rank is done); single-process runs write `ckpt-<images>.pt`. Either "
         "form resumes at any world size. The release is a consolidated EMA `ema.safetensors`.",
         "* Elastic restarts: with `--max-restarts`, a killed rank makes torchrun restart the job, which resumes from "
         "the newest checkpoint (tested with SIGKILL: the final weights equal an uninterrupted run's).",
-        "* Mean Flow's JVP runs without gradients on the unwrapped module (DDP) or on the FSDP module with each "
-        "block's parameters gathered around its use (the dual-stream JVP reads weights directly); sCT/sCD are "
-        "single-process for now (their prediction is not a module forward, which DDP/FSDP would not intercept).", "",
+        "* The JVP objectives (Mean Flow, sCT, sCD) predict with an ordinary forward through the wrapper and take "
+        "their tangent without gradients on `engine.dist.jvp_view(net)`: the wrapped module under DDP, the FSDP2 "
+        "module itself (its per-block hooks gather each unit's parameters, under torch.func.jvp too; the DiT's "
+        "dual-stream JVP, which reads weights directly, gathers them with `dist.unsharded`), so gradients are "
+        "reduced once per step; `jvp='fd'` (central differences, two ordinary forwards) needs no forward-mode "
+        "support at all (engine/jvp.py).", "",
         "## Inputs", "",
         "| network | trained parameters | largest FSDP unit | saved activations / sample, fp32 | bf16 | source |",
         "|---|---|---|---|---|---|",

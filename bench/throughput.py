@@ -64,6 +64,8 @@ def methods(teacher, trajectories: int, store_spec, lpips=None) -> list[tuple]:
         ("ecd_heun", "ECD, Heun teacher step (CD-Heun)", lambda: ECD(teacher, solver="heun"), "images", "auto"),
         ("sct", "sCT (TrigFlow, torch.func.jvp)", lambda: SCT(), "images", "auto"),
         ("scd", "sCD (TrigFlow, torch.func.jvp)", lambda: SCD(teacher), "images", "auto"),
+        ("sct_fd", "sCT (TrigFlow, central difference)", lambda: SCT(jvp="fd"), "images", "auto"),
+        ("scd_fd", "sCD (TrigFlow, central difference)", lambda: SCD(teacher, jvp="fd"), "images", "auto"),
     ]
     if lpips is not None:
         rows.insert(2, ("cmt_graph_lpips", "CMT, CUDA-graph teacher + kernels, LPIPS (the paper's distance)",

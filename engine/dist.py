@@ -20,10 +20,14 @@ Wrapping (`Parallel(net, strategy, device)` after the network is built and initi
   ddp   DistributedDataParallel (small models: one all-reduce per step, replicated state);
   auto  fsdp when distributed over two or more processes, nothing otherwise (an explicit fsdp or ddp is honoured
         under torchrun with one process too).
-Forward-mode work (Mean Flow's JVP, sCM's tangents) runs on `unwrap(net)` — the DDP wrapper cannot be traced by
-torch.func and its gradient hooks must not see the no-grad JVP (docs/spec/mf.md §2.7); FSDP2 modules are used in place,
-with their parameters gathered around code that reads weights directly (`unsharded`). A frozen teacher may be
-sharded too (`shard_frozen`): its parameters are gathered block by block at each use.
+Forward-mode work (Mean Flow's JVP, sCM's tangents, their finite differences) runs on `jvp_view(net)`, always
+without gradients, while the gradient-carrying forward goes through the wrapper (docs/spec/mf.md §2.7): so the
+wrapper reduces gradients exactly once, for that forward. Under DDP the view is the wrapped module — the wrapper
+cannot be traced by torch.func, and its reducer must not see a second forward. Under FSDP2 it is the sharded
+module itself: its per-block hooks gather each unit's parameters around that unit's forward, under torch.func.jvp
+too (tests/test_distributed.py), and code that reads weights directly (the DiT's dual-stream JVP) gathers them
+with `unsharded`. A frozen teacher may be sharded too (`shard_frozen`): its parameters are gathered block by block
+at each use.
 
 Checkpoints (`save_sharded` / `load_sharded`): torch.distributed.checkpoint (DCP) directories of the logical,
 fully-qualified state (model, EMA, optimizer), each rank writing its shards, written under a temporary name and
@@ -262,6 +266,12 @@ def unwrap(net: nn.Module) -> nn.Module:
     """The module itself under a DDP wrapper (forward-mode AD and direct weight reads run on it); FSDP2 shards in
     place, so an FSDP module is returned as is."""
     return net.module if type(net).__name__ == "DistributedDataParallel" else net
+
+
+def jvp_view(net: nn.Module) -> nn.Module:
+    """The module that forward-mode AD and other no-grad target passes run on (module docstring): the wrapped module
+    under DDP, the network itself otherwise (FSDP2 shards in place and gathers in its hooks)."""
+    return unwrap(net)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -119,15 +119,14 @@ class _Precond(nn.Module):
         c_noise = (sigma.log() / 4).expand(x.shape[0])
         return self.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
 
-    def backbone_output(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
-        """F(c_in·x, c_noise(σ)) in the compute dtype: the raw output that D = c_skip·x + c_out·F combines. For σ =
-        σ_d·tan t and x = x_t/cos t it is −F of TrigFlow's parameterisation (docs/spec/mf.md §5.1), which sCM uses."""
-        x, sigma, class_labels = self._inputs(x, sigma, labels)
-        return self._backbone(x, sigma, class_labels, augment_labels).to(x.dtype)
-
-    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None, raw: bool = False) -> torch.Tensor:
+        """D(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise(σ)); with `raw`, F itself (in x's compute dtype): the output
+        that sCM trains, −F of TrigFlow's parameterisation for σ = σ_d·tan t and x = x_t/cos t (docs/spec/mf.md
+        §5.1). Both go through `forward`, so a DDP or FSDP wrapper sees the call (gradient sync, gathering)."""
         x, sigma, class_labels = self._inputs(x, sigma, labels)
         F_x = self._backbone(x, sigma, class_labels, augment_labels)
+        if raw:
+            return F_x.to(x.dtype)
         # Output side c_skip·x + c_out·F with F cast to fp32 first, as the reference does (docs/spec/cm.md §1.2): under
         # autocast the backbone returns bf16 and the combination stays fp32.
         return ops.precond_output(x, F_x, sigma, self.sigma_data, self.sigma_min, self.boundary())
@@ -204,8 +203,9 @@ class EDM2Precond(_Precond):
         c_noise = as_sigma(sigma, like).reshape(-1).log() / 4
         return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
-    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None, return_logvar: bool = False):
-        D = super().forward(x, sigma, labels, augment_labels)
+    def forward(self, x: torch.Tensor, sigma, labels=None, augment_labels=None, return_logvar: bool = False,
+                raw: bool = False):
+        D = super().forward(x, sigma, labels, augment_labels, raw=raw)
         if not return_logvar:
             return D
         return D, self.logvar(sigma, D).expand(D.shape[0], 1, 1, 1)

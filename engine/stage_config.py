@@ -172,9 +172,12 @@ def describe_object(value, depth: int = 0, memo: dict | None = None):
     if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or inspect.isclass(value):
         return getattr(value, "__qualname__", type(value).__name__)
     if hasattr(value, "__dict__") and depth < 2:
+        # an object may name settings that are not part of what it computes (`identity_omits`: ones added after
+        # runs existed, at the value those runs had; ones that do not apply), so that upgrading does not orphan runs
+        omit = value.identity_omits() if callable(getattr(value, "identity_omits", None)) else set()
         return {"class": type(value).__name__,
                 **{k: describe_object(v, depth + 1, memo) for k, v in sorted(vars(value).items())
-                   if not k.startswith("_")}}
+                   if not k.startswith("_") and k not in omit}}
     return type(value).__name__
 
 

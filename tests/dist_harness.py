@@ -1,16 +1,18 @@
 """A small float64 training stage for the distributed tests (tests/test_distributed.py), run as
 
-    python tests/dist_harness.py --objective cmt|ect|mf --out DIR [--stop-at STEP] [--kill-at STEP]
+    python tests/dist_harness.py --objective cmt|ect|mf|edm2|sct|scd --out DIR [--stop-at STEP] [--kill-at STEP]
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_harness.py ...       (torchrun)
 
 It trains 20 steps of 8 pairs (a checkpoint every 5 steps, a log record every step) on float64 synthetic data
-with a tiny DDPM++ (CMT's teacher and student, ECT), a tiny Mean Flow DiT (guidance and label dropout on) or a
-tiny EDM2 U-Net with EDM2's loss (forced weight normalisation, two tracked power EMAs snapshotted), and
+with a tiny DDPM++ (CMT's teacher and student, ECT; sCT and sCD with their tangent warm-up and float64 adaptive
+weight, `--jvp func|fd`), a tiny Mean Flow DiT (guidance and label dropout on) or a tiny EDM2 U-Net with EDM2's
+loss (forced weight normalisation, two tracked power EMAs snapshotted), and
 writes final.pt (the consolidated network and EMA) on rank 0. --stop-at N leaves every rank after the checkpoint
 of step N, as if the job ended there; --kill-at N SIGKILLs rank 1 at step N on the first attempt only (torchrun
 --max-restarts then restarts the job, which resumes). float64 makes 1- and 2-process runs agree to ~1e-12, so the
 tests can hold them to the issue's 1e-5 with a wide margin."""
 import argparse
+import json
 import os
 import signal
 import sys
@@ -23,7 +25,7 @@ from engine import dist  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
 from engine.loop import StageConfig, train_stage  # noqa: E402
 from engine.networks import DiT, EDM2UNet, SongUNet  # noqa: E402
-from engine.objectives import CMT, ECT, EDM2Loss, MeanFlow, squared_l2  # noqa: E402
+from engine.objectives import CMT, ECT, SCD, SCT, EDM2Loss, MeanFlow, squared_l2  # noqa: E402
 from engine.precond import CMPrecond, EDM2Precond, EDMPrecond  # noqa: E402
 
 BATCH, STEPS = 8, 20
@@ -34,7 +36,7 @@ def unet():
                     num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
 
-def build(objective: str):
+def build(objective: str, jvp: str = "func"):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if objective == "edm2":   # EDM2's U-Net and loss: forced weight normalisation of sharded weights, tracked EMAs
@@ -49,6 +51,13 @@ def build(objective: str):
                             torch.randint(0, 4, (64,), generator=g))
         return net.double(), MeanFlow(omega=0.6, kappa=0.2, label_dropout=0.25), data
     data = TensorSource(torch.rand(64, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1)
+    if objective in ("sct", "scd"):
+        # the tangent warm-up changes r_w every step (set_progress); w_φ in float64 like the network
+        kw = dict(warmup_kimg=0.08, jvp=jvp)
+        obj = SCT(**kw) if objective == "sct" else \
+            SCD(EDMPrecond(unet()).double().eval().requires_grad_(False), **kw)
+        obj.weight.double()
+        return CMPrecond(unet()).double(), obj, data
     if objective == "cmt":
         teacher = EDMPrecond(unet()).double().eval().requires_grad_(False)
         return CMPrecond(unet()).double(), CMT(teacher, nfe=4, trajectories_per_batch=2, distance=squared_l2,
@@ -81,15 +90,37 @@ class Interrupt:
         self.inner.set_progress(nimg)
 
 
+def count_reductions() -> dict:
+    """Make every DDP wrapper the loop builds count its gradient all-reduces (buckets reduced, total elements)."""
+    counts = dict(buckets=0, elements=0)
+    wrap = dist.wrap
+
+    def counted(net, strategy, device, bf16=True):
+        model = wrap(net, strategy, device, bf16)
+        if type(model).__name__ == "DistributedDataParallel":
+            def hook(state, bucket):
+                counts["buckets"] += 1
+                counts["elements"] += bucket.buffer().numel()
+                buf = bucket.buffer().div_(dist.world_size())
+                return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
+            model.register_comm_hook(None, hook)
+        return model
+    dist.wrap = counted
+    return counts
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--objective", choices=["cmt", "ect", "mf", "edm2"], required=True)
+    p.add_argument("--objective", choices=["cmt", "ect", "mf", "edm2", "sct", "scd"], required=True)
+    p.add_argument("--jvp", default="func", help="sCT / sCD: the tangent's JVP, 'func' or 'fd'")
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", default="auto")
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--sigterm-at", type=int, default=None, help="SIGTERM rank 1 at the start of that step")
     p.add_argument("--shard-teacher", action="store_true")
+    p.add_argument("--count-reductions", action="store_true",
+                   help="under DDP: count the gradient all-reduces (a comm hook on every bucket) into reductions.json")
     p.add_argument("--one-process-group", action="store_true",
                    help="without torchrun: join a process group of this one process (NCCL on CUDA, else gloo), so "
                         "that --parallel fsdp shards at world size 1")
@@ -100,7 +131,10 @@ def main():
         td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
                               init_method="file://" + os.path.join(os.path.abspath(a.out), "process-group"))
     device = dist.init()
-    net, objective, data = build(a.objective)
+    reductions = count_reductions() if a.count_reductions else None
+    net, objective, data = build(a.objective, a.jvp)
+    if reductions is not None:
+        reductions["trained_elements"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",
                       lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=5 * BATCH / 1000,
                       parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher,
@@ -108,6 +142,9 @@ def main():
     res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at, a.sigterm_at), data, a.out, device)
     if dist.rank() == 0:
         torch.save(dict(net=res.net.state_dict(), ema=res.ema.state_dict()), os.path.join(a.out, "final.pt"))
+        if reductions is not None:
+            with open(os.path.join(a.out, "reductions.json"), "w") as f:
+                json.dump(reductions, f)
     dist.barrier()
     dist.shutdown()
 

@@ -75,12 +75,14 @@ def test_throughput_bench_smoke(tmp_path):
     # --peak-tflops makes the CPU run take the MFU path (FLOPs counted over one step, JVPs included)
     res = load("throughput").main(["--smoke", "--peak-tflops", "1", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["rows"]}
-    assert set(rows) == {"cmt", "cmt_graph", "cmt_cache", "ect", "ecd_euler", "ecd_heun", "sct", "scd"}
+    assert set(rows) == {"cmt", "cmt_graph", "cmt_cache", "ect", "ecd_euler", "ecd_heun", "sct", "scd", "sct_fd",
+                         "scd_fd"}
     assert rows["cmt"]["relative_to_cmt"] == 1.0
     assert rows["cmt"]["teacher_nfe_per_pair"] == 1 and rows["cmt_cache"]["teacher_nfe_per_pair"] == 0
     assert rows["ecd_heun"]["teacher_nfe_per_pair"] == 2
     assert all(r["ms"] > 0 and r["pairs_per_s"] > 0 and r["mfu"] > 0 for r in rows.values())
     assert rows["sct"]["tflops"] > rows["ect"]["tflops"]  # the JVP's FLOPs are counted
+    assert rows["sct_fd"]["tflops"] > rows["ect"]["tflops"]  # two forwards for the tangent
     assert rows["cmt"]["images_per_s"] * 16 == pytest.approx(rows["cmt"]["pairs_per_s"])
     exts = sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path))
     assert exts == [".json", ".md", ".png"]
@@ -100,9 +102,12 @@ def test_throughput_compiled_rows_smoke(tmp_path):
 
 def test_jvp_bench_smoke(tmp_path):
     res = load("jvp").main(["--smoke", "--out", str(tmp_path)])
-    assert [r["variant"] for r in res["rows"]] == ["mf_dual", "mf_forward_ad", "mf_math_attention", "flow_matching"]
+    assert [r["variant"] for r in res["rows"]] == ["mf_dual", "mf_forward_ad", "mf_math_attention", "mf_fd",
+                                                   "flow_matching"]   # mf_dual_autocast: CUDA only
     assert all(r["ms"] > 0 and r["peak_gib"] > 0 for r in res["rows"])
-    assert all(r["jvp_ms"] > 0 for r in res["rows"][:3]) and res["rows"][3]["jvp_ms"] is None
+    assert all(r["jvp_ms"] > 0 for r in res["rows"][:4]) and res["rows"][4]["jvp_ms"] is None
+    # the exact paths at float32 rounding of the float64 JVP, the central difference at its truncation + rounding
+    assert all(r["jvp_rel_err"] < 1e-5 for r in res["rows"][:3]) and 1e-6 < res["rows"][3]["jvp_rel_err"] < 1e-2
     assert res["mf_over_fm"] > 1  # a Mean Flow step does more work than a flow-matching step
 
 

@@ -1,7 +1,8 @@
 """Data parallelism on CPU with gloo (engine/dist.py, engine/loop.py): the objectives' sharded randomness, a
-2-process run against a 1-process run with the same global batch (CMT, ECT, Mean Flow), checkpoints that resume
-at another world size, an elastic restart after SIGKILL, the errors for batches that do not divide, and a recipe
-under torchrun. The multi-process runs go through tests/dist_harness.py under torch.distributed.run."""
+2-process run against a 1-process run with the same global batch (CMT, ECT, Mean Flow, EDM2; sCT and sCD under
+FSDP2 and DDP), checkpoints that resume at another world size, an elastic restart after SIGKILL, the errors for
+batches that do not divide, and a recipe under torchrun. The multi-process runs go through tests/dist_harness.py
+under torch.distributed.run."""
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torch
 from engine import dist
 from engine.loop import StageConfig, train_stage
 from engine.networks import DiT, SongUNet
-from engine.objectives import CMT, ECT, CMTMeanFlow, FlowMatching, MeanFlow, SlowCMT, StepRNG, squared_l2
+from engine.objectives import CMT, ECT, SCD, SCT, CMTMeanFlow, FlowMatching, MeanFlow, SlowCMT, StepRNG, squared_l2
 from engine.precond import CMPrecond, EDMPrecond
 
 from devices import DEVICES
@@ -88,7 +89,7 @@ def _per_image_losses(objective, net, x, y, world, pairs_per_image=1):
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("name", ["cmt", "slow_cmt", "ect", "mf", "fm", "cmt_mf", "cmt_mf_subset"])
+@pytest.mark.parametrize("name", ["cmt", "slow_cmt", "ect", "mf", "fm", "cmt_mf", "cmt_mf_subset", "sct", "scd"])
 def test_sharded_objectives_equal_the_unsharded_batch(name):
     """Rank r of 2 on its half of the batch computes exactly the per-pair losses one process computes for those
     rows: noise, times, r = t rows, label dropout and Slow-CMT levels all follow the global batch."""
@@ -105,6 +106,10 @@ def test_sharded_objectives_equal_the_unsharded_batch(name):
         objective, net = SlowCMT(teacher, nfe=4, distance=squared_l2), CMPrecond(_unet())
     elif name == "ect":
         objective, net = ECT(q=4), CMPrecond(_unet())
+    elif name in ("sct", "scd"):
+        objective = SCT() if name == "sct" else SCD(teacher)
+        objective.weight.double()
+        net = CMPrecond(_unet())
     elif name.startswith("cmt_mf"):
         k = 5 if name == "cmt_mf_subset" else None
         objective = CMTMeanFlow(_dit().eval().requires_grad_(False), trajectories_per_batch=8, pairs_per_trajectory=k)
@@ -183,6 +188,35 @@ def test_ddp_equals_one_process(tmp_path):
     run_ok(["--objective", "mf", "--out", two, "--parallel", "ddp"], nproc=2)
     assert_losses_close(losses(one), losses(two))
     assert_states_close(final(one), final(two))
+
+
+@pytest.mark.parametrize("objective,jvp", [("sct", "fd"), ("scd", "func")])
+def test_scm_under_fsdp2_and_ddp_equals_one_process_and_resumes_at_the_other_world_size(objective, jvp, tmp_path):
+    """sCT (its tangent by central differences) and sCD (torch.func.jvp through the sharded network): 2 gloo
+    processes under FSDP2 and under DDP against one process, same global batch of 8 — the 20 per-step losses within
+    1e-5 relative, the final float64 weights within 1e-9 (the adaptive weight w_φ, averaged over the ranks by the
+    loop, enters every loss). DDP reduces the network's gradients exactly once per step: 20 all-reduces of all of
+    its parameters in 20 steps (the tangent pass goes around the wrapper). Then a run stopped after step 10 at one
+    world size and resumed at the other ends like the uninterrupted run."""
+    flags = ["--objective", objective, "--jvp", jvp]
+    one = str(tmp_path / "one")
+    run_ok([*flags, "--out", one])
+    for parallel in ("fsdp", "ddp"):
+        two = str(tmp_path / parallel)
+        run_ok([*flags, "--out", two, "--parallel", parallel, "--count-reductions"], nproc=2)
+        assert_losses_close(losses(one), losses(two))
+        assert len(losses(one)) == 20
+        assert_states_close(final(one), final(two))
+        if parallel == "ddp":
+            counts = json.load(open(os.path.join(two, "reductions.json")))
+            assert counts["buckets"] == 20 and counts["elements"] == 20 * counts["trained_elements"], counts
+    first, second = (2, None) if objective == "sct" else (None, 2)
+    out = str(tmp_path / "resumed")
+    run_ok([*flags, "--out", out, "--stop-at", "10"], nproc=first)
+    done = run_ok([*flags, "--out", out], nproc=second)
+    assert "resuming stage 'stage' from" in done.stdout and "ckpt-000000000080" in done.stdout
+    assert_losses_close(losses(one), losses(out))
+    assert_states_close(final(one), final(out))
 
 
 @pytest.mark.parametrize("objective,first,second", [("mf", 2, None), ("mf", None, 2), ("edm2", 2, None),

@@ -90,7 +90,9 @@ def attention_block(attn, x, dx):
     B, N, C = x.shape
     H = attn.heads
     scale = 1 / math.sqrt(C // H)
-    if ops.attention_backend(x) == "cpp" and x.dtype != torch.bfloat16:
+    # the fused C++ block computes in one dtype; under autocast (mixed bf16 / fp32 streams) the per-op path runs
+    if ops.attention_backend(x) == "cpp" and x.dtype == dx.dtype != torch.bfloat16 \
+            and not torch.is_autocast_enabled(x.device.type):
         from engine import _C
         out, dout = _C.attention_block_jvp(x, dx, attn.qkv.weight, attn.qkv.bias, attn.proj.weight,
                                            attn.proj.bias, H, scale)

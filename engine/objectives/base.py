@@ -131,6 +131,11 @@ class Objective:
         """Move owned modules (not frozen teachers, which the caller places) to `device`."""
         return self
 
+    def identity_omits(self) -> set:
+        """Names of settings left out of the stage identity (engine/stage_config.py describe_object): ones added
+        to the engine after runs existed, while at the value those runs had, and ones that do not apply."""
+        return set()
+
     def state_dict(self) -> dict:
         return {}
 

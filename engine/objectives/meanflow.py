@@ -9,9 +9,11 @@
 Mean Flow's JVP is a no-grad JVP of the network along (ṽ, 0, 1) in (z, r, t), taken only on the rows with r ≠ t
 (rows with r = t have (t − r)·du/dt = 0): by default the network's own dual-stream `jvp` when it has one (the DiT:
 primal and tangent batched through each linear layer, attention (O, Ȯ) in one kernel pass;
-engine/networks/dit_jvp.py), `torch.func.jvp` otherwise or with jvp='func'. The prediction is an ordinary forward — docs/spec/mf.md §1.3
-option (b): only the ordinary forward carries gradients, so a DDP/FSDP wrapper sees a normal forward, and the
-JVP may run on the unwrapped module (`jvp_net`). Classifier-free guidance is folded into the target as the
+engine/networks/dit_jvp.py), `torch.func.jvp` otherwise or with jvp='func', the central difference
+(u(z + hṽ, t + h, r) − u(z − hṽ, t − h, r))/2h with jvp='fd' (step h = `fd_step`), all in `jvp_precision`
+(engine/jvp.py: float32 by default under bf16 autocast). The prediction is an ordinary forward — docs/spec/mf.md
+§1.3 option (b): only the ordinary forward carries gradients, so a DDP/FSDP wrapper sees a normal forward, and the
+JVP runs on `dist.jvp_view` of the network (or `jvp_net`). Classifier-free guidance is folded into the target as the
 official code does (§1.6); label dropout sends the first rows of the batch to the null class with the unguided v.
 """
 from __future__ import annotations
@@ -21,14 +23,15 @@ import math
 import torch
 
 from engine import dist
-from engine.checks import finite, probability
+from engine import jvp as jvp_ops
+from engine.checks import finite, one_of, probability
 from engine.files import EngineError
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
 from engine.solvers import flow_heun_trajectory, mean_flow_trajectory
 
-JVP_MODES = ("auto", "dual", "func")
+JVP_MODES = ("auto", "dual", "func", "fd")
 PAIR_RULES = ("nonadjacent28", "all36", "drop_start28", "drop_end28", "grid8")
 
 
@@ -82,17 +85,19 @@ class FlowMatching(Objective):
 class MeanFlow(Objective):
     """Mean Flow (docs/spec/mf.md §1.11, official semantics). Defaults: ImageNet (μ −0.4, σ 1.0, 75% of rows r = t),
     adaptive weight p = 1, c = 0.01, label dropout 0.1; guidance ω, κ on [t_start, t_end] (ω = 1, κ = 0: none).
-    `jvp_net`, if given, is the module the JVP runs on (the unwrapped network under DDP/FSDP); `jvp`: 'auto' (the
-    network's dual-stream `jvp` method when it has one), 'dual' (require it) or 'func' (torch.func.jvp)."""
+    `jvp_net`, if given, is the module the JVP runs on (else `dist.jvp_view` of the trained network); `jvp`: 'auto'
+    (the network's dual-stream `jvp` method when it has one, else torch.func.jvp), 'dual' (require it), 'func'
+    (torch.func.jvp) or 'fd' (central difference with step `fd_step`); `jvp_precision` 'fp32' or 'autocast'
+    (engine/jvp.py)."""
 
     name = "mf"
 
     def __init__(self, mu: float = -0.4, sigma: float = 1.0, r_equals_t: float = 0.75, p: float = 1.0,
                  c: float = 0.01, label_dropout: float = 0.1, omega: float = 1.0, kappa: float = 0.0,
-                 t_start: float = 0.0, t_end: float = 1.0, jvp_net=None, jvp: str = "auto"):
-        if jvp not in JVP_MODES:
-            raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
+                 t_start: float = 0.0, t_end: float = 1.0, jvp_net=None, jvp: str = "auto",
+                 fd_step: float = jvp_ops.FD_STEP, jvp_precision: str = "fp32"):
         w = "MeanFlow"
+        one_of("jvp", jvp, JVP_MODES, w)
         self.r_equals_t = probability("r_equals_t (a fraction of the batch)", r_equals_t, w, below_one=False)
         self.mu, self.sigma = finite("mu", mu, w), finite("sigma", sigma, w, low=0.0, strict=True)
         self.p, self.c = finite("p", p, w, low=0.0), finite("c", c, w, low=0.0, strict=True)
@@ -102,6 +107,14 @@ class MeanFlow(Objective):
         if self.t_start > self.t_end:
             raise EngineError(f"{w}: the guidance interval [t_start, t_end] = [{t_start}, {t_end}] is empty")
         self.jvp_net, self.jvp_mode = jvp_net, jvp
+        self.fd_step, self.jvp_precision = jvp_ops.check_step(fd_step, w), jvp_ops.check_precision(jvp_precision, w)
+        jvp_ops.check_fd_precision(jvp, self.jvp_precision, w)
+
+    def identity_omits(self) -> set:
+        """The JVP precision at the value every run had before it existed (float32: those were CPU runs, whose loop
+        has no autocast), and the step when no finite difference is taken (Objective.identity_omits)."""
+        return ({"jvp_precision"} if self.jvp_precision == "fp32" else set()) | \
+            ({"fd_step"} if self.jvp_mode != "fd" else set())
 
     @property
     def guided(self) -> bool:
@@ -147,20 +160,24 @@ class MeanFlow(Objective):
 
     @torch.no_grad()
     def time_derivative(self, jnet, z, r, t, y, v_tilde) -> torch.Tensor:
-        """du/dt = J_z u·ṽ + ∂_t u (docs/spec/mf.md §1.2), no grad, on the unwrapped module (docs/spec/mf.md §2.7)."""
-        jnet = dist.unwrap(jnet)
+        """du/dt = J_z u·ṽ + ∂_t u (docs/spec/mf.md §1.2), no grad, on the JVP view of `jnet` (engine/dist.py), in
+        the JVP precision."""
+        jnet = dist.jvp_view(jnet)
         dual = getattr(jnet, "jvp", None)
         if self.jvp_mode == "dual" and dual is None:
             raise TypeError(f"jvp='dual' needs a network with a dual-stream jvp method (engine.networks.DiT); "
                             f"{type(jnet).__name__} has none")
-        if self.jvp_mode != "func" and dual is not None:
-            return dual(z, t, r, y, v_tilde, torch.ones_like(t), torch.zeros_like(r),
-                        gather=dist.unsharded)[1].to(z.dtype)
-        if dist.is_distributed() and dist.is_sharded(jnet):
-            raise TypeError("jvp='func' (torch.func.jvp) cannot trace an FSDP-sharded network; use the dual-stream "
-                            "JVP (jvp='auto' with engine.networks.DiT) or StageConfig(parallel='ddp')")
-        return torch.func.jvp(lambda zz, rr, tt: jnet(zz, tt, rr, y).to(zz.dtype), (z, r, t),
-                              (v_tilde, torch.zeros_like(r), torch.ones_like(t)))[1]
+        zz, rr, tt, vv = jvp_ops.at_least_fp32(self.jvp_precision, z, r, t, v_tilde)
+        with jvp_ops.precision(self.jvp_precision, z.device):
+            if self.jvp_mode == "fd":
+                d = jvp_ops.central_difference(lambda a, b: jnet(a, b, rr, y), (zz, tt), (vv, torch.ones_like(tt)),
+                                           self.fd_step)
+            elif self.jvp_mode != "func" and dual is not None:
+                d = dual(zz, tt, rr, y, vv, torch.ones_like(tt), torch.zeros_like(rr), gather=dist.unsharded)[1]
+            else:
+                d = torch.func.jvp(lambda a, b, c: jnet(a, c, b, y), (zz, rr, tt),
+                                   (vv, torch.zeros_like(rr), torch.ones_like(tt)))[1]
+        return d.to(z.dtype)
 
     def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
         x = images.to(noise_dtype(images))
@@ -181,7 +198,8 @@ class MeanFlow(Objective):
         u = net(z, t, r, y).to(x.dtype)
         e = (u - u_tgt).square().reshape(B, -1).sum(1)
         loss = e / (e.detach() + self.c) ** self.p
-        return LossOutput(loss=loss, pairs=B, student_forward=B + evals + (B - n_eq), student_backward=B)
+        passes = 2 if self.jvp_mode == "fd" else 1   # the JVP: one pass, or two forwards
+        return LossOutput(loss=loss, pairs=B, student_forward=B + evals + passes * (B - n_eq), student_backward=B)
 
 
 @torch.no_grad()
