@@ -25,7 +25,7 @@ skipped with the reason printed. Sections, in order (the order is the priority w
   throughput_compiled  the CMT (L2, LPIPS) and ECT rows with every block compiled (--compile default)
   imagenet512  the headline's CMT / CT / CD-Euler / CD-Heun steps at EDM2-XXL, 16 pairs (bench/imagenet512.py)
   edm2         EDM2 presets and the ImageNet-64 XL steps (bench/edm2.py)
-  jvp          Mean Flow JVP paths at DiT-XL/2 (bench/jvp.py)
+  jvp          Mean Flow JVP paths at DiT-XL/2 (bench/jvp.py): exact, dual-stream, central difference, bf16 tangent
   loader       the batch stream's images/s from a 64×64 PNG zip (bench/loader.py)
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def sections(out: str, dry: bool) -> list[tuple[str, list[str] | None, int, str 
                                       "cmt_graph,cmt_graph_lpips,ect", "--reps", "10", "--warmup", "3"), 120, None),
         ("imagenet512", bench("imagenet512.py", "--reps", "3", "--warmup", "1"), 75, None),
         ("edm2", bench("edm2.py", "--reps", "3", "--warmup", "1"), 60, None),
-        ("jvp", bench("jvp.py"), 45, None),
+        ("jvp", bench("jvp.py"), 75, None),   # six variants at XL/2, each with a float64 reference JVP
         ("loader", bench("loader.py", "--images", "2048"), 30, None),
     ]
 

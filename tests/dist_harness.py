@@ -5,8 +5,8 @@
 
 It trains 20 steps of 8 pairs (a checkpoint every 5 steps, a log record every step) on float64 synthetic data
 with a tiny DDPM++ (CMT's teacher and student, ECT; sCT and sCD with their tangent warm-up and float64 adaptive
-weight, `--jvp func|fd`), a tiny Mean Flow DiT (guidance and label dropout on) or a tiny EDM2 U-Net with EDM2's
-loss (forced weight normalisation, two tracked power EMAs snapshotted), and
+weight), a tiny Mean Flow DiT (guidance and label dropout on; `--jvp` picks either's JVP) or a tiny EDM2 U-Net
+with EDM2's loss (forced weight normalisation, two tracked power EMAs snapshotted), and
 writes final.pt (the consolidated network and EMA) on rank 0. --stop-at N leaves every rank after the checkpoint
 of step N, as if the job ended there; --kill-at N SIGKILLs rank 1 at step N on the first attempt only (torchrun
 --max-restarts then restarts the job, which resumes). float64 makes 1- and 2-process runs agree to ~1e-12, so the
@@ -36,7 +36,7 @@ def unet():
                     num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
 
-def build(objective: str, jvp: str = "func"):
+def build(objective: str, jvp: str = "default"):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if objective == "edm2":   # EDM2's U-Net and loss: forced weight normalisation of sharded weights, tracked EMAs
@@ -49,11 +49,12 @@ def build(objective: str, jvp: str = "func"):
         net = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
         data = TensorSource(torch.randn(64, 1, 8, 8, generator=g, dtype=torch.float64),
                             torch.randint(0, 4, (64,), generator=g))
-        return net.double(), MeanFlow(omega=0.6, kappa=0.2, label_dropout=0.25), data
+        return net.double(), MeanFlow(omega=0.6, kappa=0.2, label_dropout=0.25,
+                                      jvp="auto" if jvp == "default" else jvp), data
     data = TensorSource(torch.rand(64, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1)
     if objective in ("sct", "scd"):
         # the tangent warm-up changes r_w every step (set_progress); w_φ in float64 like the network
-        kw = dict(warmup_kimg=0.08, jvp=jvp)
+        kw = dict(warmup_kimg=0.08, jvp="func" if jvp == "default" else jvp)
         obj = SCT(**kw) if objective == "sct" else \
             SCD(EDMPrecond(unet()).double().eval().requires_grad_(False), **kw)
         obj.weight.double()
@@ -112,7 +113,9 @@ def count_reductions() -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--objective", choices=["cmt", "ect", "mf", "edm2", "sct", "scd"], required=True)
-    p.add_argument("--jvp", default="func", help="sCT / sCD: the tangent's JVP, 'func' or 'fd'")
+    p.add_argument("--jvp", default="default",
+                   help="the JVP of sCT / sCD ('func' by default, or 'fd') and of Mean Flow ('auto' by default, "
+                        "'dual', 'func' or 'fd')")
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", default="auto")
     p.add_argument("--stop-at", type=int, default=None)

@@ -143,14 +143,16 @@ def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_pa
 # ---- multi-process, through torchrun -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("objective,flags", [("cmt", []), ("cmt", ["--shard-teacher"]), ("ect", []), ("mf", []),
-                                            ("edm2", [])])
+                                            ("mf", ["--jvp", "func"]), ("edm2", [])])
 def test_two_processes_equal_one(objective, flags, tmp_path):
     """FSDP2 over 2 gloo processes against one process, same global batch of 8: every one of the 20 per-step
     losses within 1e-5 relative, and the final weights (float64) within 1e-9. CMT also with its frozen teacher
-    FSDP-sharded (gathered block by block inside the teacher's solve). EDM2: its weights renormalised shard by shard
-    after every step, and the tracked EMAs' snapshots equal too."""
+    FSDP-sharded (gathered block by block inside the teacher's solve). Mean Flow with its dual-stream JVP (weights
+    gathered by dist.unsharded) and with torch.func.jvp through the FSDP2 modules' own hooks. EDM2: its weights
+    renormalised shard by shard after every step, and the tracked EMAs' snapshots equal too."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_ok(["--objective", objective, "--out", one])
+    both = flags if flags[:1] == ["--jvp"] else []       # the objective's own settings go to both runs
+    run_ok(["--objective", objective, "--out", one, *both])
     run_ok(["--objective", objective, "--out", two, *flags], nproc=2)
     assert sorted(os.listdir(os.path.join(two, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dirs
     assert_losses_close(losses(one), losses(two))
