@@ -53,7 +53,9 @@ setup(
                       "tqdm>=4.60", "matplotlib>=3.5"],
     # Triton for the tests: CPU machines check the kernels in its interpreter (CUDA builds of torch bring it anyway)
     # diffusers: the reference AutoencoderKL the VAE tests compare against (it does not depend on torch)
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10", "triton>=3.2", "diffusers>=0.25"]},
+    # transformers: the reference CLIP text model and tokenizer the text-encoder tests compare against (no torch dependency)
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10", "triton>=3.2", "diffusers>=0.25",
+                             "transformers>=4.40"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -19,6 +19,7 @@ skipped with the reason printed. Sections, in order (the order is the priority w
                Mean Flow JVP paths; tests/devices.py)
   loop_bf16    the gmm recipe's --smoke on CUDA: the loop with bf16 autocast, the graph teacher, kernels
   headline_smoke  recipes/imagenet512_cmt_ecd.py --smoke on CUDA: float32 + TF32 stages, E-LatentLPIPS, VAE decoding
+  coco_smoke   recipes/coco_t2i_cmt_mf.py --smoke on CUDA: the MM-DiT under bf16 autocast, REPA, the dual-stream JVP
   fast_teacher fused DPM-Solver++ update vs copy bandwidth, CUDA-graph teacher vs eager (bench/fast_teacher.py)
   throughput   CMT vs ECT / ECD / sCT / sCD at CIFAR-10 batch 128, eager and graph + kernels, CMT with LPIPS and
                squared L2 (bench/throughput.py)
@@ -61,6 +62,8 @@ def sections(out: str, dry: bool) -> list[tuple[str, list[str] | None, int, str 
         ("tests", tests, 150, None),
         ("loop_bf16", None if dry else recipe("gmm_cmt_ect.py", "loop_bf16"), 60, "needs a CUDA device" if dry else None),
         ("headline_smoke", None if dry else recipe("imagenet512_cmt_ecd.py", "headline_smoke"), 90,
+         "needs a CUDA device" if dry else None),
+        ("coco_smoke", None if dry else recipe("coco_t2i_cmt_mf.py", "coco_smoke"), 45,
          "needs a CUDA device" if dry else None),
         ("fast_teacher", bench("fast_teacher.py"), 60, None),
         ("throughput", bench("throughput.py"), 60, None),

@@ -82,14 +82,18 @@ def default_schedules(net) -> list[tuple[float, ...]]:
     return [(1.0,), (1.0, 0.5)] if is_flow_map(net) else [(80.0,), (80.0, 0.821)]
 
 
-def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None) -> torch.Tensor:
+def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None,
+                 conditions=None) -> torch.Tensor:
     """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in). Each
     seed's generator draws, in order, its noise z, its class, and the fresh noise of every re-noising step; the
-    samplers are engine/solvers.py's."""
+    samplers are engine/solvers.py's. `conditions(seeds)`, when given, is the batch's condition instead of a drawn
+    class (caption features of text-to-image: recipes/coco_t2i_cmt_mf.py), a function of the seeds alone."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     labels = None
-    if label_dim:
+    if conditions is not None:
+        labels = conditions(seeds).to(device)
+    elif label_dim:
         labels = torch.tensor([int(torch.randint(label_dim, (1,), generator=g)) for g in gens], device=device)
     if schedule[0] == "heun":  # a diffusion network through EDM2's sampler
         x = edm2_sampler(net, z, labels, num_steps=schedule[1])
@@ -117,11 +121,12 @@ def check_statistics(detectors: dict, stats, stats_preprocessing: str | None = N
 
 def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 128, detectors=None,
              stats=None, device="cpu", decode=None, progress: bool = True, keep_samples: bool = False,
-             stats_preprocessing: str | None = None) -> dict:
+             stats_preprocessing: str | None = None, conditions=None) -> dict:
     """Samples and metrics for each schedule; on rank 0 the result dict, on other ranks None.
 
     `detectors`: {metric: feature network}; `stats`: reference statistics (engine.metrics.reference_stats);
-    `stats_preprocessing`: the FID preprocessing of statistics that do not record one (check_statistics)."""
+    `stats_preprocessing`: the FID preprocessing of statistics that do not record one (check_statistics);
+    `conditions`: the samples' conditions as a function of their seeds (sample_batch)."""
     detectors = detectors or {}
     check_statistics(detectors, stats, stats_preprocessing)
     label_dim = int(getattr(getattr(net, "model", net), "label_dim", 0) or 0)
@@ -138,7 +143,7 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
         t0 = time.time()
         for b in tqdm(mine, desc=key, disable=not progress or dist.rank() != 0):
             seeds = list(range(seed_start + b * batch, seed_start + min((b + 1) * batch, num)))
-            images = sample_batch(net, seeds, shape, schedule, label_dim, device, decode)
+            images = sample_batch(net, seeds, shape, schedule, label_dim, device, decode, conditions)
             feats = {m: d(images).cpu() for m, d in detectors.items()}
             local.append((b, images.cpu() if keep_samples or b == 0 else None, feats))
         gathered = dist.gather_objects(local)

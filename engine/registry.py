@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.elatentlpips import LatentVGG
 from engine.files import CheckpointError, short_list
-from engine.networks import DhariwalUNet, DiT, EDM2UNet, MLPNet, SongUNet
+from engine.networks import DhariwalUNet, DiT, EDM2UNet, MLPNet, MMDiT, SongUNet
 from engine.precond import CMPrecond, EDM2Precond, EDMPrecond
 
 __all__ = ['PRECONDS', 'BACKBONES', 'DESCRIPTION_VERSION', 'describe_network', 'build_from_description', 'precond_default']
@@ -25,7 +25,7 @@ __all__ = ['PRECONDS', 'BACKBONES', 'DESCRIPTION_VERSION', 'describe_network', '
 # The only classes a checkpoint can make us build. Keys are the names stored in our descriptions.
 PRECONDS: dict[str, type[nn.Module]] = {'EDMPrecond': EDMPrecond, 'CMPrecond': CMPrecond, 'EDM2Precond': EDM2Precond}
 BACKBONES: dict[str, type[nn.Module]] = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet, 'DiT': DiT,
-                                         'EDM2UNet': EDM2UNet, 'LatentVGG': LatentVGG}
+                                         'MMDiT': MMDiT, 'EDM2UNet': EDM2UNet, 'LatentVGG': LatentVGG}
 
 DESCRIPTION_VERSION = 1
 

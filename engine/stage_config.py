@@ -175,9 +175,13 @@ def describe_object(value, depth: int = 0, memo: dict | None = None):
         # an object may name settings that are not part of what it computes (`identity_omits`: ones added after
         # runs existed, at the value those runs had; ones that do not apply), so that upgrading does not orphan runs
         omit = value.identity_omits() if callable(getattr(value, "identity_omits", None)) else set()
+        # a wrapping objective (LatentPosterior, REPA) is described with its inner objective at its own depth, so
+        # that stacking wrappers never hides the inner objective's settings behind the depth limit
+        from engine.objectives.base import Wrapper
+        inner_depth = depth if isinstance(value, Wrapper) else depth + 1
         return {"class": type(value).__name__,
-                **{k: describe_object(v, depth + 1, memo) for k, v in sorted(vars(value).items())
-                   if not k.startswith("_") and k not in omit}}
+                **{k: describe_object(v, inner_depth if k == "inner" else depth + 1, memo)
+                   for k, v in sorted(vars(value).items()) if not k.startswith("_") and k not in omit}}
     return type(value).__name__
 
 

@@ -94,6 +94,34 @@ def test_imagenet256_cmt_mf_smoke_and_missing_data(tmp_path):
         assert os.path.exists(os.path.join(out, "cmt_mf", stage, "ema.safetensors"))
 
 
+def test_coco_t2i_cmt_mf_smoke_and_missing_data(tmp_path, capsys, monkeypatch):
+    """The MS-COCO text-to-image pipeline: a clear message naming both missing inputs; --smoke runs the REPA SiT
+    teacher, CMT-MF from its weights and Mean Flow, and both baselines (random and SiT init, at the CMT arm's mid +
+    post budget), writing the table; a rerun resumes every finished stage instead of training it again."""
+    mod = load("coco_t2i_cmt_mf")
+    for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_VAE_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match=r"needs --data \(the COCO 256² SD-VAE latent dataset\) and --captions "
+                                         r"\(its caption store with REPA features\)"):
+        mod.main(["--out", str(tmp_path / "x"), "--device", "cpu"])
+    out = str(tmp_path / "run")
+    res = mod.main(["--smoke", "--out", out, "--device", "cpu"])
+    runs = res["runs"]
+    assert runs["cmt_mf"]["kimg"] == {"pre": 0.032, "mid": 0.112, "post": 0.032}
+    assert runs["mf_sit"]["kimg"] == {"pre": 0.032, "post": 0.144} and runs["mf_random"]["kimg"] == {"post": 0.144}
+    assert "| mf_random |" in res["table"] and os.path.exists(os.path.join(out, "results.json"))
+    for arm, stage in (("cmt_mf", "pre_sit_teacher"), ("cmt_mf", "mid_cmt"), ("cmt_mf", "post_mf"),
+                       ("mf_random", "post_mf"), ("mf_sit", "post_mf")):
+        assert os.path.exists(os.path.join(out, arm, stage, "ema.safetensors")), (arm, stage)
+    full = mod.Config()
+    assert (full.repa_weight, full.trajectories_per_batch, full.pair_rule, full.fid_samples) == \
+        (0.5, 4, "nonadjacent28", 30_000) and full.omega / (1 - full.kappa) == 2.0
+    assert "FID-30k not computed: missing --val" in capsys.readouterr().out
+    again = mod.main(["--smoke", "--out", out, "--device", "cpu"])
+    assert again["runs"]["cmt_mf"]["kimg"] == runs["cmt_mf"]["kimg"]
+    assert capsys.readouterr().out.count("resuming stage") == 5
+
+
 def test_imagenet64_cmt_ect_smoke_and_required_settings(tmp_path, capsys, monkeypatch):
     """The ImageNet-64 pipeline: without the choices the paper leaves open the run stops, naming EDM2's published
     files, and writes nothing; --smoke runs CMT → ECT and CMT → ECD on a tiny MP-UNet with a checkpoint per stage

@@ -27,7 +27,13 @@ class _StepBatches(Dataset):
         return self.steps
 
     def read(self, k: int, device):
-        return self.source.batch(self.sampler.indices(self.start + k * self.n, self.n, self.rank, self.world), device)
+        position = self.start + k * self.n
+        idx = self.sampler.indices(position, self.n, self.rank, self.world)
+        if hasattr(self.source, "batch_at"):   # a source whose draws follow the stream position (captions)
+            share = self.n // self.world
+            positions = position + self.rank * share + torch.arange(share)
+            return self.source.batch_at(idx, positions, device)
+        return self.source.batch(idx, device)
 
     def __getitem__(self, k: int):            # in a worker: CPU tensors, no labels as an empty tensor
         images, labels = self.read(k, "cpu")
@@ -65,8 +71,10 @@ class BatchStream:
         self._k += 1
         blocking = not (self.workers and self.device.type == "cuda")
         images = images.to(self.device, non_blocking=not blocking)
-        labels = None if labels.numel() == 0 else labels.to(self.device, non_blocking=not blocking)  # none: empty
-        return images, labels
+        move = lambda t: t.to(self.device, non_blocking=not blocking)
+        if isinstance(labels, (tuple, list)):     # several conditioning tensors (captions and REPA targets)
+            return images, tuple(move(t) for t in labels)
+        return images, (None if labels.numel() == 0 else move(labels))  # none: empty
 
     def close(self) -> None:
         """Stop the workers (a stage that ends early — a signal, an error — leaves none behind)."""

@@ -1,4 +1,6 @@
-"""DINOv2 ViT-L/14, the feature network of FD_DINOv2 (docs/spec/edm2_latent.md §5.1): 1024-d final-norm CLS token.
+"""DINOv2 ViT-L/14, the feature network of FD_DINOv2 (docs/spec/edm2_latent.md §5.1): 1024-d final-norm CLS token;
+and ViT-B/14 (`DINOv2.from_file(path, "vitb14")`, file dinov2_vitb14_pretrain.pth: the same architecture at width
+768, depth 12, 12 heads), whose normalised patch tokens are REPA's alignment target (`repa_features`, below).
 
 Implemented here and loaded from the released weight file `dinov2_vitl14_pretrain.pth` (the state dict the
 `facebookresearch/dinov2` hub entry `dinov2_vitl14` loads): `cls_token`, `pos_embed` [1, 1 + 37², 1024] (trained
@@ -8,6 +10,12 @@ mlp.fc2, ls2.gamma}`, `norm.*`. 24 pre-norm blocks, 16 heads, LayerNorm ε = 1e-
 Preprocessing as EDM2's protocol: uint8 images resized to 224×224 (bicubic, antialiased), /255, normalised with
 ImageNet's mean and std. At 224² the 37×37 position grid is resampled to 16×16 as DINOv2 does: bicubic
 interpolation with scale factor (16 + 0.1)/37 (its `interpolate_offset`), no antialiasing.
+
+REPA's target (github sihyun-yu/REPA at 67f7145, train.py `preprocess_raw_image`, utils.py `load_encoders`) differs
+in each of those steps, and `repa_features` follows it: /255 and the normalisation first, then a bicubic resize to
+224·(resolution/256) without antialiasing; the position grid resampled once to the 16·(resolution/256) patch grid
+by size (timm's resample_abs_pos_embed: bicubic, antialiased); the output is the final-norm patch tokens
+(`x_norm_patchtokens`) [N, 256, 768] at 256².
 """
 from __future__ import annotations
 
@@ -26,6 +34,10 @@ from engine.networks.dit import Attention, Mlp
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
 WHERE = ("pass its path (--dinov2), or set ENGINE_DINOV2_WEIGHTS; it is the `dinov2_vitl14` checkpoint of "
          "facebookresearch/dinov2 (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
+VARIANTS = {  # name: (dim, depth, heads, mlp, weight file)
+    "vitl14": (1024, 24, 16, 4096, WEIGHTS_FILE),
+    "vitb14": (768, 12, 12, 3072, "dinov2_vitb14_pretrain.pth"),
+}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -114,20 +126,52 @@ class DINOv2(nn.Module):
             x = block(x)
         return self.norm(x)[:, 0].float()
 
+    @torch.no_grad()
+    def repa_features(self, images: torch.Tensor) -> torch.Tensor:
+        """REPA's target: the final-norm patch tokens of uint8 RGB images [N, 3, R, R] with REPA's preprocessing
+        (module docstring) — [N, (16·R/256)², dim], float32."""
+        images = uint8_rgb(images, "DINOv2")
+        size = 224 * (images.shape[-1] // 256) if images.shape[-1] >= 256 else self.input_size
+        mean = torch.tensor(MEAN, device=images.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(STD, device=images.device).reshape(1, 3, 1, 1)
+        x = (images.to(torch.float32) / 255 - mean) / std
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        g = size // self.patch
+        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        m = int(math.isqrt(grid.shape[1]))
+        grid = F.interpolate(grid.reshape(1, m, m, -1).permute(0, 3, 1, 2).float(), size=(g, g), mode="bicubic",
+                             antialias=True, align_corners=False)
+        pos = torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, g * g, -1).to(cls_pos.dtype)], dim=1)
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:].float()
+
     @classmethod
-    def from_file(cls, path=None) -> "DINOv2":
-        path = weights_file(path, "ENGINE_DINOV2_WEIGHTS", f"FD_DINOv2 needs the DINOv2 ViT-L/14 weights "
-                            f"({WEIGHTS_FILE})", WHERE, names=(WEIGHTS_FILE,))
-        net = cls()
-        net.load_state_dict(read_dinov2_state(path, net), strict=True)
+    def from_file(cls, path=None, variant: str = "vitl14") -> "DINOv2":
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown DINOv2 variant {variant!r}; known: {', '.join(VARIANTS)}")
+        dim, depth, heads, mlp, file = VARIANTS[variant]
+        if variant == "vitl14":
+            env, where, purpose = "ENGINE_DINOV2_WEIGHTS", WHERE, "FD_DINOv2"
+        else:   # REPA's encoder (engine/data/captions.py stores its features beside the latents)
+            env, purpose = "ENGINE_REPA_DINOV2_WEIGHTS", "REPA's alignment target"
+            where = (f"pass its path (--dinov2), or set {env}; it is the `dinov2_{variant}` checkpoint of "
+                     f"facebookresearch/dinov2 (https://dl.fbaipublicfiles.com/dinov2/dinov2_{variant}/{file})")
+        path = weights_file(path, env, f"{purpose} needs the DINOv2 {variant} weights ({file})", where, names=(file,))
+        net = cls(dim=dim, depth=depth, heads=heads, mlp=mlp)
+        net.load_state_dict(read_dinov2_state(path, net, f"DINOv2 {variant} ({file})"), strict=True)
         net.source = {"file": os.fspath(path), "sha256": file_sha256(path)}
+        if variant != "vitl14":
+            net.source["variant"] = variant
         return net
 
 
-def read_dinov2_state(path, net: DINOv2) -> dict[str, torch.Tensor]:
+def read_dinov2_state(path, net: DINOv2, what: str = f"DINOv2 ViT-L/14 ({WEIGHTS_FILE})") -> dict[str, torch.Tensor]:
     state = read_state_dict_file(path)
     expected = net.state_dict()
     problems = mismatch_summary(expected, state)
     if problems:
-        raise ValueError(f"{path} is not DINOv2 ViT-L/14 ({WEIGHTS_FILE}): {problems}")
+        raise ValueError(f"{path} is not {what}: {problems}")
     return {k: state[k].float() for k in expected}

@@ -207,6 +207,16 @@ class DiT(nn.Module):
             raise ValueError(f"labels must be class indices [B] = [{batch}], got {tuple(labels.shape)}")
         return labels
 
+    # the conditioning interface the flow-map objectives use (class indices here, captions in engine/networks/mmdit.py)
+    def condition(self, labels, batch: int, device) -> torch.Tensor:
+        return self.labels_or_null(labels, batch, device)
+
+    def null_like(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(labels, self.num_classes)
+
+    def drop_condition(self, labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        return torch.where(drop, self.null_like(labels), labels)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, labels=None):
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).to(x.dtype).reshape(-1).expand(B)

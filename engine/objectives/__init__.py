@@ -13,6 +13,7 @@
     (their samplers and teacher solves, like every other, live in engine/solvers.py)
     Classification   cross-entropy, for the latent VGG of E-LatentLPIPS (engine/objectives/classification.py)
     LatentPosterior  any of them on VAE posterior samples of stored latent moments (engine/objectives/latent.py)
+    REPA      flow matching, Mean Flow or CMT-MF plus REPA's representation alignment (engine/objectives/repa.py)
 """
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.classification import Classification
@@ -22,8 +23,9 @@ from engine.objectives.ect import ECD, ECT
 from engine.objectives.edm import EDM2Loss, EDMLoss
 from engine.objectives.latent import LatentPosterior
 from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow
+from engine.objectives.repa import REPA
 from engine.solvers import mean_flow_sample  # the sampler lives in engine/solvers.py; kept importable here
 from engine.objectives.scm import SCD, SCT
 
 __all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "EDM2Loss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
-           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "Classification", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]
+           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "REPA", "Classification", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

@@ -144,3 +144,36 @@ class Objective:
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
+
+
+class Wrapper(Objective):
+    """An objective that transforms the batch (or the loss) around another, `inner`, and is otherwise that objective:
+    everything the loop asks of it is the inner one's (engine/objectives/latent.py, engine/objectives/repa.py)."""
+
+    def __init__(self, inner: Objective):
+        self.inner = inner
+
+    def images_per_step(self, batch_size: int) -> int:
+        return self.inner.images_per_step(batch_size)
+
+    def set_progress(self, nimg: int) -> None:
+        self.inner.set_progress(nimg)
+
+    def frozen_networks(self) -> list:
+        return self.inner.frozen_networks()
+
+    def log_values(self) -> dict:
+        return self.inner.log_values()
+
+    def parameters(self) -> list:
+        return self.inner.parameters()
+
+    def to(self, device) -> "Wrapper":
+        self.inner.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

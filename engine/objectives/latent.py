@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.base import LossOutput, StepRNG, Wrapper
 from engine.vae import BIAS, SCALE, SD_SCALING
 
 CONVENTIONS = ("sd", "edm2")
@@ -39,13 +39,14 @@ def posterior_sample(moments: torch.Tensor, noise: torch.Tensor, convention: str
     return z * scale + bias
 
 
-class LatentPosterior(Objective):
+class LatentPosterior(Wrapper):
     """`inner` on posterior samples of the moments the loader gives (engine.data.sampler.LatentSource)."""
 
-    def __init__(self, inner: Objective, convention: str = "sd"):
+    def __init__(self, inner, convention: str = "sd"):
         if convention not in CONVENTIONS:
             raise ValueError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
-        self.inner, self.convention = inner, convention
+        super().__init__(inner)
+        self.convention = convention
         self.name = f"{inner.name}@latents"
 
     def __call__(self, net, moments, labels, rng: StepRNG) -> LossOutput:
@@ -55,29 +56,3 @@ class LatentPosterior(Objective):
         c = moments.shape[1] // 2
         noise = rng.randn((moments.shape[0], c, *moments.shape[2:]), moments.device, torch.float32)
         return self.inner(net, posterior_sample(moments.float(), noise, self.convention), labels, rng)
-
-    # everything else is the inner objective's
-    def images_per_step(self, batch_size: int) -> int:
-        return self.inner.images_per_step(batch_size)
-
-    def set_progress(self, nimg: int) -> None:
-        self.inner.set_progress(nimg)
-
-    def frozen_networks(self) -> list:
-        return self.inner.frozen_networks()
-
-    def log_values(self) -> dict:
-        return self.inner.log_values()
-
-    def parameters(self) -> list:
-        return self.inner.parameters()
-
-    def to(self, device) -> "LatentPosterior":
-        self.inner.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)

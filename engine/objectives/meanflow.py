@@ -44,41 +44,61 @@ def logit_normal(n: int, mu: float, sigma: float, rng: StepRNG, device, dtype) -
 
 
 def null_labels(net, labels, batch: int, device):
-    """Class indices, with the network's null class for an unconditional batch."""
-    num = int(getattr(dist.unwrap(net), "num_classes", 0))
+    """The batch's condition: class indices (the null class when unconditional) for a DiT, caption features (the null
+    caption when None) for an MMDiT — the network's `condition`; attributes are read through a DDP wrapper."""
+    base = dist.unwrap(net)
+    if hasattr(base, "condition"):
+        return base.condition(labels, batch, device)
+    num = int(getattr(base, "num_classes", 0))
     if labels is None:
         return torch.full((batch,), num, dtype=torch.long, device=device)
     return labels.long()
 
 
-def null_class(net) -> int:
-    """The index of the network's null (unconditional) class; attributes are read through a DDP wrapper."""
-    return int(dist.unwrap(net).num_classes)
+def null_like(net, y: torch.Tensor) -> torch.Tensor:
+    """The null condition (null class, or null caption) in the shape of `y`."""
+    base = dist.unwrap(net)
+    return base.null_like(y) if hasattr(base, "null_like") else torch.full_like(y, int(base.num_classes))
+
+
+def repeat_rows(y: torch.Tensor, k: int) -> torch.Tensor:
+    """`y` repeated k times along the batch: class indices [B] or caption features [B, 77, D]."""
+    return y.repeat(k, *([1] * (y.ndim - 1)))
 
 
 class FlowMatching(Objective):
     """Flow-matching (SiT / REPA convention) pre-training of a flow-map network at r = t: the instantaneous
-    velocity. t ~ logit-normal(μ, σ); label dropout to the null class with probability `label_dropout`."""
+    velocity. t ~ logit-normal(μ, σ) or, with time='uniform', U[0, 1] (REPA's text-to-image training); label
+    dropout to the null condition with probability `label_dropout`; the squared error summed over elements, or
+    averaged with reduce='mean' (REPA's mean_flat, the scale its alignment weight 0.5 is set against)."""
 
     name = "fm"
 
-    def __init__(self, mu: float = -0.4, sigma: float = 1.0, label_dropout: float = 0.1):
+    def __init__(self, mu: float = -0.4, sigma: float = 1.0, label_dropout: float = 0.1, time: str = "logit_normal",
+                 reduce: str = "sum"):
         self.mu, self.sigma = finite("mu", mu, "FlowMatching"), finite("sigma", sigma, "FlowMatching", low=0.0,
                                                                        strict=True)
         self.label_dropout = probability("label_dropout", label_dropout, "FlowMatching")
+        self.time = one_of("time", time, ("logit_normal", "uniform"), "FlowMatching")
+        self.reduce = one_of("reduce", reduce, ("sum", "mean"), "FlowMatching")
+
+    def identity_omits(self) -> set:
+        return {k for k, v in dict(time="logit_normal", reduce="sum").items() if getattr(self, k) == v}
 
     def __call__(self, net, images, labels, rng: StepRNG) -> LossOutput:
         x = images.to(noise_dtype(images))
         B, device = x.shape[0], x.device
-        t = logit_normal(B, self.mu, self.sigma, rng, device, x.dtype)
+        t = logit_normal(B, self.mu, self.sigma, rng, device, x.dtype) if self.time == "logit_normal" else \
+            rng.rand([B], device, x.dtype)
         eps = rng.randn(x.shape, device, x.dtype)
         z = (1 - _view(t, x)) * x + _view(t, x) * eps
         y = null_labels(net, labels, B, device)
         if self.label_dropout > 0 and labels is not None:
             drop = rng.rand([B], device) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, null_class(net)), y)
+            y = torch.where(drop.reshape(-1, *([1] * (y.ndim - 1))), null_like(net, y), y)
         u = net(z, t, t, y)
-        loss = (u.to(x.dtype) - (eps - x)).square().reshape(B, -1).sum(1)
+        sq = (u.to(x.dtype) - (eps - x)).square().reshape(B, -1)
+        loss = sq.sum(1) if self.reduce == "sum" else sq.mean(1)
         return LossOutput(loss=loss, pairs=B, student_forward=B, student_backward=B)
 
 
@@ -138,7 +158,7 @@ class MeanFlow(Objective):
         v_tilde = v
         if self.guided:
             with torch.no_grad():
-                null = torch.full_like(y, null_class(net))
+                null = null_like(net, y)
                 u_null = net(z, t, t, null).to(z.dtype)
                 evals += B
                 guided = self.omega * v + (1 - self.omega - self.kappa) * u_null
@@ -154,7 +174,7 @@ class MeanFlow(Objective):
             n_drop = int(torch.binomial(torch.tensor([float(total)]), torch.tensor([self.label_dropout]),
                                         generator=rng.cpu).item())
             n_drop = min(max(n_drop - first, 0), B)          # this rank's share of the first rows
-            y = torch.cat([torch.full_like(y[:n_drop], null_class(net)), y[n_drop:]])
+            y = torch.cat([null_like(net, y[:n_drop]), y[n_drop:]])
             v_tilde = torch.cat([v[:n_drop], v_tilde[n_drop:]])  # dropped rows: the unguided v
         return v_tilde, y, evals
 
@@ -264,7 +284,7 @@ class CMTMeanFlow(Objective):
         tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
         v = self.teacher(z, tt, tt, y).to(z.dtype)
         if self.guidance is not None:
-            v_null = self.teacher(z, tt, tt, torch.full_like(y, int(self.teacher.num_classes))).to(z.dtype)
+            v_null = self.teacher(z, tt, tt, null_like(self.teacher, y)).to(z.dtype)
             v = v_null + self.guidance * (v - v_null)
         return v
 
@@ -302,7 +322,7 @@ class CMTMeanFlow(Objective):
         ti, tj = i.to(eps.dtype) / N, j.to(eps.dtype) / N
         target = (zi - zj) / (ti - tj).reshape(k, m, *([1] * (eps.ndim - 1)))
         z_in = zi.reshape(k * m, *eps.shape[1:])
-        u = net(z_in, ti.reshape(-1), tj.reshape(-1), y.repeat(k)).to(eps.dtype)
+        u = net(z_in, ti.reshape(-1), tj.reshape(-1), repeat_rows(y, k)).to(eps.dtype)
         loss = (u - target.reshape(k * m, *eps.shape[1:])).square().reshape(k * m, -1).sum(1)
         P = k
         return LossOutput(loss=loss, pairs=P * m, teacher_nfe=nfe * m, student_forward=P * m,

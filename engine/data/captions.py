@@ -1,0 +1,188 @@
+"""Caption features (and REPA's encoder features) stored beside a latent dataset: the text conditioning of U-ViT's
+MS-COCO setup (github baofff/U-ViT at ce55170, scripts/extract_mscoco_feature.py, datasets.py MSCOCOFeatureDataset),
+in one directory instead of U-ViT's file per caption.
+
+    <store>/meta.json             format, counts, shapes, what made each array (the encoders' files and SHA-256)
+    <store>/captions.npy          float16 [M, 77, 768]  CLIP ViT-L/14 last hidden states, every caption of every image
+    <store>/offsets.npy           int64 [N + 1]          image i's captions are rows offsets[i] … offsets[i+1] − 1
+    <store>/empty_context.npy     float32 [77, 768]      the null caption "" (classifier-free guidance)
+    <store>/texts.json            the caption strings, a list per image (evaluation prompts, grids)
+    <store>/repa_features.npy     float16 [N, T, D]      optional: DINOv2 ViT-B/14 patch tokens of each clean image
+
+Item i of the store belongs to item i of the latent dataset (`CaptionedLatentSource` checks the counts). Arrays are
+read memory-mapped. `write_caption_store` writes a store atomically (a hidden sibling renamed into place);
+`python -m engine.data.encode_captions` makes one from captions, the CLIP directory and optionally the images.
+
+One caption per image per step, uniformly among its captions as U-ViT draws it, but from the image's position in
+the data stream — caption k = H(seed, position) mod (its caption count) — rather than Python's global `random`, so a
+step's captions are a function of (seed, position): they do not depend on the world size, and a resumed run
+replays them (engine.data.loader passes the positions to `batch_at`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from engine.files import EngineError
+
+FORMAT = "engine-captions-1"
+FILES = dict(captions="captions.npy", offsets="offsets.npy", empty="empty_context.npy", texts="texts.json",
+             repa="repa_features.npy")
+
+
+class CaptionStoreError(EngineError):
+    """A caption store that is missing, incomplete or inconsistent."""
+
+
+def write_caption_store(path, captions: np.ndarray, offsets: np.ndarray, empty: np.ndarray, texts: list[list[str]],
+                        repa: np.ndarray | None = None, meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write a store (module docstring) at `path`, checked as `CaptionStore` reads it, atomically."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise CaptionStoreError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.save(os.path.join(tmp, FILES["captions"]), np.asarray(captions, dtype=np.float16))
+    np.save(os.path.join(tmp, FILES["offsets"]), np.asarray(offsets, dtype=np.int64))
+    np.save(os.path.join(tmp, FILES["empty"]), np.asarray(empty, dtype=np.float32))
+    with open(os.path.join(tmp, FILES["texts"]), "w", encoding="utf-8") as f:
+        json.dump(texts, f)
+    if repa is not None:
+        np.save(os.path.join(tmp, FILES["repa"]), np.asarray(repa, dtype=np.float16))
+    info = dict(format=FORMAT, images=int(len(offsets) - 1), captions=int(len(captions)),
+                context=list(np.shape(captions)[1:]), repa=None if repa is None else list(np.shape(repa)[1:]),
+                **(meta or {}))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    CaptionStore(tmp)                                   # refuse to publish what would not read back
+    old = os.path.join(parent, f".{name}.old")
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+class CaptionStore:
+    """A caption store on disk, validated on opening: every file present, shapes as meta.json says, offsets
+    increasing from 0 to the caption count, every image with at least one caption, texts matching the counts."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        meta_file = os.path.join(self.path, "meta.json")
+        if not os.path.isfile(meta_file):
+            raise CaptionStoreError(f"{self.path} is not a caption store (no meta.json); make one with `python -m "
+                                    f"engine.data.encode_captions` (engine/data/captions.py)")
+        self.meta = json.load(open(meta_file))
+        if self.meta.get("format") != FORMAT:
+            raise CaptionStoreError(f"{meta_file}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        need = ["captions", "offsets", "empty", "texts"] + (["repa"] if self.meta.get("repa") else [])
+        missing = [FILES[k] for k in need if not os.path.isfile(os.path.join(self.path, FILES[k]))]
+        if missing:
+            raise CaptionStoreError(f"{self.path} lacks {', '.join(missing)} (meta.json lists them)")
+        load = lambda k: np.load(os.path.join(self.path, FILES[k]), mmap_mode="r")
+        self.captions, self.offsets, self.empty = load("captions"), np.asarray(load("offsets")), load("empty")
+        self.repa = load("repa") if self.meta.get("repa") else None
+        n, m = int(self.meta["images"]), int(self.meta["captions"])
+        problems = []
+        if self.captions.ndim != 3 or self.captions.shape[0] != m or list(self.captions.shape[1:]) != \
+                list(self.meta["context"]):
+            problems.append(f"{FILES['captions']} has shape {self.captions.shape}, meta.json says "
+                            f"[{m}, {', '.join(map(str, self.meta['context']))}]")
+        if self.offsets.shape != (n + 1,):
+            problems.append(f"{FILES['offsets']} has shape {self.offsets.shape}, expected ({n + 1},) for {n} images")
+        elif self.offsets[0] != 0 or self.offsets[-1] != m or (np.diff(self.offsets) < 0).any():
+            problems.append(f"{FILES['offsets']} must rise from 0 to the caption count {m}")
+        else:
+            empty_images = np.flatnonzero(np.diff(self.offsets) == 0)
+            if len(empty_images):
+                problems.append(f"{len(empty_images)} images have no caption (first: item {int(empty_images[0])})")
+        if tuple(self.empty.shape) != tuple(self.captions.shape[1:]):
+            problems.append(f"{FILES['empty']} has shape {self.empty.shape}, the captions {self.captions.shape[1:]}")
+        if self.repa is not None and (self.repa.ndim != 3 or self.repa.shape[0] != n or
+                                      list(self.repa.shape[1:]) != list(self.meta["repa"])):
+            problems.append(f"{FILES['repa']} has shape {self.repa.shape}, meta.json says [{n}, "
+                            f"{', '.join(map(str, self.meta['repa']))}]")
+        if problems:
+            raise CaptionStoreError(f"{self.path}: " + "; ".join(problems))
+        self._texts = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def texts(self) -> list[list[str]]:
+        if self._texts is None:
+            self._texts = json.load(open(os.path.join(self.path, FILES["texts"]), encoding="utf-8"))
+            if len(self._texts) != len(self) or any(len(t) != int(c) for t, c in
+                                                     zip(self._texts, np.diff(self.offsets))):
+                raise CaptionStoreError(f"{self.path}: {FILES['texts']} does not list each image's captions")
+        return self._texts
+
+    def counts(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        return self.offsets[idx + 1] - self.offsets[idx]
+
+    def choose(self, idx, positions, seed: int) -> np.ndarray:
+        """The caption row of each image `idx[j]` at stream position `positions[j]` (module docstring)."""
+        draws = np.array([int.from_bytes(hashlib.sha256(f"{seed}/caption/{int(p)}".encode()).digest()[:8], "little")
+                          for p in positions], dtype=np.uint64)
+        return self.offsets[np.asarray(idx)] + (draws % self.counts(idx).astype(np.uint64)).astype(np.int64)
+
+    def null_context(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.empty, dtype=np.float32))
+
+    def fingerprint(self) -> dict:
+        """What the store is (engine/identity.py), cheaply: the small files hashed whole, the large feature arrays
+        (tens of GB for COCO) by size, which with meta.json's record of what made them identifies them."""
+        from engine.identity import file_fingerprint
+        out = {}
+        for k, f in dict(FILES, meta="meta.json").items():
+            full = os.path.join(self.path, f)
+            if os.path.isfile(full):
+                out[k] = {"size": os.path.getsize(full)} if k in ("captions", "repa") else file_fingerprint(full)
+        return out
+
+
+class CaptionedLatentSource:
+    """A latent dataset with its caption store: `batch_at(indices, positions, device)` → (moments, labels), labels
+    the drawn captions' features [B, 77, 768] float32, or (those, REPA features [B, T, D]) with `repa`."""
+
+    def __init__(self, latents, store: CaptionStore, seed: int = 0, repa: bool = False):
+        if len(latents) != len(store):
+            raise CaptionStoreError(f"{store.path} has captions for {len(store)} images, the latent dataset "
+                                    f"{getattr(getattr(latents, 'dataset', None), 'path', '')} has {len(latents)}")
+        if repa and store.repa is None:
+            raise CaptionStoreError(f"{store.path} holds no REPA encoder features ({FILES['repa']}); encode them "
+                                    f"with `python -m engine.data.encode_captions ... --images ... --dinov2 ...`")
+        self.latents, self.store, self.seed, self.repa = latents, store, int(seed), bool(repa)
+        self.dataset = getattr(latents, "dataset", None)     # file-backed: the loop may read ahead in workers
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def fingerprint(self) -> dict:
+        return {"latents": self.latents.fingerprint(), "captions": self.store.fingerprint(), "seed": self.seed,
+                "repa": self.repa}
+
+    def batch(self, idx, device):
+        raise EngineError("a captioned source draws each image's caption from its stream position: read it through "
+                          "engine.data.loader (batch_at)")
+
+    def batch_at(self, idx: torch.Tensor, positions: torch.Tensor, device):
+        moments, _ = self.latents.batch(idx, device)
+        rows = self.store.choose(idx.numpy(), positions.numpy(), self.seed)
+        context = torch.from_numpy(np.stack([np.asarray(self.store.captions[r], dtype=np.float32) for r in rows]))
+        context = context.to(device)
+        if not self.repa:
+            return moments, context
+        target = torch.from_numpy(np.stack([np.asarray(self.store.repa[int(i)], dtype=np.float32) for i in idx]))
+        return moments, (context, target.to(device))
