@@ -221,3 +221,26 @@ def test_repa_loss_equals_a_direct_recomputation(inner):
     with pytest.raises(EngineError, match="labels = \\(condition, encoder features"):
         REPA(obj)(net, x, ctx, rng())
     assert math.isclose(float(alignment(target, target).mean()), -1.0)
+
+
+def test_evaluation_conditions_samples_on_captions_by_seed():
+    """engine.evaluate with `conditions` (the COCO recipe's FID-30k): each sample's caption is a function of its
+    seed alone, so the samples equal a direct sampling with those captions whatever the batch size."""
+    from engine.evaluate import evaluate, to_uint8
+    from engine.solvers import mean_flow_sampler
+    net = mmdit().float()
+    table = torch.randn(10, 5, 12)
+    seen = []
+
+    def conditions(seeds):
+        seen.append(list(seeds))
+        return table[torch.tensor(seeds) % 10]
+    a = evaluate(net, (4, 8, 8), [(1.0,)], 4, batch=2, conditions=conditions, keep_samples=True, progress=False)
+    b = evaluate(net, (4, 8, 8), [(1.0,)], 4, batch=4, conditions=conditions, keep_samples=True, progress=False)
+    assert seen[:2] == [[0, 1], [2, 3]] and seen[2] == [0, 1, 2, 3]
+    sa, sb = a["1-step"]["samples"], b["1-step"]["samples"]
+    z = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(4)])
+    direct = to_uint8(mean_flow_sampler(net, z, (1.0,), table[:4]))
+    assert torch.equal(sa, sb) and torch.equal(sa, direct)
+    other = to_uint8(mean_flow_sampler(net, z, (1.0,), table[4:8]))
+    assert not torch.equal(direct, other)          # the captions matter
