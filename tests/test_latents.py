@@ -34,6 +34,26 @@ def test_latent_dataset_round_trip(tmp_path, dest):
         write_latent_dataset(tmp_path / dest, m)
 
 
+def test_a_rewritten_archive_is_byte_identical_whatever_the_clock(tmp_path, monkeypatch):
+    """Smoke runs and encode commands rewrite their datasets on a rerun; the run identity hashes the zip's index,
+    which holds each member's date, so the bytes must not depend on when they were written."""
+    import time
+    from engine.identity import dataset_fingerprint
+    m = moments()[:3]
+    a, b = tmp_path / "a.zip", tmp_path / "b.zip"
+    write_latent_dataset(a, m, [0, 1, 2])
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 86_400 * 400)      # a year and more later
+    write_latent_dataset(b, m, [0, 1, 2])
+    assert a.read_bytes() == b.read_bytes()
+    assert dataset_fingerprint(a)["index_sha256"] == dataset_fingerprint(b)["index_sha256"]
+    with zipfile.ZipFile(b) as z:
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert {i.external_attr >> 16 for i in z.infolist()} == {0o644}
+    x, y = LatentSource(ImageDataset(b, validate="full")).batch(torch.tensor([2, 1]), "cpu")
+    assert torch.equal(x, torch.from_numpy(m[[2, 1]])) and y.tolist() == [2, 1]
+
+
 def test_latent_dataset_errors(tmp_path):
     with pytest.raises(DatasetError, match="std channels"):
         write_latent_dataset(tmp_path / "neg.zip", -moments())

@@ -307,6 +307,26 @@ def test_digits_classifier_corrupt_cache_is_retrained(tmp_path, damage):
     assert model(x).shape == (50, 10)
 
 
+def test_digits_classifier_advances_the_global_rng_alike_cold_warm_or_corrupt(tmp_path):
+    """A recipe seeds, builds DigitsMetrics, then initialises its network from the global RNG: the classifier's
+    cache state must not move that RNG differently (a cold cache once gave a rerun other initial weights, so the
+    rerun refused to resume its own run)."""
+    config = DigitsClassifierConfig(epochs=1)
+
+    def state_after(retrain=False):
+        torch.manual_seed(7)
+        _, info = load_digits_classifier(tmp_path, config, retrain)
+        return torch.random.get_rng_state(), info["loaded_from_cache"]
+    cold, warm, forced = state_after(), state_after(), state_after(retrain=True)
+    digits_classifier_path(tmp_path, config).write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning, match="retraining"):
+        corrupt = state_after()
+    assert [c[1] for c in (cold, warm, forced, corrupt)] == [False, True, False, False]
+    assert all(torch.equal(cold[0], other[0]) for other in (warm, forced, corrupt))
+    torch.manual_seed(7)
+    assert not torch.equal(cold[0], torch.random.get_rng_state())   # it does advance: by one construction
+
+
 def test_digits_fd_separates_real_from_degraded(digits_metrics):
     m, _ = digits_metrics
     x_test, _ = digits(8, split="test")

@@ -164,6 +164,17 @@ def write_latent_dataset(dest, moments, labels=None, *, overwrite: bool = False)
     return write_members(Path(dest), members, overwrite)
 
 
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip entry can hold, as reproducible builds use
+
+
+def _member_info(name: str) -> zipfile.ZipInfo:
+    """A stored member with a fixed date (not the clock's) and rw-r--r-- permissions when extracted."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 def write_members(dest: Path, members, overwrite: bool) -> Path:
     """Write the (name, bytes) pairs of `members()` into a zip or folder beside `dest`, then publish it."""
     is_zip = dest.suffix.lower() == ".zip"
@@ -179,7 +190,10 @@ def write_members(dest: Path, members, overwrite: bool) -> Path:
             with open(tmp, "xb") as f:
                 with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
                     for name, data in members():
-                        zf.writestr(name, data)
+                        # A fixed timestamp: the same members give the same archive bytes at any time of writing,
+                        # so a rewritten dataset keeps its fingerprint (engine/identity.py hashes the zip's index,
+                        # which holds each member's date) and a rerun resumes instead of refusing.
+                        zf.writestr(_member_info(name), data)
                 f.flush()
                 os.fsync(f.fileno())  # the archive's bytes reach disk before its name does
         else:

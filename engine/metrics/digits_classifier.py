@@ -208,12 +208,16 @@ def load_digits_classifier(cache_dir=None, config: DigitsClassifierConfig = Digi
     """The cached classifier (eval mode, CPU) and its info; trains and caches it when the file is missing,
     corrupt, or does not match `config` (or when retrain=True). info["loaded_from_cache"] says which."""
     path = digits_classifier_path(cache_dir, config)
+    # Built from the caller's global RNG on every path, loaded or trained: constructing the metrics then advances
+    # that RNG by the same amount whether the cache was warm or cold, so a recipe's later network initialisation —
+    # and every result it prints — does not depend on whether this machine had trained the classifier before.
+    # (The trained weights themselves come from config.seed, under fork_rng, in _train.)
+    model = DigitsClassifier(config.channels, config.feature_dim)
     if path.exists() and not retrain:
         try:
             state = load_checkpoint(path)
             if state.get("config_key") != config.key():
                 raise CheckpointError(f"{path}: written for another configuration")
-            model = DigitsClassifier(config.channels, config.feature_dim)
             model.load_state_dict(state["model"])
             info = {k: state[k] for k in ("test_accuracy", "train_seconds", "ref_mu", "ref_sigma",
                                           "ref_class_freq", "num_reference")}
@@ -223,7 +227,9 @@ def load_digits_classifier(cache_dir=None, config: DigitsClassifierConfig = Digi
             return model.eval().requires_grad_(False), {**info, "path": str(path), "loaded_from_cache": True}
         except (CheckpointError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             warnings.warn(f"digits classifier cache unusable, retraining: {e}", RuntimeWarning, stacklevel=2)
-    model, info = train_digits_classifier(config)
+    trained, info = train_digits_classifier(config)
+    model.load_state_dict(trained.state_dict())
+    model.eval().requires_grad_(False)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"format": _FORMAT_VERSION, "config_key": config.key(),
                            "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
