@@ -100,6 +100,13 @@ def test_encoding_command_writes_a_store_that_validates(tmp_path):
                         out]) == 2                                   # a missing CLIP directory: said, exit 2
     with pytest.raises(CaptionStoreError, match="exists"):
         write_caption_store(out, np.zeros((1, 77, 32)), np.array([0, 1]), np.zeros((77, 32)), [["x"]])
+    # a replacement that would not read back is refused whole: the old store stays, no temporary is left beside it
+    with pytest.raises(CaptionStoreError, match="offsets.npy must rise from 0 to the caption count 1"):
+        write_caption_store(out, np.zeros((1, 77, 32)), np.array([0, 2]), np.zeros((77, 32)), [["x"]],
+                            overwrite=True)
+    assert CaptionStore(out).texts == caps and sorted(os.listdir(tmp_path)) == ["ann.json", "clip", "store"]
+    write_caption_store(out, np.zeros((1, 77, 32)), np.array([0, 1]), np.zeros((77, 32)), [["x"]], overwrite=True)
+    assert CaptionStore(out).texts == [["x"]] and sorted(os.listdir(tmp_path)) == ["ann.json", "clip", "store"]
     with pytest.raises(EngineError, match="1 items have no caption \\(first: item 1\\)"):
         encode_store([["a"], []], enc, str(tmp_path / "bad"))
     # damaged stores

@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import uuid
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.data.dataset_writer import publish, remove
 from engine.files import EngineError
 
 FORMAT = "engine-captions-1"
@@ -46,28 +48,27 @@ def write_caption_store(path, captions: np.ndarray, offsets: np.ndarray, empty: 
     if os.path.exists(path) and not overwrite:
         raise CaptionStoreError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     parent, name = os.path.split(path)
-    tmp = os.path.join(parent, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    np.save(os.path.join(tmp, FILES["captions"]), np.asarray(captions, dtype=np.float16))
-    np.save(os.path.join(tmp, FILES["offsets"]), np.asarray(offsets, dtype=np.int64))
-    np.save(os.path.join(tmp, FILES["empty"]), np.asarray(empty, dtype=np.float32))
-    with open(os.path.join(tmp, FILES["texts"]), "w", encoding="utf-8") as f:
-        json.dump(texts, f)
-    if repa is not None:
-        np.save(os.path.join(tmp, FILES["repa"]), np.asarray(repa, dtype=np.float16))
-    info = dict(format=FORMAT, images=int(len(offsets) - 1), captions=int(len(captions)),
-                context=list(np.shape(captions)[1:]), repa=None if repa is None else list(np.shape(repa)[1:]),
-                **(meta or {}))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    CaptionStore(tmp)                                   # refuse to publish what would not read back
-    old = os.path.join(parent, f".{name}.old")
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(parent, exist_ok=True)
+    tmp = Path(parent) / f".{name}.{uuid.uuid4().hex[:8]}.tmp"     # same filesystem, so the rename is atomic
+    tmp.mkdir()
+    try:
+        np.save(tmp / FILES["captions"], np.asarray(captions, dtype=np.float16))
+        np.save(tmp / FILES["offsets"], np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / FILES["empty"], np.asarray(empty, dtype=np.float32))
+        with open(tmp / FILES["texts"], "w", encoding="utf-8") as f:
+            json.dump(texts, f)
+        if repa is not None:
+            np.save(tmp / FILES["repa"], np.asarray(repa, dtype=np.float16))
+        info = dict(format=FORMAT, images=int(len(offsets) - 1), captions=int(len(captions)),
+                    context=list(np.shape(captions)[1:]), repa=None if repa is None else list(np.shape(repa)[1:]),
+                    **(meta or {}))
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(info, f, indent=1)
+        CaptionStore(tmp)                               # refuse to publish what would not read back
+        publish(tmp, Path(path), overwrite)             # the datasets' publication: never half-old, half-new
+    except BaseException:
+        remove(tmp)
+        raise
     return path
 
 

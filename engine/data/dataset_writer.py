@@ -84,15 +84,17 @@ def _encode_members(images_nhwc: np.ndarray, labels: np.ndarray | None) -> Itera
     yield LABELS_FILENAME, json.dumps(meta).encode("utf-8")
 
 
-def _remove(p: Path) -> None:
+def remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     elif exists(p):
         p.unlink(missing_ok=True)
 
 
-def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` to `dest` so that `dest` is never seen half-written."""
+def publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` (a file or folder beside `dest`) to `dest` so that `dest` is never seen half-written,
+    and an old `dest` is either replaced whole or kept (restored if the swap fails). Every dataset writer publishes
+    through here (also engine/data/captions.py)."""
     if not overwrite:
         try:
             if tmp.is_dir():
@@ -119,7 +121,7 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, dest)
         raise
-    _remove(old)
+    remove(old)
 
 
 def write_image_dataset(dest, images, labels=None, *, layout: str = "auto", overwrite: bool = False) -> Path:
@@ -179,7 +181,7 @@ def write_members(dest: Path, members, overwrite: bool) -> Path:
     """Write the (name, bytes) pairs of `members()` into a zip or folder beside `dest`, then publish it."""
     is_zip = dest.suffix.lower() == ".zip"
     fillable = not is_zip and dest.is_dir() and not any(dest.iterdir())  # an empty folder, as EDM allows
-    # Fail before the (possibly long) write if dest is taken; _publish checks again atomically.
+    # Fail before the (possibly long) write if dest is taken; publish checks again atomically.
     if not overwrite and exists(dest) and not fillable:
         raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +204,8 @@ def write_members(dest: Path, members, overwrite: bool) -> Path:
                 path = tmp / name
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(data)
-        _publish(tmp, dest, overwrite)
+        publish(tmp, dest, overwrite)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     return dest
