@@ -1,5 +1,5 @@
 """What the benchmark scripts share: timing (median of device-synchronised repetitions after warm-up), the kernel
-switch, a machine description, and timing one real training step (engine.loop.train_step) of an objective."""
+switch, a machine description, and timing one real training step (engine.training.loop.train_step) of an objective."""
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import host_memory  # noqa: E402
-from engine.loop import StageConfig, train_step  # noqa: E402
-from engine.optimizers import make_optimizer  # noqa: E402
 from engine.objectives import StepRNG  # noqa: E402
+from engine.training import host_memory  # noqa: E402
+from engine.training.loop import train_step  # noqa: E402
+from engine.training.optimizers import make_optimizer  # noqa: E402
+from engine.training.stage_config import StageConfig  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ class StepBench:
 
     def __init__(self, student: torch.nn.Module, objective, data, batch: int, device: torch.device, lr=1e-4,
                  optimizer: str = "radam", bf16: bool = True):
-        host_memory.apply()     # as the loop does (engine/loop.py train_stage)
+        host_memory.apply()     # as the loop does (engine/training/loop.py train_stage)
         self.net = student.to(device).train()
         self.objective = objective.to(device)
         self.params = [p for p in self.net.parameters() if p.requires_grad] + list(objective.parameters())
@@ -152,6 +153,7 @@ def measure_step(name: str, bench: "StepBench", pairs: int, device: torch.device
     (torch.utils.flop_counter, one step), then its median time with forced weight normalisation after each step as
     the loop does, pairs/s, MFU against `peak`, peak memory on CUDA and teacher NFE per pair."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from engine.networks.edm2_unet import force_weight_normalization
 
     def step():

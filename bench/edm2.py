@@ -9,7 +9,8 @@ training steps (CMT mid-training, ECT and autoguided ECD-Heun post-training) sid
 Costs are counted with torch.utils.flop_counter on the meta device (no weights allocated), one sample: the
 forward's convolution and matrix-product MACs — what EDM2's "Gflops" (`count_flops.py`) report, which counts one
 multiply-accumulate as one flop (docs/spec/edm2_latent.md §9.1) — its FLOPs (2 × MAC), and forward + backward.
-The step times are each one real training step (engine.loop.train_step: Adam (0.9, 0.99), bf16 autocast on CUDA,
+The step times are each one real training step (engine.training.loop.train_step: Adam (0.9, 0.99), bf16 autocast on
+CUDA,
 forced weight normalisation after it as in the loop), median of device-synchronised repetitions after warm-up,
 normalised to CMT = 1, with pairs/s, model TFLOPs per iteration and, on a GPU, the FLOPs utilisation.
 """
@@ -26,12 +27,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import StepBench, machine, measure_step, peak_tflops, step_flags, write_results  # noqa: E402
+
 from engine.checks import positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.edm2_presets import build_edm2_preset  # noqa: E402
 from engine.guidance import GuidedDenoiser  # noqa: E402
 from engine.networks.configs import CONFIGS  # noqa: E402
 from engine.objectives import CMT, ECD, ECT, squared_l2  # noqa: E402
+from engine.pipelines.edm2_presets import build_edm2_preset  # noqa: E402
 
 PRESETS = [k for k, v in CONFIGS.items() if k.startswith("edm2-img")]
 # docs/spec/edm2_latent.md §1.4 / §9.1: conv + matmul GMAC per sample at ImageNet-512, counted on the reference

@@ -10,10 +10,12 @@ CMT iteration against the ECT iteration.
    difference form (D1_0, D1_1, D1, D2 then the φ-sum, as LuChengTHU/dpm-solver and sony/cmt write it), and of a
    device-to-device copy of one state (the bandwidth ceiling).
 2. Teacher trajectory, 16 NFE on the CIFAR-10 DDPM++ teacher at 8 trajectories: eager with the reference math,
-   eager with the kernels, CUDA-graph replay, the teacher's blocks compiled (engine/compiled.py) run eagerly and
+   eager with the kernels, CUDA-graph replay, the teacher's blocks compiled (engine/training/compiled.py) run eagerly
+   and
    captured in a CUDA graph — the loop keeps the graph teacher and compile off until this row says otherwise — and
    reading 8 stored trajectories from a trajectory store.
-3. One training iteration (engine.loop.train_step, the same function training runs; RAdam, bf16 autocast) on the
+3. One training iteration (engine.training.loop.train_step, the same function training runs; RAdam, bf16 autocast) on
+the
    CIFAR-10 DDPM++ student at 128 pairs: ECT (the post-training objective of recipes/cifar10_cmt_ect.py), CMT
    with the eager teacher, CMT with the graph teacher and kernels, and CMT on cached trajectories; each with the
    squared-L2 distance and with LPIPS (random VGG weights: same cost as the real ones).
@@ -39,20 +41,20 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import StepBench, kernel_mode, machine, median_time, sync, write_results  # noqa: E402
-from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
+
 from engine import ops  # noqa: E402
-from engine.compiled import compile_regions  # noqa: E402
+from engine.checks import nonneg_int_arg, positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.lpips import LPIPS  # noqa: E402
+from engine.kernels import dpm_solver as kdpm  # noqa: E402
 from engine.networks import build_network  # noqa: E402
 from engine.objectives import CMT, ECT, CachedCMT, perceptual, squared_l2  # noqa: E402
+from engine.perceptual.lpips import LPIPS  # noqa: E402
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
 from engine.schedules import logsnr_sigmas  # noqa: E402
 from engine.solvers import dpm_solver_pp_coefficients  # noqa: E402
-from engine.teacher import TeacherSolver  # noqa: E402
-from engine import trajectory_cache as tc  # noqa: E402
-from kernels import dpm_solver as kdpm  # noqa: E402
-
+from engine.teacher import trajectory_cache as tc  # noqa: E402
+from engine.teacher.solver import TeacherSolver  # noqa: E402
+from engine.training.compiled import compile_regions  # noqa: E402
 
 # ---- 1. the fused update ----------------------------------------------------------------------------------------
 
@@ -122,7 +124,7 @@ def bench_teacher(device, teacher, shape, trajectories, reps, warmup, store_dir)
         reference = eager_ref(x_T)   # the same trajectory from each path (CPU: bit for bit)
         rows["kernels_vs_reference_max_abs"] = float((eager_k(x_T) - reference).abs().max())
         rows["graph_vs_reference_max_abs"] = float((graph(x_T) - reference).abs().max())
-        # the teacher's blocks compiled (engine/compiled.py; inductor on CUDA, aot_eager in the CPU smoke): run
+        # the teacher's blocks compiled (engine/training/compiled.py; inductor on CUDA, aot_eager in the CPU smoke): run
         # eagerly block by block, and captured in a CUDA graph (compilation happens in the capture's warm-up)
         compiled_teacher = copy.deepcopy(teacher)
         compile_regions(compiled_teacher, "default" if device.type == "cuda" else "aot_eager")

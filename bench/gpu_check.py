@@ -87,7 +87,7 @@ try:
     info["triton"] = triton.__version__
 except Exception as e:
     info["triton"] = f"absent ({type(e).__name__})"
-from kernels import jvp_attention
+from engine.kernels import jvp_attention
 info["extension"] = "built" if jvp_attention.extension() is not None else "absent"
 from engine import ops
 info["kernels"] = ops.kernel_mode()

@@ -9,7 +9,8 @@ CT 0.68, CD-Euler 0.83, CD-Heun 0.98 of CMT, batch 16 on one H100).
     python bench/imagenet512.py ... --record      # also append the table to bench/RESULTS.md
     python bench/imagenet512.py --smoke           # tiny MP-UNets on 32² latents, one repetition (CI)
 
-Each row is one real training step (engine.loop.train_step, Adam, float32 with TF32 on a GPU as the CMT 512 code
+Each row is one real training step (engine.training.loop.train_step, Adam, float32 with TF32 on a GPU as the CMT 512
+code
 — no bf16 autocast — then forced weight normalisation as the loop does), median of device-synchronised
 repetitions after warm-up; random weights (the cost does not depend on them). Columns: seconds per iteration,
 relative to CMT, the paper's relative cost, pairs/s, the model TFLOPs per iteration counted on the step
@@ -30,11 +31,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import StepBench, machine, measure_step, peak_tflops, step_flags, write_results  # noqa: E402
+
 from engine.checks import positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.edm2_presets import build_edm2_preset  # noqa: E402
-from engine.elatentlpips import ELatentLPIPS, LatentVGG  # noqa: E402
+from engine.networks.latent_vgg import LatentVGG  # noqa: E402
 from engine.objectives import CMT, ECD, ECT, LatentPosterior, perceptual  # noqa: E402
+from engine.perceptual.elatentlpips import ELatentLPIPS  # noqa: E402
+from engine.pipelines.edm2_presets import build_edm2_preset  # noqa: E402
 
 PAPER = {"cmt": 1.0, "ct": 0.68, "cd_euler": 0.83, "cd_heun": 0.98}     # spec §7.3 (one H100, batch 16)
 SPEC_TFLOP = {"cmt": 4.46, "cd_heun": 7.28}                            # per pair / sample at XXL, spec §9.2

@@ -21,7 +21,7 @@ copy of the network through explicit attention: what each path costs and what it
 
 Each variant runs in its own process, so peak memory is that variant's alone (CUDA: max_memory_allocated; CPU:
 the process's peak resident set, which includes the interpreter and the weights). Times: median of repeated
-iterations (engine.loop.train_step) after warm-up, device-synchronised.
+iterations (engine.training.loop.train_step) after warm-up, device-synchronised.
 """
 from __future__ import annotations
 
@@ -50,11 +50,12 @@ MODES = dict(mf_dual=("dual", "fp32"), mf_forward_ad=("func", "fp32"), mf_math_a
 
 def run_variant(a) -> dict:
     from common import StepBench, median_time
+
     from engine import ops
     from engine.data.sampler import TensorSource
+    from engine.kernels.jvp_attention import attention_reference
     from engine.networks import DiT
     from engine.objectives import FlowMatching, MeanFlow
-    from kernels.jvp_attention import attention_reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.variant == "mf_math_attention":
         ops.attention = lambda q, k, v, scale=None: attention_reference(q, k, v, scale)

@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.kernels import dpm_solver as kdpm  # noqa: E402
+from engine.kernels import precond as kpre  # noqa: E402
 from engine.schedules import logsnr_sigmas  # noqa: E402
 from engine.solvers import dpm_solver_pp_coefficients  # noqa: E402
-from kernels import dpm_solver as kdpm  # noqa: E402
-from kernels import precond as kpre  # noqa: E402
 
 SIZES = [(1025,), (3, 3, 17, 13), (128, 3, 32, 32)]
 

@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import machine, write_results  # noqa: E402
+
 from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg  # noqa: E402
 from engine.data import ImageDataset, write_image_dataset  # noqa: E402
 from engine.data.loader import BatchStream  # noqa: E402
@@ -50,9 +51,10 @@ def rate(source, batch: int, steps: int, workers: int, reps: int) -> float:
 def step_consumption(images_per_step: int = 128) -> float:
     """Images/s of the ImageNet-64 recipe's ECT step (EDM2-XL topology at width 16) on this machine."""
     from common import StepBench
+
     from engine.data.sampler import TensorSource
-    from engine.edm2_presets import build_edm2_preset
     from engine.objectives import ECT
+    from engine.pipelines.edm2_presets import build_edm2_preset
     torch.manual_seed(0)
     net = build_edm2_preset("edm2-img64-xl", use_fp16=False, logvar_channels=None, model_channels=16)
     data = TensorSource(torch.rand(256, 3, 64, 64) * 2 - 1, torch.randint(0, 1000, (256,)))

@@ -13,7 +13,8 @@ What is computed and from what:
     batch-independent normalised-weight copies MPConv makes each forward) measured on the engine's own EDM2UNet
     (engine/networks/edm2_unet.py) on the meta device, in float32 — the precision CMT's 512 code trains in — with
     the reference implementation's figures (docs/spec/edm2_latent.md §9.3) beside them;
-  * E-LatentLPIPS (engine/elatentlpips.py): what its VGG16_Latent_GN trunk saves for the input gradient of the
+  * E-LatentLPIPS (engine/perceptual/elatentlpips.py): what its VGG16_Latent_GN trunk saves for the input gradient of
+  the
     student's output (meta device) plus what the 'bgcfnc' augmentation saves (measured on a CPU tensor), per pair
     at 64² latents — the mid-training loss network of the ImageNet-512 headline;
   * the FSDP2 layout of engine/dist.py: fp32 master weights, fp32 gradients, Adam's two moments and the EMA all
@@ -65,7 +66,7 @@ def edm2_facts(preset: str) -> dict:
     """Parameters, largest FSDP unit and fp32 saved activations (per sample; batch-independent) of the engine's
     EDM2 network on the meta device (ImageNet-512 latents 4 × 64 × 64, 1000 classes, no uncertainty head)."""
     from engine.dist import fsdp_units
-    from engine.edm2_presets import build_edm2_preset
+    from engine.pipelines.edm2_presets import build_edm2_preset
     with torch.device("meta"):
         net = build_edm2_preset(preset, use_fp16=False, logvar_channels=None)
     net.train().requires_grad_(True)
@@ -81,8 +82,8 @@ def edm2_facts(preset: str) -> dict:
 
 def elatentlpips_per_pair() -> float:
     """Bytes E-LatentLPIPS saves per pair for the student output's gradient: trunk (meta) + augmentation (CPU)."""
-    from engine.augment import JointAugment
-    from engine.elatentlpips import LatentVGG
+    from engine.networks.latent_vgg import LatentVGG
+    from engine.perceptual.augment import JointAugment
     with torch.device("meta"):
         trunk = LatentVGG().features.requires_grad_(False)
     per = []
@@ -104,8 +105,8 @@ def edm2_largest_block_params(C: int) -> float:
 
 def dit_facts(name: str) -> dict:
     """Parameters, largest FSDP unit and saved activations per sample of the engine's DiT (meta device)."""
-    from engine.networks import DiT
     from engine.dist import fsdp_units
+    from engine.networks import DiT
     with torch.device("meta"):
         net = DiT.from_name(name, input_size=32, in_channels=4, num_classes=1000)
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)  # trained (the position table is fixed)
@@ -269,7 +270,8 @@ def markdown(p: dict) -> str:
               f"trajectory, 16 pairs per GPU, {r8['total']:.1f} GiB with the teacher replicated — inside 80 GB, "
               "where activations of 16 pairs at fp32 dominate). At 64 and 256 GPUs the global batch must grow to "
               "≥ 1024 and ≥ 4096 pairs (one trajectory per GPU); memory per GPU then falls only in the sharded "
-              f"state (the activations of 16 pairs and the {p['xxl']['fixed'] / GiB:.1f} GiB of normalised-weight copies stay "
+              f"state (the activations of 16 pairs and the {p['xxl']['fixed'] / GiB:.1f} GiB of normalised-weight "
+              "copies stay "
               "per GPU).",
               "* **MF-XL/2, 4 trajectories × 28 = 112 pairs**: already at 8 GPUs half the ranks would get no "
               "trajectory; the smallest global batch at W GPUs is 28·W pairs (224 at 8, 1792 at 64, 7168 at 256). "

@@ -3,7 +3,8 @@
     python bench/nfe_profile.py            # a table
     python bench/nfe_profile.py --json     # a JSON list of records (method, config, *_per_pair, closed form)
 
-Each method runs its real training step — `engine.loop.train_stage` for two steps, on a small MLP student and the
+Each method runs its real training step — `engine.training.loop.train_stage` for two steps, on a small MLP student and
+the
 analytic Gaussian-mixture teacher (the counts do not depend on the network) — and the loop's counters give teacher
 NFE, student forward and student backward passes per training pair. Beside them: the paper's accounting
 (Appendix C.2): a trajectory of N steps of a k-step multistep solver whose k − 1 bootstrap steps cost c teacher
@@ -26,14 +27,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import trajectory_cache as tc  # noqa: E402
 from engine.data import GaussianMixture  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.loop import StageConfig, train_stage  # noqa: E402
-from engine.networks import build_network  # noqa: E402
-from engine.networks import DiT  # noqa: E402
+from engine.networks import DiT, build_network  # noqa: E402
 from engine.objectives import CMT, ECD, ECT, KD, SCD, SCT, CachedCMT, MeanFlow, SlowCMT, squared_l2  # noqa: E402
 from engine.precond import CMPrecond  # noqa: E402
+from engine.teacher import trajectory_cache as tc  # noqa: E402
+from engine.training.loop import train_stage  # noqa: E402
+from engine.training.stage_config import StageConfig  # noqa: E402
 
 STEPS = 2
 TRAJECTORIES = 2   # per CMT step

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine import ops
-from kernels import dpm_solver as dpm_ref
-from kernels import precond as pre_ref
+from engine.kernels import dpm_solver as dpm_ref
+from engine.kernels import precond as pre_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (128, 3, 32, 32)                     # CIFAR-10, the paper's batch
@@ -79,7 +79,7 @@ def test_teacher_solve(benchmark, graphs):
     from engine.networks.configs import build_network
     from engine.precond import EDMPrecond
     from engine.schedules import logsnr_sigmas
-    from engine.teacher import TeacherSolver
+    from engine.teacher.solver import TeacherSolver
     torch.manual_seed(0)
     teacher = EDMPrecond(build_network("digits-ddpmpp"), sigma_data=0.5).to(DEVICE).eval().requires_grad_(False)
     solver = TeacherSolver(teacher, logsnr_sigmas(16, 80.0, 0.002), order=3, graphs=graphs)

@@ -7,7 +7,7 @@
     python bench/throughput.py --family dit                      # GPU: CMT-MF into XL/2 (B/4 teacher) vs MF vs FM
     python bench/throughput.py --family dit --student B/4 --trajectories 1        # CPU: 28 pairs, B/4 student
 
-Methods (each one real training step, engine.loop.train_step: RAdam, bf16 autocast on CUDA, per-step RNG):
+Methods (each one real training step, engine.training.loop.train_step: RAdam, bf16 autocast on CUDA, per-step RNG):
 CMT (its 16-NFE DPM-Solver++ teacher trajectory included; eager teacher with the reference math, CUDA-graph
 teacher with the kernels, trajectories read from a store), ECT (CT), ECD with an Euler and with a Heun teacher step
 (CD-Euler, CD-Heun), sCT and sCD (TrigFlow, one JVP). `--family dit` compares the flow-map pipeline on a DiT
@@ -34,20 +34,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from engine.checks import positive_int_arg  # noqa: E402
-
 from common import StepBench, kernel_mode, machine, peak_tflops, step_flags, sync, write_results  # noqa: E402
-from engine import trajectory_cache as tc  # noqa: E402
-from engine.compiled import CHOICES, compile_regions  # noqa: E402
-from engine.lpips import LPIPS  # noqa: E402
+
+from engine.checks import positive_int_arg  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.networks import build_network  # noqa: E402
-from engine.networks import DiT  # noqa: E402
+from engine.networks import DiT, build_network  # noqa: E402
 from engine.objectives import (CMT, ECD, ECT, SCD, SCT, CachedCMT, CMTMeanFlow, FlowMatching, MeanFlow,  # noqa: E402
                                perceptual, squared_l2)
+from engine.perceptual.lpips import LPIPS  # noqa: E402
 from engine.precond import CMPrecond, EDMPrecond  # noqa: E402
+from engine.teacher import trajectory_cache as tc  # noqa: E402
+from engine.training.compiled import CHOICES, compile_regions  # noqa: E402
 
 PAPER_TABLE_10 = {"ect": 0.79, "ecd_euler": 0.98, "ecd_heun": 1.17}  # CIFAR-10, relative to CMT = 1
+
+
 def methods(teacher, trajectories: int, store_spec, lpips=None) -> list[tuple]:
     """(name, label, objective factory, source kind, kernel mode). `lpips`: the CMT row with the paper's LPIPS
     distance (random VGG weights: the cost of the real ones), left out without it."""
@@ -242,7 +243,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", type=lambda v: v.split(","), default=None,
                    help="--family unet: comma-separated rows to run (default all), e.g. cmt_graph,ect")
     p.add_argument("--compile", choices=CHOICES, default=None,
-                   help="--family unet: compile every block of the student and the teacher (engine/compiled.py)")
+                   help="--family unet: compile every block of the student and the teacher "
+                        "(engine/training/compiled.py)")
     step_flags(p, reps=20, warmup=5, smoke_help="tiny network, two repetitions (CPU)",
                out=os.path.join(HERE, "results"))
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -15,12 +15,12 @@ Both sides get the same DDPM++ network (the reference's `SongUNet` configuration
 2e-4, dropout 0.2, float32, one step per call: CMT (16-NFE DPM-Solver++ teacher solve of pairs/16 trajectories,
 `pairs` student pairs, squared L2) and ECT (q = 2, c = 0). The methods are interleaved round by round (every
 round times each step once, in a rotated order), after `--warmup` untimed rounds; the table gives the median and
-the spread (max − min over median). Ours compiled: `engine/compiled.py` (inductor, every block of student and
+the spread (max − min over median). Ours compiled: `engine/training/compiled.py` (inductor, every block of student and
 teacher); its compile time — the first compiled steps minus steady state — is reported separately.
 
 The reference is timed twice: as its authors run it, in a spawned process of its own whose C allocator is glibc's
 untouched (driven step by step through a pipe, so the two processes never run at once), and in this process under
-the engine's host allocator policy (engine/host_memory.py: freed memory is kept and reused instead of being
+the engine's host allocator policy (engine/training/host_memory.py: freed memory is kept and reused instead of being
 page-faulted in again every step), which our steps run under as the loop does. The first is what a user of their
 code gets; the second isolates what our code does from what the allocator policy does.
 """
@@ -42,6 +42,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from common import StepBench, machine, write_results  # noqa: E402
+
 from engine.checks import positive_int_arg  # noqa: E402
 
 PATCHES = []
@@ -163,7 +164,7 @@ def reference_step(loss, nets, method: str, res: int, pairs: int, channels: int)
 
 def _reference_worker(ref_dir: str, method: str, res: str, pairs: str, channels: str) -> None:
     """`vs_reference.py --reference-worker ...`: the authors' step in a process of its own, whose C allocator is
-    glibc's as in their runs (the timing process's policy is the engine's, engine/host_memory.py, and glibc's
+    glibc's as in their runs (the timing process's policy is the engine's, engine/training/host_memory.py, and glibc's
     untouched defaults cannot be restored in it). Each "step" line on stdin runs one step and answers its
     seconds on stdout; everything the reference prints goes to stderr."""
     reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -217,9 +218,9 @@ def op_shares(step) -> dict:
 
 
 def run_size(loss, nets, res: int, pairs: int, a) -> list[dict]:
-    from engine.compiled import compile_regions
     from engine.data.sampler import TensorSource
     from engine.objectives import CMT, ECT, squared_l2
+    from engine.training.compiled import compile_regions
     m = pairs // 16
     out = []
     for method in ("cmt", "ect"):
@@ -229,7 +230,7 @@ def run_size(loss, nets, res: int, pairs: int, a) -> list[dict]:
             objective = lambda t: CMT(t, nfe=16, trajectories_per_batch=m, distance=squared_l2)  # noqa: E731
         else:
             objective = lambda t: ECT(q=2)                                                        # noqa: E731
-        # StepBench sets the engine's host allocator policy in this process (engine/host_memory.py)
+        # StepBench sets the engine's host allocator policy in this process (engine/training/host_memory.py)
         eager = StepBench(student, objective(teacher), data, pairs, torch.device("cpu"), lr=2e-4)
         shipped = SeparateProcessStep(os.path.abspath(a.ref), method, res, pairs, a.channels)
         steps = {"reference": shipped.step, "reference_retain": ref.step, "ours_eager": eager.step}
@@ -266,7 +267,7 @@ def markdown(res: dict) -> str:
              f"{res['rounds']} interleaved rounds after {res['warmup']} (median; spread = (max − min)/median). "
              f"Patches to the reference: {'; '.join(res['patches'])}. \"reference\" runs in a process of its own "
              "with glibc's allocator as the authors run it; \"reference, retain\" runs in ours, under the engine's "
-             "host allocator policy (engine/host_memory.py). Ratios are to \"reference\" and, in brackets, to "
+             "host allocator policy (engine/training/host_memory.py). Ratios are to \"reference\" and, in brackets, to "
              "\"reference, retain\".", "",
              "| method | size / pairs | reference ms | reference, retain ms | ours eager ms (ratio) | "
              "ours compiled ms (ratio) | compile s | spreads (ref / ref retain / eager / compiled) | eager step in "

@@ -13,7 +13,7 @@ import argparse
 import math
 import numbers
 
-from engine.files import EngineError
+from engine.errors import EngineError
 
 __all__ = ["positive_int", "nonneg_int", "finite", "probability", "one_of", "arg", "positive_float_arg",
            "positive_int_arg", "nonneg_int_arg"]

@@ -5,7 +5,7 @@
 
 `EngineError` (and the I/O errors of named files: not found, a directory, permission, a full disk) print
 `<program>: error: <message>` and exit with status 2, as argparse does for a bad flag; Ctrl-C outside a stage
-(inside one the loop saves and exits itself, engine/loop.py) prints `interrupted` and exits with 130. Anything
+(inside one the loop saves and exits itself, engine/training/loop.py) prints `interrupted` and exits with 130. Anything
 else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from engine.files import EngineError
+from engine.errors import EngineError
 
 __all__ = ["run_main", "USER_ERRORS", "resolve_device", "check_run_directory"]
 

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from engine.state_dicts import load_network_state
+from engine.checkpoints.state_dicts import load_network_state
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 
@@ -345,7 +345,7 @@ MANIFEST = "MANIFEST.sha256"
 
 
 def _hash_files(directory: str, names: list[str]) -> dict[str, str]:
-    from engine.files import file_sha256
+    from engine.checkpoints.files import file_sha256
     return {n: file_sha256(os.path.join(directory, n)) for n in names}
 
 
@@ -367,13 +367,13 @@ def save_sharded(directory: str, state: dict, extra: dict) -> None:
     barrier()
     dcp.save(state, checkpoint_id=tmp)
     if rank() == 0:
-        from engine.files import save_checkpoint
+        from engine.checkpoints.files import save_checkpoint
         save_checkpoint(os.path.join(tmp, "extra.pt"), extra)
     barrier()
     files = _sharded_files(tmp)
     hashes = gather_objects(_hash_files(tmp, files[rank()::world_size()]))
     if rank() == 0:
-        from engine.files import atomic_write
+        from engine.checkpoints.files import atomic_write
         merged = {k: v for part in hashes for k, v in part.items()}
         atomic_write(os.path.join(tmp, MANIFEST),
                      lambda f: f.write("".join(f"{merged[n]}  {n}\n" for n in sorted(merged)).encode()))
@@ -402,7 +402,7 @@ def verify_sharded(directory: str) -> bool:
     """Check a distributed checkpoint's files against its MANIFEST.sha256, each rank a share of them, all ranks
     agreeing: True when it matches, False for a checkpoint written before manifests existed,
     UnreadableCheckpoint (on every rank) when any file is missing, extra or changed."""
-    from engine.files import UnreadableCheckpoint
+    from engine.checkpoints.files import UnreadableCheckpoint
     manifest = os.path.join(directory, MANIFEST)
     if not os.path.isfile(manifest):
         return False
@@ -429,7 +429,8 @@ def load_sharded(directory: str, state: dict, check=None) -> dict:
     manifest before anything is read. DCP reads each rank's shards from whatever layout wrote them; a failure to
     do so is a damaged checkpoint when nothing vouched for its bytes, and a misfit when the manifest did."""
     import torch.distributed.checkpoint as dcp
-    from engine.files import CheckpointError, UnreadableCheckpoint, load_checkpoint
+
+    from engine.checkpoints.files import CheckpointError, UnreadableCheckpoint, load_checkpoint
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no .metadata)")
     verified = verify_sharded(directory)

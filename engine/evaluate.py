@@ -1,4 +1,5 @@
-"""Few-step evaluation with the published protocols: FID (Inception, docs/spec/cm.md §7) and FD_DINOv2 (docs/spec/edm2_latent.md
+"""Few-step evaluation with the published protocols: FID (Inception, docs/spec/cm.md §7) and FD_DINOv2
+(docs/spec/edm2_latent.md
 §5.1) of 1- and 2-step samples (or any listed σ schedule), with fixed seeds, across ranks.
 
     python -m engine.evaluate --net runs/x/cmt_ect/post_ect/ema.safetensors --stats refs/cifar10-32x32.npz \\
@@ -15,7 +16,8 @@ the features and metrics, are identical on 1 or N processes. Statistics use the 
 EDM2 (the CMT/ECT code divides by N; docs/spec/cm.md §7.2 — a 2e-5 relative difference at 50k). EDM and EDM2
 report the best of three seed ranges; run three times with --seed-start 0, 50000, 100000 for that.
 
-Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent convention (engine/vae.py, --vae);
+Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent convention (engine/perceptual/vae.py,
+--vae);
 the Python API takes any `decode` (latents → uint8 images, or floats in [−1, 1]).
 
 FID protocol. The Inception detector runs NVIDIA's preprocessing by default (`--fid-preprocessing nvidia`, what
@@ -40,9 +42,9 @@ import torch
 from tqdm import tqdm
 
 from engine import dist
+from engine.checkpoints.files import file_sha256, in_weights_dir
 from engine.checks import nonneg_int_arg, positive_int_arg
-from engine.files import file_sha256, in_weights_dir
-from engine.image_grid import save_image_grid
+from engine.data.image_grid import save_image_grid
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
 from engine.metrics.reference_stats import METRICS, StatsError, check_fid_preprocessing, load_detectors, load_stats
 from engine.solvers import consistency_sampler, edm2_sampler, mean_flow_sampler
@@ -103,7 +105,7 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
         renoise = [torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) for _ in schedule[1:]]
         x = consistency_sampler(net, z, schedule[1:], sigma_max=schedule[0], labels=labels, noise=renoise)
     if decode is not None:
-        x = decode(x)  # uint8 images (engine.vae.LatentDecoder), or floats in [−1, 1]
+        x = decode(x)  # uint8 images (engine.perceptual.vae.LatentDecoder), or floats in [−1, 1]
     return x if x.dtype == torch.uint8 else to_uint8(x)
 
 
@@ -224,7 +226,7 @@ def recipe_metrics(net, shape, schedules, num: int, device, inputs, progress: bo
                    batch: int = 128) -> list[dict]:
     """Every metric of `inputs` (recipe_metric_inputs) for each schedule, with the detectors' and statistics'
     records beside the numbers: [{"fid": .., "fd_dinov2": .., "detectors": {...}, "stats": .., ...}, ...].
-    `decode`: latents → uint8 images (engine.vae.LatentDecoder) for latent-space networks."""
+    `decode`: latents → uint8 images (engine.perceptual.vae.LatentDecoder) for latent-space networks."""
     detectors, stats, declared = inputs
     res = evaluate(net, shape, schedules, num, detectors=detectors, stats=stats, device=device, progress=progress,
                    stats_preprocessing=declared, decode=decode, batch=batch)
@@ -237,10 +239,10 @@ def recipe_metrics(net, shape, schedules, num: int, device, inputs, progress: bo
 
 def _load_net(path: str, device):
     if path.endswith(".safetensors"):
-        from engine.releases import load_safetensors_network
+        from engine.checkpoints.releases import load_safetensors_network
         net = load_safetensors_network(path)  # a CMPrecond consistency model or a Mean Flow DiT
     elif path.endswith(".pkl"):
-        from engine.edm_snapshots import load_edm_pickle
+        from engine.checkpoints.edm_snapshots import load_edm_pickle
         net = load_edm_pickle(path)  # the wrapper of the file: ECMPrecond → CMPrecond
     else:
         raise SystemExit(f"--net: expected a release (.safetensors) or an EDM/ECT/CMT snapshot (.pkl), got {path}")
@@ -266,7 +268,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--num-samples", type=positive_int_arg, default=50_000)
     p.add_argument("--seed-start", type=nonneg_int_arg, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
-                   help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 1,0.5); "
+                   help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 "
+                        "1,0.5); "
                         "heun[:N] for a diffusion network (EDM2's sampler, 32 steps = 63 NFE)")
     p.add_argument("--batch", type=positive_int_arg, default=128)
     p.add_argument("--out", default="eval")
@@ -294,7 +297,7 @@ def main(argv=None) -> dict | None:
     schedules = a.schedules or default_schedules(net)
     decode = None
     if shape[0] not in (1, 3):
-        from engine.vae import LatentDecoder
+        from engine.perceptual.vae import LatentDecoder
         try:
             decode = LatentDecoder.from_file(a.vae, convention=a.latent_convention).to(device)
         except FileNotFoundError as e:

@@ -7,7 +7,7 @@ smaller, less-trained conditional one (autoguidance), evaluated on the same (x, 
 network alone, returned as is (the guide is not evaluated). The combination is `torch.lerp(D₀, D₁, w)`, the
 arithmetic of EDM2's `generate_images.py`. A `GuidedDenoiser` has the one denoiser signature, so CMT's teacher
 solver, ECD's teacher step and every sampler take it as a teacher. The published pairs are in
-engine/edm2_presets.py (`GUIDED`).
+engine/pipelines/edm2_presets.py (`GUIDED`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
 
 __all__ = ["guided", "GuidedDenoiser"]
 

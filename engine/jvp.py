@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-from engine.files import EngineError
+from engine.errors import EngineError
 
 JVP_PRECISIONS = ("fp32", "autocast")
 FD_STEP = 5e-3     # measured float32 optimum on the test networks (tests/test_jvp.py): truncation ∝ h², rounding ∝ 1/h

@@ -20,10 +20,10 @@ from typing import Sequence
 
 import torch
 
-from kernels import dpm_solver as _dpm
-from kernels import jvp_attention as _attn
-from kernels import precond as _pre
-from kernels import runtime
+from engine.kernels import dpm_solver as _dpm
+from engine.kernels import jvp_attention as _attn
+from engine.kernels import precond as _pre
+from engine.kernels import runtime
 
 MODES = ("auto", "triton", "ref")
 
@@ -107,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """softmax(QKᵀ/√d)V for [batch, heads, seq, head_dim], under autograd and under `torch.func.jvp` (forward AD):
     the primal and its backward are PyTorch's fused attention, the tangent comes from the op's own rule
     (kernels/jvp_attention.py; docs/spec/mf.md §2.3) from `attention_backend(q)`. float64 included.
-    Inside a compiled region (engine/compiled.py) it is PyTorch's fused attention itself — the same primal and
+    Inside a compiled region (engine/training/compiled.py) it is PyTorch's fused attention itself — the same primal and
     backward — because dynamo cannot trace an autograd.Function with a custom jvp; forward-mode AD through a
     compiled block is not supported (Mean Flow's JVP runs the dual-stream path on the weights, dit_jvp.py)."""
     if torch.compiler.is_compiling():

@@ -16,10 +16,10 @@ from torch import nn
 
 from engine import ops
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
+from engine.kernels.precond import skip_out_reference
 from engine.networks.edm2_unet import EDM2UNet, MPConv, MPFourier
 from engine.schedules import SIGMA_DATA
-from kernels.precond import skip_out_reference
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -103,7 +103,7 @@ class _Precond(nn.Module):
         return x, sigma, as_class_labels(labels, self.label_dim, x.shape[0], x.device, dtype)
 
     def precond_kwargs(self) -> dict:
-        """Constructor arguments beyond the backbone and the σ settings (engine/registry.py describes them)."""
+        """Constructor arguments beyond the backbone and the σ settings (engine/checkpoints/registry.py describes them)."""
         return {}
 
     def backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -164,7 +164,8 @@ class EDM2Precond(_Precond):
     u(σ) = logvar_linear(logvar_fourier(c_noise)) of the EDM2 loss (§2.1).
 
     `logvar_channels` None (or 0) builds no head: the CMT / ECT / ECD students, which ECT's `imgnet` branch builds
-    without it; teacher weights still load into them (the head's keys are teacher-only, engine/edm_snapshots.py).
+    without it; teacher weights still load into them (the head's keys are teacher-only,
+    engine/checkpoints/edm_snapshots.py).
     `use_fp16`: the reference runs the U-Net in float16 on CUDA (and float32 elsewhere); so does this wrapper, the
     output side staying float32. There is no consistency boundary condition: CMT / ECD at 512 and ECT's ImageNet
     students use this wrapper unchanged (§1.5).

@@ -10,7 +10,7 @@ In σ (EDM's PF-ODE dx/dσ = (x − D(x; σ))/σ; denoisers with the one signatu
   * `consistency_sampler` — few-step consistency sampling σ_max → σ_mid → … → 0, re-noising between steps
     (CMT/ECT `generator_fn`, docs/spec/cm.md §3.5).
 In t ∈ [0, 1] (t = 1 noise, 0 data; flow maps `u(x_t, r, t)` and velocities `v(x_t, t)`, docs/spec/mf.md §1):
-  * `mean_flow_trajectory`, `mean_flow_sampler`, `mean_flow_sample` — Mean Flow steps
+  * `mean_flow_trajectory`, `mean_flow_sampler`, `mean_flow_uniform` — Mean Flow steps
     x_r = x_t − (t − r)·u(x_t, r, t) (the CMT-MF teacher's trajectory, and few-step sampling);
   * `flow_heun_trajectory` — Heun on a flow-matching velocity (the CMT-MF flow-matching teacher).
 EDM's Heun in σ and the flow-matching Heun in t are one integrator (`heun_ode`) given dx/dσ or dx/dt.
@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine import ops
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.schedules import karras_sigmas
 
 Denoiser = Callable[..., torch.Tensor]
@@ -235,7 +235,8 @@ def heun_ode(derivative: Callable[[torch.Tensor, float], torch.Tensor], x: torch
 
 @torch.no_grad()
 def heun(denoiser: Denoiser, x_T: torch.Tensor, sigmas, labels=None) -> torch.Tensor:
-    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, docs/spec/cm.md §1.1, docs/spec/mf.md §6.3): Heun steps in σ on
+    """EDM's deterministic sampler (Algorithm 1 with S_churn = 0, docs/spec/cm.md §1.1, docs/spec/mf.md §6.3): Heun
+    steps in σ on
     dx/dσ = (x − D(x; σ))/σ, the last step into σ = 0 Euler. Returns the trajectory."""
     check_state(x_T, "heun")
     s = _check_times(sigmas, "heun")
@@ -308,7 +309,7 @@ def mean_flow_sampler(flow, z: torch.Tensor, t_steps: Sequence[float] = (1.0,), 
     return mean_flow_trajectory(flow, z, ts, labels)[-1]
 
 
-def mean_flow_sample(flow, noise: torch.Tensor, steps: int = 1, labels=None) -> torch.Tensor:
+def mean_flow_uniform(flow, noise: torch.Tensor, steps: int = 1, labels=None) -> torch.Tensor:
     """k-step Mean Flow sampling on the uniform grid t_i = 1 − i/k (`mean_flow_sampler`)."""
     return mean_flow_sampler(flow, noise, tuple(1 - i / steps for i in range(steps)), labels)
 

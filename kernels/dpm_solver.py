@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from kernels import runtime
+from engine.kernels import runtime
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -56,7 +56,7 @@ def _check(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[floa
 if runtime.triton is not None:
     import triton.language as tl
 
-    from kernels.runtime import store_as
+    from engine.kernels.runtime import store_as
 
     def _update_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, out_ptr, a, b0, b1, b2, n,
                        K: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import runtime
+from engine.kernels import runtime
 
 QUERY_BLOCK = 256
 
@@ -89,7 +89,7 @@ BLOCK_M, BLOCK_N = 64, 64
 if runtime.triton is not None:
     import triton.language as tl
 
-    from kernels.runtime import store_as
+    from engine.kernels.runtime import store_as
 
     def _attention_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr, n_q, n_k, d, dvd, scale,
                               FP64: tl.constexpr, IEEE: tl.constexpr, BF16_OUT: tl.constexpr,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import runtime
+from engine.kernels import runtime
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -59,7 +59,7 @@ def output_reference(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigm
 if runtime.triton is not None:
     import triton.language as tl
 
-    from kernels.runtime import store_as
+    from engine.kernels.runtime import store_as
 
     def skip_out(s, e, sd, FP64: tl.constexpr):
         """(c_skip, c_out) of `skip_out_reference` (e = σ − σ_min on the boundary, else σ) in the kernels'

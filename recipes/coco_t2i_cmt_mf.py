@@ -21,8 +21,8 @@ Settings the paper leaves open (docs/spec/mf.md §3.6, §4.5 mark them unresolve
 Sized for: a multi-GPU node (torchrun, FSDP2); wall time not measured here (no GPU run has been made).
 
 Needs: --data, a COCO 256² latent dataset in EDM2's .npy format (train2014 in sorted image-id order: U-ViT's center
-crop, `python -m engine.data.encode_latents`), and --captions, its caption store with REPA features (`python -m
-engine.data.encode_captions --captions annotations/captions_train2014.json --clip <clip-vit-large-patch14 dir>
+crop, `python -m engine.pipelines.encode_latents`), and --captions, its caption store with REPA features (`python -m
+engine.pipelines.encode_captions --captions annotations/captions_train2014.json --clip <clip-vit-large-patch14 dir>
 --images <the 256² image zip> --dinov2 dinov2_vitb14_pretrain.pth --out ...`). FID: with --val (the val2014 caption
 store), ENGINE_INCEPTION_WEIGHTS (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or the engine's other
 Inception files), ENGINE_FID_STATS (U-ViT's fid_stats_mscoco256_val.npz) and ENGINE_VAE_WEIGHTS, the run ends with
@@ -47,44 +47,33 @@ from engine import dist
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.captions import CaptionedLatentSource, CaptionStore, write_caption_store
 from engine.data.sampler import LatentSource
-from engine.loop import StageConfig
 from engine.networks.mmdit import MMDiT, init_from_sit
 from engine.objectives import REPA, CMTMeanFlow, FlowMatching, LatentPosterior, MeanFlow
-from engine.pipeline import Run, parse_flags
-from engine.solvers import mean_flow_sample
+from engine.pipelines.meanflow import LatentMeanFlowSettings, latent_smoke
+from engine.pipelines.recipe import Run, missing_input, parse_flags, stop_if_missing
+from engine.solvers import mean_flow_uniform
+from engine.training.stage_config import StageConfig
 
 COCO_TRAIN = 82_783
 
 
 @dataclasses.dataclass
-class Config:
-    latent_size: int = 32
+class Config(LatentMeanFlowSettings):
     network: str = "REPA-COCO"
     repa_weight: float = 0.5                     # REPA's proj_coeff
     label_dropout: float = 0.1                   # REPA / U-ViT p_uncond
-    teacher_batch: int = 256
     teacher_kimg: float = 400_000 * 256 / 1000   # REPA train_t2i.py: 400k iterations
     teacher_lr: float = 1e-4
     teacher_grad_clip: float = 1.0
     teacher_guidance: float = 2.0                # CFG on the teacher's velocity in its trajectories [unresolved]
-    trajectories_per_batch: int = 4              # × 28 pairs = 112 per iteration (§4.5)
-    pair_rule: str = "nonadjacent28"
     mid_kimg: float = 100_000 * 112 / 1000       # [unresolved for COCO]
     mid_repa: bool = True                        # [unresolved: engine/objectives/repa.py]
     r_init: str = "zero"                         # SiT → MF second time embedder [unresolved, §3.6]
-    post_batch: int = 64
     post_kimg: float = 100_000 * 64 / 1000       # [unresolved for COCO]
     omega: float = 2.0                           # effective CFG scale ω/(1 − κ) = 2 (B.6) [unresolved split]
     kappa: float = 0.0
-    t_start: float = 0.0
     t_end: float = 1.0
-    lr: float = 1e-4
-    ema_beta: float = 0.9999
-    log_kimg: float = 100.0
-    ckpt_kimg: float = 5_000.0
-    grid_kimg: float = 5_000.0
     fid_samples: int = 30_000
-    tiny: bool = False
 
     @property
     def baseline_kimg(self) -> float:
@@ -93,9 +82,7 @@ class Config:
 
 
 def smoke(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, latent_size=8, teacher_batch=8, teacher_kimg=0.032, trajectories_per_batch=2,
-                               mid_kimg=0.112, post_batch=8, post_kimg=0.032, log_kimg=0.016, ckpt_kimg=0.032,
-                               grid_kimg=0.064, ema_beta=0.3, fid_samples=16, tiny=True)
+    return latent_smoke(cfg, teacher_batch=8, teacher_kimg=0.032, fid_samples=16)
 
 
 def network(cfg: Config, mean_flow: bool) -> MMDiT:
@@ -129,17 +116,14 @@ def smoke_data(out: str, cfg: Config) -> tuple[str, str]:
     return latents, store
 
 
-def missing(args) -> str | None:
-    lack = [f"--{k} ({what})" for k, what in (("data", "the COCO 256² SD-VAE latent dataset"),
-                                              ("captions", "its caption store with REPA features"))
-            if not (getattr(args, k) and os.path.exists(getattr(args, k)))]
-    if not lack:
-        return None
-    return (f"coco_t2i_cmt_mf needs {' and '.join(lack)}: make the latents with `python -m engine.data.encode_latents "
-            f"--data <COCO train2014 256² zip> --vae <sd-vae-ft-mse safetensors> --out ...` and the store with "
-            f"`python -m engine.data.encode_captions --captions annotations/captions_train2014.json --clip "
-            f"<clip-vit-large-patch14 dir> --images <the same 256² zip> --dinov2 dinov2_vitb14_pretrain.pth "
-            f"--out ...` (recipes/coco_t2i_cmt_mf.py docstring).\nRun with --smoke for a synthetic end-to-end check.")
+def missing(args) -> list[str | None]:
+    return [missing_input("--data", args.data, "the COCO 256² SD-VAE latent dataset: make it with `python -m "
+                          "engine.pipelines.encode_latents --data <COCO train2014 256² zip> --vae <sd-vae-ft-mse "
+                          "safetensors> --out ...`"),
+            missing_input("--captions", args.captions, "its caption store with REPA features: make it with `python -m "
+                          "engine.pipelines.encode_captions --captions annotations/captions_train2014.json --clip "
+                          "<clip-vit-large-patch14 dir> --images <the same 256² zip> --dinov2 "
+                          "dinov2_vitb14_pretrain.pth --out ...` (recipes/coco_t2i_cmt_mf.py docstring)")]
 
 
 def caption_conditions(store: CaptionStore, seed: int = 0):
@@ -160,8 +144,8 @@ def main(argv=None) -> dict:
              "--val": dict(default=None, help="the val2014 caption store, for FID-30k")}
     args = parse_flags(__doc__, argv, default_out="runs/coco_t2i_cmt_mf", extra=extra)
     cfg = smoke(Config()) if args.smoke else Config()
-    if not args.smoke and not args.dry_run and missing(args):
-        raise SystemExit(missing(args))
+    if not args.smoke and not args.dry_run:
+        stop_if_missing("coco_t2i_cmt_mf", missing(args))
     run = Run(args, "coco_t2i_cmt_mf", dict(dataclasses.asdict(cfg), baseline_kimg=cfg.baseline_kimg))
     if args.dry_run:
         run.record(identity=False)
@@ -194,7 +178,7 @@ def main(argv=None) -> dict:
         if not ema.mean_flow:      # the SiT: its 1-step Euler flow map, u(z, 1, 1)
             return (z - ema(z, torch.ones(16, device=run.device), None, grid_captions(range(16)).to(run.device))
                     )[:, :3].div(4).clamp(-1, 1)
-        return (mean_flow_sample(ema, z, 2, grid_captions(range(16)).to(run.device))[:, :3] / 4).clamp(-1, 1)
+        return (mean_flow_uniform(ema, z, 2, grid_captions(range(16)).to(run.device))[:, :3] / 4).clamp(-1, 1)
 
     with_repa = lambda objective, on=True: REPA(LatentPosterior(objective), cfg.repa_weight if on else 0.0)
     guidance = dict(omega=cfg.omega, kappa=cfg.kappa, t_start=cfg.t_start, t_end=cfg.t_end,
@@ -230,8 +214,8 @@ def main(argv=None) -> dict:
 def fid(ema, arm: str, cfg: Config, run, args) -> tuple[dict, dict]:
     """1- and 2-step FID-30k on val captions (module docstring), each with its detector record; or the list of
     what is missing."""
+    from engine.checkpoints.files import file_sha256
     from engine.evaluate import evaluate
-    from engine.files import file_sha256
     from engine.metrics.reference_stats import load_detectors, load_stats
     inception, stats_path, vae = (os.environ.get(k) for k in ("ENGINE_INCEPTION_WEIGHTS", "ENGINE_FID_STATS",
                                                               "ENGINE_VAE_WEIGHTS"))
@@ -242,7 +226,7 @@ def fid(ema, arm: str, cfg: Config, run, args) -> tuple[dict, dict]:
         if run.lead and arm == "cmt_mf":
             print(f"FID-30k not computed: missing {', '.join(need) if need else 'real data (--smoke)'}")
         return {}, {}
-    from engine.vae import LatentDecoder
+    from engine.perceptual.vae import LatentDecoder
     detectors = load_detectors(["fid"], inception, device=run.device, fid_preprocessing="pytorch-fid")
     stats = load_stats(stats_path)
     res = evaluate(ema.eval(), (4, cfg.latent_size, cfg.latent_size), [(1.0,), (1.0, 0.5)], cfg.fid_samples,

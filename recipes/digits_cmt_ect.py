@@ -24,13 +24,13 @@ import os
 import torch
 
 from engine.data import digits, digits_source
-from engine.digits_edm import (DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples)
-from engine.image_grid import save_labeled_panels, upscale_nearest
+from engine.data.image_grid import save_labeled_panels, upscale_nearest
 from engine.metrics import DigitsMetrics
 from engine.objectives import ECT, EDMLoss
-from engine.pipeline import begin
+from engine.pipelines.digits import DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import mean_se, paired_interval, seeds
 from engine.precond import CMPrecond, EDMPrecond
-from engine.seed_stats import mean_se, paired_interval, seeds
 
 ARMS = ("cmt_ect", "ect")
 

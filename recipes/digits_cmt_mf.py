@@ -5,7 +5,8 @@ Reproduces, in miniature: pre-train a small Mean Flow teacher (the paper's MF-B/
 student from random weights on the teacher's 8-step trajectories (pairs from `nonadjacent28`, 7 random ones per
 trajectory, 16 trajectories per step; average-velocity targets) → Mean Flow post-training from the mid-trained EMA,
 whose power EMA continues across the stage boundary (`post_ema_continues`); baseline: Mean Flow from random
-weights with the same mid + post budget (the paper's "MF from scratch" arm). Class-conditional, label dropout 0.1, no guidance.
+weights with the same mid + post budget (the paper's "MF from scratch" arm). Class-conditional, label dropout 0.1, no
+guidance.
 Metrics: Fréchet distance in the features of the cached digits classifier and the class histogram of 1- and
 2-step samples (engine.metrics.DigitsMetrics).
 Sized for: 2 CPU cores; 7 min 49 s measured (the limit is 15).
@@ -19,48 +20,27 @@ import dataclasses
 import torch
 
 from engine.data import digits_source
-from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, MeanFlow
-from engine.pipeline import begin
-from engine.solvers import mean_flow_sample
+from engine.pipelines.digits import DigitsMeanFlowSettings, mean_flow_smoke
+from engine.pipelines.recipe import begin
+from engine.solvers import mean_flow_uniform
+from engine.training.stage_config import StageConfig
 
 
 @dataclasses.dataclass
-class Config:
-    resolution: int = 8
-    patch: int = 2                       # 16 tokens
-    teacher_width: int = 64              # the small teacher (MF-B/4's role)
-    teacher_depth: int = 4
-    student_width: int = 96              # the larger student (MF-XL/2's role)
-    student_depth: int = 6
-    heads: int = 4
-    batch_size: int = 128
-    pre_kimg: float = 200.0
-    lr: float = 1e-3                     # Adam β = (0.9, 0.95), constant rate as Mean Flow (docs/spec/mf.md §1.9)
-    # 112 pairs per step as the paper (docs/spec/mf.md §4.5), but 16 trajectories × 7 random pairs of nonadjacent28
-    # instead of 4 × 28: this run has only 937 mid-training steps, and 4 trajectories per step (3.7k in all)
-    # left the student at 1-step FD 33.9 after mid-training, against 13.3 with 16 × 7 (both measured)
-    trajectories_per_batch: int = 16
-    pairs_per_trajectory: int = 7
-    mid_kimg: float = 105.0              # mid : post = 3 : 1 of the 140 kimg shared budget
-    post_kimg: float = 35.0
-    ema_std: float = 0.05                # power-function EMA: these stages are short (see digits_cmt_ect.py)
+class Config(DigitsMeanFlowSettings):
     # Post-training's EMA continues over the mid-training's images instead of restarting at the boundary: over 3
     # seeds of recipes/digits_mf_post_training.py the restarted one ended at 1-step FD 12.47 (higher than Mean Flow's
     # 8.94), the continued one at 9.69 (a tie); on this recipe's own draw it changed nothing (12.04 → 12.06).
     # docs/validation.md §4
     post_ema_continues: bool = True
-    mu: float = -0.4                     # logit-normal time proposal, 75% of rows with r = t (ImageNet values)
-    sigma: float = 1.0
-    eval_samples: int = 1000
     eval_kimg: float = 35.0
 
 
 def smoke(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, teacher_width=16, teacher_depth=1, student_width=16, student_depth=1, heads=2,
-                               pre_kimg=0.256, mid_kimg=0.224, post_kimg=0.128, eval_kimg=0.128, eval_samples=128)
+    return dataclasses.replace(mean_flow_smoke(cfg), eval_kimg=0.128)
 
 
 def main(argv=None) -> dict:
@@ -76,7 +56,7 @@ def main(argv=None) -> dict:
         g = torch.Generator().manual_seed(1234)
         z = torch.randn(cfg.eval_samples, 1, cfg.resolution, cfg.resolution, generator=g)
         y = torch.arange(cfg.eval_samples) % 10        # balanced classes
-        return mean_flow_sample(net, z, steps, y).clamp(-1, 1)
+        return mean_flow_uniform(net, z, steps, y).clamp(-1, 1)
 
     evaluate = lambda ema: metrics.few_step(lambda steps: samples(ema, steps))
 

@@ -33,17 +33,18 @@ import os
 
 import torch
 
+from engine.checkpoints.releases import load_safetensors_network
 from engine.data import digits_source
-from engine.ema import parse_snapshot_name
-from engine.gmm_validation import bar_plot
-from engine.loop import StageConfig
 from engine.metrics import DigitsMetrics
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, MeanFlow
-from engine.pipeline import begin
-from engine.releases import load_safetensors_network
-from engine.seed_stats import mean_se, paired_interval, seed_table, seeds
-from engine.solvers import mean_flow_sample
+from engine.pipelines.digits import DigitsMeanFlowSettings, mean_flow_smoke
+from engine.pipelines.gmm import bar_plot
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import mean_se, paired_interval, seed_table, seeds
+from engine.solvers import mean_flow_uniform
+from engine.training.ema import parse_snapshot_name
+from engine.training.stage_config import StageConfig
 
 ARMS = ("mf", "mf_restarted", "cmt_mf", "ema_continued", "continued_warmup", "low_lr", "linear_decay", "long_post",
         "all36")
@@ -51,27 +52,8 @@ METRICS = ("fd_1step", "fd_2step")
 
 
 @dataclasses.dataclass
-class Config:
-    # digits_cmt_mf.py's settings
-    resolution: int = 8
-    patch: int = 2
-    teacher_width: int = 64
-    teacher_depth: int = 4
-    student_width: int = 96
-    student_depth: int = 6
-    heads: int = 4
-    batch_size: int = 128
-    pre_kimg: float = 200.0
-    lr: float = 1e-3
-    trajectories_per_batch: int = 16
-    pairs_per_trajectory: int = 7
-    mid_kimg: float = 105.0
-    post_kimg: float = 35.0
-    ema_std: float = 0.05
-    mu: float = -0.4
-    sigma: float = 1.0
-    eval_samples: int = 1000
-    # the candidates
+class Config(DigitsMeanFlowSettings):
+    # the candidates, on digits_cmt_mf.py's settings
     variants: tuple = ("mf", "mf_restarted", "cmt_mf", "ema_continued")
     post_eval_kimg: float | None = None  # also evaluate the post-training stages every this many kimg
     warmup_kimg: float = 10.0            # continued_warmup's linear ramp of the post-training rate
@@ -81,9 +63,8 @@ class Config:
 
 
 def smoke(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, teacher_width=16, teacher_depth=1, student_width=16, student_depth=1, heads=2,
-                               pre_kimg=0.256, mid_kimg=0.224, post_kimg=0.128, long_post_mid_kimg=0.112, warmup_kimg=0.064,
-                               eval_samples=128, variants=ARMS, default_seeds=2)
+    return dataclasses.replace(mean_flow_smoke(cfg), long_post_mid_kimg=0.112, warmup_kimg=0.064, variants=ARMS,
+                               default_seeds=2)
 
 
 def main(argv=None) -> dict:
@@ -104,7 +85,7 @@ def main(argv=None) -> dict:
         z = torch.randn(cfg.eval_samples, 1, cfg.resolution, cfg.resolution, generator=g)
         y = torch.arange(cfg.eval_samples) % 10
         with torch.no_grad():
-            return metrics(mean_flow_sample(net, z, steps, y).clamp(-1, 1))["fd"]
+            return metrics(mean_flow_uniform(net, z, steps, y).clamp(-1, 1))["fd"]
 
     evaluate = lambda net: dict(fd_1step=fd(net, 1), fd_2step=fd(net, 2))
 
@@ -192,7 +173,7 @@ def main(argv=None) -> dict:
 
 
 def _snapshot_at(out: str, seed: int, kimg: float) -> torch.nn.Module:
-    """The mf baseline's power EMA as written at its first snapshot at or after `kimg` (engine/loop.py)."""
+    """The mf baseline's power EMA as written at its first snapshot at or after `kimg` (engine/training/loop.py)."""
     folder = os.path.join(out, f"s{seed}", "mf", "mf", "snapshots")
     found = sorted((parse_snapshot_name(n)[1], n) for n in os.listdir(folder)
                    if parse_snapshot_name(n) and parse_snapshot_name(n)[1] >= kimg * 1000)

@@ -1,7 +1,7 @@
 """The importance of mid-training (the CMT paper's §4.3) on digits: no mid-training, a short one and a long one, at
 the same total budget of mid- plus post-training, over seeds — the digits half of recipes/gmm_mid_training.py.
 
-One class-conditional EDM teacher is trained per run (at --seed; the main job's, engine/digits_edm.py), and every
+One class-conditional EDM teacher is trained per run (at --seed; the main job's, engine/pipelines/digits.py), and every
 arm starts from its weights, as the paper's pipeline does. Per seed (a seed
 changes the student's training noise and data order)
   no_mid     ECT post-training for the whole budget from the teacher's weights
@@ -23,13 +23,13 @@ import os
 import torch
 
 from engine.data import digits_source
-from engine.digits_edm import DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples
-from engine.gmm_validation import bar_plot
 from engine.metrics import DigitsMetrics
 from engine.objectives import ECT, EDMLoss
-from engine.pipeline import begin
+from engine.pipelines.digits import DigitsSettings, backbone, cmt, consistency_samples, stage_config, teacher_samples
+from engine.pipelines.gmm import bar_plot
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 from engine.precond import CMPrecond, EDMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 
 ARMS = ("no_mid", "short_mid", "long_mid")
 METRICS = ("fd_1step", "fd_2step")

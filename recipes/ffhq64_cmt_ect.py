@@ -5,12 +5,12 @@ linear decay, EMA 0.999, batch 128, dropout 0.2, 38.4 Mimg) then ECT post-traini
 decay, EMA 0.9999, 12.8 Mimg), initialised from the EDM teacher edm-ffhq-64x64-uncond-vp.pkl.
 Sized for: a multi-GPU node (the paper's setting); wall time not measured here (no GPU run has been made).
 Needs: --data datasets/ffhq-64x64.zip (EDM dataset_tool format), --teacher edm-ffhq-64x64-uncond-vp.pkl, and VGG16
-ImageNet weights for LPIPS (engine/lpips.py says where). Evaluation (FID) is a separate command.
+ImageNet weights for LPIPS (engine/perceptual/lpips.py says where). Evaluation (FID) is a separate command.
 
     python recipes/ffhq64_cmt_ect.py --data datasets/ffhq-64x64.zip --teacher edm-ffhq-64x64-uncond-vp.pkl
     python recipes/ffhq64_cmt_ect.py --smoke        # a few steps on synthetic data and a tiny network
 """
-from engine.cm_recipes import PaperSettings, run_paper_recipe
+from engine.pipelines.edm_cm import PaperSettings, run_paper_recipe
 
 SETTINGS = PaperSettings(dataset="ffhq-64x64", resolution=64, q=512)
 

@@ -8,7 +8,7 @@ Per seed (the mixture and its training set are fixed; a seed changes initialisat
 EDM pre-training gives the diffusion weights, then for each of CMT, KD and Slow CMT (docs/spec/cm.md §3.1, §8.1;
 engine/objectives/cmt.py; exact teacher, 16-step DPM-Solver++) a mid-training of `mid_kimg` pairs from them, then
 the same ECT post-training. Quality: the final EMA's flow-map error against the exact flow and the 1- and 2-step
-sliced Wasserstein distances (engine/gmm_validation.py). Cost: the mid-training's teacher NFE per pair and
+sliced Wasserstein distances (engine/pipelines/gmm.py). Cost: the mid-training's teacher NFE per pair and
 images per pair from the loop's counters, and its wall time. results.json: per method the per-seed values, mean
 ± std, and the 95% t-interval of the paired difference to CMT (containing 0: a tie); cmt_ablations.png.
 Sized for: 2 CPU cores, about 2 minutes a seed (5 seeds by default: 10 minutes).
@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-
-from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                   mixture_problem, stage_config)
 from engine.objectives import CMT, ECT, KD, SlowCMT, squared_l2
-from engine.pipeline import begin
+from engine.pipelines.gmm import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
+                                  mixture_problem, stage_config)
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import interval_text, mean_se, paired_interval, seeds
 from engine.precond import CMPrecond
-from engine.seed_stats import interval_text, mean_se, paired_interval, seeds
 
 METHODS = ("cmt", "kd", "slow_cmt")
 COSTS = ("teacher_nfe_per_pair", "images_per_pair", "mid_wall_s")
@@ -35,11 +34,8 @@ COSTS = ("teacher_nfe_per_pair", "images_per_pair", "mid_wall_s")
 @dataclasses.dataclass
 class Config(MixtureSettings):
     mid_kimg: float = 60.0               # mid-training pairs, every method
-    mid_lr: float = 5e-4
     post_kimg: float = 120.0
     post_lr: float = 2e-4
-    nfe: int = 16
-    trajectories_per_batch: int = 8      # CMT: 8 trajectories × 16 = 128 pairs
     q: float = 256.0
 
 

@@ -16,24 +16,17 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
-from engine.gmm_validation import evaluate as quality
-from engine.loop import StageConfig
 from engine.networks import build_network
 from engine.objectives import CMT, ECT, squared_l2
-from engine.pipeline import begin
+from engine.pipelines.gmm import MixtureProblem
+from engine.pipelines.gmm import evaluate as quality
+from engine.pipelines.recipe import begin
 from engine.precond import CMPrecond
+from engine.training.stage_config import StageConfig
 
 
 @dataclasses.dataclass
-class Config:
-    components: int = 8
-    component_std: float = 0.1
-    train_samples: int = 50_000         # a fixed training set drawn once from the mixture
-    hidden: int = 256
-    blocks: int = 4
-    nfe: int = 16                        # CMT teacher: 16-step 3rd-order multistep DPM-Solver++ (docs/spec/cm.md §2)
-    trajectories_per_batch: int = 8      # 8 trajectories × 16 states = 128 pairs per step
-    batch_size: int = 128
+class Config(MixtureProblem):
     mid_kimg: float = 150.0
     post_kimg: float = 150.0
     mid_lr: float = 1e-3
@@ -43,13 +36,7 @@ class Config:
     # gets the rate that suits it best of the two tried (5e-4: error 0.0170, 1-step SWD 0.076; 1e-4: 0.0181, 0.095).
     post_lr: float = 1e-4
     ect_lr: float = 5e-4
-    # EDM2 power-function EMA (σ_rel) rather than the paper's constant β: a 1,200-step stage with β = 0.999 would
-    # end with 30% of its initial weights still in the average (the loop warns about this).
-    ema_std: float = 0.05
     q: float = 256.0                     # ECT's Δt = 1/q (constant stage); small data, coarse gap
-    mid_t: float = 0.77569               # 2-step sampling point (docs/spec/cm.md §3.5)
-    eval_sigmas: tuple = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
-    eval_samples: int = 2000
     eval_kimg: float = 50.0
 
 
@@ -72,8 +59,8 @@ def main(argv=None) -> dict:
 
     def stage_cfg(name, kimg, lr):
         return StageConfig(name=name, total_kimg=kimg, batch_size=cfg.batch_size, lr=lr, optimizer="radam",
-                           lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=cfg.eval_kimg / 5, ckpt_kimg=cfg.eval_kimg,
-                           eval_kimg=cfg.eval_kimg, seed=args.seed)
+                           lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=cfg.eval_kimg / 5,
+                           ckpt_kimg=cfg.eval_kimg, eval_kimg=cfg.eval_kimg, seed=args.seed)
 
     ect = lambda: ECT(q=cfg.q)
     # Arm 1: CMT mid-training with the exact teacher, then ECT post-training from the mid-trained EMA.

@@ -34,14 +34,14 @@ import os
 
 import torch
 
-from engine.gmm_validation import MixtureSettings, backbone, diffusion_weights, mixture_problem, stage_config
-from engine.loop import initialise
 from engine.metrics import flow_map_error
 from engine.metrics.gradient_bias import BiasProbe
 from engine.objectives import CMT, ECD, ECT, squared_l2
-from engine.pipeline import begin
+from engine.pipelines.gmm import MixtureSettings, backbone, diffusion_weights, mixture_problem, stage_config
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import mean_se, paired_interval, seeds
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval, seeds
+from engine.training.loop import initialise
 
 SCHEMES = ("cmt", "diffusion", "cd", "random")
 
@@ -49,9 +49,6 @@ SCHEMES = ("cmt", "diffusion", "cd", "random")
 @dataclasses.dataclass
 class Config(MixtureSettings):
     mid_kimg: float = 100.0              # CMT mid-training, and CD for the same budget
-    mid_lr: float = 5e-4
-    nfe: int = 16
-    trajectories_per_batch: int = 8      # 8 × 16 = 128 pairs
     cd_q: float = 256.0                  # CD's gap while it trains (ECT's mapping, Δt = 1/256)
     dts: tuple = (1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256, 1 / 512, 1 / 1024)
     probe_batches: int = 16              # 8 independent pairs of batch means

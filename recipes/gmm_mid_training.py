@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-
-from engine.gmm_validation import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                   mixture_problem, stage_config)
 from engine.objectives import CMT, ECT, squared_l2
-from engine.pipeline import begin
+from engine.pipelines.gmm import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
+                                  mixture_problem, stage_config)
+from engine.pipelines.recipe import begin
+from engine.pipelines.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 
 ARMS = ("no_mid", "short_mid", "long_mid")
 
@@ -36,10 +35,7 @@ class Config(MixtureSettings):
     total_kimg: float = 300.0            # mid + post, every arm
     short_mid_kimg: float = 30.0
     long_mid_kimg: float = 150.0
-    mid_lr: float = 5e-4
     post_lr: float = 2e-4                # the same post-training in every arm
-    nfe: int = 16
-    trajectories_per_batch: int = 8
     q: float = 256.0                     # ECT's Δt = 1/q, constant stage
 
 

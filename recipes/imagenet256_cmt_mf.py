@@ -14,7 +14,7 @@ Sized for: a multi-GPU node (torchrun, FSDP2; docs/scaling.md); wall time not me
 Needs: --data, an ImageNet-256 latent dataset in EDM2's .npy format: one float32 [8, 32, 32] array per image
 (sd-vae-ft-mse posterior mean, then std, of the ADM center crop scaled to [−1, 1] — SD's range, not EDM2's [0, 1]),
 named 00000/img-mean-std-00000000.npy …, with dataset.json class labels (engine/data/image_dataset.py) — what
-`python -m engine.data.encode_latents --data imagenet256.zip --vae .../diffusion_pytorch_model.safetensors --out
+`python -m engine.pipelines.encode_latents --data imagenet256.zip --vae .../diffusion_pytorch_model.safetensors --out
 datasets/imagenet256-sdvae-latents.zip` writes from an ADM-cropped 256² image dataset (EDM's format, e.g. from
 NVlabs/edm2 `dataset_tool.py convert --transform=center-crop-dhariwal --resolution=256x256`). Each step
 draws a fresh posterior sample ×0.18215 (engine/objectives/latent.py). With ENGINE_INCEPTION_WEIGHTS,
@@ -36,18 +36,18 @@ import torch
 from engine import dist
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.sampler import LatentSource
-from engine.loop import StageConfig
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, LatentPosterior, MeanFlow
-from engine.pipeline import Run, check_fid_inputs, parse_flags
-from engine.solvers import mean_flow_sample
+from engine.pipelines.meanflow import LatentMeanFlowSettings, latent_smoke
+from engine.pipelines.recipe import Run, check_fid_inputs, missing_input, parse_flags, stop_if_missing
+from engine.solvers import mean_flow_uniform
+from engine.training.stage_config import StageConfig
 
 IMAGENET_TRAIN = 1_281_167
 
 
 @dataclasses.dataclass
-class Config:
-    latent_size: int = 32
+class Config(LatentMeanFlowSettings):
     num_classes: int = 1000
     teacher: str = "B/4"
     student: str = "XL/2"
@@ -55,26 +55,14 @@ class Config:
     kappa: float = 0.92
     t_start: float = 0.0
     t_end: float = 0.75
-    lr: float = 1e-4
-    ema_beta: float = 0.9999
-    teacher_batch: int = 256
     teacher_kimg: float = 80 * IMAGENET_TRAIN / 1000          # 80 epochs [unresolved in the paper]
-    trajectories_per_batch: int = 4                            # × 28 pairs = 112 per iteration
-    pair_rule: str = "nonadjacent28"
     mid_kimg: float = 200_000 * 112 / 1000                     # 200k iterations, in pairs
-    post_batch: int = 64
     post_kimg: float = 93 * IMAGENET_TRAIN / 1000              # derived from Table 4's 587 A100-h [see above]
-    log_kimg: float = 100.0
-    ckpt_kimg: float = 5_000.0
-    grid_kimg: float = 5_000.0
     fid_samples: int = 50_000
-    tiny: bool = False                                         # --smoke: tiny DiTs instead of B/4 and XL/2
 
 
-def smoke(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, latent_size=8, num_classes=10, teacher_batch=16, teacher_kimg=0.064,
-                               trajectories_per_batch=2, mid_kimg=0.112, post_batch=8, post_kimg=0.032,
-                               log_kimg=0.016, ckpt_kimg=0.032, grid_kimg=0.064, ema_beta=0.3, tiny=True)
+def smoke(cfg: Config) -> Config:   # tiny DiTs instead of B/4 and XL/2
+    return latent_smoke(cfg, num_classes=10, teacher_batch=16, teacher_kimg=0.064)
 
 
 def network(cfg: Config, name: str) -> DiT:
@@ -99,23 +87,20 @@ def smoke_latents(out: str, cfg: Config) -> str:
     return path
 
 
-def missing(args) -> str | None:
-    if args.data and os.path.exists(args.data):
-        return None
-    found = f" — not found: {args.data}" if args.data else ""
-    return (f"imagenet256_cmt_mf needs --data: the ImageNet-256 latent dataset in EDM2's .npy format (float32 "
-            f"[8, 32, 32] sd-vae-ft-mse posterior mean and std per image, of the ADM 256² center crop in [−1, 1], "
-            f"with dataset.json labels), e.g. datasets/imagenet256-sdvae-latents.zip{found}; make it with "
-            f"`python -m engine.data.encode_latents --data <ImageNet-256 zip> --vae <sd-vae-ft-mse safetensors> "
-            f"--out datasets/imagenet256-sdvae-latents.zip`.\n"
-            f"Run with --smoke for a synthetic end-to-end check.")
+def missing(args) -> list[str | None]:
+    return [missing_input("--data", args.data,
+                          "the ImageNet-256 latent dataset in EDM2's .npy format (float32 [8, 32, 32] sd-vae-ft-mse "
+                          "posterior mean and std per image, of the ADM 256² center crop in [−1, 1], with "
+                          "dataset.json labels), e.g. datasets/imagenet256-sdvae-latents.zip; make it with "
+                          "`python -m engine.pipelines.encode_latents --data <ImageNet-256 zip> --vae "
+                          "<sd-vae-ft-mse safetensors> --out datasets/imagenet256-sdvae-latents.zip`")]
 
 
 def main(argv=None) -> dict:
     args = parse_flags(__doc__, argv, default_out="runs/imagenet256_cmt_mf")
     cfg = smoke(Config()) if args.smoke else Config()
-    if not args.smoke and not args.dry_run and missing(args):
-        raise SystemExit(missing(args))
+    if not args.smoke and not args.dry_run:
+        stop_if_missing("imagenet256_cmt_mf", missing(args))
     if not args.smoke:
         check_fid_inputs(args.device)
     run = Run(args, "imagenet256_cmt_mf", dataclasses.asdict(cfg))
@@ -142,7 +127,7 @@ def main(argv=None) -> dict:
         g = torch.Generator().manual_seed(0)
         z = torch.randn(16, 4, cfg.latent_size, cfg.latent_size, generator=g).to(run.device)
         y = torch.arange(16, device=run.device) % cfg.num_classes
-        return (mean_flow_sample(ema, z, 2, y)[:, :3] / 4).clamp(-1, 1)
+        return (mean_flow_uniform(ema, z, 2, y)[:, :3] / 4).clamp(-1, 1)
 
     # Stage 1: the MF-B/4 teacher, with the post-training guidance baked in.
     pre = run.stage("cmt_mf", "pre", stage_cfg("pre_mf_teacher", cfg.teacher_kimg, cfg.teacher_batch),
@@ -172,7 +157,7 @@ def fid(ema, cfg: Config, run, smoke_run: bool) -> tuple[dict, dict]:
     vae = os.environ.get("ENGINE_VAE_WEIGHTS")
     res = []
     if not smoke_run and vae:
-        from engine.vae import LatentDecoder
+        from engine.perceptual.vae import LatentDecoder
         decode = LatentDecoder.from_file(vae, convention="sd").to(run.device)
         res = recipe_fid(ema.eval(), (4, cfg.latent_size, cfg.latent_size), [(1.0,), (1.0, 0.5)], cfg.fid_samples,
                          run.device, decode=decode)

@@ -1,6 +1,6 @@
 """The headline: CMT on ImageNet 512×512 with EDM2-XXL, then ECD distilling the autoguided teacher — the paper's
 best 2-step result, FID 1.84 (1-step 3.38 in its tables, 3.46 in its text) (docs/spec/edm2_latent.md §10;
-engine/edm2_latent_recipe.py).
+engine/pipelines/imagenet512.py).
 
 Reproduces, in EDM2's latent space (SD VAE sd-vae-ft-mse, 4 × 64 × 64 final latents):
   pre   the released EDM2-XXL (edm2-img512-xxl-0939524-0.070), loaded, not retrained;
@@ -25,7 +25,7 @@ measured here (no GPU run has been made).
 Needs (one message lists what is missing; all looked up in --weights DIR under their published names):
   --data img512-sd.zip (EDM2's dataset_tool.py convert + encode) · edm2-img512-xxl-0939524-0.070.pkl,
   edm2-img512-xxl-0939524-0.075.pkl, edm2-img512-m-0268435-0.155.pkl (EDM2) · latent_vgg16.safetensors
-  (recipes/imagenet512_latent_vgg.py, or the CMT authors' checkpoint through engine.elatentlpips.
+  (recipes/imagenet512_latent_vgg.py, or the CMT authors' checkpoint through engine.perceptual.elatentlpips.
   convert_reference_checkpoint) · sd-vae-ft-mse/diffusion_pytorch_model.safetensors · inception-2015-12-05.pkl,
   dinov2_vitl14_pretrain.pth, img512.pkl (EDM2's dataset-refs).
 
@@ -33,7 +33,7 @@ Needs (one message lists what is missing; all looked up in --weights DIR under t
         --weights weights/
     python recipes/imagenet512_cmt_ecd.py --smoke   # mid, post and evaluation on synthetic latents (CI)
 """
-from engine.edm2_latent_recipe import Latent512Settings, run_latent512
+from engine.pipelines.imagenet512 import Latent512Settings, run_latent512
 
 SETTINGS = Latent512Settings(
     ecd_lr=1e-4,            # the paper's B.5.1; the released run_ecd_512.sh passes 1e-6

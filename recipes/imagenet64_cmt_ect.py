@@ -1,5 +1,5 @@
 """CMT on ImageNet 64×64 (class-conditional, EDM2-XL), then ECT — and, as a second arm, ECD distilling the
-autoguided teacher (docs/spec/cm.md §8.2; engine/edm2_recipes.py).
+autoguided teacher (docs/spec/cm.md §8.2; engine/pipelines/imagenet64.py).
 
 Reproduces: the released EDM2-XL ImageNet-64 weights as teacher and initialisation (not retrained); CMT
 mid-training 6.4 Mimg (3rd-order multistep DPM-Solver++, 16 NFE, no guidance, LPIPS, Adam (0.9, 0.99), lr 7e-4
@@ -21,7 +21,7 @@ img64.pkl (all looked up in --weights too).
     torchrun --nproc_per_node=8 recipes/imagenet64_cmt_ect.py --data datasets/img64.zip --weights weights/
     python recipes/imagenet64_cmt_ect.py --smoke        # every stage for a few steps on a tiny MP-UNet (CI)
 """
-from engine.edm2_recipes import EDM2Settings, run_edm2_recipe
+from engine.pipelines.imagenet64 import EDM2Settings, run_edm2_recipe
 
 SETTINGS = EDM2Settings(
     teacher_file=None,     # e.g. "edm2-img64-xl-0671088-0.040.pkl" (EDM2's FID-optimal XL; see the run's message)

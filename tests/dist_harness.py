@@ -23,10 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import dist  # noqa: E402
 from engine.data.sampler import TensorSource  # noqa: E402
-from engine.loop import StageConfig, train_stage  # noqa: E402
 from engine.networks import DiT, EDM2UNet, SongUNet  # noqa: E402
 from engine.objectives import CMT, ECT, SCD, SCT, EDM2Loss, MeanFlow, squared_l2  # noqa: E402
 from engine.precond import CMPrecond, EDM2Precond, EDMPrecond  # noqa: E402
+from engine.training.loop import train_stage  # noqa: E402
+from engine.training.stage_config import StageConfig  # noqa: E402
 
 BATCH, STEPS = 8, 20
 

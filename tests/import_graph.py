@@ -6,20 +6,49 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("engine", "kernels")
+# folder → the package it installs as (setup.py: kernels/ is installed as engine.kernels)
+PACKAGES = {"engine": "engine", "kernels": "engine.kernels"}
+# the engine's subpackages: a folder of modules that counts as one node of the folder-level graph
+SUBPACKAGES = ("checkpoints", "data", "kernels", "metrics", "networks", "objectives", "perceptual", "pipelines",
+               "teacher", "training")
 
 
 def modules() -> dict[str, str]:
     """{dotted module name: file path} of every Python module in the project's packages."""
     found = {}
-    for pkg in PACKAGES:
-        for directory, _, files in os.walk(os.path.join(ROOT, pkg)):
+    for folder, pkg in PACKAGES.items():
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
             for f in files:
                 if f.endswith(".py"):
-                    rel = os.path.relpath(os.path.join(directory, f), ROOT)[:-3].split(os.sep)
-                    name = ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
-                    found[name] = os.path.join(directory, f)
+                    rel = os.path.relpath(os.path.join(directory, f), os.path.join(ROOT, folder))[:-3].split(os.sep)
+                    rel = [r for r in rel if r != "."]
+                    parts = pkg.split(".") + (rel[:-1] if rel[-1] == "__init__" else rel)
+                    found[".".join(parts)] = os.path.join(directory, f)
     return found
+
+
+def folder_of(module: str) -> str:
+    """The node of the folder-level graph a module belongs to: its subpackage (engine.training), or the module
+    itself for the flat modules of engine/ (engine.solvers)."""
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[0] == "engine" and parts[1] in SUBPACKAGES:
+        return ".".join(parts[:2])
+    return module
+
+
+def folder_imports() -> dict[str, dict[str, list[str]]]:
+    """{folder node: {imported folder node: ["module imports module at line N", ...]}} without self-edges."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for m, targets in imports().items():
+        a = folder_of(m)
+        out.setdefault(a, {})
+        for t, lines in targets.items():
+            if not t.startswith("engine"):
+                continue
+            b = folder_of(t)
+            if b != a:
+                out[a].setdefault(b, []).append(f"{m} imports {t} at line {lines[0]}")
+    return out
 
 
 def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
@@ -46,7 +75,7 @@ def imports() -> dict[str, dict[str, list[int]]]:
                 base = _resolve(node, name, is_package)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
             for t in targets:
-                if t.split(".")[0] in PACKAGES or t.startswith("torch.distributed"):
+                if t.split(".")[0] == "engine" or t.startswith("torch.distributed"):
                     graph[name].setdefault(t, []).append(node.lineno)
     return graph
 

@@ -18,10 +18,10 @@ import io
 import os
 
 import torch
+from edm_pickle_writer import Persistent, _layer_record, write_pickle
 
 from engine.metrics.inception import InceptionV3
 from engine.metrics.inception_files import PYTORCH_FID_NAMES
-from edm_pickle_writer import Persistent, _layer_record, write_pickle
 
 FORWARD_TEMPLATE = '''
 import torch

@@ -14,10 +14,11 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
-from engine.loop import StageConfig, initialise, train_stage
 from engine.networks import build_network
 from engine.objectives import CMT, ECT, squared_l2
 from engine.precond import CMPrecond
+from engine.training.loop import initialise, train_stage
+from engine.training.stage_config import StageConfig
 
 
 def main():

@@ -89,7 +89,7 @@ def test_throughput_bench_smoke(tmp_path):
 
 
 def test_throughput_compiled_rows_smoke(tmp_path):
-    """The compiled rows gpu_check asks for (every block of student and teacher, engine/compiled.py; aot_eager
+    """The compiled rows gpu_check asks for (every block of student and teacher, engine/training/compiled.py; aot_eager
     here), a chosen subset normalised to its first row, and an unknown row named."""
     mod = load("throughput")
     res = mod.main(["--smoke", "--methods", "cmt_graph,ect", "--compile", "aot_eager", "--out", str(tmp_path)])

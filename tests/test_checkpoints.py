@@ -13,15 +13,15 @@ import pickle
 import pickletools
 import zipfile
 
+import edm_pickle_writer as W
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import edm_pickle_writer as W
 from engine import checkpoints as C
-from engine import unpickler as U
 from engine.checkpoints import CheckpointError
+from engine.checkpoints import unpickler as U
 from engine.networks import DhariwalUNet, SongUNet
 from engine.precond import CMPrecond, EDMPrecond
 
@@ -609,7 +609,7 @@ def test_releases_are_byte_reproducible_across_processes(tmp_path):
     import subprocess
     import sys
     script = ("import sys, torch; from engine.networks import SongUNet; from engine.precond import CMPrecond; "
-              "from engine.releases import export_safetensors; torch.manual_seed(0); "
+              "from engine.checkpoints.releases import export_safetensors; torch.manual_seed(0); "
               "net = CMPrecond(SongUNet(img_resolution=8, in_channels=3, out_channels=3, model_channels=8, "
               "channel_mult=[1], num_blocks=1, attn_resolutions=[])); "
               "export_safetensors(net, sys.argv[1], dict(stage='s', kimg=1.5, config=dict(a=1, b=[2, 3], c='d')))")
@@ -654,7 +654,8 @@ def test_cyclic_record_tree(tmp_path):
 
 def test_weights_are_looked_up_by_flag_then_variable_then_published_name_in_the_weights_directory(tmp_path,
                                                                                                   monkeypatch):
-    from engine.files import EngineError, set_weights_dir, weights_file
+    from engine.checkpoints.files import set_weights_dir, weights_file
+    from engine.errors import EngineError
     d = tmp_path / 'weights'
     d.mkdir()
     (d / 'b.pt').write_bytes(b'1')

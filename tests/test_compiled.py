@@ -1,4 +1,5 @@
-"""Regional compilation (engine/compiled.py): the students' forwards trace without a graph break (dropout pinned
+"""Regional compilation (engine/training/compiled.py): the students' forwards trace without a graph break (dropout
+pinned
 to the step included), training with compiled blocks equals eager training — the same dropout masks — and a
 compiled run's checkpoint resumes eagerly (and the other way round). The AOT-autograd backend checks capture and
 the generated backward without code generation; the inductor comparison is heavy (C++ compilation on CPU)."""
@@ -11,14 +12,15 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from engine.edm2_presets import build_edm2_preset
-from engine.loop import StageConfig, train_stage
+from engine.data.sampler import TensorSource
 from engine.networks import DiT
 from engine.networks.configs import build_network
 from engine.networks.dropout import dropout_generator
 from engine.objectives import ECT
-from engine.data.sampler import TensorSource
+from engine.pipelines.edm2_presets import build_edm2_preset
 from engine.precond import CMPrecond
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 
 def students():
@@ -92,8 +94,9 @@ def test_every_block_of_a_unet_pair_is_compiled(caplog):
     """A CIFAR-10 DDPM++ student and teacher (dozens of UNetBlock instances of differing structure, one code object):
     no block falls back to eager because dynamo's per-code recompile limit ran out."""
     import logging
-    from engine.compiled import compile_regions
+
     from engine.precond import EDMPrecond
+    from engine.training.compiled import compile_regions
     dynamo.reset()
     torch.manual_seed(0)
     nets = [cls(build_network("cifar10-ddpmpp", model_channels=16, img_resolution=16), sigma_data=0.5)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from engine.data import dataset_writer as writer_module
 from engine.data import image_dataset as reader_module
-from engine.data.digits import DIGITS_COUNT, digits, digits_uint8
 from engine.data.dataset_writer import write_image_dataset
+from engine.data.digits import DIGITS_COUNT, digits, digits_uint8
 from engine.data.image_dataset import DatasetError, ImageDataset, edm_image_name, float_to_uint8, uint8_to_float
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import torch
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.loader import BatchStream
 from engine.data.sampler import ImageDatasetSource, ResumableSampler
-from engine.loop import StageConfig, train_stage
 from engine.objectives import ECT
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 
 def dataset(tmp_path, n=40, r=8):
@@ -40,7 +41,8 @@ def test_workers_read_the_batches_the_training_process_would(tmp_path):
 def test_training_with_workers_equals_training_without_and_resumes(tmp_path, capsys):
     import glob
     import os
-    from engine.edm2_presets import build_edm2_preset
+
+    from engine.pipelines.edm2_presets import build_edm2_preset
     source = ImageDatasetSource(dataset(tmp_path))
 
     def run(workers, out):

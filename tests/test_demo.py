@@ -1,7 +1,7 @@
 """The main job's embedded default runs end to end and its numbers make sense."""
 import json
 
-from engine import demo
+from engine.pipelines import demo
 
 
 def test_demo_end_to_end(tmp_path):

@@ -1,4 +1,4 @@
-"""Data parallelism on CPU with gloo (engine/dist.py, engine/loop.py): the objectives' sharded randomness, a
+"""Data parallelism on CPU with gloo (engine/dist.py, engine/training/loop.py): the objectives' sharded randomness, a
 2-process run against a 1-process run with the same global batch (CMT, ECT, Mean Flow, EDM2; sCT and sCD under
 FSDP2 and DDP), checkpoints that resume at another world size, an elastic restart after SIGKILL, the errors for
 batches that do not divide, and a recipe under torchrun. The multi-process runs go through tests/dist_harness.py
@@ -11,14 +11,14 @@ import sys
 
 import pytest
 import torch
+from devices import DEVICES
 
 from engine import dist
-from engine.loop import StageConfig, train_stage
 from engine.networks import DiT, SongUNet
 from engine.objectives import CMT, ECT, SCD, SCT, CMTMeanFlow, FlowMatching, MeanFlow, SlowCMT, StepRNG, squared_l2
 from engine.precond import CMPrecond, EDMPrecond
-
-from devices import DEVICES
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "dist_harness.py")

@@ -7,14 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from devices import CUDA
 
 from engine import ops
+from engine.kernels import jvp_attention
+from engine.kernels.jvp_attention import attention_reference
 from engine.networks import DiT
 from engine.networks.dit import sincos_pos_embed
-from kernels import jvp_attention
-from kernels.jvp_attention import attention_reference
-
-from devices import CUDA
 
 
 def require_extension():

@@ -15,12 +15,25 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edm_pickle_writer as W  # noqa: E402
+
 from engine.checkpoints import load_edm_pickle  # noqa: E402
-from engine.edm2_presets import GUIDED, build_edm2_preset, pretraining_stage, with_unit_gains  # noqa: E402
-from engine.files import CheckpointError, EngineError  # noqa: E402
-from engine.networks.edm2_unet import (EDM2Block, EDM2UNet, MPConv, MPFourier, force_weight_normalization,  # noqa: E402
-                                       mp_attention, mp_attention_reference, mp_cat, mp_silu, mp_sum, normalize,
-                                       resample)
+from engine.checkpoints.files import CheckpointError  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.networks.edm2_unet import (  # noqa: E402
+    EDM2Block,
+    EDM2UNet,
+    MPConv,
+    MPFourier,
+    force_weight_normalization,
+    mp_attention,
+    mp_attention_reference,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+    resample,
+)
+from engine.pipelines.edm2_presets import GUIDED, build_edm2_preset, pretraining_stage, with_unit_gains  # noqa: E402
 from engine.precond import EDM2Precond, build_edm2  # noqa: E402
 
 # ---- primitives against float64 recomputation (§1.1) -----------------------------------------------------------
@@ -296,15 +309,17 @@ def released_state_dict(name: str, seed: int = 0) -> dict:
 
 
 def test_a_released_layout_state_dict_loads_strictly_in_float32():
-    from engine.state_dicts import load_network_state
+    from engine.checkpoints.state_dicts import load_network_state
     sd = released_state_dict('edm2-img512-xxs')
     assert len(sd) == 203
     net = load_network_state(build_edm2_preset('edm2-img512-xxs'), sd)
     assert all(v.dtype == torch.float32 for v in net.state_dict().values())
     assert all(torch.equal(net.state_dict()[k], v.float()) for k, v in sd.items())    # fp16 values, upcast
     # a student without the uncertainty head takes the teacher's weights (the head is teacher-only)
-    from engine.loop import initialise
-    student = initialise(build_edm2_preset('edm2-img512-xxs', logvar_channels=None, use_fp16=False), sd)
+    from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS
+    from engine.training.loop import initialise
+    student = initialise(build_edm2_preset('edm2-img512-xxs', logvar_channels=None, use_fp16=False), sd,
+                         ignore=TEACHER_ONLY_KEYS)
     assert len(student.state_dict()) == 200
     bad = dict(sd)
     bad['unet.dec.8x8_block3.conv_res0.weight'] = bad['unet.dec.8x8_block3.conv_res0.weight'][:, :-1]
@@ -449,9 +464,10 @@ def adam_state_after_steps(net, steps=2):
 def test_an_edm2_training_state_loads_into_a_stage_and_continues_it(tmp_path):
     from engine.checkpoints import read_edm2_training_state
     from engine.data.sampler import ResumableSampler, TensorSource
-    from engine.ema import EMA
-    from engine.loop import StageConfig, train_stage, train_step
     from engine.objectives import EDM2Loss, StepRNG
+    from engine.training.ema import EMA
+    from engine.training.loop import train_stage, train_step
+    from engine.training.stage_config import StageConfig
     net = tiny_edm2().train()
     opt = adam_state_after_steps(net)
     emas = {s: tiny_edm2(seed=i + 5).state_dict() for i, s in enumerate((0.05, 0.10))}
@@ -491,12 +507,13 @@ def test_an_edm2_training_state_loads_into_a_stage_and_continues_it(tmp_path):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(res.net.state_dict()[k], v, rtol=0, atol=0, msg=k)
     snap = tmp_path / 'run' / 'pretrain' / 'snapshots' / 'pretrain-000000004100-0.050.safetensors'
-    from engine.releases import load_safetensors_network
+    from engine.checkpoints.releases import load_safetensors_network
     for k, v in tracked.module.state_dict().items():
         torch.testing.assert_close(load_safetensors_network(snap).state_dict()[k], v, rtol=0, atol=0, msg=k)
     # a start state that lacks a tracked σ_rel is named
     cfg2 = StageConfig(**{**cfg.__dict__, 'name': 'other', 'snapshot_emas': (0.05, 0.2)})
-    with pytest.raises(CheckpointError, match=r"stage 'other': the start state tracks EMAs of σ_rel 0\.05, 0\.1, not 0\.2"):
+    with pytest.raises(CheckpointError, match=r"stage 'other': the start state tracks EMAs of σ_rel 0\.05, 0\.1, not "
+                                              r"0\.2"):
         train_stage(cfg2, tiny_edm2(seed=9).train(), loss, data, str(tmp_path / 'run'), start=start)
     assert not (tmp_path / 'run' / 'other').exists()                 # refused before anything was written
 
@@ -521,9 +538,10 @@ def test_step_ema_normalise_in_the_loop_equals_the_references_in_forward_order(t
     order (normalise inside each training forward; step; EMA) for 6 Adam steps of the EDM2 loss: the weights the
     next forward sees and the EMA agree bit for bit."""
     from engine.data.sampler import ResumableSampler, TensorSource
-    from engine.ema import EMA
-    from engine.loop import StageConfig, train_stage, train_step
     from engine.objectives import EDM2Loss, StepRNG
+    from engine.training.ema import EMA
+    from engine.training.loop import train_stage, train_step
+    from engine.training.stage_config import StageConfig
     g = torch.Generator().manual_seed(0)
     data = TensorSource(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g))
     B, steps = 4, 6
@@ -587,7 +605,7 @@ def test_the_uncertainty_loss_equals_a_direct_recomputation():
 
 
 def test_the_loops_inv_sqrt_schedule_is_edm2s():
-    from engine.lr_schedules import learning_rate
+    from engine.training.lr_schedules import learning_rate
     cfg = pretraining_stage('edm2-img64-xl')
     assert cfg.lr_ref_kimg == 35000 * 2048 / 1000 and cfg.lr_rampup_kimg == 10_000 and cfg.betas == (0.9, 0.99)
     assert cfg.snapshot_emas == (0.05, 0.1) and cfg.total_kimg == 640 * 2 ** 20 / 1000
@@ -603,7 +621,7 @@ def test_the_loops_inv_sqrt_schedule_is_edm2s():
 def profile_lstsq64(in_t, in_std, out_t, out_std, n=200_001):
     """The reconstruction as a direct least-squares fit in float64: the profiles p(τ) = (γ+1)/t·(τ/t)^γ on [0, t]
     sampled on a fine grid, the output profile fitted by the inputs under the trapezoid rule, normalised to sum 1."""
-    from engine.ema import std_to_exp
+    from engine.training.ema import std_to_exp
     tau = np.linspace(0, out_t, n)
     w = np.full(n, out_t / (n - 1))
     w[[0, -1]] /= 2
@@ -617,7 +635,7 @@ def profile_lstsq64(in_t, in_std, out_t, out_std, n=200_001):
 
 
 def test_reconstruction_coefficients_equal_the_float64_least_squares_solution():
-    from engine.phema import power_function_correlation, solve_coefficients
+    from engine.training.phema import power_function_correlation, solve_coefficients
     in_t = np.repeat(np.arange(1, 9) * 4096.0, 2)
     in_std = np.tile([0.05, 0.10], 8)
     X = solve_coefficients(in_t, in_std, 8 * 4096.0, [0.03, 0.07, 0.15])
@@ -627,7 +645,7 @@ def test_reconstruction_coefficients_equal_the_float64_least_squares_solution():
     # an output profile equal to an input profile is that input
     np.testing.assert_allclose(solve_coefficients(in_t, in_std, 8 * 4096.0, 0.10)[:, 0], np.eye(16)[15], atol=1e-8)
     # the closed-form inner product against quadrature
-    from engine.ema import std_to_exp
+    from engine.training.ema import std_to_exp
     tau = np.linspace(0, 3000, 300_001)                              # p_a vanishes beyond its t = 3000
     pa = (std_to_exp(0.05) + 1) / 3000 * (tau / 3000) ** std_to_exp(0.05)
     pb = (std_to_exp(0.1) + 1) / 9000 * (tau / 9000) ** std_to_exp(0.1)
@@ -636,16 +654,18 @@ def test_reconstruction_coefficients_equal_the_float64_least_squares_solution():
 
 
 def test_a_runs_snapshots_reconstruct_new_profiles(tmp_path, capsys):
-    """A stage tracking σ_rel 0.05, 0.07 and 0.10 with snapshots every 4 steps; `python -m engine.phema` from the
+    """A stage tracking σ_rel 0.05, 0.07 and 0.10 with snapshots every 4 steps; `python -m engine.training.phema` from
+    the
     0.05 / 0.10 series: the output is Σ x_i θ_i with the least-squares x, it is close to the 0.07 EMA the run
     tracked directly, and the 0.10 profile at the last snapshot is that snapshot."""
+    from engine.checkpoints.releases import load_safetensors_network, read_safetensors_metadata
     from engine.data.sampler import TensorSource
-    from engine.loop import StageConfig, train_stage
     from engine.networks import build_network
     from engine.objectives import EDMLoss
-    from engine.phema import list_snapshots, main
     from engine.precond import EDMPrecond
-    from engine.releases import load_safetensors_network, read_safetensors_metadata
+    from engine.training.loop import train_stage
+    from engine.training.phema import list_snapshots, main
+    from engine.training.stage_config import StageConfig
     torch.manual_seed(0)
     net = EDMPrecond(build_network('gmm-mlp', hidden_channels=32, emb_channels=32, num_blocks=2))
     data = TensorSource(torch.randn(256, 2))
@@ -681,8 +701,8 @@ def test_a_runs_snapshots_reconstruct_new_profiles(tmp_path, capsys):
 
 
 def test_edm2_named_pickles_are_read_as_snapshots(tmp_path):
-    from engine.ema import kimg_to_nimg
-    from engine.phema import list_snapshots, reconstruct
+    from engine.training.ema import kimg_to_nimg
+    from engine.training.phema import list_snapshots, reconstruct
     for i, kimg in enumerate((134217, 268435)):
         write_edm2_pickle(tmp_path, tiny_edm2(i), f'network-snapshot-{kimg:07d}-0.050.pkl')
     snaps = list_snapshots(str(tmp_path))
@@ -775,10 +795,11 @@ def test_the_imagenet64_recipe_reads_its_files_from_the_weights_directory(tmp_pa
     a guide found in --weights by their names, a labelled dataset zip, random VGG16 weights for LPIPS. The files
     are fingerprinted into the run's identity, the student starts as the teacher without its head."""
     import json
+
+    from engine.checkpoints.files import file_sha256, set_weights_dir
     from engine.data import write_image_dataset
-    from engine.edm2_recipes import EDM2Settings, run_edm2_recipe
-    from engine.files import file_sha256, set_weights_dir
-    from engine.lpips import random_vgg16_state_dict
+    from engine.perceptual.lpips import random_vgg16_state_dict
+    from engine.pipelines.imagenet64 import EDM2Settings, run_edm2_recipe
     weights = tmp_path / 'weights'
     weights.mkdir()
     write_edm2_pickle(weights, tiny_edm2(0), 'teacher.pkl')
@@ -818,7 +839,7 @@ def test_fp16_unet_and_graph_captured_teacher_on_gpu():
     """use_fp16: the U-Net in float16 on CUDA, the output side in float32 (EDM2's evaluation precision), close to
     the float32 CPU network; the EDM2 teacher's 16-step trajectory captured in a CUDA graph equals its eager solve."""
     from engine.schedules import logsnr_sigmas
-    from engine.teacher import TeacherSolver
+    from engine.teacher.solver import TeacherSolver
     net = tiny_edm2(0).eval()
     x, sigma, labels = torch.randn(4, 3, 16, 16) * 3, torch.tensor([0.01, 0.5, 3.0, 70.0]), torch.tensor([1, 2, 3, 4])
     ref = net(x, sigma, labels)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.augment import SYM2, SYM6, JointAugment, filter_bank
+from engine.perceptual.augment import SYM2, SYM6, JointAugment, filter_bank
 
 D = torch.float64
 
@@ -53,7 +53,7 @@ def geometric64(x: np.ndarray, G: np.ndarray) -> np.ndarray:
     big = up(Hp) @ padded @ up(Wp).T
     hb, wb = big.shape
     oh, ow = (H + 6) * 2, (W + 6) * 2
-    # the inverse map in centred output coordinates of the 2× grid, as engine/augment.py composes it
+    # the inverse map in centred output coordinates of the 2× grid, as engine/perceptual/augment.py composes it
     S2, T = np.diag([2.0, 2, 1]), lambda a: np.array([[1, 0, a], [0, 1, a], [0, 0, 1.0]])
     Gu = T(-0.5) @ S2 @ G @ np.linalg.inv(S2) @ T(0.5)
     out = np.zeros((oh, ow))
@@ -261,8 +261,9 @@ def test_one_draw_reaches_both_arguments_and_gradients_the_first_only():
 
 # ---- the distance: §6.1 / §6.3 / §6.2 evaluated in float64 from the layer lists -----------------------------------
 
-from engine.elatentlpips import ELatentLPIPS, LatentVGG, _official_trunk, convert_reference_checkpoint  # noqa: E402
 from engine.networks.dropout import dropout_generator  # noqa: E402
+from engine.networks.latent_vgg import LatentVGG  # noqa: E402
+from engine.perceptual.elatentlpips import ELatentLPIPS, _official_trunk, convert_reference_checkpoint  # noqa: E402
 
 # §6.3: the 13 convolutions of VGG16_Latent_GN by their module index, 'M' the two pools; taps after conv 2, 4, 7,
 # 10 (after the first pool) and 13 (after the second)
@@ -423,7 +424,7 @@ def test_reference_checkpoint_converts_without_running_it(tmp_path, monkeypatch)
     torch.save({"model": model.features, "x": _Hostile()}, tmp_path / "bad.pth")
     monkeypatch.delitem(sys.modules, "elatentlpips.models")                    # the class is not importable now
     out = convert_reference_checkpoint(tmp_path / "ref.pth", tmp_path / "latent_vgg16.safetensors")
-    from engine.elatentlpips import read_vgg_state
+    from engine.perceptual.elatentlpips import read_vgg_state
     got = read_vgg_state(out)
     want = model.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -12,19 +12,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from inception_writer import random_inception, write_torchscript
 
-from engine.releases import export_safetensors
+from engine.checkpoints.files import file_sha256
+from engine.checkpoints.releases import export_safetensors
 from engine.data import write_image_dataset
-from engine.evaluate import evaluate, main as evaluate_main, sample_batch, to_uint8
+from engine.evaluate import evaluate, sample_batch, to_uint8
+from engine.evaluate import main as evaluate_main
 from engine.metrics import frechet_distance
 from engine.metrics.dinov2 import DINOv2, read_dinov2_state
 from engine.metrics.inception import InceptionV3
-from engine.files import file_sha256
-from engine.metrics.reference_stats import (StatsError, check_fid_preprocessing, detector_record, load_stats,
-                                            main as stats_main, save_stats)
+from engine.metrics.reference_stats import StatsError, check_fid_preprocessing, detector_record, load_stats, save_stats
+from engine.metrics.reference_stats import main as stats_main
 from engine.networks import build_network
 from engine.precond import CMPrecond
-from inception_writer import random_inception, write_torchscript
 
 pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
@@ -259,8 +260,9 @@ def test_paper_recipe_fid_step(tmp_path, inception_file, monkeypatch, capsys):
     file, hash and preprocessing; statistics that do not fit the detector stop the recipe before it trains."""
     import dataclasses
     import types
-    from engine import cm_recipes
-    from engine.pipeline import check_fid_inputs
+
+    from engine.pipelines import edm_cm as cm_recipes
+    from engine.pipelines.recipe import check_fid_inputs
     path, _ = inception_file
     net, _ = tiny_net(tmp_path)
     s = dataclasses.replace(cm_recipes.PaperSettings(dataset="x", resolution=8, q=4), fid_samples=5)
@@ -289,7 +291,8 @@ def test_paper_recipe_fid_step(tmp_path, inception_file, monkeypatch, capsys):
 
 def test_vae_decoder_loads_diffusers_layouts_and_decodes_edm2_latents(tmp_path):
     from safetensors.torch import save_file
-    from engine.vae import BIAS, SCALE, LatentDecoder
+
+    from engine.perceptual.vae import BIAS, SCALE, LatentDecoder
     torch.manual_seed(0)
     small = (32, 32, 64, 64)
     ref = LatentDecoder(channels=small)
@@ -303,7 +306,7 @@ def test_vae_decoder_loads_diffusers_layouts_and_decodes_edm2_latents(tmp_path):
     old["encoder.conv_in.weight"] = torch.zeros(1)
     save_file(old, str(tmp_path / "vae.safetensors"))
     dec = LatentDecoder(channels=small).load_vae_state(
-        __import__("engine.vae", fromlist=["read_vae_file"]).read_vae_file(tmp_path / "vae.safetensors"))
+        __import__("engine.perceptual.vae", fromlist=["read_vae_file"]).read_vae_file(tmp_path / "vae.safetensors"))
     final = torch.randn(3, 4, 4, 4) * 0.5
     img = dec(final, chunk=2)
     assert img.dtype == torch.uint8 and img.shape == (3, 3, 32, 32)
@@ -322,7 +325,7 @@ def test_vae_decoder_loads_diffusers_layouts_and_decodes_edm2_latents(tmp_path):
 
 
 def test_latent_network_samples_are_decoded():
-    from engine.vae import LatentDecoder
+    from engine.perceptual.vae import LatentDecoder
     torch.manual_seed(0)
     net = CMPrecond(build_network("digits-ddpmpp", img_resolution=8, in_channels=4, out_channels=4,
                                   model_channels=8)).eval()
@@ -339,8 +342,8 @@ def test_mean_flow_networks_are_sampled_with_their_own_sampler(tmp_path):
     """A DiT release goes through the Mean Flow sampler (t schedules, z ← z − (t − r)·u), per-seed noise."""
     from engine.evaluate import default_schedules
     from engine.networks import DiT
-    from engine.solvers import mean_flow_sample
-    from engine.vae import LatentDecoder
+    from engine.perceptual.vae import LatentDecoder
+    from engine.solvers import mean_flow_uniform
     torch.manual_seed(0)
     net = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=5).eval()
     with torch.no_grad():
@@ -354,7 +357,7 @@ def test_mean_flow_networks_are_sampled_with_their_own_sampler(tmp_path):
     z = torch.stack([torch.randn((4, 4, 4), generator=g) for g in gens])
     y = torch.tensor([int(torch.randint(5, (1,), generator=g)) for g in gens])
     for steps, key in ((1, "1-step"), (2, "2-step t=1,0.5")):
-        expected = to_uint8(mean_flow_sample(net, z, steps, y).clamp(-1, 1))
+        expected = to_uint8(mean_flow_uniform(net, z, steps, y).clamp(-1, 1))
         assert (res[key]["samples"].int() - expected.int()).abs().max() <= 1
     sd = LatentDecoder(channels=(32, 32, 64, 64), convention="sd")
     raw = torch.randn(1, 4, 2, 2)

@@ -1,5 +1,5 @@
 """The gradient-bias probe (engine/metrics/gradient_bias.py), the per-sample exact flow it uses, and the seed
-statistics (engine/seed_stats.py)."""
+statistics (engine/pipelines/seed_stats.py)."""
 import math
 
 import pytest
@@ -9,8 +9,8 @@ from engine.data import GaussianMixture
 from engine.metrics.gradient_bias import BiasProbe, unbiased_squared_norm
 from engine.networks import build_network
 from engine.objectives import ECT
+from engine.pipelines.seed_stats import mean_se, paired_interval, sample_std, seed_table
 from engine.precond import CMPrecond
-from engine.seed_stats import mean_se, paired_interval, sample_std, seed_table
 from engine.solvers import pf_ode_reference
 
 

@@ -1,4 +1,5 @@
-"""The host allocator policy (engine/host_memory.py): under `retain` freed memory is reused without new page faults,
+"""The host allocator policy (engine/training/host_memory.py): under `retain` freed memory is reused without new page
+faults,
 under glibc's defaults it is faulted in again; training numbers do not depend on it. Each case runs in a fresh
 process, since the policy is process-wide and glibc's untouched defaults cannot be restored once changed."""
 import os
@@ -7,14 +8,14 @@ import sys
 
 import pytest
 
-from engine import host_memory
+from engine.training import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="the C library is not glibc")
 
 FAULTS = """
 import json, resource, sys, torch
-from engine import host_memory
+from engine.training import host_memory
 print(host_memory.apply(sys.argv[1]), file=sys.stderr)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -33,13 +34,14 @@ print(json.dumps(dict(faults=per[-8:], rss_growth_mib=rss[-1] - rss[-9])))
 
 TRAIN = """
 import hashlib, sys, torch
-from engine import host_memory
+from engine.training import host_memory
 host_memory.apply(sys.argv[1])
-from engine.loop import StageConfig, train_step
+from engine.training.loop import train_step
+from engine.training.stage_config import StageConfig
 from engine.networks.configs import build_network
 from engine.networks.dropout import dropout_generator
 from engine.objectives import ECT, StepRNG
-from engine.optimizers import make_optimizer
+from engine.training.optimizers import make_optimizer
 from engine.precond import CMPrecond
 torch.manual_seed(0)
 net = CMPrecond(build_network("cifar10-ddpmpp", img_resolution=8, model_channels=16, channel_mult=[1, 2],
@@ -95,7 +97,8 @@ def test_policy_is_checked():
 def test_the_loop_and_the_benches_set_it():
     """The policy is process-wide, set where a stage starts and where the step benchmarks build a step."""
     import inspect
-    from engine import loop
+
+    from engine.training import loop
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import common
     assert "host_memory.apply()" in inspect.getsource(loop.train_stage)

@@ -1,10 +1,10 @@
-"""Image grids and the side-by-side picture (engine/image_grid.py), read back pixel for pixel."""
+"""Image grids and the side-by-side picture (engine/data/image_grid.py), read back pixel for pixel."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from engine.image_grid import samples_to_uint8, save_image_grid, save_labeled_panels, upscale_nearest
+from engine.data.image_grid import samples_to_uint8, save_image_grid, save_labeled_panels, upscale_nearest
 
 
 def test_upscale_nearest_is_the_kronecker_product_with_ones():

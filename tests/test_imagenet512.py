@@ -1,4 +1,4 @@
-"""The ImageNet-512 headline (docs/spec/edm2_latent.md §7, §8, §10; engine/edm2_latent_recipe.py): the ECD loss
+"""The ImageNet-512 headline (docs/spec/edm2_latent.md §7, §8, §10; engine/pipelines/imagenet512.py): the ECD loss
 against §8 steps 1–6 written out on a tiny MP-UNet pair, the mid-training loss's per-pair randomness (uniform
 labels, E-LatentLPIPS transforms) independent of the world size, and the recipe's --smoke pipeline, its resume and
 its one message of missing files."""
@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from engine.edm2_presets import build_edm2_preset, with_unit_gains
 from engine.guidance import GuidedDenoiser
 from engine.objectives import CMT, ECD, StepRNG, perceptual
+from engine.pipelines.edm2_presets import build_edm2_preset, with_unit_gains
 
 D = torch.float64
 
@@ -70,7 +70,8 @@ def test_mid_training_randomness_does_not_depend_on_the_world_size():
     """CMT from 80ε with uniform labels and E-LatentLPIPS: two ranks holding one trajectory each get, pair by pair,
     the losses of one process holding both — the labels, the start noise and every pair's transform are drawn for
     the global batch in CMT's step-major layout (StepRNG.grouped)."""
-    from engine.elatentlpips import LatentVGG, ELatentLPIPS
+    from engine.networks.latent_vgg import LatentVGG
+    from engine.perceptual.elatentlpips import ELatentLPIPS
     torch.manual_seed(0)
     lpips = ELatentLPIPS(vgg_state_dict=LatentVGG().state_dict())
     teacher = tiny(res=32, seed=1, label_dim=10).float()

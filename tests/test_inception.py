@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from engine.metrics.inception import (NVIDIA, PYTORCH_FID, ConvUnit, InceptionV3, fid_preprocessing,
-                                      read_inception_state)
-from engine.metrics.inception_files import (PYTORCH_FID_NAMES, check_preprocessing_code, preprocessing_in_code,
-                                            read_inception_file)
 from inception_writer import (module_src, pytorch_fid_state, random_inception, write_persistent_pickle,
                               write_pickle_with_torchscript, write_torchscript)
+
+from engine.metrics.inception import NVIDIA, PYTORCH_FID, ConvUnit, InceptionV3, fid_preprocessing, read_inception_state
+from engine.metrics.inception_files import (PYTORCH_FID_NAMES, check_preprocessing_code, preprocessing_in_code,
+                                            read_inception_file)
 
 EPS = 1e-3  # TF's batch-norm epsilon
 # The published detector is a TorchScript file, so the tests write and read TorchScript (deprecated in torch 2.10+).

@@ -8,15 +8,14 @@ import math
 
 import pytest
 import torch
+from devices import DEVICES
 
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.jvp import FD_STEP
 from engine.networks import DiT, SongUNet
 from engine.objectives import SCD, SCT, MeanFlow
 from engine.precond import CMPrecond
-from engine.stage_config import describe_object
-
-from devices import DEVICES
+from engine.training.stage_config import describe_object
 
 SD = 0.5
 
@@ -166,7 +165,7 @@ def test_jvp_settings_are_checked_and_kept_out_of_old_identities():
 
 
 def test_a_finite_difference_step_counts_its_two_forwards():
-    """The loop's counters (engine/run_state.py): the tangent by central differences costs two student forwards
+    """The loop's counters (engine/training/run_state.py): the tangent by central differences costs two student forwards
     where the JVP counts one — sCT 3 per sample instead of 2; Mean Flow 2 per r ≠ t row instead of 1 — and the
     losses agree with the exact path's to the difference's error."""
     from engine.objectives import StepRNG

@@ -7,20 +7,18 @@ through the kernels, and kernel gradients equal to the reference's in fp32/bf16.
 """
 import pytest
 import torch
-
 import triton  # noqa: F401  (a test dependency: the kernels must be exercised in CI, not skipped)
+from devices import DEVICES
 
 from engine import ops
 from engine.data import GaussianMixture
+from engine.kernels import dpm_solver as kdpm
+from engine.kernels import precond as kpre
+from engine.kernels import runtime
 from engine.networks import build_network
 from engine.precond import CMPrecond, EDMPrecond
 from engine.schedules import logsnr_sigmas
 from engine.solvers import dpm_solver_pp, dpm_solver_pp_coefficients
-from kernels import dpm_solver as kdpm
-from kernels import precond as kpre
-from kernels import runtime
-
-from devices import DEVICES
 
 SIZES = [(1,), (1025,), (3, 3, 17, 13), (2, 4, 33, 7)]  # 1, block + 1, 1989, 1848 elements
 

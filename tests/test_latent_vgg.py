@@ -1,4 +1,4 @@
-"""Training the latent VGG (docs/spec/edm2_latent.md §6.5; engine/latent_vgg_training.py): SGD with the step
+"""Training the latent VGG (docs/spec/edm2_latent.md §6.5; engine/pipelines/latent_vgg.py): SGD with the step
 schedule as torch's reference optimizer computes it, top-1 against a direct count, the classification objective
 learning separable latents, and the recipe's --smoke run, whose output E-LatentLPIPS loads and which resumes."""
 from __future__ import annotations
@@ -12,10 +12,11 @@ import torch
 
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.sampler import LatentSource, Subset
-from engine.loop import StageConfig, train_stage
-from engine.lr_schedules import learning_rate
 from engine.objectives import Classification, LatentPosterior, StepRNG
 from engine.objectives.classification import top1
+from engine.training.loop import train_stage
+from engine.training.lr_schedules import learning_rate
+from engine.training.stage_config import StageConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,7 @@ def test_top1_counts_correct_predictions(tmp_path):
 
 
 def test_classification_on_posterior_samples_learns_separable_latents(tmp_path, monkeypatch):
-    from engine import registry
+    from engine.checkpoints import registry
     monkeypatch.setitem(registry.BACKBONES, "Pooled", Pooled)     # the loop releases what it trains
     source, _ = separable(tmp_path)
     net = Pooled()
@@ -94,7 +95,7 @@ def load(name):
 
 
 def test_recipe_smoke_output_is_what_elatentlpips_loads_and_it_resumes(tmp_path, capsys):
-    from engine.elatentlpips import ELatentLPIPS, read_vgg_state
+    from engine.perceptual.elatentlpips import ELatentLPIPS, read_vgg_state
     mod = load("imagenet512_latent_vgg")
     out = str(tmp_path / "run")
     res = mod.run_latent_vgg(mod.__doc__, mod.SETTINGS, "imagenet512_latent_vgg", ["--smoke", "--out", out,
@@ -113,14 +114,14 @@ def test_recipe_smoke_output_is_what_elatentlpips_loads_and_it_resumes(tmp_path,
     mod.run_latent_vgg(mod.__doc__, mod.SETTINGS, "imagenet512_latent_vgg", ["--smoke", "--out", out,
                                                                              "--device", "cpu"])
     assert "resuming stage 'latent_vgg'" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="needs --data"):
+    with pytest.raises(SystemExit, match="needs:\n  --data: EDM2's ImageNet-512 latent dataset"):
         mod.run_latent_vgg(mod.__doc__, mod.SETTINGS, "imagenet512_latent_vgg", ["--out", str(tmp_path / "y"),
                                                                                  "--device", "cpu"])
 
 
 def test_recipe_logs_top1_on_the_validation_latents_when_given(tmp_path, capsys):
     mod = load("imagenet512_latent_vgg")
-    from engine.latent_vgg_training import _smoke_latents, smoke_settings
+    from engine.pipelines.latent_vgg import _smoke_latents, smoke_settings
     val = _smoke_latents(str(tmp_path / "val.zip"), smoke_settings(mod.SETTINGS), n=8, seed=5)
     out = str(tmp_path / "run")
     mod.run_latent_vgg(mod.__doc__, mod.SETTINGS, "imagenet512_latent_vgg", ["--smoke", "--out", out, "--device",

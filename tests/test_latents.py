@@ -12,7 +12,7 @@ from engine.data.sampler import LatentSource
 from engine.objectives import LatentPosterior, StepRNG
 from engine.objectives.base import LossOutput, Objective
 from engine.objectives.latent import posterior_sample
-from engine.vae import BIAS, SCALE
+from engine.perceptual.vae import BIAS, SCALE
 
 
 def moments(n=5, c=4, res=6, seed=0):
@@ -38,7 +38,8 @@ def test_a_rewritten_archive_is_byte_identical_whatever_the_clock(tmp_path, monk
     """Smoke runs and encode commands rewrite their datasets on a rerun; the run identity hashes the zip's index,
     which holds each member's date, so the bytes must not depend on when they were written."""
     import time
-    from engine.identity import dataset_fingerprint
+
+    from engine.checkpoints.identity import dataset_fingerprint
     m = moments()[:3]
     a, b = tmp_path / "a.zip", tmp_path / "b.zip"
     write_latent_dataset(a, m, [0, 1, 2])
@@ -133,10 +134,11 @@ def _diffusers_vae(channels=(32, 32, 64, 64)):
 
 
 def test_vae_encoder_and_decoder_equal_diffusers():
-    """engine.vae's encoder and decoder against diffusers' AutoencoderKL (the reference implementation) with the
+    """engine.perceptual.vae's encoder and decoder against diffusers' AutoencoderKL (the reference implementation) with
+    the
     same random weights, in float64. Agreement is to ~1e-7 relative rather than 1e-15 because diffusers computes
     the attention softmax in float32 (upcast_softmax)."""
-    from engine.vae import LatentDecoder, LatentEncoder
+    from engine.perceptual.vae import LatentDecoder, LatentEncoder
     channels = (32, 32, 64, 64)
     vae = _diffusers_vae(channels).double()
     state = vae.state_dict()
@@ -158,12 +160,13 @@ def test_vae_encoder_and_decoder_equal_diffusers():
 
 
 def test_encode_latents_command_writes_a_latent_dataset(tmp_path):
-    """python -m engine.data.encode_latents: images → EDM2 .npy moments with the labels carried over, equal to
+    """python -m engine.pipelines.encode_latents: images → EDM2 .npy moments with the labels carried over, equal to
     the encoder applied directly; a missing VAE file is named."""
     from safetensors.torch import save_file
+
     from engine.data import write_image_dataset
-    from engine.data.encode_latents import main
-    from engine.vae import LatentEncoder
+    from engine.perceptual.vae import LatentEncoder
+    from engine.pipelines.encode_latents import main
     vae = _diffusers_vae()
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
     g = np.random.default_rng(0)

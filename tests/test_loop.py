@@ -6,14 +6,15 @@ import os
 import pytest
 import torch
 
+from engine.checkpoints.identity import IdentityMismatch
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
-from engine.identity import IdentityMismatch
-from engine.loop import NonFiniteError, StageConfig, train_stage
 from engine.networks import build_network
 from engine.objectives import EDMLoss, LossOutput
 from engine.objectives.base import Objective
 from engine.precond import EDMPrecond
+from engine.training.loop import NonFiniteError, train_stage
+from engine.training.stage_config import StageConfig
 
 
 def tiny_setup():

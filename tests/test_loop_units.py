@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engine.data.sampler import ResumableSampler
-from engine.ema import EMA, std_to_exp
-from engine.lr_schedules import learning_rate
-from engine.run_state import CheckpointRing
-from engine.train_log import truncate_jsonl
+from engine.training.ema import EMA, std_to_exp
+from engine.training.lr_schedules import learning_rate
+from engine.training.run_state import CheckpointRing
+from engine.training.train_log import truncate_jsonl
 
 
 def test_linear_decay_matches_cmt_formula():
@@ -105,9 +105,9 @@ def test_power_ema_continued_over_earlier_images_keeps_the_telescoped_share():
     import dataclasses
     import types
 
-    from engine.files import EngineError
-    from engine.run_state import TrainingState
-    from engine.stage_config import StageConfig
+    from engine.errors import EngineError
+    from engine.training.run_state import TrainingState
+    from engine.training.stage_config import StageConfig
     base = StageConfig(name="s", total_kimg=1.0, batch_size=64, lr=1e-3, ema_beta=None, ema_std=0.10)
     g = std_to_exp(0.10)
     for K, m in ((2.0, 5), (4.0, 3)):
@@ -139,8 +139,8 @@ def test_power_ema_continued_over_earlier_images_keeps_the_telescoped_share():
 
 
 def test_kimg_scale_scales_the_budget_and_every_interval_measured_in_kimg():
-    from engine.pipeline import scaled
-    from engine.stage_config import StageConfig
+    from engine.pipelines.recipe import scaled
+    from engine.training.stage_config import StageConfig
     cfg = StageConfig(name="s", total_kimg=10.0, batch_size=64, lr=1e-3, ema_beta=None, ema_std=0.05, log_kimg=1.0,
                       ckpt_kimg=5.0, eval_kimg=2.0, snapshot_emas=(0.05,), snapshot_kimg=4.0, lr_rampup_kimg=3.0,
                       ema_continue_kimg=7.0)

@@ -1,4 +1,5 @@
-"""engine/lpips.py against a direct float64 re-implementation of docs/spec/cm.md §3.2 written here, and (when the lpips
+"""engine/perceptual/lpips.py against a direct float64 re-implementation of docs/spec/cm.md §3.2 written here, and (when
+the lpips
 package is installed) against lpips 0.1.4's own LPIPS class run on the same random trunk. No real VGG16 ImageNet
 weights are available to the tests: the trunk is random throughout."""
 import sys
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine.lpips as lp
-from engine.lpips import LPIPS
+import engine.perceptual.lpips as lp
+from engine.perceptual.lpips import LPIPS
 
 BUNDLED = lp.bundled_lin_path()
 needs_lpips_pkg = pytest.mark.skipif(BUNDLED is None, reason=f"lpips package not installed ({lp.LIN_INSTALL})")

@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
+from devices import CUDA
 
 from engine import ops
+from engine.kernels.jvp_attention import attention_reference
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, FlowMatching, MeanFlow, StepRNG
-from engine.solvers import mean_flow_sample
 from engine.objectives.meanflow import pair_indices
-from kernels.jvp_attention import attention_reference
-
-from devices import CUDA
+from engine.solvers import mean_flow_uniform
 
 
 def net64(seed=0, classes=10):
@@ -207,11 +206,11 @@ def test_mean_flow_sampling():
     net = net64().eval()
     eps = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     y = torch.tensor([1, 2, 3])
-    one = mean_flow_sample(net, eps, 1, y)
+    one = mean_flow_uniform(net, eps, 1, y)
     with torch.no_grad():
         torch.testing.assert_close(one, eps - net(eps, torch.ones(3, dtype=torch.float64),
                                                   torch.zeros(3, dtype=torch.float64), y))
-        two = mean_flow_sample(net, eps, 2, y)
+        two = mean_flow_uniform(net, eps, 2, y)
         h = torch.full((3,), 0.5, dtype=torch.float64)
         mid = eps - 0.5 * net(eps, torch.ones(3, dtype=torch.float64), h, y)
         torch.testing.assert_close(two, mid - 0.5 * net(mid, h, torch.zeros(3, dtype=torch.float64), y))

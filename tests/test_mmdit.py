@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.networks.mmdit import MMDiT, init_from_sit
 
 

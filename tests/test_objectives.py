@@ -196,8 +196,8 @@ def test_cmt_mlp_student_loss_and_gradients(gm):
 
 
 def test_cmt_with_lpips_distance_on_images():
-    """The reference's setting on images [N, 3, 16, 16]: LPIPS (random weights, engine.lpips) as the distance."""
-    from engine.lpips import LPIPS
+    """The reference's setting on images [N, 3, 16, 16]: LPIPS (random weights, engine.perceptual.lpips) as the distance."""
+    from engine.perceptual.lpips import LPIPS
     lp = LPIPS.random(seed=0)
     gmi = GaussianMixture.random(3, (3, 16, 16), std=0.2, seed=2)
     N, m = 2, 2

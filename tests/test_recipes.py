@@ -76,10 +76,11 @@ def test_imagenet256_cmt_mf_smoke_and_missing_data(tmp_path):
     """The ImageNet-256 CMT-MF pipeline: a clear message without its latent dataset (and for an image dataset in
     its place), and every stage end to end on synthetic latents with tiny DiTs."""
     mod = load("imagenet256_cmt_mf")
-    with pytest.raises(SystemExit, match=r"needs --data: the ImageNet-256 latent dataset in EDM2's \.npy format"):
+    with pytest.raises(SystemExit, match=r"needs:\n  --data: the ImageNet-256 latent dataset in EDM2's \.npy format"):
         mod.main(["--out", str(tmp_path / "x"), "--device", "cpu", "--data", str(tmp_path / "absent.zip")])
-    from engine.data import write_image_dataset
     import numpy as np
+
+    from engine.data import write_image_dataset
     images = write_image_dataset(tmp_path / "images.zip", np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
     with pytest.raises(SystemExit, match="holds images of shape"):
         mod.main(["--out", str(tmp_path / "y"), "--device", "cpu", "--data", str(images)])
@@ -101,8 +102,8 @@ def test_coco_t2i_cmt_mf_smoke_and_missing_data(tmp_path, capsys, monkeypatch):
     mod = load("coco_t2i_cmt_mf")
     for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_VAE_WEIGHTS"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(SystemExit, match=r"needs --data \(the COCO 256² SD-VAE latent dataset\) and --captions "
-                                         r"\(its caption store with REPA features\)"):
+    with pytest.raises(SystemExit, match=r"needs:\n  --data: the COCO 256² SD-VAE latent dataset.*\n  --captions: "
+                                         r"its caption store with REPA features"):
         mod.main(["--out", str(tmp_path / "x"), "--device", "cpu"])
     out = str(tmp_path / "run")
     res = mod.main(["--smoke", "--out", out, "--device", "cpu"])
@@ -129,8 +130,9 @@ def test_imagenet64_cmt_ect_smoke_and_required_settings(tmp_path, capsys, monkey
     mod = load("imagenet64_cmt_ect")
     for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_DINOV2_WEIGHTS", "ENGINE_WEIGHTS_DIR"):
         monkeypatch.delenv(var, raising=False)
-    from engine.data import write_image_dataset
     import numpy as np
+
+    from engine.data import write_image_dataset
     data = write_image_dataset(tmp_path / "img64.zip", np.zeros((2, 64, 64, 3), np.uint8), [0, 1])
     with pytest.raises(SystemExit) as e:
         mod.run_edm2_recipe(mod.__doc__, mod.SETTINGS, "imagenet64_cmt_ect",

@@ -5,8 +5,8 @@ run directory's files before and after."""
 import errno
 import hashlib
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from engine.checkpoints.files import CheckpointError, UnreadableCheckpoint, load_checkpoint, save_checkpoint
+from engine.checkpoints.identity import IdentityMismatch, check_or_record, compare, write_identity
 from engine.checks import positive_int
 from engine.cli import run_main
 from engine.data import write_image_dataset
 from engine.data.sampler import TensorSource
-from engine.files import CheckpointError, EngineError, UnreadableCheckpoint, load_checkpoint, save_checkpoint
-from engine.identity import IdentityMismatch, check_or_record, compare, write_identity
-from engine.loop import StageConfig, train_stage
+from engine.errors import EngineError
 from engine.networks import build_network
 from engine.objectives import ECT, EDMLoss
 from engine.precond import CMPrecond, EDMPrecond
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +117,7 @@ def test_the_identity_covers_data_teacher_and_initialisation(tmp_path):
 def test_run_identity_names_changed_input_files(tmp_path, capsys):
     """--data and --teacher are fingerprinted (a dataset by its index, weights whole); a rerun with other files is
     refused before anything is written."""
-    from engine.pipeline import Run, parse_flags
+    from engine.pipelines.recipe import Run, parse_flags
     d = tmp_path / "d.zip"
     write_image_dataset(d, np.zeros((4, 1, 8, 8), np.uint8))
     t = tmp_path / "teacher.pkl"
@@ -172,7 +174,7 @@ def test_a_readable_checkpoint_that_does_not_fit_is_refused_not_replaced(tmp_pat
 # ---- integrity --------------------------------------------------------------------------------------------------
 
 def test_releases_verify_their_bytes(tmp_path):
-    from engine.releases import export_safetensors, load_safetensors_network, verify_release
+    from engine.checkpoints.releases import export_safetensors, load_safetensors_network, verify_release
     torch.manual_seed(0)
     net = CMPrecond(build_network("gmm-mlp", hidden_channels=8, num_blocks=1))
     path = tmp_path / "ema.safetensors"
@@ -187,7 +189,7 @@ def test_releases_verify_their_bytes(tmp_path):
 
 def test_a_full_disk_is_reported_as_such_and_keeps_the_old_file(tmp_path, monkeypatch):
     """torch's zip writer turns the disk's ENOSPC into "enforce fail … unexpected pos"; the error says what it is."""
-    import engine.files as files
+    import engine.checkpoints.files as files
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, dict(w=torch.arange(10.0)))
     before = snapshot(tmp_path)
@@ -224,7 +226,8 @@ def test_a_full_disk_is_reported_as_such_and_keeps_the_old_file(tmp_path, monkey
 
 def test_a_consistency_snapshot_is_not_a_teacher(tmp_path):
     import edm_pickle_writer as W
-    from engine.edm_snapshots import load_edm_pickle
+
+    from engine.checkpoints.edm_snapshots import load_edm_pickle
     kw = dict(img_resolution=8, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1],
               num_blocks=1, attn_resolutions=[])
     net = CMPrecond(build_network("digits-ddpmpp", **kw))
@@ -241,8 +244,9 @@ def test_a_consistency_snapshot_is_not_a_teacher(tmp_path):
 
 
 def test_paper_recipe_inputs_must_fit_its_settings():
-    from engine.cm_recipes import PaperSettings, check_inputs
     from types import SimpleNamespace
+
+    from engine.pipelines.edm_cm import PaperSettings, check_inputs
     s = PaperSettings(dataset="ffhq-64x64", resolution=64, q=4)
     teacher = SimpleNamespace(model=SimpleNamespace(img_resolution=32, img_channels=3))
     data = SimpleNamespace(resolution=32, num_channels=1)
@@ -253,7 +257,8 @@ def test_paper_recipe_inputs_must_fit_its_settings():
 
 def test_trajectory_cache_refuses_a_teacher_of_another_shape(tmp_path, capsys):
     import edm_pickle_writer as W
-    from engine import trajectory_cache as tc
+
+    from engine.teacher import trajectory_cache as tc
     kw = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
               attn_resolutions=[])
     teacher = EDMPrecond(build_network("digits-ddpmpp", **kw))
@@ -373,7 +378,7 @@ def test_a_command_line_error_is_one_line_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("entry, argv, flag", [
     ("engine.metrics.reference_stats", ["--data", "d.zip", "--out", "r.npz", "--batch", "0"], "--batch"),
-    ("engine.data.encode_latents", ["--data", "d.zip", "--out", "l.zip", "--batch", "-2"], "--batch"),
+    ("engine.pipelines.encode_latents", ["--data", "d.zip", "--out", "l.zip", "--batch", "-2"], "--batch"),
     ("bench/throughput.py", ["--reps", "0"], "--reps"),
     ("bench/jvp.py", ["--warmup", "-1"], "--warmup"),
     ("bench/fast_teacher.py", ["--smoke", "--reps", "0"], "--reps"),

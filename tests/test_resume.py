@@ -91,3 +91,31 @@ def test_sigterm_and_ctrl_c_save_at_the_step_boundary_and_resume_exactly(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming stage 'mid'" in r.stdout
     assert_identical(torch.load(tmp_path / "final.pt", weights_only=True), reference)
+
+
+PREMOVE_RUN = os.path.join(os.path.dirname(__file__), "data", "gmm_smoke_stopped_f00baca")
+GMM_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "gmm_cmt_ect.py")
+
+
+def test_a_run_written_before_the_restructure_resumes_bit_exactly(tmp_path):
+    """tests/data/gmm_smoke_stopped_f00baca is `recipes/gmm_cmt_ect.py --smoke` as commit f00baca wrote it, when
+    every module was flat in engine/, stopped by SIGTERM inside its first step (mid_cmt at 0.128 of 0.512 kimg).
+    Rerunning the same command over a copy of it resumes after the modules moved, and every stage's release is the
+    same bytes as an uninterrupted run's: no identity names a module path, so moving modules orphans no run."""
+    import shutil
+    resumed = tmp_path / "resumed"
+    shutil.copytree(PREMOVE_RUN, resumed)
+    for text in (resumed / "identity.json", resumed / "cmt_ect" / "mid_cmt" / "identity.json"):
+        assert "engine." not in text.read_text()
+    fresh = tmp_path / "fresh"
+    for out in (resumed, fresh):
+        r = subprocess.run([sys.executable, GMM_RECIPE, "--smoke", "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    before = open(os.path.join(PREMOVE_RUN, "cmt_ect", "mid_cmt", "log.jsonl"), encoding="utf-8").read()
+    after = (resumed / "cmt_ect" / "mid_cmt" / "log.jsonl").read_text()
+    assert after.startswith(before) and len(after) > len(before)   # the pre-move log was kept and continued
+    releases = sorted(p.relative_to(fresh) for p in fresh.rglob("ema.safetensors"))
+    assert len(releases) == 3
+    for rel in releases:
+        assert (resumed / rel).read_bytes() == (fresh / rel).read_bytes(), rel

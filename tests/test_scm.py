@@ -1,4 +1,5 @@
-"""sCT / sCD (engine/objectives/scm.py) against direct float64 re-computations of docs/spec/mf.md §5.2: the TrigFlow view
+"""sCT / sCD (engine/objectives/scm.py) against direct float64 re-computations of docs/spec/mf.md §5.2: the TrigFlow
+view
 of an EDM denoiser, the JVP tangent against central finite differences, the whole loss, shared dropout masks,
 the teacher velocity on the analytic mixture, warm-up, and the adaptive weight trained by the loop."""
 import math
@@ -7,12 +8,13 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
-from engine.loop import StageConfig, train_stage
 from engine.networks import build_network
 from engine.networks.dropout import dropout_generator
 from engine.objectives import SCD, SCT, StepRNG
 from engine.objectives.scm import trig_F
 from engine.precond import CMPrecond
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 SD = 0.5
 

@@ -8,9 +8,9 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.schedules import karras_sigmas, logsnr_sigmas
-from engine.solvers import (consistency_sampler, dpm_solver_orders, dpm_solver_pp, dpm_solver_pp_coefficients,
-                            euler, flow_heun_trajectory, heun, mean_flow_sample, mean_flow_sampler,
-                            mean_flow_trajectory, pf_ode_reference)
+from engine.solvers import (consistency_sampler, dpm_solver_orders, dpm_solver_pp, dpm_solver_pp_coefficients, euler,
+                            flow_heun_trajectory, heun, mean_flow_sampler, mean_flow_trajectory, mean_flow_uniform,
+                            pf_ode_reference)
 
 
 def spec_update(x, t, s0, s1, s2, M0, M1, M2, order):
@@ -203,7 +203,7 @@ def test_mean_flow_samplers_follow_the_exact_flow():
     assert traj.shape == (5, 5, 2)
     for k, t in enumerate(ts):   # every state lies on the path
         torch.testing.assert_close(traj[k], (1 - t) * c + t * eps, rtol=0, atol=1e-14)
-    torch.testing.assert_close(mean_flow_sample(u, eps, 4), traj[-1], rtol=0, atol=0)
+    torch.testing.assert_close(mean_flow_uniform(u, eps, 4), traj[-1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="decrease to 0"):
         mean_flow_sampler(u, eps, (0.5, 1.0))
 

@@ -1,4 +1,4 @@
-"""The CUDA-graph teacher (engine/teacher.py): eager fallback on CPU equal to dpm_solver_pp, and on a GPU the
+"""The CUDA-graph teacher (engine/teacher/solver.py): eager fallback on CPU equal to dpm_solver_pp, and on a GPU the
 captured trajectories equal to the eager ones."""
 import logging
 
@@ -10,7 +10,7 @@ from engine.networks import build_network
 from engine.precond import EDMPrecond
 from engine.schedules import logsnr_sigmas
 from engine.solvers import dpm_solver_pp
-from engine.teacher import TeacherSolver
+from engine.teacher.solver import TeacherSolver
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -26,7 +26,7 @@ def test_cpu_runs_eagerly_equal_to_dpm_solver_pp(caplog):
     sig = logsnr_sigmas(16)
     solver = TeacherSolver(teacher, sig)
     x_T = torch.randn(3, 1, 8, 8) * 80
-    with caplog.at_level(logging.INFO, logger="engine.teacher"):
+    with caplog.at_level(logging.INFO, logger="engine.teacher.solver"):
         traj = solver(x_T)
         solver(x_T)
     assert torch.equal(traj, dpm_solver_pp(teacher, x_T, sig))
@@ -75,7 +75,7 @@ def test_capture_failure_falls_back_with_a_reason(caplog):
     gm = GaussianMixture.random(4, (1, 8, 8), seed=0)
     solver = TeacherSolver(gm.denoise, logsnr_sigmas(8))
     x_T = torch.randn(3, 1, 8, 8, device="cuda") * 80
-    with caplog.at_level(logging.INFO, logger="engine.teacher"):
+    with caplog.at_level(logging.INFO, logger="engine.teacher.solver"):
         traj = solver(x_T)
     assert any("capture of the teacher trajectory failed" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(traj, dpm_solver_pp(gm.denoise, x_T, logsnr_sigmas(8)))
@@ -84,10 +84,11 @@ def test_capture_failure_falls_back_with_a_reason(caplog):
 @cuda
 @pytest.mark.gpu
 def test_graph_of_the_compiled_teacher_equals_eager_on_gpu():
-    """The teacher's blocks compiled with inductor (engine/compiled.py) and the whole solve captured in a CUDA
+    """The teacher's blocks compiled with inductor (engine/training/compiled.py) and the whole solve captured in a CUDA
     graph: compilation happens in the capture's warm-up, and the replayed trajectory equals the eager one's."""
     import copy
-    from engine.compiled import compile_regions
+
+    from engine.training.compiled import compile_regions
     teacher = small_unet(label_dim=10).cuda()
     compiled = copy.deepcopy(teacher)
     compile_regions(compiled, "default")

@@ -1,4 +1,5 @@
-"""Text conditioning and REPA (issue 21): the CLIP tokenizer and text transformer (engine/clip_text.py) against
+"""Text conditioning and REPA (issue 21): the CLIP tokenizer and text transformer (engine/perceptual/clip_text.py)
+against
 `transformers` on random weights and a generated vocabulary; the caption store (engine/data/captions.py) written
 by the encoding command and validated like the image datasets; the per-position caption draw (uniform, resumable,
 world-size independent through the loader); DINOv2's REPA features (engine/metrics/dinov2.py) against a functional
@@ -13,17 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.clip_text import CLIPTextEncoder, CLIPTokenizer, byte_table
 from engine.data.captions import CaptionedLatentSource, CaptionStore, CaptionStoreError, write_caption_store
-from engine.data.encode_captions import encode_store, main as encode_main, read_captions
 from engine.data.loader import BatchStream
 from engine.data.sampler import ResumableSampler, TensorSource
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.metrics.dinov2 import DINOv2
 from engine.networks.mmdit import MMDiT
 from engine.objectives import REPA, CMTMeanFlow, FlowMatching, MeanFlow, StepRNG
 from engine.objectives.meanflow import logit_normal
 from engine.objectives.repa import alignment
+from engine.perceptual.clip_text import CLIPTextEncoder, CLIPTokenizer, byte_table
+from engine.pipelines.encode_captions import encode_store, read_captions
+from engine.pipelines.encode_captions import main as encode_main
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The trajectory store (engine/trajectory_cache.py) on the analytic teacher: contents equal to direct solves,
+"""The trajectory store (engine/teacher/trajectory_cache.py) on the analytic teacher: contents equal to direct solves,
 reproducible from stored seeds, resumable after an interruption, refused when settings differ; and CachedCMT on
 it equal to CMT."""
 import json
@@ -10,12 +10,13 @@ import torch
 
 from engine.data import GaussianMixture
 from engine.data.sampler import TensorSource
-from engine.loop import StageConfig, train_stage
 from engine.networks import build_network
 from engine.objectives import CMT, CachedCMT, StepRNG, squared_l2
 from engine.precond import CMPrecond
 from engine.solvers import dpm_solver_pp
-from engine import trajectory_cache as tc
+from engine.teacher import trajectory_cache as tc
+from engine.training.loop import train_stage
+from engine.training.stage_config import StageConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ in one directory instead of U-ViT's file per caption.
 
 Item i of the store belongs to item i of the latent dataset (`CaptionedLatentSource` checks the counts). Arrays are
 read memory-mapped. `write_caption_store` writes a store atomically (a hidden sibling renamed into place);
-`python -m engine.data.encode_captions` makes one from captions, the CLIP directory and optionally the images.
+`python -m engine.pipelines.encode_captions` makes one from captions, the CLIP directory and optionally the images.
 
 One caption per image per step, uniformly among its captions as U-ViT draws it, but from the image's position in
 the data stream — caption k = H(seed, position) mod (its caption count) — rather than Python's global `random`, so a
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from engine.data.dataset_writer import publish, remove
-from engine.files import EngineError
+from engine.errors import EngineError
 
 FORMAT = "engine-captions-1"
 FILES = dict(captions="captions.npy", offsets="offsets.npy", empty="empty_context.npy", texts="texts.json",
@@ -81,7 +81,7 @@ class CaptionStore:
         meta_file = os.path.join(self.path, "meta.json")
         if not os.path.isfile(meta_file):
             raise CaptionStoreError(f"{self.path} is not a caption store (no meta.json); make one with `python -m "
-                                    f"engine.data.encode_captions` (engine/data/captions.py)")
+                                    f"engine.pipelines.encode_captions` (engine/data/captions.py)")
         self.meta = json.load(open(meta_file))
         if self.meta.get("format") != FORMAT:
             raise CaptionStoreError(f"{meta_file}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
@@ -142,9 +142,10 @@ class CaptionStore:
         return torch.from_numpy(np.array(self.empty, dtype=np.float32))
 
     def fingerprint(self) -> dict:
-        """What the store is (engine/identity.py), cheaply: the small files hashed whole, the large feature arrays
+        """What the store is (engine/checkpoints/identity.py), cheaply: the small files hashed whole, the large feature
+        arrays
         (tens of GB for COCO) by size, which with meta.json's record of what made them identifies them."""
-        from engine.identity import file_fingerprint
+        from engine.checkpoints.identity import file_fingerprint
         out = {}
         for k, f in dict(FILES, meta="meta.json").items():
             full = os.path.join(self.path, f)
@@ -163,7 +164,7 @@ class CaptionedLatentSource:
                                     f"{getattr(getattr(latents, 'dataset', None), 'path', '')} has {len(latents)}")
         if repa and store.repa is None:
             raise CaptionStoreError(f"{store.path} holds no REPA encoder features ({FILES['repa']}); encode them "
-                                    f"with `python -m engine.data.encode_captions ... --images ... --dinov2 ...`")
+                                    f"with `python -m engine.pipelines.encode_captions ... --images ... --dinov2 ...`")
         self.latents, self.store, self.seed, self.repa = latents, store, int(seed), bool(repa)
         self.dataset = getattr(latents, "dataset", None)     # file-backed: the loop may read ahead in workers
 

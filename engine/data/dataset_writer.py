@@ -20,8 +20,8 @@ from typing import Iterator
 import numpy as np
 import PIL.Image
 
-from engine.data.image_dataset import (LABELS_FILENAME, DatasetError, _WRITE_MODES, edm_image_name,
-                                       edm_latent_name, exists)
+from engine.data.image_dataset import (_WRITE_MODES, LABELS_FILENAME, DatasetError, edm_image_name, edm_latent_name,
+                                       exists)
 
 __all__ = ["write_image_dataset", "write_latent_dataset", "write_members"]
 
@@ -43,14 +43,16 @@ def _as_nhwc(images, layout: str) -> np.ndarray:
         if len(fits) == 2:
             fits = [k for k in fits if views[k].shape[1] == views[k].shape[2]] or fits
         if len(fits) != 1:
-            raise DatasetError(f"cannot tell whether images of shape {a.shape} are NCHW or NHWC; pass layout='NCHW' or 'NHWC'")
+            raise DatasetError(f"cannot tell whether images of shape {a.shape} are NCHW or NHWC; pass layout='NCHW' "
+                               "or 'NHWC'")
         layout = fits[0]
     if layout not in views:
         raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
     out = views[layout]
     _, h, w, c = out.shape
     if c not in _WRITE_MODES:
-        raise DatasetError(f"images must have 1 (grayscale) or 3 (RGB) channels as EDM's PNGs do, got {c} ({layout} shape {a.shape})")
+        raise DatasetError(f"images must have 1 (grayscale) or 3 (RGB) channels as EDM's PNGs do, got {c} ({layout} "
+                           f"shape {a.shape})")
     if h != w:
         raise DatasetError(f"images must be square, got H x W = {h} x {w} ({layout} shape {a.shape})")
     return out
@@ -193,7 +195,8 @@ def write_members(dest: Path, members, overwrite: bool) -> Path:
                 with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
                     for name, data in members():
                         # A fixed timestamp: the same members give the same archive bytes at any time of writing,
-                        # so a rewritten dataset keeps its fingerprint (engine/identity.py hashes the zip's index,
+                        # so a rewritten dataset keeps its fingerprint (engine/checkpoints/identity.py hashes the zip's
+                        # index,
                         # which holds each member's date) and a rerun resumes instead of refusing.
                         zf.writestr(_member_info(name), data)
                 f.flush()

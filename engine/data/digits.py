@@ -45,7 +45,8 @@ def _load_raw() -> tuple[np.ndarray, np.ndarray]:
     raw = bunch.images
     # Guard the assumptions the exact scaling rests on, in case a future sklearn changes the bundle.
     if raw.shape != (DIGITS_COUNT, _SOURCE_RESOLUTION, _SOURCE_RESOLUTION) or raw.min() != 0 or raw.max() != _SOURCE_MAX:
-        raise RuntimeError(f"sklearn load_digits returned an unexpected array: shape {raw.shape}, range [{raw.min()}, {raw.max()}]")
+        raise RuntimeError(f"sklearn load_digits returned an unexpected array: shape {raw.shape}, range "
+                           f"[{raw.min()}, {raw.max()}]")
     if not np.array_equal(raw, np.round(raw)):
         raise RuntimeError("sklearn load_digits returned non-integer intensities")
     images = raw.astype(np.uint8)

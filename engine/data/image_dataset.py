@@ -35,7 +35,8 @@ Latent datasets (EDM2's `dataset_tool.py encode`, docs/spec/edm2_latent.md §3.2
 members instead of images, `00000/img-mean-std-00000000.npy` …, each a float array [2·C, H, W] with the VAE
 posterior mean (first C channels) and std (last C) of one image; the same dataset.json. `ImageDataset` reads them
 too (`is_latent`): items are then float32 [2·C, H, W] arrays (headers checked at construction as for images; no
-mixing of images and .npy files). engine/data/dataset_writer.py writes both kinds. The training-time posterior sample and its
+mixing of images and .npy files). engine/data/dataset_writer.py writes both kinds. The training-time posterior sample
+and its
 scaling are engine/objectives/latent.py's.
 
 Cost at construction, per image, on a 2-core CPU with a warm page cache: listing the zip and reading the
@@ -61,7 +62,7 @@ import PIL.Image
 import torch
 
 from engine.checks import positive_int
-from engine.files import EngineError
+from engine.errors import EngineError
 
 __all__ = [
     "DatasetError",
@@ -297,7 +298,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if extra and not allow_extra_files:
             raise DatasetError(
                 f"unexpected non-image file {self._where(extra[0])} ({len(extra)} such file(s)); an EDM dataset holds "
-                f"only images and a root {LABELS_FILENAME}. Remove them, or pass allow_extra_files=True to skip them as EDM does"
+                f"only images and a root {LABELS_FILENAME}. Remove them, or pass allow_extra_files=True to skip them "
+                "as EDM does"
             )
         return sorted(images)  # sorted as EDM: the order defines the indices
 
@@ -320,7 +322,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self._where(name)} cannot be read as an image ({type(e).__name__}: {e})") from e
         if mode not in _MODE_CHANNELS:
             raise DatasetError(
-                f"{self._where(name)} has PIL mode {mode!r}; only 8-bit {'/'.join(_MODE_CHANNELS)} images are supported "
+                f"{self._where(name)} has PIL mode {mode!r}; only 8-bit {'/'.join(_MODE_CHANNELS)} images are "
+                "supported "
                 f"(convert it, e.g. Image.convert('RGB'))"
             )
         if w != h:
@@ -374,24 +377,28 @@ class ImageDataset(torch.utils.data.Dataset):
         if entries is None:
             return None
         if not isinstance(entries, list):
-            raise DatasetError(f'{where}: "labels" must be a list of [file name, class index] pairs or null, got a {type(entries).__name__}')
+            raise DatasetError(f'{where}: "labels" must be a list of [file name, class index] pairs or null, got a '
+                               f'{type(entries).__name__}')
         labels: dict[str, int] = {}
         for i, entry in enumerate(entries):
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
-                raise DatasetError(f'{where}: "labels"[{i}] must be a [file name, class index] pair, got {_short(entry)}')
+                raise DatasetError(f'{where}: "labels"[{i}] must be a [file name, class index] pair, got '
+                                   f'{_short(entry)}')
             fname, label = entry[0].replace("\\", "/"), entry[1]  # EDM normalises Windows separators too
             if fname in labels:
                 raise DatasetError(f"{where} labels '{fname}' more than once")
             if isinstance(label, bool) or not isinstance(label, int):
                 vector = " (vector labels are not supported)" if isinstance(label, list) else ""
-                raise DatasetError(f"{where}: the label of '{fname}' must be an integer class index, got {_short(label)}{vector}")
+                raise DatasetError(f"{where}: the label of '{fname}' must be an integer class index, got "
+                                   f"{_short(label)}{vector}")
             if label < 0:
                 raise DatasetError(f"{where}: the label of '{fname}' is {label}; class indices must be >= 0")
             labels[fname] = label
         known = set(self._image_names)
         unknown = [f for f in labels if f not in known]
         if unknown:
-            raise DatasetError(f"{where} labels '{unknown[0]}', which is not an image of the dataset ({len(unknown)} such label(s))")
+            raise DatasetError(f"{where} labels '{unknown[0]}', which is not an image of the dataset ({len(unknown)} "
+                               "such label(s))")
         missing = [f for f in self._image_names if f not in labels]
         if missing:
             raise DatasetError(f"{where} has no label for image '{missing[0]}' ({len(missing)} unlabelled image(s))")

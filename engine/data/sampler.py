@@ -54,8 +54,8 @@ class TensorSource:
         return len(self.images)
 
     def fingerprint(self) -> dict:
-        """What the data is (engine/identity.py): a hash of the tensors themselves."""
-        from engine.identity import tensor_fingerprint
+        """What the data is (engine/checkpoints/identity.py): a hash of the tensors themselves."""
+        from engine.checkpoints.identity import tensor_fingerprint
         return {"tensors": list(self.images.shape), "sha256": tensor_fingerprint(self.images, self.labels)}
 
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,7 +116,7 @@ class LatentSource:
 
 
 class Subset:
-    """The items `indices` of another source, in that order (a held-out split: engine/latent_vgg_training.py)."""
+    """The items `indices` of another source, in that order (a held-out split: engine/pipelines/latent_vgg.py)."""
 
     def __init__(self, source, indices):
         self.source, self.indices = source, torch.as_tensor(indices, dtype=torch.long)
@@ -136,7 +136,7 @@ class Subset:
 
 
 def _dataset_fingerprint(dataset) -> dict:
-    """A dataset on disk: its file's size and index hash (engine/identity.py) and what of it is used."""
-    from engine.identity import dataset_fingerprint
+    """A dataset on disk: its file's size and index hash (engine/checkpoints/identity.py) and what of it is used."""
+    from engine.checkpoints.identity import dataset_fingerprint
     return {**dataset_fingerprint(dataset.path), "items": len(dataset), "labels": bool(dataset.has_labels),
             "xflip": bool(getattr(dataset, "xflip", False))}

@@ -11,13 +11,12 @@
   statistics, which record their FID protocol (`python -m engine.metrics.reference_stats` computes them).
   Few-step FID runs: `python -m engine.evaluate`.
 """
-from engine.metrics.digits_classifier import (DigitsClassifier, DigitsClassifierConfig, DigitsMetrics,
-                                              class_histogram, default_cache_dir, digits_classifier_path,
-                                              load_digits_classifier, to_classifier_input,
-                                              train_digits_classifier)
+from engine.metrics.digits_classifier import (DigitsClassifier, DigitsClassifierConfig, DigitsMetrics, class_histogram,
+                                              default_cache_dir, digits_classifier_path, load_digits_classifier,
+                                              to_classifier_input, train_digits_classifier)
+from engine.metrics.dinov2 import DINOv2
 from engine.metrics.flow_map import FlowMapError, flow_map_error, reference_ode_steps
 from engine.metrics.frechet import FeatureStatistics, feature_statistics, frechet_distance
-from engine.metrics.dinov2 import DINOv2
 from engine.metrics.inception import InceptionV3
 from engine.metrics.reference_stats import load_stats, save_stats
 from engine.metrics.sliced_wasserstein import sliced_wasserstein, wasserstein_1d_squared

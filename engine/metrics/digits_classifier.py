@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.files import CheckpointError, load_checkpoint, save_checkpoint
+from engine.checkpoints.files import CheckpointError, load_checkpoint, save_checkpoint
 from engine.data.digits import DIGITS_NUM_CLASSES, digits
 from engine.metrics.frechet import feature_statistics, frechet_distance
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.files import file_sha256, read_state_dict_file, weights_file
-from engine.state_dicts import mismatch_summary
+from engine.checkpoints.files import file_sha256, read_state_dict_file, weights_file
+from engine.checkpoints.state_dicts import mismatch_summary
 from engine.metrics.detector_input import uint8_rgb
 from engine.networks.dit import Attention, Mlp
 

@@ -1,6 +1,7 @@
 """Fréchet distance between Gaussian summaries of feature sets (FID, FD_DINOv2, the digits-classifier FD).
 
-    FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½          (docs/spec/cm.md §7.1, docs/spec/edm2_latent.md §5.1)
+    FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½          (docs/spec/cm.md §7.1, docs/spec/edm2_latent.md
+    §5.1)
 
 The reference code takes tr sqrtm(Σ₁Σ₂) with `scipy.linalg.sqrtm` of the non-symmetric product and keeps the
 real part. The product has the same eigenvalues as the symmetric PSD matrix M = Σ₁^½ Σ₂ Σ₁^½, so we take the

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.files import weights_file
+from engine.checkpoints.files import weights_file
+from engine.checkpoints.state_dicts import mismatch_summary
 from engine.metrics.detector_input import uint8_rgb
 from engine.metrics.fid_preprocessing import NVIDIA, PYTORCH_FID, Preprocessing, fid_preprocessing
 from engine.metrics.inception_files import DETECTOR_FILES, read_inception_file
-from engine.state_dicts import mismatch_summary
 
 __all__ = ["InceptionV3", "ConvUnit", "read_inception_state", "checked_state", "Preprocessing", "NVIDIA", "PYTORCH_FID",
            "fid_preprocessing", "DETECTOR_FILES"]

@@ -7,7 +7,8 @@ Layouts (all hold TensorFlow's `inception-2015-12-05` weights; docs/spec/cm.md �
     name (`layers.<unit>.{weight, beta, mean, var}` per conv + batch-norm unit — TF's batch norm has no scale —
     and `output.{weight, bias}`); its scripted forward is never called.
   * `inception-2015-12-05.pkl` — the same network as a `torch_utils.persistence` pickle (EDM `fid.py`, EDM2).
-    Read with the restricted unpickler of engine/unpickler.py (docs/spec/edm2_latent.md §2.5): persistent objects
+    Read with the restricted unpickler of engine/checkpoints/unpickler.py (docs/spec/edm2_latent.md §2.5): persistent
+    objects
     become passive records and `module_src` is kept as text, never executed. The tensors are taken from the
     record tree under NVIDIA's names, or from a TorchScript archive the pickle carries as bytes.
   * `pt_inception-2015-12-05-6726825d.pth` — pytorch-fid's state dict in torchvision's names
@@ -32,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.files import CheckpointError, file_sha256, read_state_dict_file
+from engine.checkpoints.files import CheckpointError, file_sha256, read_state_dict_file
+from engine.checkpoints.unpickler import ContainerRecord, PersistentRecord, flatten, unpickle_file
 from engine.metrics.fid_preprocessing import NVIDIA
-from engine.unpickler import ContainerRecord, PersistentRecord, flatten, unpickle_file
 
 __all__ = ["DETECTOR_FILES", "InceptionFile", "read_inception_file", "from_pytorch_fid", "PYTORCH_FID_NAMES",
            "preprocessing_in_code", "check_preprocessing_code"]

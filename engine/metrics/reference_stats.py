@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.checkpoints.files import atomic_write, file_sha256
 from engine.checks import positive_int_arg
-from engine.files import EngineError, atomic_write, file_sha256
+from engine.errors import EngineError
 from engine.metrics.frechet import FeatureStatistics
 
 METRICS = ("fid", "fd_dinov2")

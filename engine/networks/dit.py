@@ -22,7 +22,7 @@ from torch import nn
 
 from engine import ops
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.networks.dit_jvp import dit_jvp
 from engine.networks.layers import check_backbone_arguments
 

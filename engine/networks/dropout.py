@@ -14,7 +14,8 @@ Pinning seeds the process's own generators — the CPU one and the device's — 
 restores them after (torch.random.fork_rng), and dropout inside draws `torch.rand(...)` from them. A fresh
 generator seeded with s and the default one seeded with s give the same numbers, so the masks are what an explicit
 generator gives; and this form compiles: torch.compile traces the global generator's draws into its graphs, and
-cannot trace `ContextVar.get` or a `generator=` argument (both graph breaks). engine/compiled.py sets inductor's
+cannot trace `ContextVar.get` or a `generator=` argument (both graph breaks). engine/training/compiled.py sets
+inductor's
 `fallback_random`, so compiled blocks draw exactly the eager numbers. Training is single-threaded; nested blocks
 restore the outer state on exit, as the outer generator would have continued."""
 from __future__ import annotations
@@ -55,7 +56,8 @@ def dropout_generator(seed: int, device: torch.device | str = "cpu"):
 @contextlib.contextmanager
 def step_stream(rng):
     """Route the per-sample random draws of a distance or network inside the block (the augmentation of
-    E-LatentLPIPS, engine/elatentlpips.py) through the step's random stream `rng` (engine.objectives.base.StepRNG,
+    E-LatentLPIPS, engine/perceptual/elatentlpips.py) through the step's random stream `rng`
+    (engine.objectives.base.StepRNG,
     or anything with its `rand(shape, device, dtype)` / `randn(...)`): its draws are those of the global batch,
     sliced for this rank, so they replay on resume and do not depend on the world size."""
     outer = _Pinned.stream

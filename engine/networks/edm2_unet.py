@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
 
 from .dropout import dropout
 from .layers import constructor_arguments, set_backbone_interface
@@ -121,25 +121,32 @@ class MPConv(nn.Module):
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
 
-
-@torch.no_grad()
-def force_weight_normalization(module: nn.Module) -> int:
-    """Overwrite every marked MPConv weight of `module` with normalize(weight) (EDM2 Eq. 66, §1.1 step 2); the
-    number of weights written. Under FSDP2 the weights are DTensors sharded by rows (output units); the
-    normalisation is per row, so each rank normalises its own rows and the result equals the unsharded one."""
-    count = 0
-    for m in module.modules():
-        if not (isinstance(m, MPConv) and m.forced_normalization):
-            continue
-        w = m.weight
+    @torch.no_grad()
+    def after_optimizer_step(self) -> int:
+        """The loop's post-step hook: forced weight normalisation, weight ← normalize(weight) (EDM2 Eq. 66, §1.1
+        step 2), where the weight is marked; 1 if it wrote the weight. edm2 does this inside `MPConv.forward` in
+        training mode; after the step is equivalent and keeps the forward pure. Under FSDP2 the weight is a DTensor
+        sharded by rows (output units); the normalisation is per row, so each rank normalises its own rows and the
+        result equals the unsharded one."""
+        if not self.forced_normalization:
+            return 0
+        w = self.weight
         local = w.to_local() if hasattr(w, 'to_local') else w
         placements = getattr(w, 'placements', ())
         if any(not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in placements):
             raise RuntimeError(f'forced weight normalisation needs weights whole or sharded by rows; got {placements}')
         if local.shape[0]:
             local.copy_(normalize(local.to(_at_least_fp32(local.dtype))).to(local.dtype))
-        count += 1
-    return count
+        return 1
+
+
+@torch.no_grad()
+def force_weight_normalization(module: nn.Module) -> int:
+    """Overwrite every marked MPConv weight of `module` with normalize(weight) (EDM2 Eq. 66, §1.1 step 2); the
+    number of weights written. The training loop reaches the same work through each MPConv's
+    `after_optimizer_step` hook, without knowing the family (engine/training/run_state.py
+    `after_optimizer_step`)."""
+    return sum(m.after_optimizer_step() for m in module.modules() if isinstance(m, MPConv))
 
 
 def mp_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

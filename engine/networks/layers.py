@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.files import EngineError
+from engine.errors import EngineError
 
 from .dropout import dropout, uniform
 
@@ -323,7 +323,7 @@ def set_backbone_interface(module: torch.nn.Module, init_kwargs: dict, *, img_re
 
 def constructor_arguments(local_vars: dict) -> dict:
     """A backbone's constructor arguments, taken from `locals()` at the top of its __init__, recorded as
-    `init_kwargs` so releases can describe and rebuild the architecture (engine/registry.py)."""
+    `init_kwargs` so releases can describe and rebuild the architecture (engine/checkpoints/registry.py)."""
     return copy.deepcopy({k: v for k, v in local_vars.items() if k not in ('self', '__class__')})
 
 

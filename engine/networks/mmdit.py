@@ -42,7 +42,7 @@ from torch import nn
 
 from engine import ops
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.networks import dit_jvp as dj
 from engine.networks.dit import FinalLayer, Mlp, TimestepEmbedder, _modulate, _PatchEmbed, sincos_pos_embed
 from engine.networks.layers import check_backbone_arguments

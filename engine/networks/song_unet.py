@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     constructor_arguments, label_embedding, set_backbone_interface)
+from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, constructor_arguments,
+                     label_embedding, set_backbone_interface)
 
 __all__ = ['SongUNet']
 

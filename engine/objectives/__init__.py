@@ -3,7 +3,7 @@
     EDMLoss   teacher pre-training (docs/spec/cm.md §1.1)
     EDM2Loss  EDM2 pre-training with learned uncertainty (docs/spec/edm2_latent.md §2.1)
     CMT       consistency mid-training on teacher DPM-Solver++ trajectories (docs/spec/cm.md §3.1)
-    CachedCMT CMT on trajectories pre-generated to disk (engine/trajectory_cache.py)
+    CachedCMT CMT on trajectories pre-generated to disk (engine/teacher/trajectory_cache.py)
     KD        the KD-style ablation: (x_T, σ_max) → teacher endpoint
     SlowCMT   the "Slow CMT" ablation: one teacher solve per pair
     ECT       easy consistency tuning (docs/spec/cm.md §4.1)
@@ -24,8 +24,8 @@ from engine.objectives.edm import EDM2Loss, EDMLoss
 from engine.objectives.latent import LatentPosterior
 from engine.objectives.meanflow import CMTMeanFlow, FlowMatching, MeanFlow
 from engine.objectives.repa import REPA
-from engine.solvers import mean_flow_sample  # the sampler lives in engine/solvers.py; kept importable here
 from engine.objectives.scm import SCD, SCT
 
-__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "EDM2Loss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT", "ECD",
-           "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "mean_flow_sample", "LatentPosterior", "REPA", "Classification", "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]
+__all__ = ["Objective", "LossOutput", "StepRNG", "EDMLoss", "EDM2Loss", "CMT", "CachedCMT", "KD", "SlowCMT", "ECT",
+           "ECD", "SCT", "SCD", "FlowMatching", "MeanFlow", "CMTMeanFlow", "LatentPosterior", "REPA", "Classification",
+           "squared_l2", "l2", "pseudo_huber", "perceptual", "resolve_distance"]

@@ -16,6 +16,8 @@ import hashlib
 
 import torch
 
+from engine.networks.dropout import dropout_generator
+
 
 @dataclasses.dataclass
 class LossOutput:
@@ -61,6 +63,11 @@ class StepRNG:
         if self.rank == 0:
             return s
         return int.from_bytes(hashlib.sha256(f"{s}/{self.rank}".encode()).digest()[:8], "little") >> 1
+
+    def dropout_pinned(self, device):
+        """A step's dropout stream: the networks' dropout pinned to a fresh seed of this rank
+        (engine/networks/dropout.py `dropout_generator`), for the whole objective call."""
+        return dropout_generator(self.seed(), device)
 
     def rows(self, local: int) -> tuple[int, int]:
         """(offset, global count) of this rank's `local` rows in the global batch."""
@@ -132,7 +139,8 @@ class Objective:
         return self
 
     def identity_omits(self) -> set:
-        """Names of settings left out of the stage identity (engine/stage_config.py describe_object): ones added
+        """Names of settings left out of the stage identity (engine/training/stage_config.py describe_object): ones
+        added
         to the engine after runs existed, while at the value those runs had, and ones that do not apply."""
         return set()
 

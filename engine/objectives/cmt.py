@@ -1,4 +1,5 @@
-"""Consistency Mid-Training (docs/spec/cm.md §3.1) and the paper's two ablations, KD and Slow CMT (docs/spec/cm.md §8.1).
+"""Consistency Mid-Training (docs/spec/cm.md §3.1) and the paper's two ablations, KD and Slow CMT (docs/spec/cm.md
+§8.1).
 
 All three regress the student f(x, σ) onto the endpoint of a frozen teacher's DPM-Solver++ solve (docs/spec/cm.md §2)
 on the log-SNR grid σ_0 = σ_max > … > σ_N = σ_min; they differ in which (input, σ) pairs they train on:
@@ -10,7 +11,8 @@ on the log-SNR grid σ_0 = σ_max > … > σ_N = σ_min; they differ in which (i
               target is the solve from x over σ_j … σ_N (N − j teacher calls).
 
 The teacher is any denoiser `teacher(x, sigma, labels=None) -> x0`; it is frozen here (eval mode, no gradients)
-and its full-grid solve is CUDA-graph captured on GPUs (`graphs=False` to switch that off; engine/teacher.py). It is
+and its full-grid solve is CUDA-graph captured on GPUs (`graphs=False` to switch that off; engine/teacher/solver.py). It
+is
 called with the data labels (the reference's teacher is unconditional and gets none; an unconditional
 EDMPrecond drops labels itself). The solves run without gradients in the data's dtype.
 """
@@ -26,7 +28,7 @@ from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
 from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
 from engine.solvers import THIRD_ORDER_RULES, dpm_solver_pp
-from engine.teacher import TeacherSolver
+from engine.teacher.solver import TeacherSolver
 
 PRIORS = ("data", "noise")
 LABELS = ("data", "uniform")
@@ -69,7 +71,7 @@ class _TeacherSolve(Objective):
         self.sigma_max = finite("sigma_max", sigma_max, where, low=self.sigma_min, strict=True)
         self.sigmas = logsnr_sigmas(self.nfe, self.sigma_max, self.sigma_min)  # float64 [N + 1], docs/spec/cm.md §2.2
         self.distance = resolve_distance(distance)
-        # the full-grid solve, CUDA-graph captured on GPUs (engine/teacher.py)
+        # the full-grid solve, CUDA-graph captured on GPUs (engine/teacher/solver.py)
         self.solver = TeacherSolver(self.teacher, self.sigmas, self.order, third_order=third_order, graphs=graphs)
 
     def solve(self, x: torch.Tensor, sigmas: torch.Tensor, labels) -> torch.Tensor:
@@ -178,7 +180,7 @@ def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels,
 
 
 class CachedCMT(Objective):
-    """CMT on pre-generated trajectories (engine/trajectory_cache.py, `TrajectorySource`): the source yields
+    """CMT on pre-generated trajectories (engine/teacher/trajectory_cache.py, `TrajectorySource`): the source yields
     trajectories [m, N + 1, ...] in place of images, and the pairs, σ's and targets are exactly CMT's — with no
     teacher call, so a step is one back-propagated student evaluation per pair. `spec` is the store's StoreSpec
     (its σ grid is the one the trajectories were solved on). Teacher NFE are counted when the store is written,

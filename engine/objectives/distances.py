@@ -10,7 +10,8 @@ so ours say what they compute:
     perceptual(module) module(x, y) reshaped to [N]        LPIPS (the reference's default) or any learned metric
 
 `resolve_distance` turns a name or a callable into a distance. LPIPS is not available by name: it needs the
-VGG16 ImageNet weights and the v0.1 linear heads, which the caller loads (`engine.lpips.LPIPS()`, or the `lpips`
+VGG16 ImageNet weights and the v0.1 linear heads, which the caller loads (`engine.perceptual.lpips.LPIPS()`, or the
+`lpips`
 package's `LPIPS(net='vgg')`) and passes as `perceptual(module)` (or directly: any callable is accepted).
 """
 from __future__ import annotations
@@ -109,7 +110,8 @@ def resolve_distance(distance) -> Distance:
         if key in DISTANCES:
             return DISTANCES[key]
         if key == "lpips":
-            raise ValueError("LPIPS needs its pretrained weights: build the module (engine.lpips.LPIPS()) and "
+            raise ValueError("LPIPS needs its pretrained weights: build the module (engine.perceptual.lpips.LPIPS()) "
+                             "and "
                              "pass distance=perceptual(module)")
         raise ValueError(f"unknown distance {distance!r}; known: {', '.join(sorted(DISTANCES))}, "
                          "pseudo_huber(c), perceptual(module) or any callable (x, y) -> [N]")

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from engine.checks import finite
+from engine.guidance import guided
 from engine.networks.dropout import dropout_generator, step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
-from engine.guidance import guided
 from engine.objectives.cmt import freeze, teacher_calls
 from engine.objectives.distances import l2, pseudo_huber, resolve_distance
 from engine.objectives.edm import batch_view, noise_dtype

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from engine.objectives.base import LossOutput, StepRNG, Wrapper
-from engine.vae import BIAS, SCALE, SD_SCALING
+from engine.perceptual.vae import BIAS, SCALE, SD_SCALING
 
 CONVENTIONS = ("sd", "edm2")
 

@@ -25,7 +25,7 @@ import torch
 from engine import dist
 from engine import jvp as jvp_ops
 from engine.checks import finite, one_of, probability
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from engine import dist
 from engine.checks import finite
-from engine.files import EngineError
+from engine.errors import EngineError
 from engine.objectives.base import LossOutput, StepRNG, Wrapper
 
 

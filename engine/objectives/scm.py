@@ -30,7 +30,7 @@ c_noise, a linear layer) — owned by the objective and optimised with the netwo
 
 Data parallelism (engine/dist.py): the prediction is an ordinary forward through the wrapper (the denoiser's
 `forward(..., raw=True)`), so DDP or FSDP2 reduces the network's gradients once; the tangent pass runs without
-gradients on `dist.jvp_view(net)`; w_φ's gradients are averaged over the ranks by the loop (engine/loop.py
+gradients on `dist.jvp_view(net)`; w_φ's gradients are averaged over the ranks by the loop (engine/training/loop.py
 train_step). t and z are drawn for the global batch (StepRNG), so a run does not depend on the world size.
 """
 from __future__ import annotations
@@ -43,11 +43,11 @@ from torch import nn
 from engine import dist
 from engine import jvp as jvp_ops
 from engine.checks import one_of
+from engine.jvp import FD_STEP
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import batch_view, noise_dtype
-from engine.jvp import FD_STEP
 from engine.schedules import SIGMA_DATA
 
 
