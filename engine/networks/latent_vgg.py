@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LatentVGG", "vgg_layers"]
+__all__ = ["LatentVGG", "LATENT_VGG_LAYERS", "vgg_layers"]
 
 # VGG16_Latent's layer list: widths, 'M' a 2×2 max-pool (the pools after conv2, conv4 and conv13 are removed)
-_LATENT_CFG = (64, 64, 128, 128, 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+LATENT_VGG_LAYERS = (64, 64, 128, 128, 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 
 def vgg_layers(cfg, in_channels: int, norm: str, num_groups: int = 32) -> nn.Sequential:
@@ -39,7 +39,7 @@ class LatentVGG(nn.Module):
     def __init__(self, in_channels: int = 4, num_classes: int = 1000, num_groups: int = 32, hidden: int = 4096):
         super().__init__()
         self.init_kwargs = dict(in_channels=in_channels, num_classes=num_classes, num_groups=num_groups, hidden=hidden)
-        self.features = vgg_layers(_LATENT_CFG, in_channels, "group", num_groups)
+        self.features = vgg_layers(LATENT_VGG_LAYERS, in_channels, "group", num_groups)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, hidden), nn.ReLU(), nn.Dropout(),
                                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, num_classes))

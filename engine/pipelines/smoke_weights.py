@@ -40,9 +40,10 @@ def _save(path: str, state: dict, kind: str = "safetensors") -> str:
 
 def write_latent_vgg(directory, seed: int = 0) -> str:
     """The trunk (`features.*`) of a randomly initialised VGG16_Latent_GN, GroupNorm affines away from (1, 0)."""
-    from engine.perceptual.elatentlpips import _LATENT_CFG, LATENT_VGG_FILE, _layers
+    from engine.networks.latent_vgg import LATENT_VGG_LAYERS, vgg_layers
+    from engine.perceptual.elatentlpips import LATENT_VGG_FILE
     g = torch.Generator().manual_seed(seed)
-    trunk = _layers(_LATENT_CFG, 4, "group")
+    trunk = vgg_layers(LATENT_VGG_LAYERS, 4, "group")
     state = {}
     for k, v in trunk.state_dict().items():
         fan_in = v[0].numel() if v.ndim == 4 else 1
