@@ -88,7 +88,7 @@ def test_training_is_identical_under_either_policy():
 def test_policy_is_checked():
     with pytest.raises(ValueError, match="ENGINE_HOST_MEMORY"):
         host_memory.apply("jemalloc")
-    out = subprocess.run([sys.executable, "-c", "from engine import host_memory; host_memory.apply()"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", "from engine.training import host_memory; host_memory.apply()"], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT,
                                                               host_memory.ENV: "never"})
     assert out.returncode != 0 and "got 'never'" in out.stderr

@@ -43,10 +43,11 @@ def test_setup_installs_one_top_level_name_and_no_unpinned_cuda_pull():
     assert '"ruff' in setup      # the lint test below must not be skipped
 
 
-def test_importing_the_engine_beside_transformers_leaves_kernels_to_its_owner(tmp_path):
-    """Outside the repository, `import kernels` is never this project's package: ours installs as engine.kernels,
-    and Hugging Face's `kernels` (which transformers imports) keeps its name, with the engine and transformers'
-    CLIP imported in the same process."""
+@pytest.mark.parametrize("where", ["outside", "root"])
+def test_importing_the_engine_beside_transformers_leaves_kernels_to_its_owner(tmp_path, where):
+    """`import kernels` is never this project's package: ours installs as engine.kernels, and Hugging Face's
+    `kernels` (which transformers imports) keeps its name, with the engine and transformers' CLIP imported in the
+    same process — outside the repository, and from its root, where the checkout's folder hands the name over."""
     code = ("import engine.ops, engine.kernels, importlib.util\n"
             "import transformers\n"
             "from transformers import CLIPTextConfig, CLIPTextModel\n"
@@ -55,7 +56,8 @@ def test_importing_the_engine_beside_transformers_leaves_kernels_to_its_owner(tm
             "print(engine.kernels.__file__)\n"
             "spec = importlib.util.find_spec('kernels')\n"
             "print(spec.origin if spec else 'absent')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path if where == "outside" else ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ours, theirs = out.stdout.split()
     assert pathlib.Path(ours).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
