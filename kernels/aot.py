@@ -7,7 +7,8 @@ exact specialisations the launchers would send (each kernel module's `specialisa
 `launch_config` its launcher uses, so a new configuration cannot slip past) and reports, per target:
 
   shared      bytes of shared memory per block (`metadata.shared`), against the target's limit
-  tensor      whether the PTX uses the tensor cores (`wgmma` on sm_90, `mma` on sm_80) where the path means to
+  tensor      whether the PTX uses the tensor cores (`wgmma`, or `mma.sync` as on sm_80 and for fp64) where the
+              path means to
   registers / local    from `cuobjdump --dump-resource-usage` of the cubin (LOCAL > 0: spilled to local memory)
 
 tests/test_kernels_aot.py compiles a representative subset in CI; `python -m engine.kernels.aot` compiles the full
@@ -87,7 +88,7 @@ def compile_for(spec: Specialisation, capability: int) -> dict:
     shared = int(compiled.metadata.shared)
     return dict(kernel=spec.kernel, label=spec.label, capability=capability, shared=shared,
                 shared_limit=SHARED_LIMIT[capability], fits=shared <= SHARED_LIMIT[capability],
-                tensor_cores=bool(re.search(r"\bwgmma\b" if capability >= 90 else r"\bmma\.sync\b", ptx)),
+                tensor_cores=bool(re.search(r"\bwgmma\.|\bmma\.sync\.", ptx)),
                 wants_tensor_cores=spec.tensor_cores, seconds=round(seconds, 1), **_resources(compiled.asm["cubin"]),
                 options=dict(spec.options))
 

@@ -95,6 +95,21 @@ def update_triton(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequen
     return out
 
 
+def specialisations():
+    """Every specialisation `update_triton` can launch: each stored dtype × each order K (kernels/aot.py)."""
+    from engine.kernels.aot import Specialisation, pointer
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for k in (1, 2, 3):
+            sig = {name: pointer(dtype) for name in ("x_ptr", "m0_ptr", "m1_ptr", "m2_ptr", "out_ptr")}
+            sig.update(a="fp32", b0="fp32", b1="fp32", b2="fp32", n="i32", K="constexpr", FP64="constexpr",
+                       BF16_OUT="constexpr", BLOCK="constexpr")
+            const = dict(K=k, FP64=dtype == torch.float64, BF16_OUT=dtype == torch.bfloat16, BLOCK=BLOCK)
+            out.append(Specialisation("dpm_solver_update", _k_update.compiled, sig, const,
+                                      dict(num_warps=NUM_WARPS), f"{str(dtype)[6:]} K={k}"))
+    return out
+
+
 # ---- registered op: what torch.compile sees ------------------------------------------------------------------
 
 @torch.library.custom_op("engine::dpm_solver_update", mutates_args=("out",))

@@ -154,10 +154,58 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())  # tl.dot needs every dimension ≥ 16
 
 
+def launch_config(dtype: torch.dtype, d: int, dvd: int) -> dict:
+    """Block sizes and launch options of the kernel for q's dtype and head dims: the one place the launcher and the
+    ahead-of-time check (kernels/aot.py, tests/test_kernels_aot.py) take them from.
+
+    Chosen so that every head dimension the engine ships (DiT 64 and XL/2's 72, padded to 128; MM-DiT 32) fits
+    the shared memory of sm_90 (232,448 B a block) and sm_80 (166,912 B), measured with Triton's compiler:
+    bf16/fp16 run the dots on the tensor cores in 64×64 tiles (sm_90 at D = 128: 196,608 B; sm_80: 98,816 B);
+    fp32 keeps IEEE dots without tensor cores, and fp64 its own, in 32×32 tiles with one stage (fp32 at D = 128:
+    98,304 B; fp64: 147,968 B) — the 64×64 tiles with Triton's default 3 stages needed 360,704 B (fp32, D = 128)
+    and 721,408 B (fp64) and could not launch. A launch that still does not fit falls back to the reference."""
+    D, DV = _pow2(d), _pow2(dvd)
+    if dtype in (torch.float32, torch.float64):
+        block_m = block_n = 32
+        stages = 1
+    else:
+        block_m = block_n = 64
+        stages = 2
+    return dict(FP64=dtype == torch.float64, IEEE=dtype == torch.float32, BF16_OUT=dtype == torch.bfloat16,
+                BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV, num_warps=4, num_stages=stages)
+
+
+# Head dims of the shipped attention networks (engine/networks/dit.py, mmdit.py CONFIGS): hidden / heads.
+def shipped_head_dims() -> list[int]:
+    from engine.networks import dit, mmdit
+    dims = {cfg[1] // cfg[2] for cfg in dit.CONFIGS.values()} | {cfg[1] // cfg[2] for cfg in mmdit.CONFIGS.values()}
+    return sorted(dims)
+
+
+def specialisations():
+    """Every specialisation the launcher can send to the compiler: each dtype the dispatch gives Triton (fp32,
+    bf16, fp16 on CUDA; fp64 under ENGINE_KERNELS=triton) at each shipped head dimension (kernels/aot.py)."""
+    from engine.kernels.aot import Specialisation, pointer
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for d in shipped_head_dims():
+            cfg = launch_config(dtype, d, d)
+            options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+            sig = {name: pointer(dtype) for name in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
+                                                       "o_ptr", "do_ptr")}
+            sig.update(n_q="i32", n_k="i32", d="i32", dvd="i32", scale="fp32")
+            sig.update({k: "constexpr" for k in cfg})
+            out.append(Specialisation("attention_jvp", _k_attention_jvp.compiled, sig, cfg, options,
+                                      f"{str(dtype)[6:]} d={d} (D={cfg['D']})",
+                                      tensor_cores=dtype in (torch.bfloat16, torch.float16, torch.float64)))
+    return out
+
+
 @torch.library.custom_op("engine::attention_jvp_triton", mutates_args=())
 def attention_jvp_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                          dv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, Ȯ) from the Triton kernel: compiled for CUDA tensors, Triton's interpreter for CPU tensors."""
+    """(O, Ȯ) from the Triton kernel: compiled for CUDA tensors, Triton's interpreter for CPU tensors. A CUDA
+    launch the chip cannot hold (shared memory, registers) falls back to the reference, once logged per shape."""
     runtime.require()
     if q.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"attention_jvp_triton: unsupported dtype {q.dtype}")
@@ -172,12 +220,18 @@ def attention_jvp_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: 
     tangent = torch.empty_like(out)
     if out.numel() == 0:
         return out, tangent
-    grid = (runtime.cdiv(n_q, BLOCK_M), B * H)
-    _k_attention_jvp[grid](q, k, v, dq, dk, dv, out, tangent, n_q, n_k, d, dvd, float(scale),
-                           FP64=q.dtype == torch.float64, IEEE=q.dtype == torch.float32,
-                           BF16_OUT=q.dtype == torch.bfloat16, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=_pow2(d),
-                           DV=_pow2(dvd), num_warps=4)
-    return out, tangent
+    cfg = launch_config(q.dtype, d, dvd)
+    key = (q.device.type, q.dtype, d, dvd)
+    if key not in runtime.UNFIT:
+        grid = (runtime.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+        try:
+            _k_attention_jvp[grid](q, k, v, dq, dk, dv, out, tangent, n_q, n_k, d, dvd, float(scale), **cfg)
+            return out, tangent
+        except runtime.OutOfResources as e:
+            runtime.unfit(key, f"attention_jvp_triton: {str(q.dtype)[6:]} head dim {d} does not fit "
+                               f"{q.device} ({e}); using the PyTorch reference")
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return o, attention_tangent(q, k, v, o, dq, dk, dv, scale).to(q.dtype)
 
 
 @attention_jvp_triton.register_fake

@@ -178,6 +178,40 @@ def output_backward_triton(g, sigma, sigma_data, sigma_min, boundary, x_dtype, f
     return gx, gf
 
 
+def specialisations():
+    """The dtype combinations the preconditioning launchers send (kernels/aot.py): the network input in its
+    compute dtype from an fp32 or fp64 x, the output in x's dtype from a backbone output in any of them, and the
+    backward's two gradients, each with and without the consistency boundary."""
+    from engine.kernels.aot import Specialisation, pointer
+    f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+    name = lambda *ds: "/".join(str(d)[6:] for d in ds)
+    out = []
+    for x, o in ((f32, f32), (f32, bf16), (f32, f16), (bf16, bf16), (f16, f16), (f64, f64)):
+        s = f64 if x == f64 else f32
+        sig = dict(x_ptr=pointer(x), sig_ptr=pointer(s), out_ptr=pointer(o), n="i32", row="i32", sig_stride="i32",
+                   sd2="fp32", FP64="constexpr", BF16_OUT="constexpr", BLOCK="constexpr")
+        out.append(Specialisation("precond_input", _k_scale_rows.compiled, sig,
+                                  dict(FP64=f64 in (x, o), BF16_OUT=o == bf16, BLOCK=BLOCK),
+                                  dict(num_warps=NUM_WARPS), f"x {name(x)} → {name(o)}"))
+    for x, f in ((f32, f32), (f32, bf16), (f32, f16), (f64, f64)):
+        s = f64 if x == f64 else f32
+        for boundary in (False, True):
+            sig = dict(x_ptr=pointer(x), f_ptr=pointer(f), sig_ptr=pointer(s), out_ptr=pointer(x), n="i32",
+                       row="i32", sig_stride="i32", sd="fp32", smin="fp32", BOUNDARY="constexpr", FP64="constexpr",
+                       BF16_OUT="constexpr", BLOCK="constexpr")
+            out.append(Specialisation("precond_output", _k_output.compiled, sig,
+                                      dict(BOUNDARY=boundary, FP64=x == f64, BF16_OUT=False, BLOCK=BLOCK),
+                                      dict(num_warps=NUM_WARPS), f"x {name(x)}, F {name(f)}, boundary {boundary}"))
+            sig = dict(g_ptr=pointer(x), sig_ptr=pointer(s), gx_ptr=pointer(x), gf_ptr=pointer(f), n="i32",
+                       row="i32", sig_stride="i32", sd="fp32", smin="fp32", BOUNDARY="constexpr", FP64="constexpr",
+                       BF16_X="constexpr", BF16_F="constexpr", BLOCK="constexpr")
+            out.append(Specialisation("precond_output_backward", _k_output_backward.compiled, sig,
+                                      dict(BOUNDARY=boundary, FP64=x == f64, BF16_X=False, BF16_F=f == bf16,
+                                           BLOCK=BLOCK),
+                                      dict(num_warps=NUM_WARPS), f"g {name(x)}, F {name(f)}, boundary {boundary}"))
+    return out
+
+
 # ---- σ-gradients (per-sample reductions; only when σ requires grad) ----------------------------------------------
 
 def _sum_rows(t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ patched, and cannot call a `triton.jit` function from there); for the compiled f
 """
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -27,10 +28,25 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # a CPU-only install without Triton: the dispatch point uses the references
     triton = None
     InterpretedFunction = None
+
+    class OutOfResources(Exception):
+        pass
+
+log = logging.getLogger(__name__)
+# Launch shapes a chip could not hold (key → reason): their callers take the reference path from then on.
+UNFIT: dict = {}
+
+
+def unfit(key, reason: str) -> None:
+    """Record that a specialisation does not fit its device, and say so once."""
+    if key not in UNFIT:
+        UNFIT[key] = reason
+        log.warning(reason)
 
 
 def require() -> None:
@@ -67,9 +83,13 @@ class Kernel:
         def launch(*args, **meta):
             device = next(a.device for a in args if isinstance(a, torch.Tensor))
             if device.type == "cpu":
-                meta.pop("num_warps", None)  # a GPU launch parameter; the interpreter runs one program at a time
+                for option in ("num_warps", "num_stages"):  # GPU launch parameters: the interpreter runs one
+                    meta.pop(option, None)                  # program at a time
                 return self.interpreted[grid](*args, **meta)
-            return self.compiled[grid](*args, **meta)
+            # Triton launches on the current device: without this guard, tensors on cuda:1 in a process whose
+            # current device is cuda:0 would be read by a kernel running on the wrong chip.
+            with torch.cuda.device(device):
+                return self.compiled[grid](*args, **meta)
         return launch
 
 
