@@ -185,16 +185,24 @@ def _mesh(device: torch.device):
     return init_device_mesh(device.type, (world_size(),))
 
 
+def mixed_precision(device: torch.device, bf16: bool) -> dict | None:
+    """FSDP2's mixed-precision policy for a trained network on `device`: bf16 parameters gathered for compute and
+    fp32 gradient reduction on CUDA when the stage computes in bf16 (a stage with bf16=False, CMT at 512 in fp32 +
+    TF32, gets none); inputs are not cast (σ, t and the preconditioning stay fp32; the loop's autocast decides the
+    matmul dtype). None: the parameters are gathered in their own dtype."""
+    if device.type == "cuda" and bf16:
+        return dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return None
+
+
 def _fully_shard(net: nn.Module, device: torch.device, reshard_after_forward: bool = True,
                  bf16: bool = True) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = _mesh(device)
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if device.type == "cuda" and bf16:   # a stage with bf16=False (CMT at 512: fp32 + TF32) computes in fp32
-        # bf16 compute, fp32 reduction; inputs are not cast (σ, t and the preconditioning stay fp32; the loop's
-        # autocast decides the matmul dtype)
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                               cast_forward_inputs=False)
+    policy = mixed_precision(device, bf16)
+    if policy is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(**policy)
     # FSDP2 cannot shard 0-d parameters (EDM2's emb_gain / out_gain): they stay whole on every rank, and the loop
     # averages their gradients itself (replicated_parameters)
     scalars = {p for p in net.parameters() if p.ndim == 0}
@@ -241,7 +249,11 @@ class Parallel:
             self.shell = copy.deepcopy(net.cpu())
             net.to(device)
             for module in frozen:
-                shard_frozen(module, device, bf16=bf16)
+                # Frozen networks never get the bf16 parameter policy: a teacher solved in fp32 (CMT's trajectories)
+                # would otherwise solve with bf16-rounded weights, and a DiT teacher, whose linears take their
+                # input's dtype, would meet fp32 inputs with bf16 weights. Where the loop's autocast is on, it
+                # casts their matmuls to bf16 as it does for unsharded teachers.
+                shard_frozen(module, device, bf16=False)
         self.model = wrap(net, self.strategy, device, bf16=bf16)
         if self.strategy == "fsdp":
             for module in also:

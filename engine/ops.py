@@ -15,6 +15,7 @@ on what is a launch-bound path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -26,6 +27,16 @@ from engine.kernels import precond as _pre
 from engine.kernels import runtime
 
 MODES = ("auto", "triton", "ref")
+
+
+def autocast_off(device: torch.device | str):
+    """A region where the loop's autocast is switched off on `device` (teacher solves and LPIPS heads run in
+    fp32). A device type without autocast (the meta device the host-traffic tests run on) has nothing to switch
+    off."""
+    device_type = torch.device(device).type
+    if device_type in ("cuda", "cpu", "xpu", "mps", "hpu"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def kernel_mode() -> str:

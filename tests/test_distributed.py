@@ -320,3 +320,19 @@ def test_imagenet512_headline_runs_under_torchrun_and_resumes_on_one_process(tmp
     res2 = json.load(open(os.path.join(out, "results.json")))
     for k in ("one_step", "two_step"):
         assert math.isclose(res2["runs"]["cmt_ecd"][k]["fid"], res["runs"]["cmt_ecd"][k]["fid"], rel_tol=1e-6)
+
+
+def test_frozen_teachers_are_sharded_without_the_bf16_parameter_policy(tmp_path):
+    """2 gloo processes, FSDP2's bf16 parameter policy forced on CPU as on CUDA: a DiT teacher and an EDM U-Net
+    teacher sharded as frozen networks still compute in fp32 and equal their unsharded copies (with the policy a
+    DiT teacher met fp32 inputs with bf16 weights and raised a dtype mismatch), while the trained network is
+    gathered in bf16."""
+    out = tmp_path / "frozen.json"
+    harness = os.path.join(os.path.dirname(__file__), "frozen_harness.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           harness, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["dit"] < 1e-5 and res["unet"] < 1e-5, res
+    assert res["dit_dtype"] == "torch.float32" and res["student_dtype"] == "torch.bfloat16", res

@@ -1,5 +1,6 @@
 """The CUDA-graph teacher (engine/teacher/solver.py): eager fallback on CPU equal to dpm_solver_pp, and on a GPU the
 captured trajectories equal to the eager ones."""
+import contextlib
 import logging
 
 import pytest
@@ -100,3 +101,52 @@ def test_graph_of_the_compiled_teacher_equals_eager_on_gpu():
         traj = solver(x_T, labels)
     assert solver.replays == 2
     torch.testing.assert_close(traj, TeacherSolver(teacher, sig, graphs=False)(x_T, labels), rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_capture_is_not_retried_and_leaves_a_clean_allocator(monkeypatch):
+    """On CPU, with stand-ins for the CUDA calls: the capture runs in the thread-local error mode (a DataLoader's
+    pin-memory thread cannot invalidate it); when it fails, that shape runs eagerly from then on without a second
+    capture, the pool that saw the abort is dropped, and the cached blocks are released."""
+    calls = {"capture": 0, "empty_cache": 0, "synchronize": 0, "modes": []}
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            raise AssertionError("no graph should be replayed")
+
+    class Capture:
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+            calls["modes"].append(capture_error_mode)
+
+        def __enter__(self):
+            calls["capture"] += 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool",))
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.__setitem__(
+        "synchronize", calls["synchronize"] + 1))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.__setitem__("empty_cache", calls["empty_cache"] + 1))
+    teacher = GaussianMixture.random(3, (2,), seed=0)
+    solver = TeacherSolver(teacher, logsnr_sigmas(4))
+    monkeypatch.setattr(solver, "eager_reason", lambda x: None)     # as if the state were on a GPU
+    x = torch.randn(5, 2, dtype=torch.float64) * 80
+    want = dpm_solver_pp(teacher, x, logsnr_sigmas(4))
+    for _ in range(3):
+        torch.testing.assert_close(solver(x), want, rtol=0, atol=0)
+    assert calls["capture"] == 1 and calls["modes"] == ["thread_local"]
+    assert solver.failed_captures == 1 and solver._pool is None
+    assert calls["empty_cache"] == 1 and calls["synchronize"] == 1

@@ -67,19 +67,28 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
 
 
+def resample_kernel(f=(1, 1)) -> torch.Tensor:
+    """The 2-D resampling filter: the normalised outer product of the 1-D filter f (float32, on the host)."""
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim != 1 or len(f) % 2:
+        raise ValueError(f'resample filter must be a 1-D list of even length, got {f.tolist()}')
+    f = f / f.sum()
+    return torch.outer(f, f)
+
+
 def resample(x: torch.Tensor, f=(1, 1), mode: str = 'keep') -> torch.Tensor:
     """2× down (depthwise stride-2 conv with the normalised outer product of f) or up (the transposed conv with 4×
-    that filter), or nothing. With f = [1, 1]: 2×2 average pooling and nearest-neighbour upsampling (§1.1)."""
+    that filter), or nothing. With f = [1, 1]: 2×2 average pooling and nearest-neighbour upsampling (§1.1).
+    `f` is the 1-D filter, or its 2-D kernel already made by `resample_kernel` (EDM2Block keeps that as a buffer
+    on the network's device: building it here from a list on every forward was a host-to-device copy per block,
+    which a CUDA graph cannot capture)."""
     if mode == 'keep':
         return x
     if mode not in ('down', 'up'):
         raise ValueError(f"resample mode must be 'keep', 'down' or 'up', got {mode!r}")
-    f = torch.as_tensor(f, dtype=torch.float32)
-    if f.ndim != 1 or len(f) % 2:
-        raise ValueError(f'resample filter must be a 1-D list of even length, got {f.tolist()}')
-    pad = (len(f) - 1) // 2
-    f = f / f.sum()
-    kernel = torch.outer(f, f).to(dtype=x.dtype, device=x.device)[None, None].repeat(x.shape[1], 1, 1, 1)
+    k2 = f if isinstance(f, torch.Tensor) and f.ndim == 2 else resample_kernel(f)
+    pad = (k2.shape[0] - 1) // 2
+    kernel = k2.to(dtype=x.dtype, device=x.device)[None, None].repeat(x.shape[1], 1, 1, 1)
     if mode == 'down':
         return F.conv2d(x, kernel, groups=x.shape[1], stride=2, padding=(pad,))
     return F.conv_transpose2d(x, kernel * 4, groups=x.shape[1], stride=2, padding=(pad,))
@@ -184,6 +193,8 @@ class EDM2Block(nn.Module):
         self.flavor = flavor
         self.resample_filter = resample_filter
         self.resample_mode = resample_mode
+        # the filter as a buffer, so it lives on the network's device (not saved: it is a function of the setting)
+        self.register_buffer('resample_kernel', resample_kernel(resample_filter), persistent=False)
         # the reference's rule: ⌊width / channels_per_head⌋ heads (none below one head's width), each of
         # width / heads channels
         self.num_heads = out_channels // channels_per_head if attention else 0
@@ -203,7 +214,7 @@ class EDM2Block(nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        x = resample(x, f=self.resample_kernel, mode=self.resample_mode)
         if self.flavor == 'enc':
             if self.conv_skip is not None:
                 x = self.conv_skip(x)

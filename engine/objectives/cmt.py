@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import ops
 from engine.checks import finite
 from engine.networks.dropout import step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
@@ -79,7 +80,7 @@ class _TeacherSolve(Objective):
 
         The loop's bf16 autocast (CUDA) is switched off here: the reference integrates the teacher in fp32, and
         the targets of every pair come from this one solve."""
-        with torch.autocast(x.device.type, enabled=False):
+        with ops.autocast_off(x.device):
             if sigmas is self.sigmas:
                 return self.solver(x, labels)
             return dpm_solver_pp(self.teacher, x, sigmas, order=self.order, labels=labels,

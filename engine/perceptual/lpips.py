@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import ops
 from engine.checkpoints.files import in_weights_dir
 
 __all__ = [
@@ -301,7 +302,7 @@ class LPIPS(nn.Module):
 
         # Normalisation and heads in float32 (float64 for float64 inputs), autocast off: see the module docstring.
         out_dtype = torch.promote_types(dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with ops.autocast_off(x.device):
             total = 0
             for a, b, w in zip(fx, fy, self.lins):
                 a, b = a.to(out_dtype), b.to(out_dtype)

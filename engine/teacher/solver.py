@@ -50,6 +50,7 @@ class TeacherSolver:
         self._pool = None                                   # one memory pool shared by every captured shape
         self._logged: set = set()
         self.replays = 0
+        self.failed_captures = 0
 
     # -- the two paths ---------------------------------------------------------------------------------------
 
@@ -108,7 +109,8 @@ class TeacherSolver:
     def _key(x: torch.Tensor, labels) -> tuple:
         lab = None if labels is None else (tuple(labels.shape), labels.dtype)
         # autocast changes which kernels the network records, so it is part of what a graph was captured for
-        return tuple(x.shape), x.dtype, x.device, lab, torch.is_autocast_enabled(x.device.type)
+        autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+        return tuple(x.shape), x.dtype, x.device, lab, autocast
 
     def _log_once(self, key, message: str) -> None:
         if key not in self._logged:
@@ -116,10 +118,16 @@ class TeacherSolver:
             log.info(message)
 
     def _capture(self, key, x_T: torch.Tensor, labels) -> _Graph | None:
+        """Warm up on a side stream, then capture one solve. The capture uses the thread-local error mode: what
+        other threads do meanwhile (a DataLoader's pin-memory thread allocating pinned memory) is not part of the
+        capture and cannot invalidate it, while anything unsafe this thread does still fails it. A failed capture
+        is not retried for its key; its graph and the memory pool that went through the aborted capture are
+        dropped and the cached blocks released, so the eager solves that follow start from a clean allocator."""
         plan = self.plan(x_T)
         static_x = x_T.clone()
         static_labels = None if labels is None else labels.clone()
         static_out = torch.empty((plan.num_steps + 1, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
+        graph = None
         try:
             side = torch.cuda.Stream(device=x_T.device)
             side.wait_stream(torch.cuda.current_stream(x_T.device))
@@ -130,13 +138,17 @@ class TeacherSolver:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 run_dpm_solver(self.teacher, static_x, plan, static_labels, out=static_out)
         except Exception as exc:  # any failure: this key runs eagerly from now on, and we say why
             log.warning("CUDA-graph capture of the teacher trajectory failed for batch %s %s (%s: %s); "
                         "running it eagerly", tuple(x_T.shape), x_T.dtype, type(exc).__name__, exc)
             self._captured[key] = None
+            del graph, static_x, static_labels, static_out
+            self._pool = None            # the next capture (another shape) gets a pool that saw no abort
             torch.cuda.synchronize(x_T.device)
+            torch.cuda.empty_cache()
+            self.failed_captures += 1
             return None
         log.info("captured the %d-step teacher trajectory for batch %s %s into a CUDA graph", plan.num_steps,
                  tuple(x_T.shape), x_T.dtype)
