@@ -59,9 +59,12 @@ class TensorSource:
         return {"tensors": list(self.images.shape), "sha256": tensor_fingerprint(self.images, self.labels)}
 
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.images[idx].to(device, non_blocking=True)
-        y = None if self.labels is None else self.labels[idx].to(device, non_blocking=True)
-        return x, y
+        x = self.images[idx]
+        y = None if self.labels is None else self.labels[idx]
+        if torch.device(device).type == "cuda":  # from pinned memory the copy is asynchronous; from pageable, a sync
+            x = x.pin_memory()
+            y = None if y is None else y.pin_memory()
+        return x.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
 
 
 class ImageDatasetSource:

@@ -159,9 +159,20 @@ class CMT(_FromPrior):
         x_T = self.start(images, rng)
         labels = self.condition(labels, x_T.shape[0], x_T.device, rng)
         traj = self.solve(x_T, self.sigmas, labels)                   # [N + 1, m, ...], no grad
-        out = trajectory_pairs_loss(net, traj, self.sigmas, labels, self.distance, rng, teacher_nfe=True)
+        sigmas = grid_on(self, self.sigmas, traj.device, traj.dtype)
+        out = trajectory_pairs_loss(net, traj, sigmas, labels, self.distance, rng, teacher_nfe=True)
         out.teacher_nfe *= teacher_calls(self.teacher)
         return out
+
+
+def grid_on(owner, grid: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`grid` (a constant σ grid, float64 on the host) on `device` in `dtype`, copied on the first step and kept by
+    `owner` after it: a copy per step would be a host-to-device transfer on every step (tests/test_host_traffic.py)."""
+    cache = owner.__dict__.setdefault("_grid_copies", {})
+    key = (id(grid), torch.device(device), dtype)
+    if key not in cache:
+        cache[key] = (grid, grid.to(device=device, dtype=dtype))
+    return cache[key][1]
 
 
 def trajectory_pairs_loss(net, traj: torch.Tensor, sigmas: torch.Tensor, labels, distance, rng: StepRNG,
@@ -203,7 +214,8 @@ class CachedCMT(Objective):
         if trajectories.ndim < 3 or trajectories.shape[1] != self.nfe + 1:
             raise ValueError(f"CachedCMT takes trajectories [m, {self.nfe + 1}, ...] from a TrajectorySource, got "
                              f"{tuple(trajectories.shape)}")
-        return trajectory_pairs_loss(net, trajectories.transpose(0, 1), self.sigmas, labels, self.distance, rng,
+        sigmas = grid_on(self, self.sigmas, trajectories.device, trajectories.dtype)
+        return trajectory_pairs_loss(net, trajectories.transpose(0, 1), sigmas, labels, self.distance, rng,
                                      teacher_nfe=False)
 
 

@@ -13,6 +13,8 @@ resumed or re-sharded run replays exactly.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.objectives.base import LossOutput, StepRNG, Wrapper
@@ -34,9 +36,17 @@ def posterior_sample(moments: torch.Tensor, noise: torch.Tensor, convention: str
         return z * SD_SCALING
     if z.shape[1] != len(SCALE):
         raise ValueError(f"the edm2 convention is for the SD VAE's 4 latent channels, got {z.shape[1]}")
-    scale = torch.tensor(SCALE, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
-    bias = torch.tensor(BIAS, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
+    scale, bias = _edm2_affine(z.dtype, z.device)
     return z * scale + bias
+
+
+@functools.lru_cache(maxsize=None)
+def _edm2_affine(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM2's per-channel scale and bias as [1, C, 1, 1] tensors on `device`, made once: built from the constants
+    on every step they were a host-to-device copy a step (tests/test_host_traffic.py)."""
+    scale = torch.tensor(SCALE, dtype=dtype, device=device).reshape(1, -1, 1, 1)
+    bias = torch.tensor(BIAS, dtype=dtype, device=device).reshape(1, -1, 1, 1)
+    return scale, bias
 
 
 class LatentPosterior(Wrapper):

@@ -271,6 +271,16 @@ class CMTMeanFlow(Objective):
                              f"{pairs_per_trajectory}")
         self.per_trajectory = k
 
+    def pair_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' grid indices (i, j) as tensors on `device`, made on the first step and kept: built from the
+        host list on every step they were a host-to-device copy a step (tests/test_host_traffic.py)."""
+        cache = self.__dict__.setdefault("_pair_index", {})
+        device = torch.device(device)
+        if device not in cache:
+            cache[device] = (torch.tensor([p[0] for p in self.pairs], device=device),
+                             torch.tensor([p[1] for p in self.pairs], device=device))
+        return cache[device]
+
     def images_per_step(self, batch_size: int) -> int:
         n = self.trajectories_per_batch * self.per_trajectory
         if batch_size != n:
@@ -307,14 +317,11 @@ class CMTMeanFlow(Objective):
         y = null_labels(self.teacher, labels, m, device)
         traj, nfe = self.trajectory(eps, y)
         N, P = self.steps, len(self.pairs)
-        i_all = torch.tensor([p[0] for p in self.pairs], device=device)
-        j_all = torch.tensor([p[1] for p in self.pairs], device=device)
+        i_all, j_all = self.pair_index(device)
         if self.per_trajectory == P:                                  # every pair of every trajectory
             sel = torch.arange(P, device=device).expand(m, P)
-        else:  # a random subset per trajectory, drawn for the global batch (the same on every rank)
-            first, total = rng.rows(m)
-            scores = torch.rand(total, P, generator=rng.cpu)[first:first + m]
-            sel = scores.argsort(dim=1)[:, :self.per_trajectory].to(device)
+        else:  # a random subset per trajectory, drawn on the device for the global batch (this rank's rows)
+            sel = rng.rand((m, P), device).argsort(dim=1)[:, :self.per_trajectory]
         k = sel.shape[1]
         i, j = i_all[sel].t(), j_all[sel].t()                         # [k, m]: pair-major, entry q·m + b
         b = torch.arange(m, device=device).expand(k, m)

@@ -119,12 +119,12 @@ def clip_gradients(net_params, obj_params, max_norm: float | None) -> torch.Tens
         return dist.to_scalar_tensor(torch.nn.utils.clip_grad_norm_(net_params, max_norm or math.inf))
     norms = [dist.to_scalar_tensor(torch.nn.utils.clip_grad_norm_(g, math.inf)) for g in (net_params, obj_params)]
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-    if max_norm:  # one host sync, only when an objective with parameters is clipped
-        coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if max_norm:  # on the device, no host sync: the factor is computed in float64 and applied in the grads' dtype
+        coef = (max_norm / (total.double() + 1e-6)).clamp(max=1.0)  # ×1.0 leaves unclipped gradients unchanged
         for g in (net_params, obj_params):
             grads = [p.grad for p in g if p.grad is not None]
-            if grads and coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+            for dtype in {x.dtype for x in grads}:
+                torch._foreach_mul_([x for x in grads if x.dtype == dtype], coef.to(dtype))
     return total
 
 
