@@ -54,7 +54,8 @@ def use_kernels(x: torch.Tensor) -> bool:
     if mode == "triton":
         runtime.require()
         return x.device.type in ("cuda", "cpu")
-    # float64 stays on the reference: it is for references, and the kernels receive their scalars as fp32
+    # float64 stays on the reference here: it is for references (ENGINE_KERNELS=triton runs the fp64 kernels, whose
+    # scalars keep their precision: kernels/runtime.py f64_parts)
     return x.device.type == "cuda" and x.dtype != torch.float64 and runtime.triton is not None
 
 

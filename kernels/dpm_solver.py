@@ -56,14 +56,20 @@ def _check(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[floa
 if runtime.triton is not None:
     import triton.language as tl
 
-    from engine.kernels.runtime import store_as
+    from engine.kernels.runtime import join64, store_as
 
-    def _update_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, out_ptr, a, b0, b1, b2, n,
+    def _update_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, out_ptr, a_hi, a_mid, a_lo, b0_hi, b0_mid, b0_lo, b1_hi,
+                       b1_mid, b1_lo, b2_hi, b2_mid, b2_lo, n,
                        K: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
         # K = number of denoiser outputs read (the step's order); the others' pointers are never touched.
+        # Coefficients arrive as runtime.f64_parts, so an fp64 update uses them to the last bit.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n  # the tail block of any size
         acc_t = tl.float64 if FP64 else tl.float32
+        a = join64(a_hi, a_mid, a_lo, FP64)
+        b0 = join64(b0_hi, b0_mid, b0_lo, FP64)
+        b1 = join64(b1_hi, b1_mid, b1_lo, FP64)
+        b2 = join64(b2_hi, b2_mid, b2_lo, FP64)
         acc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) * a
         acc += tl.load(m0_ptr + offs, mask=mask, other=0.0).to(acc_t) * b0
         if K >= 2:
@@ -72,7 +78,7 @@ if runtime.triton is not None:
             acc += tl.load(m2_ptr + offs, mask=mask, other=0.0).to(acc_t) * b2
         store_as(out_ptr, offs, acc, mask, BF16_OUT)  # bf16 rounded to nearest even (kernels/runtime.py)
 
-    _k_update = runtime.Kernel(_update_kernel, helpers=(store_as,))
+    _k_update = runtime.Kernel(_update_kernel, helpers=(store_as, join64))
 
 
 def update_triton(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequence[float],
@@ -87,9 +93,9 @@ def update_triton(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequen
         return out
     k = len(history)
     m = list(history) + [history[0]] * (3 - k)  # unused slots: any valid pointer, never read
-    a, b0, b1, b2 = (float(c) for c in coef)
+    scalars = [part for c in coef for part in runtime.f64_parts(c)]
     fp64 = x.dtype == torch.float64
-    _k_update[(runtime.cdiv(n, BLOCK),)](x, m[0], m[1], m[2], out, a, b0, b1, b2, n, K=k, FP64=fp64,
+    _k_update[(runtime.cdiv(n, BLOCK),)](x, m[0], m[1], m[2], out, *scalars, n, K=k, FP64=fp64,
                                           BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK,
                                         num_warps=NUM_WARPS)
     return out
@@ -102,8 +108,8 @@ def specialisations():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for k in (1, 2, 3):
             sig = {name: pointer(dtype) for name in ("x_ptr", "m0_ptr", "m1_ptr", "m2_ptr", "out_ptr")}
-            sig.update(a="fp32", b0="fp32", b1="fp32", b2="fp32", n="i32", K="constexpr", FP64="constexpr",
-                       BF16_OUT="constexpr", BLOCK="constexpr")
+            sig.update({f"{c}_{part}": "fp32" for c in ("a", "b0", "b1", "b2") for part in ("hi", "mid", "lo")})
+            sig.update(n="i32", K="constexpr", FP64="constexpr", BF16_OUT="constexpr", BLOCK="constexpr")
             const = dict(K=k, FP64=dtype == torch.float64, BF16_OUT=dtype == torch.bfloat16, BLOCK=BLOCK)
             out.append(Specialisation("dpm_solver_update", _k_update.compiled, sig, const,
                                       dict(num_warps=NUM_WARPS), f"{str(dtype)[6:]} K={k}"))

@@ -89,11 +89,13 @@ BLOCK_M, BLOCK_N = 64, 64
 if runtime.triton is not None:
     import triton.language as tl
 
-    from engine.kernels.runtime import store_as
+    from engine.kernels.runtime import join64, store_as
 
-    def _attention_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr, n_q, n_k, d, dvd, scale,
+    def _attention_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr, n_q, n_k, d, dvd,
+                              scale_hi, scale_mid, scale_lo,
                               FP64: tl.constexpr, IEEE: tl.constexpr, BF16_OUT: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+        scale = join64(scale_hi, scale_mid, scale_lo, FP64)   # runtime.f64_parts: exact in fp64 runs
         # One program: BLOCK_M query rows of one (batch, head); keys streamed in BLOCK_N blocks (docs/spec/mf.md §2.3).
         # Head dims d, dvd are padded to the powers of two D, DV by masked loads (zeros add nothing to the dots).
         # Reductions are tl.reduce with the standard combine functions (what tl.max / tl.sum expand to): the
@@ -147,7 +149,7 @@ if runtime.triton is not None:
         store_as(o_ptr, o_off, o, omask, BF16_OUT)  # bf16 rounded to nearest even (kernels/runtime.py)
         store_as(do_ptr, o_off, do, omask, BF16_OUT)
 
-    _k_attention_jvp = runtime.Kernel(_attention_jvp_kernel, helpers=(store_as,))
+    _k_attention_jvp = runtime.Kernel(_attention_jvp_kernel, helpers=(store_as, join64))
 
 
 def _pow2(n: int) -> int:
@@ -193,7 +195,7 @@ def specialisations():
             options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
             sig = {name: pointer(dtype) for name in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
                                                        "o_ptr", "do_ptr")}
-            sig.update(n_q="i32", n_k="i32", d="i32", dvd="i32", scale="fp32")
+            sig.update(n_q="i32", n_k="i32", d="i32", dvd="i32", scale_hi="fp32", scale_mid="fp32", scale_lo="fp32")
             sig.update({k: "constexpr" for k in cfg})
             out.append(Specialisation("attention_jvp", _k_attention_jvp.compiled, sig, cfg, options,
                                       f"{str(dtype)[6:]} d={d} (D={cfg['D']})",
@@ -225,7 +227,8 @@ def attention_jvp_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: 
     if key not in runtime.UNFIT:
         grid = (runtime.cdiv(n_q, cfg["BLOCK_M"]), B * H)
         try:
-            _k_attention_jvp[grid](q, k, v, dq, dk, dv, out, tangent, n_q, n_k, d, dvd, float(scale), **cfg)
+            _k_attention_jvp[grid](q, k, v, dq, dk, dv, out, tangent, n_q, n_k, d, dvd, *runtime.f64_parts(scale),
+                                   **cfg)
             return out, tangent
         except runtime.OutOfResources as e:
             runtime.unfit(key, f"attention_jvp_triton: {str(q.dtype)[6:]} head dim {d} does not fit "

@@ -59,7 +59,7 @@ def output_reference(x: torch.Tensor, F: torch.Tensor, sigma: torch.Tensor, sigm
 if runtime.triton is not None:
     import triton.language as tl
 
-    from engine.kernels.runtime import store_as
+    from engine.kernels.runtime import join64, store_as
 
     def skip_out(s, e, sd, FP64: tl.constexpr):
         """(c_skip, c_out) of `skip_out_reference` (e = σ − σ_min on the boundary, else σ) in the kernels'
@@ -73,9 +73,10 @@ if runtime.triton is not None:
             c_out = tl.div_rn(e * sd, tl.sqrt_rn(s * s + sd * sd))
         return c_skip, c_out
 
-    def _scale_rows_kernel(x_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd2,
+    def _scale_rows_kernel(x_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd2_hi, sd2_mid, sd2_lo,
                            FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
-        # out = x / √(σ_r² + σ_d²) with r = the sample (row) of each element.
+        # out = x / √(σ_r² + σ_d²) with r = the sample (row) of each element; σ_d² as runtime.f64_parts.
+        sd2 = join64(sd2_hi, sd2_mid, sd2_lo, FP64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc_t = tl.float64 if FP64 else tl.float32
@@ -87,8 +88,10 @@ if runtime.triton is not None:
             y = tl.div_rn(x, tl.sqrt_rn(s * s + sd2))
         store_as(out_ptr, offs, y, mask, BF16_OUT)
 
-    def _output_kernel(x_ptr, f_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd, smin,
-                       BOUNDARY: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    def _output_kernel(x_ptr, f_ptr, sig_ptr, out_ptr, n, row, sig_stride, sd_hi, sd_mid, sd_lo, smin_hi, smin_mid,
+                       smin_lo, BOUNDARY: tl.constexpr, FP64: tl.constexpr, BF16_OUT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        sd, smin = join64(sd_hi, sd_mid, sd_lo, FP64), join64(smin_hi, smin_mid, smin_lo, FP64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc_t = tl.float64 if FP64 else tl.float32
@@ -100,10 +103,11 @@ if runtime.triton is not None:
         y = c_skip * x + c_out * f
         store_as(out_ptr, offs, y, mask, BF16_OUT)
 
-    def _output_backward_kernel(g_ptr, sig_ptr, gx_ptr, gf_ptr, n, row, sig_stride, sd, smin,
-                                BOUNDARY: tl.constexpr, FP64: tl.constexpr, BF16_X: tl.constexpr,
-                                BF16_F: tl.constexpr, BLOCK: tl.constexpr):
+    def _output_backward_kernel(g_ptr, sig_ptr, gx_ptr, gf_ptr, n, row, sig_stride, sd_hi, sd_mid, sd_lo, smin_hi,
+                                smin_mid, smin_lo, BOUNDARY: tl.constexpr, FP64: tl.constexpr,
+                                BF16_X: tl.constexpr, BF16_F: tl.constexpr, BLOCK: tl.constexpr):
         # ∂D/∂x = c_skip, ∂D/∂F = c_out: both activation gradients from one read of g.
+        sd, smin = join64(sd_hi, sd_mid, sd_lo, FP64), join64(smin_hi, smin_mid, smin_lo, FP64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc_t = tl.float64 if FP64 else tl.float32
@@ -114,9 +118,9 @@ if runtime.triton is not None:
         store_as(gx_ptr, offs, c_skip * g, mask, BF16_X)
         store_as(gf_ptr, offs, c_out * g, mask, BF16_F)
 
-    _k_scale_rows = runtime.Kernel(_scale_rows_kernel, helpers=(store_as,))
-    _k_output = runtime.Kernel(_output_kernel, helpers=(store_as, skip_out))
-    _k_output_backward = runtime.Kernel(_output_backward_kernel, helpers=(store_as, skip_out))
+    _k_scale_rows = runtime.Kernel(_scale_rows_kernel, helpers=(store_as, join64))
+    _k_output = runtime.Kernel(_output_kernel, helpers=(store_as, skip_out, join64))
+    _k_output_backward = runtime.Kernel(_output_backward_kernel, helpers=(store_as, skip_out, join64))
 
 
 def _layout(x: torch.Tensor, sigma: torch.Tensor) -> tuple[int, int, int]:
@@ -142,7 +146,7 @@ def scale_rows_triton(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float, o
     n, row, stride = _layout(x, sigma)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if n:
-        _k_scale_rows[(runtime.cdiv(n, BLOCK),)](x, sigma, out, n, row, stride, float(sigma_data) ** 2,
+        _k_scale_rows[(runtime.cdiv(n, BLOCK),)](x, sigma, out, n, row, stride, *runtime.f64_parts(sigma_data ** 2),
                                                FP64=_is64(x, out),
                                                  BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
@@ -156,7 +160,8 @@ def output_triton(x, F, sigma, sigma_data, sigma_min, boundary):
     n, row, stride = _layout(x, sigma)
     out = torch.empty_like(x)
     if n:
-        _k_output[(runtime.cdiv(n, BLOCK),)](x, F, sigma, out, n, row, stride, float(sigma_data), float(sigma_min),
+        _k_output[(runtime.cdiv(n, BLOCK),)](x, F, sigma, out, n, row, stride, *runtime.f64_parts(sigma_data),
+                                             *runtime.f64_parts(sigma_min),
                                            BOUNDARY=bool(boundary), FP64=_is64(x),
                                              BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK,
                                            num_warps=NUM_WARPS)
@@ -169,8 +174,9 @@ def output_backward_triton(g, sigma, sigma_data, sigma_min, boundary, x_dtype, f
     gx = torch.empty(g.shape, dtype=x_dtype, device=g.device)
     gf = torch.empty(g.shape, dtype=f_dtype, device=g.device)
     if n:
-        _k_output_backward[(runtime.cdiv(n, BLOCK),)](g, sigma, gx, gf, n, row, stride, float(sigma_data),
-                                                    float(sigma_min), BOUNDARY=bool(boundary),
+        _k_output_backward[(runtime.cdiv(n, BLOCK),)](g, sigma, gx, gf, n, row, stride,
+                                                      *runtime.f64_parts(sigma_data), *runtime.f64_parts(sigma_min),
+                                                      BOUNDARY=bool(boundary),
                                                     FP64=_is64(g, gx),
                                                       BF16_X=gx.dtype == torch.bfloat16,
                                                       BF16_F=gf.dtype == torch.bfloat16,
@@ -185,11 +191,12 @@ def specialisations():
     from engine.kernels.aot import Specialisation, pointer
     f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
     name = lambda *ds: "/".join(str(d)[6:] for d in ds)
+    scalars = lambda s: {f"{s}_{part}": "fp32" for part in ("hi", "mid", "lo")}
     out = []
     for x, o in ((f32, f32), (f32, bf16), (f32, f16), (bf16, bf16), (f16, f16), (f64, f64)):
         s = f64 if x == f64 else f32
         sig = dict(x_ptr=pointer(x), sig_ptr=pointer(s), out_ptr=pointer(o), n="i32", row="i32", sig_stride="i32",
-                   sd2="fp32", FP64="constexpr", BF16_OUT="constexpr", BLOCK="constexpr")
+                   **scalars("sd2"), FP64="constexpr", BF16_OUT="constexpr", BLOCK="constexpr")
         out.append(Specialisation("precond_input", _k_scale_rows.compiled, sig,
                                   dict(FP64=f64 in (x, o), BF16_OUT=o == bf16, BLOCK=BLOCK),
                                   dict(num_warps=NUM_WARPS), f"x {name(x)} → {name(o)}"))
@@ -197,14 +204,14 @@ def specialisations():
         s = f64 if x == f64 else f32
         for boundary in (False, True):
             sig = dict(x_ptr=pointer(x), f_ptr=pointer(f), sig_ptr=pointer(s), out_ptr=pointer(x), n="i32",
-                       row="i32", sig_stride="i32", sd="fp32", smin="fp32", BOUNDARY="constexpr", FP64="constexpr",
-                       BF16_OUT="constexpr", BLOCK="constexpr")
+                       row="i32", sig_stride="i32", **scalars("sd"), **scalars("smin"), BOUNDARY="constexpr",
+                       FP64="constexpr", BF16_OUT="constexpr", BLOCK="constexpr")
             out.append(Specialisation("precond_output", _k_output.compiled, sig,
                                       dict(BOUNDARY=boundary, FP64=x == f64, BF16_OUT=False, BLOCK=BLOCK),
                                       dict(num_warps=NUM_WARPS), f"x {name(x)}, F {name(f)}, boundary {boundary}"))
             sig = dict(g_ptr=pointer(x), sig_ptr=pointer(s), gx_ptr=pointer(x), gf_ptr=pointer(f), n="i32",
-                       row="i32", sig_stride="i32", sd="fp32", smin="fp32", BOUNDARY="constexpr", FP64="constexpr",
-                       BF16_X="constexpr", BF16_F="constexpr", BLOCK="constexpr")
+                       row="i32", sig_stride="i32", **scalars("sd"), **scalars("smin"), BOUNDARY="constexpr",
+                       FP64="constexpr", BF16_X="constexpr", BF16_F="constexpr", BLOCK="constexpr")
             out.append(Specialisation("precond_output_backward", _k_output_backward.compiled, sig,
                                       dict(BOUNDARY=boundary, FP64=x == f64, BF16_X=False, BF16_F=f == bf16,
                                            BLOCK=BLOCK),

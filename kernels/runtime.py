@@ -56,6 +56,19 @@ def require() -> None:
                            "ENGINE_KERNELS=ref")
 
 
+def f64_parts(x: float) -> tuple[float, float, float]:
+    """`x` as hi + mid + lo, each exactly a float32. A compiled Triton kernel receives a Python float argument as
+    fp32, which would round an fp64 run's scalars (σ, coefficients, scales) to 24 bits; the fp64 kernels take the
+    three parts and add them in fp64 (`join64`), which gives x back exactly (53 ≤ 3 × 24 bits) for |x| in fp32's
+    normal range. The fp32 kernels use hi alone: the value the compiled kernel always saw."""
+    import numpy as np
+    x = float(x)
+    hi = float(np.float32(x))
+    mid = float(np.float32(x - hi))
+    lo = float(np.float32(x - hi - mid))
+    return hi, mid, lo
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -94,6 +107,14 @@ class Kernel:
 
 
 if triton is not None:
+    def join64(hi, mid, lo, FP64: tl.constexpr):
+        """A scalar passed as `f64_parts`: in fp64 for the fp64 kernels, else its fp32 part."""
+        if FP64:
+            value = tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+        else:
+            value = hi
+        return value
+
     def store_as(ptr, offs, y, mask, BF16: tl.constexpr):
         """tl.store(ptr + offs, y) converted to the pointer's element type; for bf16, rounded to nearest even by
         hand (module docstring), NaN kept as the canonical quiet NaN."""

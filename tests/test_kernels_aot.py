@@ -125,3 +125,42 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
     x = torch.empty(4, device="meta")
     kernel[(1,)](x, 4, BLOCK=4)
     assert launched == [[x.device]] and entered == [x.device, "exit"]
+
+
+def test_fp64_kernels_keep_their_scalars_as_the_compiler_types_them(monkeypatch):
+    """A compiled kernel receives every Python float argument as fp32. Emulated here in the interpreter (each
+    float argument rounded to fp32 before the launch), the fp64 kernels still equal their fp64 references to
+    rounding: their scalars travel as three fp32 parts (runtime.f64_parts), where one fp32 scalar gave errors
+    of about 1e-8."""
+    import numpy as np
+
+    from engine.kernels import dpm_solver, precond
+
+    real = runtime.Kernel.__getitem__
+
+    def as_compiled(self, grid):
+        launch = real(self, grid)
+        return lambda *args, **meta: launch(*[float(np.float32(a)) if isinstance(a, float) else a for a in args],
+                                           **meta)
+
+    monkeypatch.setattr(runtime.Kernel, "__getitem__", as_compiled)
+    parts = runtime.f64_parts(1 / 3)
+    assert sum(parts) == 1 / 3 and all(float(np.float32(p)) == p for p in parts)
+    g = torch.Generator().manual_seed(0)
+    x, m0, m1, m2 = (torch.randn(1000, generator=g, dtype=torch.float64) for _ in range(4))
+    coef = (1 / 3, -2 / 7, 0.1234567890123, 0.987654321)
+    torch.testing.assert_close(dpm_solver.update_triton(x, [m0, m1, m2], coef),
+                               dpm_solver.update_reference(x, [m0, m1, m2], coef), rtol=1e-14, atol=1e-14)
+    sigma = torch.rand(10, generator=g, dtype=torch.float64) * 80
+    xs, fs = (torch.randn(10, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(precond.scale_rows_triton(xs, sigma, 0.5 ** 0.5, torch.float64),
+                               precond.input_reference(xs, sigma, 0.5 ** 0.5, torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(precond.output_triton(xs, fs, sigma, 0.5 ** 0.5, 0.002, True),
+                               precond.output_reference(xs, fs, sigma, 0.5 ** 0.5, 0.002, True), rtol=1e-14,
+                               atol=1e-14)
+    q, k, v, dq, dk, dv = (torch.randn(1, 2, 5, 72, generator=g, dtype=torch.float64) for _ in range(6))
+    o, do = jvp_attention.attention_jvp_triton(q, k, v, dq, dk, dv, 72 ** -0.5)
+    ref_o = jvp_attention.attention_reference(q, k, v)
+    torch.testing.assert_close(o, ref_o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(do, jvp_attention.attention_tangent(q, k, v, ref_o, dq, dk, dv, 72 ** -0.5),
+                               rtol=1e-12, atol=1e-12)
