@@ -197,21 +197,57 @@ def test_micro_benchmarks_run_as_tests():
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
-    """bench/gpu_check.py --dry-run: the prepared GPU run's sections on CPU at tiny sizes, one JSON record each, a
-    deadline that skips what no longer fits, and --only for a rerun."""
+    """bench/gpu_check.py --dry-run: the prepared GPU run's sections on CPU at tiny sizes, one JSON record each, the
+    preflight first, the CUDA tests one file per section with JUnit XML, a plan whose budgets fit the 480 s deadline,
+    a deadline that skips what no longer fits, and --only for a rerun."""
     mod = load("gpu_check")
-    res = mod.main(["--out", str(tmp_path), "--dry-run", "--only", "env,tests,imagenet512,loader,install"])
+    files = mod.gpu_test_files()
+    assert {"test_kernels.py", "test_teacher.py", "test_edm2.py", "test_dit.py", "test_meanflow.py"} <= set(files)
+    res = mod.main(["--out", str(tmp_path), "--dry-run", "--only",
+                    "install,env,preflight,tests:test_kernels.py,tests:test_teacher.py,imagenet512,loader"])
     recs = {r["section"]: r for r in res["sections"]}
-    assert list(recs) == ["install", "env", "tests", "imagenet512", "loader"]
+    files = ["test_kernels.py", "test_teacher.py"]
+    assert list(recs) == ["install", "env", "preflight", *[f"tests:{f}" for f in files], "imagenet512", "loader"]
     assert "skipped" in recs["install"] and res["failed"] == []
-    assert recs["env"]["env"]["torch"] == torch.__version__ and recs["tests"]["rc"] == 0
+    assert recs["env"]["env"]["torch"] == torch.__version__ and recs["preflight"]["rc"] == 0
+    assert all(recs[f"tests:{f}"]["rc"] == 0 for f in files)
+    assert "--junitxml" in recs["tests:test_kernels.py"]["command"]
+    assert json.load(open(tmp_path / "preflight.json"))["failed"] == []
     assert recs["imagenet512"]["results"]["steps"][0]["method"] == "cmt"
     saved = json.load(open(tmp_path / "gpu_check.json"))
     assert [r["section"] for r in saved["sections"]] == list(recs)
-    late = mod.main(["--out", str(tmp_path / "late"), "--dry-run", "--only", "env,loader", "--deadline", "3"])
+    plan = json.load(open(tmp_path / "plan.json"))
+    assert plan["deadline_s"] == 480 and plan["budget_s"] <= 480
+    assert plan["budget_s"] == sum(s["budget_s"] for s in plan["sections"] if not s["optional"])
+    assert [s["name"] for s in plan["sections"]][:3] == ["install", "env", "preflight"]
+    late = mod.main(["--out", str(tmp_path / "late"), "--only", "env,loader", "--deadline", "3"])
     assert all("deadline" in r["skipped"] for r in late["sections"])
+    with pytest.raises(SystemExit, match="over the 100 s deadline"):
+        mod.main(["--out", str(tmp_path / "short"), "--dry-run", "--deadline", "100"])
     with pytest.raises(SystemExit):
         mod.main(["--out", str(tmp_path), "--only", "nope"])
+
+
+def test_gpu_check_kills_a_timed_out_section_with_its_children(tmp_path):
+    """A section that runs past its limit is killed with its whole process group: a grandchild it started (as
+    torchrun starts its workers) does not outlive it."""
+    mod = load("gpu_check")
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; "
+            f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    rec = mod.run_section("hang", [sys.executable, "-c", code], 3, str(tmp_path))
+    assert rec["rc"] == "timeout"
+    child = int(pid_file.read_text())
+    import time
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the section's child {child} is still running")
 
 
 def test_vs_reference_names_what_it_needs(tmp_path):
