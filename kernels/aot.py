@@ -9,7 +9,7 @@ exact specialisations the launchers would send (each kernel module's `specialisa
   shared      bytes of shared memory per block (`metadata.shared`), against the target's limit
   tensor      whether the PTX uses the tensor cores (`wgmma`, or `mma.sync` as on sm_80 and for fp64) where the
               path means to
-  registers / local    from `cuobjdump --dump-resource-usage` of the cubin (LOCAL > 0: spilled to local memory)
+  registers / stack    from `cuobjdump --dump-resource-usage` of the cubin (a large STACK: registers spilled)
 
 tests/test_kernels_aot.py compiles a representative subset in CI; `python -m engine.kernels.aot` compiles the full
 matrix and prints the table that bench/RESULTS.md records.
@@ -62,7 +62,8 @@ def specialisations() -> list[Specialisation]:
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers and local (spill) bytes per thread from the cubin, read by the cuobjdump in Triton's wheel."""
+    """Registers, stack and local bytes per thread from the cubin, read by the cuobjdump in Triton's wheel (ptxas
+    spills registers to the stack frame: a large STACK is spilling)."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
@@ -71,8 +72,8 @@ def _resources(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out.stdout)
-    return dict(registers=int(m.group(1)), local_bytes=int(m.group(2))) if m else {}
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out.stdout)
+    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)), local_bytes=int(m.group(3))) if m else {}
 
 
 def compile_for(spec: Specialisation, capability: int) -> dict:
@@ -95,12 +96,12 @@ def compile_for(spec: Specialisation, capability: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| kernel | specialisation | sm | shared B / limit | fits | tensor cores (wanted) | registers | "
-             "local B | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+             "stack B | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tc = ("yes" if r["tensor_cores"] else "no") + (" (yes)" if r["wants_tensor_cores"] else " (no)")
         lines.append(f"| {r['kernel']} | {r['label']} | {r['capability']} | {r['shared']:,} / "
                      f"{r['shared_limit']:,} | {'yes' if r['fits'] else '**no**'} | {tc} | "
-                     f"{r.get('registers', '–')} | {r.get('local_bytes', '–')} | {r['seconds']} |")
+                     f"{r.get('registers', '–')} | {r.get('stack_bytes', '–')} | {r['seconds']} |")
     return "\n".join(lines)
 
 
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
             r = rows[-1]
             print(f"{spec.key():50s} sm_{sm}: shared {r['shared']:>7,} B, fits {r['fits']}, tensor cores "
                   f"{r['tensor_cores']}, regs {r.get('registers')}, local {r.get('local_bytes')} B, "
-                  f"{r['seconds']} s", flush=True)
+                  f"stack {r.get('stack_bytes')} B, {r['seconds']} s", flush=True)
     print()
     print(table(rows))
     if not all(r["fits"] for r in rows):

@@ -173,8 +173,11 @@ def launch_config(dtype: torch.dtype, d: int, dvd: int) -> dict:
     else:
         block_m = block_n = 64
         stages = 2
+    # 8 warps at D = 128: with 4 the per-thread state of the wide tiles spilled (ptxas's stack frame 7.3–9.1 KB
+    # a thread on sm_80, 1.0–1.8 KB on sm_90; with 8, 0.4–1.4 KB and 0.5–1.0 KB), measured by engine.kernels.aot
+    warps = 8 if max(D, DV) >= 128 else 4
     return dict(FP64=dtype == torch.float64, IEEE=dtype == torch.float32, BF16_OUT=dtype == torch.bfloat16,
-                BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV, num_warps=4, num_stages=stages)
+                BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV, num_warps=warps, num_stages=stages)
 
 
 # Head dims of the shipped attention networks (engine/networks/dit.py, mmdit.py CONFIGS): hidden / heads.
