@@ -138,6 +138,10 @@ class _SCM(Objective):
     def tangent(self, net, x_t, t, dxdt, F_minus, labels, seed: int) -> torch.Tensor:
         """g before normalisation (docs/spec/mf.md §5.2), from one no-grad pass along the tangent
         (cos t sin t·dx_t/dt, cos t sin t) on the JVP view of the network."""
+        return self.tangent_from(x_t, t, dxdt, F_minus, self.tangent_jvp(net, x_t, t, dxdt, labels, seed))
+
+    def tangent_jvp(self, net, x_t, t, dxdt, labels, seed: int) -> torch.Tensor:
+        """dF along (cos t sin t·dx_t/dt, cos t sin t): the no-grad pass on the JVP view of the network."""
         view = dist.jvp_view(net)
         cs = torch.cos(t) * torch.sin(t)
         x_in, t_in, dx_in, cs_in = jvp_ops.at_least_fp32(self.jvp_precision, x_t, t, batch_view(cs, x_t) * dxdt, cs)
@@ -150,8 +154,10 @@ class _SCM(Objective):
                 dF = jvp_ops.central_difference(F, (x_in, t_in), (dx_in, cs_in), self.fd_step)
             else:
                 dF = torch.func.jvp(F, (x_in, t_in), (dx_in, cs_in))[1]
-        dF = dF.to(x_t.dtype)
-        cos2, cs = batch_view(torch.cos(t) ** 2, x_t), batch_view(cs, x_t)
+        return dF.to(x_t.dtype)
+
+    def tangent_from(self, x_t, t, dxdt, F_minus, dF) -> torch.Tensor:
+        cos2, cs = batch_view(torch.cos(t) ** 2, x_t), batch_view(torch.cos(t) * torch.sin(t), x_t)
         return -cos2 * (self.sigma_data * F_minus - dxdt) - self.r_w * (cs * x_t + self.sigma_data * dF)
 
     def __call__(self, net, images: torch.Tensor, labels, rng: StepRNG) -> LossOutput:
@@ -164,10 +170,14 @@ class _SCM(Objective):
         tb = batch_view(t, x0)
         x_t = torch.cos(tb) * x0 + torch.sin(tb) * z
         dxdt, teacher_nfe = self.velocity(x_t, t, x0, z, labels)
+        # The tangent pass runs before the prediction's forward: under FSDP2 on torch 2.11 its parameter gathers
+        # rewrite the unsharded weights in place, which invalidated what the prediction had saved for backward
+        # ("modified by an inplace operation"); in this order nothing saved is touched. Same numbers either way.
+        dF = self.tangent_jvp(net, x_t, t, dxdt, labels, seed)
         with dropout_generator(seed, device):
             F_theta = trig_F(net, x_t, t, labels, self.sigma_data).to(dtype)
         F_minus = F_theta.detach()
-        g = self.tangent(net, x_t, t, dxdt, F_minus, labels, seed)
+        g = self.tangent_from(x_t, t, dxdt, F_minus, dF)
         norm = g.reshape(B, -1).norm(dim=1)
         g = g / batch_view(norm + self.c, g)
         D = x0[0].numel()
