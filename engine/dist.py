@@ -46,6 +46,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from engine.errors import EngineError
 from engine.checkpoints.state_dicts import load_network_state
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
@@ -284,6 +285,25 @@ def jvp_view(net: nn.Module) -> nn.Module:
     """The module that forward-mode AD and other no-grad target passes run on (module docstring): the wrapped module
     under DDP, the network itself otherwise (FSDP2 shards in place and gathers in its hooks)."""
     return unwrap(net)
+
+
+FUNC_JVP_THROUGH_FSDP2 = (2, 13)   # the first torch on which torch.func.jvp through FSDP2's hooks was verified
+
+
+def check_func_jvp(net: nn.Module) -> None:
+    """Refuse torch.func.jvp through an FSDP2-sharded network where torch cannot do it. On torch 2.11 the tangent
+    pass fails inside FSDP2's hooks ("Cannot access storage of TensorWrapper"), or, after the prediction's forward,
+    rewrites weights that forward saved for backward ("modified by an inplace operation"); both were seen with
+    sCD on 2 gloo processes. The central difference (jvp='fd') needs no forward-mode AD and runs there."""
+    if is_distributed() and is_sharded(net) and _torch_version() < FUNC_JVP_THROUGH_FSDP2:
+        raise EngineError(f"torch.func.jvp through an FSDP2-sharded network needs torch ≥ "
+                          f"{'.'.join(map(str, FUNC_JVP_THROUGH_FSDP2))} (this is {torch.__version__}): use jvp='fd', "
+                          f"or StageConfig(parallel='ddp')")
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -203,6 +203,11 @@ def test_scm_under_fsdp2_and_ddp_equals_one_process_and_resumes_at_the_other_wor
     flags = ["--objective", objective, "--jvp", jvp]
     one = str(tmp_path / "one")
     run_ok([*flags, "--out", one])
+    if jvp == "func" and dist._torch_version() < dist.FUNC_JVP_THROUGH_FSDP2:
+        # torch.func.jvp through FSDP2 fails on this torch: the stage refuses it in one line naming the version
+        done = launch([*flags, "--out", str(tmp_path / "refused"), "--parallel", "fsdp"], nproc=2)
+        assert done.returncode != 0 and "needs torch ≥ 2.13" in done.stderr, done.stderr[-3000:]
+        return
     for parallel in ("fsdp", "ddp"):
         two = str(tmp_path / parallel)
         run_ok([*flags, "--out", two, "--parallel", parallel, "--count-reductions"], nproc=2)

@@ -142,6 +142,8 @@ class _SCM(Objective):
 
     def tangent_jvp(self, net, x_t, t, dxdt, labels, seed: int) -> torch.Tensor:
         """dF along (cos t sin t·dx_t/dt, cos t sin t): the no-grad pass on the JVP view of the network."""
+        if self.jvp_mode == "func":
+            dist.check_func_jvp(net)
         view = dist.jvp_view(net)
         cs = torch.cos(t) * torch.sin(t)
         x_in, t_in, dx_in, cs_in = jvp_ops.at_least_fp32(self.jvp_precision, x_t, t, batch_view(cs, x_t) * dxdt, cs)
@@ -170,14 +172,10 @@ class _SCM(Objective):
         tb = batch_view(t, x0)
         x_t = torch.cos(tb) * x0 + torch.sin(tb) * z
         dxdt, teacher_nfe = self.velocity(x_t, t, x0, z, labels)
-        # The tangent pass runs before the prediction's forward: under FSDP2 on torch 2.11 its parameter gathers
-        # rewrite the unsharded weights in place, which invalidated what the prediction had saved for backward
-        # ("modified by an inplace operation"); in this order nothing saved is touched. Same numbers either way.
-        dF = self.tangent_jvp(net, x_t, t, dxdt, labels, seed)
         with dropout_generator(seed, device):
             F_theta = trig_F(net, x_t, t, labels, self.sigma_data).to(dtype)
         F_minus = F_theta.detach()
-        g = self.tangent_from(x_t, t, dxdt, F_minus, dF)
+        g = self.tangent(net, x_t, t, dxdt, F_minus, labels, seed)
         norm = g.reshape(B, -1).norm(dim=1)
         g = g / batch_view(norm + self.c, g)
         D = x0[0].numel()
