@@ -225,6 +225,12 @@ def attention_jvp_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq: 
     tangent = torch.empty_like(out)
     if out.numel() == 0:
         return out, tangent
+    if q.device.type == "cpu" and not runtime.interpreter_runs_loops():
+        import numpy as np
+        import triton
+        raise RuntimeError(f"attention_jvp_triton: Triton {triton.__version__}'s interpreter cannot run the kernel's "
+                           f"loop over keys with NumPy {np.__version__} (fixed in later Triton); on CPU use "
+                           f"ENGINE_KERNELS=auto (the C++ or reference path)")
     cfg = launch_config(q.dtype, d, dvd)
     key = (q.device.type, q.dtype, d, dvd)
     if key not in runtime.UNFIT:

@@ -69,6 +69,24 @@ def f64_parts(x: float) -> tuple[float, float, float]:
     return hi, mid, lo
 
 
+def interpreter_runs_loops() -> bool:
+    """Whether Triton's interpreter can run a kernel loop over a runtime bound (the attention kernel's loop over
+    keys). Triton 3.6's interpreter converts the bound with int() of a one-element array, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); later Triton squeezes it first. Compiled
+    kernels are not affected."""
+    if triton is None:
+        return False
+    import inspect
+
+    import numpy as np
+    from triton.runtime import interpreter
+    try:
+        int(np.ones(1))
+        return True
+    except TypeError:
+        return "handle.data.squeeze()" in inspect.getsource(interpreter)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from devices import CUDA
+from devices import CUDA, INTERPRETED_ATTENTION
 
 from engine import ops
 from engine.kernels import jvp_attention
@@ -88,7 +88,7 @@ def test_zero_output_at_init_and_null_class():
 
 
 @pytest.mark.parametrize("jvp", ["func", "dual"])
-@pytest.mark.parametrize("path", ["extension", "triton", "ref"])
+@pytest.mark.parametrize("path", ["extension", pytest.param("triton", marks=INTERPRETED_ATTENTION), "ref"])
 @pytest.mark.parametrize("hidden,heads", [(72, 1), (128, 2)])  # head dims 72 (as XL/2) and 64
 def test_dit_jvp_equals_finite_differences_and_math_attention(hidden, heads, path, jvp, monkeypatch):
     """The JVP along (v, 0, 1) of u(z, r, t) — Mean Flow's tangent — through torch.func.jvp and the op's
@@ -151,7 +151,8 @@ def test_attention_op_backward_and_jvp():
         ops.attention(q[0], k[0], v[0])
 
 
-@pytest.mark.parametrize("kernel,device", [("cpp", "cpu"), ("triton", "cpu"),
+@pytest.mark.parametrize("kernel,device", [("cpp", "cpu"),
+                                           pytest.param("triton", "cpu", marks=INTERPRETED_ATTENTION),
                                            pytest.param("triton", "cuda", id="triton-cuda", marks=CUDA.marks)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_tangent_kernels_against_float64(kernel, device, dtype, tol):
