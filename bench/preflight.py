@@ -4,8 +4,8 @@
     python bench/preflight.py --dry-run  # CPU: the same checks where a CPU can run them (CI)
 
 1. The device: name, capability, and its shared memory per block against what the kernels were built to fit
-   (engine/kernels/aot.py SHARED_LIMIT).
-2. Every Triton specialisation the launchers send (engine.kernels.aot.specialisations()) launched once on tiny
+   (engine/kernels/runtime.py SHARED_LIMIT).
+2. Every Triton specialisation the launchers send (bench/kernels_aot.py `specialisations()`) launched once on tiny
    tensors through its own launcher, each compared with its PyTorch reference.
 3. One teacher graph per network family — an EDM U-Net (TeacherSolver), an EDM2 MP-UNet (TeacherSolver) and a
    DiT forward (a bare CUDA graph) — captured and replayed, equal to the eager result.
@@ -26,8 +26,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from engine.kernels import aot, dpm_solver, jvp_attention, precond, runtime  # noqa: E402
+import kernels_aot as aot  # noqa: E402
+from engine.kernels import dpm_solver, jvp_attention, precond, runtime  # noqa: E402
 
 
 def device_check(device) -> dict:
@@ -36,7 +38,7 @@ def device_check(device) -> dict:
     p = torch.cuda.get_device_properties(device)
     cap = p.major * 10 + p.minor
     shared = getattr(p, "shared_memory_per_block_optin", None)
-    want = aot.SHARED_LIMIT.get(cap)
+    want = runtime.SHARED_LIMIT.get(cap)
     return dict(device=p.name, capability=f"{p.major}.{p.minor}", shared_per_block_optin=shared,
                 built_for=want, fits=None if shared is None or want is None else shared >= want)
 

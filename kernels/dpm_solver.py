@@ -102,8 +102,8 @@ def update_triton(x: torch.Tensor, history: Sequence[torch.Tensor], coef: Sequen
 
 
 def specialisations():
-    """Every specialisation `update_triton` can launch: each stored dtype × each order K (kernels/aot.py)."""
-    from engine.kernels.aot import Specialisation, pointer
+    """Every specialisation `update_triton` can launch: each stored dtype × each order K (bench/kernels_aot.py)."""
+    from engine.kernels.runtime import Specialisation, pointer
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for k in (1, 2, 3):

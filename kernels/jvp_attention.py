@@ -158,7 +158,7 @@ def _pow2(n: int) -> int:
 
 def launch_config(dtype: torch.dtype, d: int, dvd: int) -> dict:
     """Block sizes and launch options of the kernel for q's dtype and head dims: the one place the launcher and the
-    ahead-of-time check (kernels/aot.py, tests/test_kernels_aot.py) take them from.
+    ahead-of-time check (bench/kernels_aot.py, tests/test_kernels_aot.py) take them from.
 
     Chosen so that every head dimension the engine ships (DiT 64 and XL/2's 72, padded to 128; MM-DiT 32) fits
     the shared memory of sm_90 (232,448 B a block) and sm_80 (166,912 B), measured with Triton's compiler:
@@ -174,26 +174,20 @@ def launch_config(dtype: torch.dtype, d: int, dvd: int) -> dict:
         block_m = block_n = 64
         stages = 2
     # 8 warps at D = 128: with 4 the per-thread state of the wide tiles spilled (ptxas's stack frame 7.3–9.1 KB
-    # a thread on sm_80, 1.0–1.8 KB on sm_90; with 8, 0.4–1.4 KB and 0.5–1.0 KB), measured by engine.kernels.aot
+    # a thread on sm_80, 1.0–1.8 KB on sm_90; with 8, 0.4–1.4 KB and 0.5–1.0 KB), measured by bench/kernels_aot.py
     warps = 8 if max(D, DV) >= 128 else 4
     return dict(FP64=dtype == torch.float64, IEEE=dtype == torch.float32, BF16_OUT=dtype == torch.bfloat16,
                 BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV, num_warps=warps, num_stages=stages)
 
 
-# Head dims of the shipped attention networks (engine/networks/dit.py, mmdit.py CONFIGS): hidden / heads.
-def shipped_head_dims() -> list[int]:
-    from engine.networks import dit, mmdit
-    dims = {cfg[1] // cfg[2] for cfg in dit.CONFIGS.values()} | {cfg[1] // cfg[2] for cfg in mmdit.CONFIGS.values()}
-    return sorted(dims)
-
-
-def specialisations():
+def specialisations(head_dims):
     """Every specialisation the launcher can send to the compiler: each dtype the dispatch gives Triton (fp32,
-    bf16, fp16 on CUDA; fp64 under ENGINE_KERNELS=triton) at each shipped head dimension (kernels/aot.py)."""
-    from engine.kernels.aot import Specialisation, pointer
+    bf16, fp16 on CUDA; fp64 under ENGINE_KERNELS=triton) at each head dimension of `head_dims` (the shipped
+    networks', which bench/kernels_aot.py reads from their configurations)."""
+    from engine.kernels.runtime import Specialisation, pointer
     out = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        for d in shipped_head_dims():
+        for d in head_dims:
             cfg = launch_config(dtype, d, d)
             options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
             sig = {name: pointer(dtype) for name in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr",

@@ -185,10 +185,10 @@ def output_backward_triton(g, sigma, sigma_data, sigma_min, boundary, x_dtype, f
 
 
 def specialisations():
-    """The dtype combinations the preconditioning launchers send (kernels/aot.py): the network input in its
+    """The dtype combinations the preconditioning launchers send (bench/kernels_aot.py): the network input in its
     compute dtype from an fp32 or fp64 x, the output in x's dtype from a backbone output in any of them, and the
     backward's two gradients, each with and without the consistency boundary."""
-    from engine.kernels.aot import Specialisation, pointer
+    from engine.kernels.runtime import Specialisation, pointer
     f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
     name = lambda *ds: "/".join(str(d)[6:] for d in ds)
     scalars = lambda s: {f"{s}_{part}": "fp32" for part in ("hi", "mid", "lo")}

@@ -20,6 +20,7 @@ patched, and cannot call a `triton.jit` function from there); for the compiled f
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 
@@ -54,6 +55,32 @@ def require() -> None:
         raise RuntimeError("the Triton kernels were requested (ENGINE_KERNELS=triton) but Triton is not installed; "
                            "`pip install triton` (CPU machines run the kernels in its interpreter), or set "
                            "ENGINE_KERNELS=ref")
+
+
+# Shared memory per block a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability.
+SHARED_LIMIT = {90: 232_448, 80: 166_912}
+
+
+@dataclasses.dataclass
+class Specialisation:
+    """One compiled form of a kernel, as its launcher sends it: argument types, constexprs, launch options. Each
+    kernel module lists its own (`specialisations()`, from the `launch_config` its launcher uses), and
+    bench/kernels_aot.py compiles them for real GPU targets without a GPU."""
+    kernel: str                 # the kernel's name, e.g. "attention_jvp"
+    fn: object                  # the `triton.jit` function (Kernel.compiled)
+    signature: dict             # argument name → Triton type ("*fp32", "i32", "fp32", "constexpr")
+    constexprs: dict            # constexpr name → value
+    options: dict               # num_warps, num_stages
+    label: str                  # what distinguishes it, for the table (dtype, head dim, variant)
+    tensor_cores: bool = False  # whether the path is meant to run on the tensor cores
+
+    def key(self) -> str:
+        return f"{self.kernel} {self.label}"
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton's signature type of a pointer to `dtype`."""
+    return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def f64_parts(x: float) -> tuple[float, float, float]:

@@ -1,20 +1,24 @@
-"""The Triton kernels, built ahead of time for real GPU targets on this CPU (engine/kernels/aot.py): every
+"""The Triton kernels, built ahead of time for real GPU targets on this CPU (bench/kernels_aot.py): every
 specialisation the launchers send compiles for sm_90 and sm_80, fits the chip's shared memory, and uses the tensor
 cores where its path means to; a launch that still cannot fit falls back to the reference instead of crashing;
 launches run on the tensors' own device.
 
 CI compiles a representative subset (the largest shipped head dimension of the attention kernel in each dtype,
 and one form of each elementwise kernel: about a minute); the full matrix is the heavy test below and
-`python -m engine.kernels.aot`, whose table bench/RESULTS.md records."""
+`python bench/kernels_aot.py`, whose table bench/RESULTS.md records."""
 import logging
 import os
+import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot be compiled")
 
-from engine.kernels import aot, jvp_attention, runtime  # noqa: E402
+from engine.kernels import jvp_attention, runtime  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import kernels_aot as aot  # noqa: E402
 
 HEAVY = os.environ.get("ENGINE_HEAVY_TESTS") == "1"
 
@@ -48,7 +52,7 @@ def test_the_matrix_covers_every_dtype_and_shipped_head_dim():
     specs = aot.specialisations()
     attention = {(str(s.constexprs["FP64"]), s.label.split()[0], s.label.split()[1]) for s in specs
                  if s.kernel == "attention_jvp"}
-    dims = jvp_attention.shipped_head_dims()
+    dims = aot.shipped_head_dims()
     assert {32, 64, 72} <= set(dims)                     # MM-DiT, DiT B … L, DiT XL/2
     assert len(attention) == 4 * len(dims)              # bf16, fp16, fp32, fp64 at each
     assert {s.kernel for s in specs} == {"attention_jvp", "dpm_solver_update", "precond_input", "precond_output",

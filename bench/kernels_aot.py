@@ -11,54 +11,38 @@ exact specialisations the launchers would send (each kernel module's `specialisa
               path means to
   registers / stack    from `cuobjdump --dump-resource-usage` of the cubin (a large STACK: registers spilled)
 
-tests/test_kernels_aot.py compiles a representative subset in CI; `python -m engine.kernels.aot` compiles the full
+tests/test_kernels_aot.py compiles a representative subset in CI; `python bench/kernels_aot.py` compiles the full
 matrix and prints the table that bench/RESULTS.md records.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.kernels import runtime
-
-# Shared memory per block a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-SHARED_LIMIT = {90: 232_448, 80: 166_912}
+from engine.kernels import runtime  # noqa: E402
+from engine.kernels.runtime import SHARED_LIMIT, Specialisation  # noqa: E402
 
 
-@dataclasses.dataclass
-class Specialisation:
-    """One compiled form of a kernel: what its launcher passes (argument types, constexprs, launch options)."""
-    kernel: str                 # the kernel's name, e.g. "attention_jvp"
-    fn: object                  # the `triton.jit` function (runtime.Kernel.compiled)
-    signature: dict             # argument name → Triton type ("*fp32", "i32", "fp32", "constexpr")
-    constexprs: dict            # constexpr name → value
-    options: dict               # num_warps, num_stages
-    label: str                  # what distinguishes it, for the table (dtype, head dim, variant)
-    tensor_cores: bool = False  # whether the path is meant to run on the tensor cores
-
-    def key(self) -> str:
-        return f"{self.kernel} {self.label}"
-
-
-_DTYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def pointer(dtype: torch.dtype) -> str:
-    return "*" + _DTYPE[dtype]
+def shipped_head_dims() -> list[int]:
+    """Head dims of the shipped attention networks (engine/networks/dit.py, mmdit.py CONFIGS): hidden / heads."""
+    from engine.networks import dit, mmdit
+    dims = {cfg[1] // cfg[2] for cfg in dit.CONFIGS.values()} | {cfg[1] // cfg[2] for cfg in mmdit.CONFIGS.values()}
+    return sorted(dims)
 
 
 def specialisations() -> list[Specialisation]:
     """Every specialisation of every kernel, from the kernel modules' own launch configurations."""
     runtime.require()
     from engine.kernels import dpm_solver, jvp_attention, precond
-    return [*dpm_solver.specialisations(), *precond.specialisations(), *jvp_attention.specialisations()]
+    return [*dpm_solver.specialisations(), *precond.specialisations(),
+            *jvp_attention.specialisations(shipped_head_dims())]
 
 
 def _resources(cubin: bytes) -> dict:
@@ -106,7 +90,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m engine.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sm", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT),
                     help="compute capabilities to build for (default 90 80)")
     ap.add_argument("--only", default=None, help="only specialisations whose 'kernel label' contains this text")
