@@ -2,8 +2,9 @@
 the clipping of gradients) runs with the networks and data on the meta device under a dispatch mode that records
 each operation that moves host data to the device, mixes host and device tensors, or reads a device value on the
 host (a synchronisation). On a GPU each of those is a pageable copy or a stall per step, and a CUDA graph cannot
-capture them. The first step may build what later steps reuse (σ grids and index tables on the device); the
-second must record nothing. Host-side draws that stay on the host (the step's CPU generator) are not traffic."""
+capture them. The first step may build what later steps reuse (σ grids, solver plans and index tables on the
+device); the second must record nothing (Slow CMT, an ablation, included). Host-side draws that stay on the host
+(the step's CPU generator) are not traffic."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -12,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from engine.networks import DiT, build_network
 from engine.networks.edm2_unet import EDM2UNet
-from engine.objectives import CMT, ECD, ECT, SCT, CMTMeanFlow, LatentPosterior, MeanFlow, squared_l2
+from engine.objectives import CMT, ECD, ECT, SCT, CMTMeanFlow, LatentPosterior, MeanFlow, SlowCMT, squared_l2
 from engine.objectives.base import StepRNG
 from engine.precond import CMPrecond, EDM2Precond, EDMPrecond
 from engine.training.loop import clip_gradients
@@ -103,6 +104,8 @@ CASES = {
     "cmt_edm2_teacher": lambda: (edm2(), CMT(edm2(8).eval(), nfe=4, trajectories_per_batch=2, distance=squared_l2),
                                  zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long, device=META)),
     "ect": lambda: (CMPrecond(mlp()), ECT(q=4), zeros(4, 2), None),
+    "slow_cmt": lambda: (CMPrecond(mlp()), SlowCMT(EDMPrecond(mlp()).eval(), nfe=4, distance=squared_l2),
+                         zeros(6, 2), None),
     "ecd": lambda: (CMPrecond(mlp()), ECD(EDMPrecond(mlp()).eval()), zeros(4, 2), None),
     "sct": lambda: (CMPrecond(mlp()), SCT(), zeros(4, 2), None),
     "mean_flow": lambda: (dit(), MeanFlow(), zeros(4, 4, 8, 8), torch.zeros(4, dtype=torch.long, device=META)),

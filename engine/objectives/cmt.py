@@ -28,7 +28,7 @@ from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
 from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
-from engine.solvers import THIRD_ORDER_RULES, dpm_solver_pp
+from engine.solvers import THIRD_ORDER_RULES, dpm_solver_plan, run_dpm_solver
 from engine.teacher.solver import TeacherSolver
 
 PRIORS = ("data", "noise")
@@ -83,8 +83,16 @@ class _TeacherSolve(Objective):
         with ops.autocast_off(x.device):
             if sigmas is self.sigmas:
                 return self.solver(x, labels)
-            return dpm_solver_pp(self.teacher, x, sigmas, order=self.order, labels=labels,
-                                 third_order=self.third_order, check=False)
+            return run_dpm_solver(self.teacher, x, self._plan(sigmas, x), labels)
+
+    def _plan(self, sigmas: torch.Tensor, x: torch.Tensor):
+        """The solver plan of a sub-grid on x's device, made once per grid: making it puts the grid on the device,
+        a host-to-device copy on every step if it were not kept (tests/test_host_traffic.py)."""
+        cache = self.__dict__.setdefault("_plans", {})
+        key = (tuple(sigmas.tolist()), x.device, x.dtype)
+        if key not in cache:
+            cache[key] = dpm_solver_plan(sigmas, self.order, True, self.third_order, x.device, x.dtype)
+        return cache[key]
 
 
 class _FromPrior(_TeacherSolve):
@@ -271,11 +279,14 @@ class SlowCMT(_TeacherSolve):
             raise ValueError("an empty batch")
         j = self.levels(B, rng)
         eps = rng.randn(images.shape, device, noise_dtype(images))
-        sigma = self.sigmas[j].to(device=device, dtype=eps.dtype)                      # [B]
+        # σ_{j_i} gathered on the device: j is an arithmetic rotation, so its indices and each level's rows are
+        # aranges made on the device, not host lists copied there (tests/test_host_traffic.py)
+        j_dev = (torch.arange(B, device=device) + (j[0] if B else 0)) % N
+        sigma = grid_on(self, self.sigmas, device, eps.dtype)[j_dev]                   # [B]
         x = images.to(eps.dtype) + sigma.reshape(-1, *([1] * (eps.ndim - 1))) * eps
         target = torch.empty_like(x)
         for level in sorted(set(j)):
-            idx = torch.tensor([i for i in range(B) if j[i] == level], device=device)
+            idx = torch.arange((level - j[0]) % N, B, N, device=device)                # rows i with j_i = level
             sub_labels = None if labels is None else labels[idx]
             target[idx] = self.solve(x[idx], self.sigmas[level:], sub_labels)[-1]
         S = net(x, sigma, labels)
