@@ -52,6 +52,19 @@ class GlobalRef:
 
 RECONSTRUCT_PERSISTENT_OBJ = GlobalRef('torch_utils.persistence', '_reconstruct_persistent_obj')
 NUMPY_SCALAR = GlobalRef('numpy.core.multiarray', 'scalar')     # numpy 1.x spelling, as in the 2022 pickles
+# ndarray.__reduce__ (below protocol 5): _reconstruct(numpy.ndarray, (0,), b'b') then BUILD with (1, shape, dtype,
+# is_fortran, raw bytes). NumPy 1 names the module numpy.core.multiarray (NVIDIA's EDM2 releases); NumPy 2
+# numpy._core.multiarray (a release re-saved under NumPy 2).
+NUMPY_RECONSTRUCT = {1: GlobalRef('numpy.core.multiarray', '_reconstruct'),
+                     2: GlobalRef('numpy._core.multiarray', '_reconstruct')}
+NUMPY_SCALARS = {1: NUMPY_SCALAR, 2: GlobalRef('numpy._core.multiarray', 'scalar')}
+NUMPY_NDARRAY = GlobalRef('numpy', 'ndarray')
+EASYDICT = GlobalRef('dnnlib.util', 'EasyDict')
+
+
+class EasyDict(dict):
+    """Stand-in for `dnnlib.EasyDict`: a dict subclass, which pickle writes as NEWOBJ of its class with no
+    arguments, then SETITEMS."""
 REBUILD_PARAMETER = GlobalRef('torch._utils', '_rebuild_parameter')
 REBUILD_TENSOR_V2 = GlobalRef('torch._utils', '_rebuild_tensor_v2')
 LOAD_FROM_BYTES = GlobalRef('torch.storage', '_load_from_bytes')
@@ -124,13 +137,28 @@ class Pickler(pickle._Pickler):
 
     dispatch[GlobalRef] = save_global_ref
 
+    def save_easydict(self, obj: EasyDict):
+        # what pickle writes for a dict subclass whose instance __dict__ is empty: the class, (), NEWOBJ, items
+        self.save(EASYDICT)
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self._batch_setitems(iter(obj.items()))
+
+    dispatch[EasyDict] = save_easydict
+    numpy_spelling = 1      # which NumPy wrote the arrays and scalars: 1 (numpy.core) or 2 (numpy._core)
+
     def reducer_override(self, obj):
         if isinstance(obj, Persistent):
             return RECONSTRUCT_PERSISTENT_OBJ, (obj.meta(),), None
         if isinstance(obj, Call):
             return obj.func, obj.args
-        if isinstance(obj, np.float64):
-            return NUMPY_SCALAR, (obj.dtype, obj.tobytes())
+        if isinstance(obj, np.generic) and obj.dtype.kind in 'biufc':
+            return NUMPY_SCALARS[self.numpy_spelling], (obj.dtype, obj.tobytes())
+        if isinstance(obj, np.ndarray):
+            _, args, state = obj.__reduce__()          # NumPy's own state tuple, with its dtype and raw bytes
+            assert args[1:] == ((0,), b'b')
+            return NUMPY_RECONSTRUCT[self.numpy_spelling], (NUMPY_NDARRAY, *args[1:]), state
         if isinstance(obj, Param):
             rebuild = REBUILD_PARAMETER if self.explicit_tensors else torch._utils._rebuild_parameter
             return rebuild, (obj.tensor, obj.requires_grad, collections.OrderedDict())
@@ -266,10 +294,13 @@ def state_of(record) -> dict:
     return record.state if isinstance(record, Persistent) else record.__dict__
 
 
-def write_pickle(obj, path, protocol: int = 4) -> None:
-    """`pickle.dump(obj, f)` as the reference snapshots do, through the stand-in reductions."""
+def write_pickle(obj, path, protocol: int = 4, numpy_spelling: int = 1) -> None:
+    """`pickle.dump(obj, f)` as the reference snapshots do, through the stand-in reductions; NumPy objects
+    spelled as NumPy `numpy_spelling` (1 or 2) writes them."""
     with open(path, 'wb') as f:
-        Pickler(f, protocol=protocol).dump(obj)
+        pickler = Pickler(f, protocol=protocol)
+        pickler.numpy_spelling = numpy_spelling
+        pickler.dump(obj)
 
 
 def dumps(obj, protocol: int = 4) -> bytes:
@@ -337,12 +368,29 @@ def edm2_network_record(net: nn.Module, *, module_src: str = '', fp16: bool = Tr
     return Persistent('Precond', _module_state(net, attrs, False, children), module_src)
 
 
+def stability_vae_encoder(module_src: str = '', raw_mean=(5.81, 3.25, 0.12, -2.15), raw_std=(4.17, 4.62, 3.71, 3.28),
+                          final_mean=0.0, final_std=0.5) -> Persistent:
+    """EDM2's `training.encoders.StabilityVAEEncoder` as its pickle holds it: the instance __dict__ with `_vae`
+    None (its __getstate__), scale and bias float32 arrays of 4 computed as its __init__ does, then the
+    decorator's _init_args / _init_kwargs. The defaults are its own."""
+    scale = np.float32(final_std) / np.float32(raw_std)
+    bias = np.float32(final_mean) - np.float32(raw_mean) * scale
+    return Persistent('StabilityVAEEncoder', dict(vae_name='stabilityai/sd-vae-ft-mse', scale=scale, bias=bias,
+                                                  batch_size=8, _vae=None, _init_args=(), _init_kwargs={}),
+                      module_src)
+
+
 def edm2_snapshot(ema: Persistent, *, module_src: str = '', P_mean: float = -0.8, P_std: float = 1.6,
-                  dataset_path: str = 'datasets/img64.zip') -> dict:
-    """The dict EDM2's training loop pickles per snapshot: encoder, dataset_kwargs, loss_fn, ema."""
-    encoder = Persistent('StandardRGBEncoder', dict(_init_args=(), _init_kwargs={}), module_src)
+                  dataset_path: str = 'datasets/img64.zip', encoder: Persistent | None = None) -> EasyDict:
+    """The dict EDM2's training loop pickles per snapshot (training/training_loop.py): dnnlib.EasyDict(encoder,
+    dataset_kwargs, loss_fn) with `ema` added, in that order. `encoder` defaults to the pixel models'
+    StandardRGBEncoder; latent models carry `stability_vae_encoder()`."""
+    if encoder is None:
+        encoder = Persistent('StandardRGBEncoder', dict(_init_args=(), _init_kwargs={}), module_src)
     loss_fn = Persistent('EDM2Loss', dict(P_mean=P_mean, P_std=P_std, sigma_data=0.5, _init_args=(),
                                           _init_kwargs=dict(P_mean=P_mean, P_std=P_std)), module_src)
-    return dict(encoder=encoder, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset',
-                                                     path=dataset_path, use_labels=True),
-                loss_fn=loss_fn, ema=ema)
+    data = EasyDict(encoder=encoder, dataset_kwargs=EasyDict(class_name='training.dataset.ImageFolderDataset',
+                                                             path=dataset_path, use_labels=True),
+                    loss_fn=loss_fn)
+    data['ema'] = ema
+    return data

@@ -3,6 +3,7 @@ layout and sizes, code-free loading of EDM2 pickles and training states, forced 
 the uncertainty loss, post-hoc EMA reconstruction, guidance and EDM2's sampler."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -449,6 +450,145 @@ def test_a_malicious_edm2_pickle_is_refused_without_running_its_payload(tmp_path
     with pytest.raises(CheckpointError, match="refusing to load global 'os.system'"):
         load_edm_pickle(tmp_path / 'evil.pkl')
     assert not marker.exists()
+
+
+# The three files recipes/imagenet512_cmt_ecd.py reads (engine/pipelines/imagenet512.py Latent512Settings).
+RELEASED_LATENT = ('edm2-img512-xxl-0939524-0.070.pkl', 'edm2-img512-xxl-0939524-0.075.pkl',
+                   'edm2-img512-m-0268435-0.155.pkl')
+
+
+@pytest.fixture(scope='module')
+def released_latent_layout():
+    """An EDM2 ImageNet-512 network in its released layout (4×64² latents, 1000 classes, channel_mult [1, 2, 3, 4],
+    3 blocks a level, attention at 16² and 8², uncertainty head) at width 16 instead of 256 / 448, so that it
+    writes in a second. The width changes tensor sizes only, never the names: the key set is checked against
+    the full-width presets on the meta device."""
+    torch.manual_seed(0)
+    net = with_unit_gains(build_edm2_preset('edm2-img512-m', model_channels=16, channels_per_head=16))
+    return net, W.edm2_network_record(net)
+
+
+@pytest.mark.parametrize('numpy_spelling', [1, 2])
+@pytest.mark.parametrize('name', RELEASED_LATENT)
+def test_released_edm2_latent_pickles_load_with_their_encoder_arrays(tmp_path, released_latent_layout, name,
+                                                                      numpy_spelling):
+    """EDM2's latent snapshots carry StabilityVAEEncoder, whose scale and bias are float32 arrays of 4: pickled
+    through numpy.core.multiarray._reconstruct and numpy.ndarray by NumPy 1 (NVIDIA's files) or
+    numpy._core.multiarray._reconstruct by NumPy 2 (a re-saved file). f00baca refused all three files for it."""
+    from engine.checkpoints.edm_snapshots import latent_affine, read_edm_pickle
+    from engine.perceptual.vae import BIAS, SCALE
+    from engine.pipelines.imagenet512 import check_latent_affine
+    net, record = released_latent_layout
+    marker = tmp_path / 'module_src_ran'
+    path = tmp_path / name
+    W.write_pickle(W.edm2_snapshot(record, module_src=W.canary_source(marker),
+                                   encoder=W.stability_vae_encoder(W.canary_source(marker)),
+                                   dataset_path='datasets/img512-sd.zip'), path, numpy_spelling=numpy_spelling)
+    raw = path.read_bytes()
+    spelled = {1: b'numpy.core.multiarray', 2: b'numpy._core.multiarray'}[numpy_spelling]
+    assert spelled in raw and b'_reconstruct' in raw and b'ndarray' in raw and b'dnnlib.util' in raw
+    teacher = load_edm_pickle(path, mode='teacher')
+    assert not marker.exists()
+    ref = copy.deepcopy(net).half().float().eval()                        # the file holds float16 values
+    x, sigma, labels = torch.randn(1, 4, 64, 64), torch.tensor([1.3]), torch.tensor([417])
+    assert torch.equal(teacher(x, sigma, labels), ref(x, sigma, labels))
+    with torch.device('meta'):
+        for size in ('m', 'xxl'):
+            assert set(teacher.state_dict()) == set(build_edm2_preset(f'edm2-img512-{size}').state_dict())
+    ckpt = read_edm_pickle(path)
+    scale, bias = latent_affine(ckpt)
+    assert type(scale) is np.ndarray and scale.dtype == np.float32
+    np.testing.assert_array_equal(scale, np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]))
+    # engine/perceptual/vae.py's constants are these float32 values to 8 decimals
+    np.testing.assert_allclose(np.float64(scale), SCALE, rtol=0, atol=5e-9)
+    np.testing.assert_allclose(np.float64(bias), BIAS, rtol=0, atol=5e-9)
+    check_latent_affine(ckpt)                                              # the recipe's check passes
+    assert ckpt.entries['dataset_kwargs']['path'] == 'datasets/img512-sd.zip'
+    assert ckpt.entries['loss_fn']['attributes']['P_std'] == 1.6
+
+
+def test_a_latent_pickle_whose_encoder_differs_is_refused_by_the_recipe(tmp_path, released_latent_layout):
+    from engine.checkpoints.edm_snapshots import read_edm_pickle
+    from engine.pipelines.imagenet512 import check_latent_affine
+    _, record = released_latent_layout
+    W.write_pickle(W.edm2_snapshot(record, encoder=W.stability_vae_encoder(final_std=1.0)), tmp_path / 'a.pkl')
+    with pytest.raises(EngineError, match=r"a\.pkl: its encoder maps raw latents with scale \[0\.2398"):
+        check_latent_affine(read_edm_pickle(tmp_path / 'a.pkl'))
+    W.write_pickle(W.edm2_snapshot(record), tmp_path / 'pixels.pkl')      # StandardRGBEncoder: a pixel model
+    with pytest.raises(EngineError, match=r"pixels\.pkl carries no StabilityVAEEncoder \(its encoder: "
+                                          r"StandardRGBEncoder\)"):
+        check_latent_affine(read_edm_pickle(tmp_path / 'pixels.pkl'))
+
+
+@pytest.mark.parametrize('numpy_spelling', [1, 2])
+def test_an_object_array_in_an_edm2_pickle_is_refused_without_running_anything(tmp_path, released_latent_layout,
+                                                                              numpy_spelling):
+    """Only numeric arrays are read. An object array's elements are pickled objects: one of plain strings is
+    refused by its dtype, one holding a call by the call's global, and nothing runs either way."""
+    _, record = released_latent_layout
+    marker = tmp_path / 'payload_ran'
+    for i, elements in enumerate([['a', 'b'], [W.Call(W.GlobalRef('os', 'system'), (f'touch {marker}',))]]):
+        encoder = W.stability_vae_encoder()
+        encoder.state['scale'] = np.array(elements if i == 0 else [0, 0], dtype=object)
+        data = W.edm2_snapshot(record, encoder=encoder)
+        path = tmp_path / f'obj{i}.pkl'
+        if i == 0:
+            W.write_pickle(data, path, numpy_spelling=numpy_spelling)
+            match = r"numpy array of dtype dtype\('O'\) is not allowed; only numeric arrays are"
+        else:   # the state NumPy writes for an object array, with the payload as its elements
+            encoder.state['scale'] = ObjectArray(elements)
+            W.write_pickle(data, path, numpy_spelling=numpy_spelling)
+            match = "refusing to load global 'os.system'"
+        with pytest.raises(CheckpointError, match=match):
+            load_edm_pickle(path)
+    assert not marker.exists()
+
+
+class ObjectArray:
+    """Pickles as NumPy writes an object array (_reconstruct, then BUILD with its elements as a list), the
+    elements being anything, e.g. a call."""
+
+    def __init__(self, elements):
+        self.elements = elements
+
+    def __reduce__(self):
+        return (W.NUMPY_RECONSTRUCT[1], (W.NUMPY_NDARRAY, (0,), b'b'),
+                (1, (len(self.elements),), np.dtype(object), False, list(self.elements)))
+
+
+def test_numpy_array_records_are_checked_before_numpy_builds_them(tmp_path):
+    """The array globals accept only the forms NumPy writes: a shape that claims more data than the record holds,
+    a structured dtype and another subtype are refused; protocol 5's _frombuffer form reads like the others."""
+    import pickle
+    from engine.checkpoints.unpickler import unpickle_file
+
+    def refused(obj, match):
+        (tmp_path / 'x.pkl').write_bytes(W.dumps(obj))
+        with pytest.raises(CheckpointError, match=match):
+            unpickle_file(tmp_path / 'x.pkl')
+
+    rebuild = lambda state, sub=W.NUMPY_NDARRAY: W.Call(W.NUMPY_RECONSTRUCT[1], (sub, (0,), b'b'))  # noqa: E731
+    refused(Built(rebuild(None), (1, (10 ** 6,), np.dtype(np.float32), False, b'\0' * 8)),
+            r'shape \(1000000,\) float32 \(order .C.\) with 8 bytes of data; that shape needs 4000000')
+    refused(Built(rebuild(None), (1, (1,), np.dtype([('a', '<f4'), ('b', '<f4')]), False, b'\0' * 8)),
+            'only numeric arrays are')
+    refused(rebuild(None, W.GlobalRef('numpy', 'matrix')), "refusing to load global 'numpy.matrix'")
+    a = np.arange(6, dtype=np.float64).reshape(2, 3)
+    (tmp_path / 'p5.pkl').write_bytes(pickle.dumps(dict(a=a, f=np.asfortranarray(a)), protocol=5))
+    got = unpickle_file(tmp_path / 'p5.pkl')
+    assert b'_frombuffer' in (tmp_path / 'p5.pkl').read_bytes()
+    np.testing.assert_array_equal(got['a'], a)
+    np.testing.assert_array_equal(got['f'], a)
+
+
+class Built:
+    """Pickles as `call` followed by BUILD with `state`."""
+
+    def __init__(self, call, state):
+        self.call, self.state = call, state
+
+    def __reduce__(self):
+        return self.call.func, self.call.args, self.state
 
 
 def adam_state_after_steps(net, steps=2):

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,6 +71,14 @@ class ReferenceCheckpoint:
     networks: dict[str, NetworkRecord] = field(default_factory=dict)
     entries: dict[str, Any] = field(default_factory=dict)
 
+    def network(self, key: str = 'ema', **build) -> nn.Module:
+        """The network `key` as our module (`build_edm_network`'s mode / drop_augment / overrides), the file named
+        when it holds no such network."""
+        if key not in self.networks:
+            raise CheckpointError(f'{self.path}: no network {key!r}; networks: {short_list(self.networks) or "none"}'
+                                  f'; other entries: {short_list(self.entries) or "none"}')
+        return build_edm_network(self.networks[key], source=f'{self.path}[{key!r}]', **build)
+
 
 def _network_record(record: PersistentRecord) -> NetworkRecord:
     state = record.state
@@ -127,6 +136,21 @@ def read_edm_pickle(path) -> ReferenceCheckpoint:
             raise CheckpointError(f'{path} is a safetensors release; load it with '
                                   f'engine.checkpoints.releases.load_safetensors_network')
     return _reference_checkpoint(unpickle_file(path), path)
+
+
+def latent_affine(ckpt: ReferenceCheckpoint) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (scale, bias) float32 arrays of an EDM2 latent snapshot's `StabilityVAEEncoder` (final latents =
+    raw · scale + bias, docs/spec/edm2_latent.md §3.1), or None when the snapshot carries another encoder or none
+    (pixel models: StandardRGBEncoder; EDM / ECT / CMT snapshots)."""
+    enc = ckpt.entries.get('encoder')
+    if not (isinstance(enc, dict) and enc.get('class_name') == 'StabilityVAEEncoder'):
+        return None
+    attrs = enc.get('attributes') or {}
+    scale, bias = (np.asarray(attrs.get(k), dtype=np.float32) for k in ('scale', 'bias'))
+    if scale.shape != (4,) or bias.shape != (4,):
+        raise CheckpointError(f'{ckpt.path}: its StabilityVAEEncoder has scale {scale.shape} and bias {bias.shape}; '
+                              'EDM2 writes 4 values each (one per SD-VAE latent channel)')
+    return scale, bias
 
 
 def load_edm_training_state(path) -> ReferenceCheckpoint:
@@ -253,12 +277,7 @@ def load_edm_pickle(path, key: str = 'ema', *, mode: str | None = None, drop_aug
     """The network `key` of an EDM / ECT / CMT `.pkl` snapshot as our module (see `build_edm_network` for
     mode / drop_augment / overrides), in eval mode with requires_grad False. `module_src` is never run.
     For the snapshot's other entries and the architecture, use `read_edm_pickle` + `build_edm_network`."""
-    ckpt = read_edm_pickle(path)
-    if key not in ckpt.networks:
-        raise CheckpointError(f'{os.fspath(path)}: no network {key!r}; networks: {short_list(ckpt.networks) or "none"}'
-                              f'; other entries: {short_list(ckpt.entries) or "none"}')
-    return build_edm_network(ckpt.networks[key], mode=mode, drop_augment=drop_augment, overrides=overrides,
-                             source=f'{os.fspath(path)}[{key!r}]')
+    return read_edm_pickle(path).network(key, mode=mode, drop_augment=drop_augment, overrides=overrides)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import sys
@@ -223,6 +224,62 @@ def _numpy_scalar(dtype, data=None):
     return _np_scalar(dtype, data)
 
 
+class _NdarrayType:
+    """What the global `numpy.ndarray` resolves to: a marker that `_reconstruct` accepts as its subtype. Not the
+    class itself, whose constructor would allocate whatever shape a file asks for."""
+
+
+class _CheckedArray(np.ndarray):
+    """The empty array `_reconstruct` returns. Its BUILD (`__setstate__`) checks the state before NumPy's own
+    `__setstate__` sees it: a numeric dtype, integer dimensions, and raw data of exactly the size they claim. An
+    object array's state carries its elements as pickled objects, so refusing the dtype first means none of them
+    is built. `plain` hands readers a plain ndarray."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise CheckpointError(f'numpy array state {str(state)[:80]!r} is not (version, shape, dtype, is_fortran, '
+                                  'data)')
+        version, shape, dtype, fortran, data = state
+        if version != 1 or not isinstance(fortran, bool):
+            raise CheckpointError(f'numpy array state of version {version!r}, is_fortran {fortran!r}; NumPy writes '
+                                  'version 1 and a bool')
+        _check_array(dtype, shape, data, 'F' if fortran else 'C')
+        np.ndarray.__setstate__(self, state)
+
+
+def _check_array(dtype, shape, data, order) -> None:
+    """A numeric numpy array's pieces as a pickle spells them, checked before NumPy builds anything from them."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in 'biufc' or dtype.fields is not None:
+        raise CheckpointError(f'numpy array of dtype {dtype!r} is not allowed; only numeric arrays are (an object '
+                              'array would unpickle its elements as arbitrary objects)')
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise CheckpointError(f'numpy array with shape {shape!r}; expected a tuple of non-negative ints')
+    if not isinstance(data, (bytes, bytearray)):
+        raise CheckpointError(f'numpy array data is a {type(data).__name__}, expected bytes')
+    if len(data) != math.prod(shape) * dtype.itemsize or order not in ('C', 'F'):
+        raise CheckpointError(f'numpy array of shape {shape} {dtype} (order {order!r}) with {len(data)} bytes of '
+                              f'data; that shape needs {math.prod(shape) * dtype.itemsize}')
+
+
+def _ndarray_reconstruct(subtype, shape, typecode):
+    """Stands in for `numpy.core.multiarray._reconstruct` (`numpy._core…` when written under NumPy 2): the
+    empty array that BUILD then fills (`ndarray.__reduce__` below protocol 5). Only the form NumPy writes:
+    `_reconstruct(numpy.ndarray, (0,), b'b')`."""
+    if subtype is not _NdarrayType or shape != (0,) or typecode not in (b'b', 'b'):
+        raise CheckpointError(f'numpy _reconstruct({subtype!r}, {shape!r}, {typecode!r}) is not the form NumPy '
+                              "writes: _reconstruct(numpy.ndarray, (0,), b'b')")
+    return _CheckedArray((0,), dtype=np.uint8)
+
+
+def _ndarray_frombuffer(buffer, dtype, shape, order):
+    """Stands in for `numpy.core.numeric._frombuffer` (`numpy._core…`), what `ndarray.__reduce_ex__` writes at
+    protocol 5: the data in band as bytes or a bytearray, copied into a fresh array."""
+    if isinstance(buffer, pickle.PickleBuffer):
+        buffer = bytes(buffer.raw())
+    _check_array(dtype, tuple(shape) if isinstance(shape, (tuple, list)) else shape, buffer, order)
+    return np.frombuffer(buffer, dtype=dtype).reshape(tuple(shape), order=order).copy()
+
+
 def _encode_latin1(text, encoding='latin1'):
     """Stands in for `_codecs.encode`, which protocol-2 pickles (torch.save's default) use to spell bytes."""
     if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
@@ -244,6 +301,13 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
     ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
     ('numpy', 'dtype'): np.dtype,
+    # numeric arrays: EDM2's StabilityVAEEncoder pickles its scale and bias as float32 arrays of 4 values
+    # (docs/spec/edm2_latent.md §2.5), in NumPy 1's spelling as NVIDIA wrote them or NumPy 2's when re-saved
+    ('numpy', 'ndarray'): _NdarrayType,
+    ('numpy.core.multiarray', '_reconstruct'): _ndarray_reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _ndarray_reconstruct,
+    ('numpy.core.numeric', '_frombuffer'): _ndarray_frombuffer,
+    ('numpy._core.numeric', '_frombuffer'): _ndarray_frombuffer,
     ('dnnlib.util', 'EasyDict'): dict,
     # Protocol <= 3 writers spell sets as a call; torch.save (protocol 2) with python-2 module names.
     ('builtins', 'set'): set,
@@ -373,9 +437,12 @@ def flatten(record, prefix: str, out: dict[str, torch.Tensor]) -> None:
 
 
 def plain(obj):
-    """Metadata as plain python: numpy scalars → python numbers, records → summaries; tensors kept."""
+    """Metadata as plain python: numpy scalars → python numbers, records → summaries; tensors and numeric
+    arrays kept."""
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, np.ndarray):
+        return np.array(obj)              # a plain ndarray, not the checking subclass it was read as
     if isinstance(obj, PersistentRecord):
         return summary(obj)
     if isinstance(obj, ContainerRecord):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine import dist
-from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS, load_edm_pickle
+from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS, latent_affine, read_edm_pickle
 from engine.checkpoints.files import in_weights_dir, set_weights_dir, weights_dir
 from engine.data import ImageDataset, write_image_dataset, write_latent_dataset
 from engine.data.sampler import LatentSource
@@ -176,13 +176,32 @@ def _smoke_inputs(out: str, s: Latent512Settings):
 
 def _released(s: Latent512Settings, args):
     path = lambda name, flag=None: flag or in_weights_dir(name)       # noqa: E731 - checked by missing_inputs
-    teacher = load_edm_pickle(path(s.teacher_file, args.teacher), mode="teacher")
-    student = load_edm_pickle(path(s.teacher_file, args.teacher), mode="student", overrides=dict(dropout=0.0))
-    ecd_teacher = load_edm_pickle(path(s.ecd_teacher_file), mode="teacher")
-    guide = load_edm_pickle(path(s.guide_file), mode="teacher")
+    files = dict(teacher=path(s.teacher_file, args.teacher), ecd_teacher=path(s.ecd_teacher_file),
+                 guide=path(s.guide_file))
+    ckpts = {name: read_edm_pickle(f) for name, f in files.items()}   # each file read once (the XXL is 3 GB)
+    for name, ckpt in ckpts.items():
+        check_latent_affine(ckpt)
+    teacher, ecd_teacher, guide = (ckpts[n].network(mode="teacher") for n in ("teacher", "ecd_teacher", "guide"))
+    student = ckpts["teacher"].network(mode="student", overrides=dict(dropout=0.0))
     teacher.use_fp16 = ecd_teacher.use_fp16 = s.teacher_fp16
     guide.use_fp16 = s.guide_fp16      # weights are held in float32 either way (engine/checkpoints/edm_snapshots.py)
     return args.data, teacher, ecd_teacher, guide, student.train().requires_grad_(True)
+
+
+def check_latent_affine(ckpt) -> None:
+    """A released latent network was trained on raw SD-VAE moments mapped by its encoder's scale and bias; this
+    engine maps the dataset's moments with engine/perceptual/vae.py's SCALE and BIAS (EDM2's defaults). A network
+    whose encoder used other values would be fed latents of the wrong scale without any error, so it is refused."""
+    affine = latent_affine(ckpt)
+    if affine is None:
+        raise EngineError(f"{ckpt.path} carries no StabilityVAEEncoder (its encoder: "
+                          f"{(ckpt.entries.get('encoder') or {}).get('class_name', 'none')}); the ImageNet-512 "
+                          "recipe needs EDM2's latent networks (edm2-img512-*.pkl)")
+    scale, bias = affine
+    if not (np.allclose(scale, SCALE, rtol=1e-6, atol=0) and np.allclose(bias, BIAS, rtol=1e-6, atol=1e-7)):
+        raise EngineError(f"{ckpt.path}: its encoder maps raw latents with scale {np.round(scale, 6).tolist()} and "
+                          f"bias {np.round(bias, 6).tolist()}; this engine's latent datasets use scale "
+                          f"{list(SCALE)} and bias {list(BIAS)} (EDM2's defaults, engine/perceptual/vae.py)")
 
 
 def check_data(s: Latent512Settings, dataset, nets: dict) -> None:
@@ -220,6 +239,17 @@ def run_latent512(doc: str, settings: Latent512Settings, name: str, argv=None) -
     if args.dry_run:
         run.record(identity=False)
         return {}
+
+    def stage(stage_name, kimg, lr, betas, ema, schedule):
+        return StageConfig(name=stage_name, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="adam",
+                           betas=betas, eps=1e-8, lr_schedule=schedule, ema_beta=ema, log_kimg=s.log_kimg,
+                           ckpt_kimg=s.ckpt_kimg, eval_kimg=s.grid_kimg, seed=args.seed, bf16=False,
+                           parallel=s.parallel, shard_teacher=s.shard_teacher)
+
+    stages = dict(mid=stage("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_betas, s.mid_ema, "linear"),
+                  post=stage("post_ecd", s.ecd_kimg, s.ecd_lr, s.ecd_betas, s.ecd_ema, "constant"))
+    # both stages' budgets at this --kimg-scale, before the smoke inputs are written or the released networks loaded
+    run.plan(*stages.values())
     data_path, teacher, ecd_teacher, guide, student = (_smoke_inputs(args.out, s) if args.smoke
                                                        else _released(s, args))
     dataset = ImageDataset(data_path, use_labels=True)
@@ -235,23 +265,17 @@ def run_latent512(doc: str, settings: Latent512Settings, name: str, argv=None) -
         x = consistency_sampler(ema, z, (s.mid_t,), labels=labels, generator=torch.Generator(device).manual_seed(1))
         return (x[:, :3] / 1.5).clamp(-1, 1)
 
-    def stage(stage_name, kimg, lr, betas, ema, schedule):
-        return StageConfig(name=stage_name, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="adam",
-                           betas=betas, eps=1e-8, lr_schedule=schedule, ema_beta=ema, log_kimg=s.log_kimg,
-                           ckpt_kimg=s.ckpt_kimg, eval_kimg=s.grid_kimg, seed=args.seed, bf16=False,
-                           parallel=s.parallel, shard_teacher=s.shard_teacher)
-
     if device.type == "cuda":    # the CMT 512 code: float32 with TF32 matmuls and convolutions (§7.2)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cmt = CMT(teacher.to(device), nfe=s.nfe, trajectories_per_batch=s.trajectories_per_batch, prior=s.mid_prior,
               labels=s.mid_labels, num_classes=s.label_dim, distance=perceptual(lpips))
-    mid = run.stage("cmt_ecd", "mid", stage("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_betas, s.mid_ema, "linear"),
-                    copy.deepcopy(student), LatentPosterior(cmt, convention="edm2"), data, init=student, grid=grid)
+    mid = run.stage("cmt_ecd", "mid", stages["mid"], copy.deepcopy(student), LatentPosterior(cmt, convention="edm2"),
+                    data, init=student, grid=grid)
     del cmt, teacher               # ECD holds its own XXL and the guide; the mid teacher's memory goes back
     ecd = ECD(ecd_teacher.to(device), solver=s.ecd_solver, guide=guide.to(device), guidance=s.guidance,
               P_mean=s.P_mean, P_std=s.P_std, q=s.q, c=s.c, weighting="snrpk")
-    post = run.stage("cmt_ecd", "post", stage("post_ecd", s.ecd_kimg, s.ecd_lr, s.ecd_betas, s.ecd_ema, "constant"),
-                     copy.deepcopy(student), LatentPosterior(ecd, convention="edm2"), data, init=mid.ema, grid=grid)
+    post = run.stage("cmt_ecd", "post", stages["post"], copy.deepcopy(student), LatentPosterior(ecd, convention="edm2"),
+                     data, init=mid.ema, grid=grid)
     one, two = _evaluate(post.ema, s, run)
     run.record_metrics("cmt_ecd", one_step=one, two_step=two)
     return run.finish(["fid", "fd_dinov2"] if one else [], [])
