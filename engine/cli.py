@@ -4,9 +4,11 @@
         run_main(main)
 
 `EngineError` (and the I/O errors of named files: not found, a directory, permission, a full disk) print
-`<program>: error: <message>` and exit with status 2, as argparse does for a bad flag; Ctrl-C outside a stage
-(inside one the loop saves and exits itself, engine/training/loop.py) prints `interrupted` and exits with 130. Anything
-else is a bug and keeps its traceback.
+`<program>: error: <message>` and exit with status 2, as argparse does for a bad flag — a stage stopped by a
+non-finite loss too (`NonFiniteError`, engine/training/loop.py: its settings' failure, its saved checkpoints kept),
+and a damaged input found by a data-loading worker (engine/data/loader.py hands the worker's error back as it was
+raised). Ctrl-C outside a stage (inside one the loop saves and exits itself, engine/training/loop.py) prints
+`interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from engine.errors import EngineError
 
-__all__ = ["run_main", "USER_ERRORS", "resolve_device", "check_run_directory"]
+__all__ = ["run_main", "USER_ERRORS", "resolve_device", "check_run_directory", "check_writable_under"]
 
 USER_ERRORS = (EngineError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -66,10 +68,16 @@ def check_run_directory(path: str) -> None:
     """--out must be a folder, or creatable: not a file, not under a file, and in a writable place."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise EngineError(f"--out {path} is a file; the run directory must be a folder")
-    parent = os.path.abspath(path)
+    check_writable_under(path, os.path.abspath(path), "the run directory")
+
+
+def check_writable_under(path: str, start: str, what: str) -> None:
+    """The nearest existing folder at or above `start` must be a writable folder: `what` (--out `path`) is created
+    there, and a file in its place or no permission is said before any work rather than after it."""
+    parent = start
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise EngineError(f"--out {path}: {parent} is a file, so the run directory cannot be created under it")
+        raise EngineError(f"--out {path}: {parent} is a file, so {what} cannot be created under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EngineError(f"--out {path}: {parent} is not writable")

@@ -4,7 +4,7 @@
 
     python -m engine.evaluate --net runs/x/cmt_ect/post_ect/ema.safetensors --stats refs/cifar10-32x32.npz \\
         --inception inception-2015-12-05.pt [--metrics fid] [--num-samples 50000] [--schedules 80 80,0.821] \\
-        [--seed-start 0] [--batch 128] [--out eval/] [--save-samples]
+        [--seed-start 0] [--batch 128] [--out eval/] [--save-samples] [--captions coco256-val.captions]
     torchrun --nproc_per_node=8 -m engine.evaluate ...        # the same samples, split over ranks
 
 Protocol. Sample i (i = seed − seed_start) uses its own generator seeded with its seed: z ~ N(0, I) (CMT's
@@ -20,6 +20,13 @@ Latent networks (4 channels) are decoded with the SD VAE under EDM2's latent con
 --vae);
 the Python API takes any `decode` (latents → uint8 images, or floats in [−1, 1]).
 
+What is sampled follows from what the network is (`network_kind`, from the classes the loaders build): consistency
+models with σ schedules, Mean Flow networks with t schedules, diffusion denoisers (EDM's and EDM2's teachers, this
+engine's pre-training stages) only with `--schedules heun[:N]`. A text-to-image MM-DiT is conditioned on captions of
+a caption store (`--captions`, engine/data/captions.py), one per seed as U-ViT's COCO protocol draws them
+(`caption_conditions`). What would sample and score nonsense is refused before the first sample, as are statistics
+that are not covariances, of another dimension, or a count whose features do not fit in memory.
+
 FID protocol. The Inception detector runs NVIDIA's preprocessing by default (`--fid-preprocessing nvidia`, what
 EDM, EDM2, ECT and CMT report; `pytorch-fid` is the alternative, engine/metrics/inception.py), and a FID is
 computed only against statistics of the same preprocessing (engine/metrics/reference_stats.py: statistics
@@ -33,6 +40,7 @@ preprocessing, covariance convention, world size.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -43,8 +51,9 @@ from tqdm import tqdm
 
 from engine import dist
 from engine.checkpoints.files import file_sha256, in_weights_dir
-from engine.checks import nonneg_int_arg, positive_int_arg
+from engine.checks import positive_int_arg, seed_arg
 from engine.data.image_grid import save_image_grid
+from engine.errors import EngineError
 from engine.metrics.frechet import FeatureStatistics, frechet_distance
 from engine.metrics.reference_stats import METRICS, StatsError, check_fid_preprocessing, load_detectors, load_stats
 from engine.solvers import consistency_sampler, edm2_sampler, mean_flow_sampler
@@ -84,6 +93,109 @@ def default_schedules(net) -> list[tuple[float, ...]]:
     return [(1.0,), (1.0, 0.5)] if is_flow_map(net) else [(80.0,), (80.0, 0.821)]
 
 
+def network_kind(net) -> str | None:
+    """What `net` samples as, from the wrapper and backbone the loaders build — only from the allow-lists of
+    engine/checkpoints/registry.py, so the classes say what the file was:
+
+      'consistency'  CMPrecond (ECT / CMT students; a reference ECMPrecond .pkl), or EDM2Precond without the
+                     uncertainty head (the 512² and ImageNet-64 students drop it: engine/checkpoints/edm_snapshots.py);
+      'diffusion'    EDMPrecond (EDM's teachers, this engine's EDM-loss pre-training stages), or EDM2Precond with
+                     the head (EDM2's loss trains it: EDM2's snapshots and pre-training): denoisers D(x, σ);
+      'flow map'     a Mean Flow DiT / MM-DiT (mean_flow=True);
+      'velocity'     a flow-matching DiT / MM-DiT (mean_flow=False: the SiT teachers);
+      None           anything else: a bare backbone, a plain callable given to the API."""
+    from engine.networks import DiT, MMDiT
+    from engine.precond import CMPrecond, EDM2Precond, EDMPrecond
+    if isinstance(net, (DiT, MMDiT)):
+        return "flow map" if net.mean_flow else "velocity"
+    if isinstance(net, EDM2Precond):
+        return "diffusion" if net.logvar_channels else "consistency"
+    if isinstance(net, EDMPrecond):
+        return "diffusion"
+    if isinstance(net, CMPrecond):
+        return "consistency"
+    return None
+
+
+def is_text_to_image(net) -> bool:
+    """Whether `net` is conditioned on caption features (the MM-DiT: engine/networks/mmdit.py `context_shape`)."""
+    return getattr(net, "context_shape", None) is not None
+
+
+def _schedule_text(schedule) -> str:
+    return f"heun:{schedule[1]}" if schedule[0] == "heun" else ",".join(f"{s:g}" for s in schedule)
+
+
+def check_network(net, schedules, conditions=None, where: str = "the network") -> None:
+    """Refuse, before any sample is drawn, what would sample without error and score nonsense: a diffusion
+    denoiser under few-step σ schedules (one denoising step from σ = 80 is a blur, its FID in the thousands),
+    EDM2's Heun sampler on a flow map, a flow-matching velocity network (no sampler here), and a text-to-image
+    network without captions (every sample would be of the null caption)."""
+    kind = network_kind(net)
+    cls = type(net).__name__
+    few_step = [_schedule_text(s) for s in schedules if s[0] != "heun"]
+    if kind == "diffusion" and few_step:
+        what = "EDM2Precond with its uncertainty head: EDM2-loss" if cls == "EDM2Precond" else "EDMPrecond: EDM-loss"
+        raise EngineError(f"{where} is a diffusion denoiser ({what} training), not a consistency model or flow map: "
+                          f"the schedules {' '.join(few_step)} would score single denoiser calls on noise, not "
+                          f"its samples; sample it with --schedules heun[:N] (EDM2's Heun sampler, 32 steps "
+                          f"by default)")
+    if kind == "velocity":
+        raise EngineError(f"{where} is a flow-matching velocity network ({cls} with mean_flow=False: a SiT "
+                          f"teacher), not a flow map or consistency model; this evaluation has no sampler for it")
+    if kind == "flow map" and len(few_step) < len(schedules):
+        raise EngineError(f"{where} is a Mean Flow network ({cls}): it is sampled with t schedules (default 1 "
+                          f"1,0.5), not heun, which is EDM2's sampler for diffusion denoisers")
+    if is_text_to_image(net) and conditions is None:
+        raise EngineError(f"{where} is a text-to-image {cls}: give the captions to condition its samples on "
+                          f"(--captions <caption store>, python -m engine.pipelines.encode_captions; the API's "
+                          f"`conditions`); without them every sample would be of the null caption")
+
+
+def caption_conditions(store, seed: int = 0):
+    """U-ViT's evaluation prompts as a function of the sample's seed: a uniformly random image of the caption
+    store (engine/data/captions.py) and one of its captions, uniformly; its CLIP features are the sample's
+    condition (sample_batch `conditions`). The COCO recipe's grids and FID-30k draw with it too
+    (recipes/coco_t2i_cmt_mf.py)."""
+    def conditions(seeds):
+        rows = []
+        for s in seeds:
+            h = int.from_bytes(hashlib.sha256(f"{seed}/eval-caption/{int(s)}".encode()).digest()[:16], "little")
+            i = h % len(store)
+            rows.append(store.offsets[i] + (h >> 64) % int(store.counts([i])[0]))
+        return torch.from_numpy(np.stack([np.asarray(store.captions[r], dtype=np.float32) for r in rows]))
+    return conditions
+
+
+# Until every batch is in, rank 0 keeps one entry per batch — its index, its first images, each detector's features
+# (float32) — and sorts them, so that the statistics do not depend on the world size (evaluate). An upper estimate of
+# an entry's Python overhead, beside its arrays:
+_BATCH_ENTRY_BYTES = 1024
+
+
+def held_bytes(num: int, batch: int, feature_dims, sample_bytes: int = 0) -> int:
+    """What evaluating `num` samples keeps in rank 0's memory, at least: every sample's float32 features, its
+    image when samples are kept (`sample_bytes`), and the batches' entries."""
+    return num * (4 * sum(feature_dims) + sample_bytes) + -(-num // batch) * _BATCH_ENTRY_BYTES
+
+
+def check_sample_count(num: int, batch: int, feature_dims, sample_bytes: int = 0) -> None:
+    """Refuse a --num-samples whose features (and kept samples) cannot be held in this machine's memory before a
+    single one is drawn: the run would otherwise sample for hours and fail at the end (or at the start: a
+    MemoryError). The bound is the physical memory (os.sysconf), which no count may exceed whatever else runs."""
+    need = held_bytes(num, batch, feature_dims, sample_bytes)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):   # no sysconf (not POSIX): nothing to compare with
+        return
+    if need > have:
+        per = 4 * sum(feature_dims) + sample_bytes
+        raise EngineError(f"--num-samples {num}: evaluation holds {need / 2**30:.4g} GiB until the end (each "
+                          f"sample's features{' and image' if sample_bytes else ''}, {per} bytes, and an entry per "
+                          f"batch of {batch}), more than this machine's {have / 2**30:.4g} GiB of memory; the "
+                          f"published protocols use 50000 samples (COCO: 30000)")
+
+
 def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device, decode=None,
                  conditions=None) -> torch.Tensor:
     """uint8 samples for `seeds` (one generator each: the samples do not depend on the batch they are in). Each
@@ -110,14 +222,21 @@ def sample_batch(net, seeds: list[int], shape, schedule, label_dim: int, device,
 
 
 def check_statistics(detectors: dict, stats, stats_preprocessing: str | None = None) -> dict:
-    """What the metrics will be computed against, checked before sampling: every metric has statistics, and the
-    FID statistics share the detector's preprocessing (StatsError naming both otherwise). Returns
+    """What the metrics will be computed against, checked before sampling: every metric has statistics of the
+    detector's dimension, and the FID statistics share the detector's preprocessing (StatsError naming both
+    otherwise; load_stats has checked that they are finite, and each Σ a covariance). Returns
     {metric: preprocessing} for the report."""
     if stats is None:
         return {}
     missing = [m for m in detectors if m not in stats]
     if missing:
         raise StatsError(f"the reference statistics {stats.get('path', '')} have no {', '.join(missing)} entry")
+    for m, d in detectors.items():
+        dim = getattr(d, "feature_dim", None)
+        if dim is not None and len(stats[m][0]) != dim:
+            raise StatsError(f"the reference statistics {stats.get('path', '')} hold {len(stats[m][0])}-dimensional "
+                             f"{m} features; the {m} detector's are {dim}-dimensional: statistics of another "
+                             f"detector, or not of one")
     return {"fid": check_fid_preprocessing(stats, detectors["fid"], stats_preprocessing)} if "fid" in detectors else {}
 
 
@@ -131,9 +250,10 @@ def evaluate(net, shape, schedules, num: int, seed_start: int = 0, batch: int = 
     `conditions`: the samples' conditions as a function of their seeds (sample_batch)."""
     detectors = detectors or {}
     check_statistics(detectors, stats, stats_preprocessing)
+    check_network(net, schedules, conditions)
     label_dim = int(getattr(getattr(net, "model", net), "label_dim", 0) or 0)
     nbatches = (num + batch - 1) // batch
-    mine = list(range(dist.rank(), nbatches, dist.world_size()))
+    mine = range(dist.rank(), nbatches, dist.world_size())
     out = {}
     for schedule in schedules:
         var = "t" if is_flow_map(net) else "σ"
@@ -245,8 +365,23 @@ def _load_net(path: str, device):
         from engine.checkpoints.edm_snapshots import load_edm_pickle
         net = load_edm_pickle(path)  # the wrapper of the file: ECMPrecond → CMPrecond
     else:
-        raise SystemExit(f"--net: expected a release (.safetensors) or an EDM/ECT/CMT snapshot (.pkl), got {path}")
+        raise EngineError(f"--net: expected a release (.safetensors) or an EDM/ECT/CMT snapshot (.pkl), got {path}")
     return net.to(device).eval().requires_grad_(False)
+
+
+def _sample_shape(net, path: str) -> tuple[int, int, int]:
+    """(C, H, W) of the network's samples, refused when they are not images or SD VAE latents."""
+    m = getattr(net, "model", net)
+    channels = getattr(m, "in_channels", None) or m.init_kwargs.get("in_channels", 3)
+    if getattr(m, "img_resolution", None) is None:   # MLPNet: vector data (engine/networks/mlp.py)
+        raise EngineError(f"--net {path}: a {type(m).__name__} on {channels}-D points (the Gaussian-mixture "
+                          f"recipes' networks), not images: FID and FD_DINOv2 do not apply; compare its samples with "
+                          f"the data by the sliced Wasserstein distance (engine/metrics/sliced_wasserstein.py), as "
+                          f"engine/pipelines/gmm.py evaluate does")
+    if channels not in (1, 3, 4):
+        raise EngineError(f"--net {path} generates {channels}-channel samples: neither images (1 or 3 channels) nor "
+                          f"SD VAE latents (4), so no detector can score them")
+    return channels, m.img_resolution, m.img_resolution
 
 
 def main(argv=None) -> dict | None:
@@ -265,8 +400,12 @@ def main(argv=None) -> dict | None:
     p.add_argument("--latent-convention", choices=["edm2", "sd"], default="edm2",
                    help="edm2: standardised latents, decoder output in [0, 1]; sd: latents × 0.18215, output in "
                         "[−1, 1] (Mean Flow / DiT, docs/spec/mf.md §7.1)")
+    p.add_argument("--captions", default=None,
+                   help="text-to-image networks: the caption store whose captions condition the samples, one per "
+                        "seed as U-ViT's protocol draws them (python -m engine.pipelines.encode_captions; COCO: the "
+                        "val2014 store)")
     p.add_argument("--num-samples", type=positive_int_arg, default=50_000)
-    p.add_argument("--seed-start", type=nonneg_int_arg, default=0)
+    p.add_argument("--seed-start", type=seed_arg, default=0)
     p.add_argument("--schedules", nargs="+", type=parse_schedule, default=None,
                    help="σ lists for consistency models (default 80 80,0.821); t lists for Mean Flow (default 1 "
                         "1,0.5); "
@@ -276,34 +415,49 @@ def main(argv=None) -> dict | None:
     p.add_argument("--save-samples", action="store_true", help="also write samples.npz (uint8, in seed order)")
     a = p.parse_args(argv)
     device = dist.init()
+    # Every input is checked before the first sample is drawn: a mistake costs seconds, not the sampling.
     metrics = [] if a.metrics == "none" else a.metrics.split(",")
     bad = [m for m in metrics if m not in METRICS]
     if bad:
-        raise SystemExit(f"--metrics: unknown {', '.join(bad)}; known: {', '.join(METRICS)} or none")
+        raise EngineError(f"--metrics: unknown {', '.join(bad)}; known: {', '.join(METRICS)} or none")
     if metrics and not a.stats:
-        raise SystemExit("--stats is needed to compute " + ", ".join(metrics))
+        raise EngineError("--stats is needed to compute " + ", ".join(metrics))
     if not os.path.exists(a.net):
-        raise SystemExit(f"--net: {a.net} not found")
-    try:
-        stats = load_stats(a.stats) if metrics else None
-        detectors = load_detectors(metrics, a.inception, a.dinov2, device, a.fid_preprocessing)
-        checked = check_statistics(detectors, stats, a.stats_preprocessing)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        raise EngineError(f"--net: {a.net} not found")
+    from engine.cli import check_run_directory
+    check_run_directory(a.out)
+    stats = load_stats(a.stats) if metrics else None
+    detectors = load_detectors(metrics, a.inception, a.dinov2, device, a.fid_preprocessing)
+    checked = check_statistics(detectors, stats, a.stats_preprocessing)
     net = _load_net(a.net, device)
-    m = getattr(net, "model", net)
-    shape = (getattr(m, "in_channels", None) or m.init_kwargs.get("in_channels", 3), m.img_resolution,
-             m.img_resolution)
+    shape = _sample_shape(net, a.net)
     schedules = a.schedules or default_schedules(net)
+    conditions = captions = None
+    if a.captions is not None:
+        if not is_text_to_image(net):
+            raise EngineError(f"--captions: {a.net} is not a text-to-image network ({type(net).__name__}); its "
+                              f"samples are conditioned on classes drawn from their seeds")
+        from engine.data.captions import CaptionStore
+        captions = CaptionStore(a.captions)
+        if tuple(captions.captions.shape[1:]) != tuple(net.context_shape):
+            raise EngineError(f"--captions {a.captions} holds caption features {tuple(captions.captions.shape[1:])}; "
+                              f"{a.net} takes {tuple(net.context_shape)}")
+        conditions = caption_conditions(captions)
+    check_network(net, schedules, conditions, where=f"--net {a.net}")
     decode = None
-    if shape[0] not in (1, 3):
+    if shape[0] == 4:
         from engine.perceptual.vae import LatentDecoder
         try:
             decode = LatentDecoder.from_file(a.vae, convention=a.latent_convention).to(device)
         except FileNotFoundError as e:
-            raise SystemExit(f"{a.net} generates {shape[0]}-channel latents: {e}")
+            raise EngineError(f"{a.net} generates {shape[0]}-channel latents: {e}") from None
+    # A kept sample is a uint8 image: 3 channels at 8× the latents' resolution after the SD VAE (engine/perceptual/vae.py).
+    image_bytes = 3 * (8 * shape[1]) ** 2 if decode is not None else shape[0] * shape[1] * shape[2]
+    check_sample_count(a.num_samples, a.batch, [d.feature_dim for d in detectors.values()],
+                       image_bytes * len(schedules) if a.save_samples else 0)
     res = evaluate(net, shape, schedules, a.num_samples, a.seed_start, a.batch, detectors, stats, device,
-                   decode=decode, keep_samples=a.save_samples, stats_preprocessing=a.stats_preprocessing)
+                   decode=decode, keep_samples=a.save_samples, stats_preprocessing=a.stats_preprocessing,
+                   conditions=conditions)
     if res is not None:
         os.makedirs(a.out, exist_ok=True)
         report = {"net": a.net, "net_sha256": file_sha256(a.net), "num_samples": a.num_samples,
@@ -315,6 +469,10 @@ def main(argv=None) -> dict | None:
                                                      "recorded": stats.get("detectors", {})},
                   "detectors": {mm: d.describe() for mm, d in detectors.items()},
                   "results": {}}
+        if captions is not None:
+            report["captions"] = {"store": a.captions, "fingerprint": captions.fingerprint(),
+                                  "protocol": "U-ViT: per seed, a uniformly random image of the store and one of "
+                                              "its captions (engine.evaluate.caption_conditions, seed 0)"}
         samples = {}
         for key, r in res.items():
             report["results"][key] = {k: v for k, v in r.items() if k not in ("samples", "grid")}

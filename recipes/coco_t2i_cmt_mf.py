@@ -37,7 +37,6 @@ statistics are pytorch-fid's; otherwise it prints what is missing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 
 import numpy as np
@@ -47,6 +46,7 @@ from engine import dist
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.captions import CaptionedLatentSource, CaptionStore, write_caption_store
 from engine.data.sampler import LatentSource
+from engine.evaluate import caption_conditions
 from engine.networks.mmdit import MMDiT, init_from_sit
 from engine.objectives import REPA, CMTMeanFlow, FlowMatching, LatentPosterior, MeanFlow
 from engine.pipelines.meanflow import LatentMeanFlowSettings, latent_smoke
@@ -126,19 +126,6 @@ def missing(args) -> list[str | None]:
                           "dinov2_vitb14_pretrain.pth --out ...` (recipes/coco_t2i_cmt_mf.py docstring)")]
 
 
-def caption_conditions(store: CaptionStore, seed: int = 0):
-    """U-ViT's evaluation prompts as a function of the sample's seed: a uniformly random image of the store and
-    one of its captions, uniformly (engine.evaluate.sample_batch `conditions`)."""
-    def conditions(seeds):
-        rows = []
-        for s in seeds:
-            h = int.from_bytes(hashlib.sha256(f"{seed}/eval-caption/{int(s)}".encode()).digest()[:16], "little")
-            i = h % len(store)
-            rows.append(store.offsets[i] + (h >> 64) % int(store.counts([i])[0]))
-        return torch.from_numpy(np.stack([np.asarray(store.captions[r], dtype=np.float32) for r in rows]))
-    return conditions
-
-
 def main(argv=None) -> dict:
     extra = {"--captions": dict(default=None, help="the training latents' caption store (engine/data/captions.py)"),
              "--val": dict(default=None, help="the val2014 caption store, for FID-30k")}
@@ -150,6 +137,20 @@ def main(argv=None) -> dict:
     if args.dry_run:
         run.record(identity=False)
         return {}
+
+    def stage_cfg(name, kimg, batch, lr=cfg.lr, betas=(0.9, 0.95), optimizer="adam", clip=None):
+        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, optimizer=optimizer, betas=betas,
+                           lr_schedule="constant", ema_beta=cfg.ema_beta, grad_clip=clip, log_kimg=cfg.log_kimg,
+                           ckpt_kimg=cfg.ckpt_kimg, eval_kimg=cfg.grid_kimg, seed=args.seed)
+
+    # CMT trains on trajectories_per_batch × the pair rule's pairs a step (the rule's count needs no teacher)
+    pairs = len(CMTMeanFlow(None, teacher_kind="fm", pair_rule=cfg.pair_rule).pairs)
+    stages = dict(pre=stage_cfg("pre_sit_teacher", cfg.teacher_kimg, cfg.teacher_batch, lr=cfg.teacher_lr,
+                                betas=(0.9, 0.999), optimizer="adam", clip=cfg.teacher_grad_clip),
+                  mid=stage_cfg("mid_cmt", cfg.mid_kimg, cfg.trajectories_per_batch * pairs),
+                  post=stage_cfg("post_mf", cfg.post_kimg, cfg.post_batch),
+                  baseline=stage_cfg("post_mf", cfg.baseline_kimg, cfg.post_batch))   # mf_random's and mf_sit's
+    run.plan(*stages.values())   # every stage's budget at this --kimg-scale, before the smoke inputs are written
     torch.manual_seed(args.seed)
     latents_path, store_path = smoke_data(args.out, cfg) if args.smoke else (args.data, args.captions)
     latents, store = ImageDataset(latents_path), CaptionStore(store_path)
@@ -165,11 +166,6 @@ def main(argv=None) -> dict:
         n.set_null_context(null)
         return n
 
-    def stage_cfg(name, kimg, batch, lr=cfg.lr, betas=(0.9, 0.95), optimizer="adam", clip=None):
-        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, optimizer=optimizer, betas=betas,
-                           lr_schedule="constant", ema_beta=cfg.ema_beta, grad_clip=clip, log_kimg=cfg.log_kimg,
-                           ckpt_kimg=cfg.ckpt_kimg, eval_kimg=cfg.grid_kimg, seed=args.seed)
-
     grid_captions = caption_conditions(store)
 
     def grid(ema):  # 2-step samples for 16 training captions, latents shown as their first 3 channels ×(1/4)
@@ -184,27 +180,24 @@ def main(argv=None) -> dict:
     guidance = dict(omega=cfg.omega, kappa=cfg.kappa, t_start=cfg.t_start, t_end=cfg.t_end,
                     label_dropout=cfg.label_dropout)
     # Stage 1: the SiT teacher with REPA, shared by every arm.
-    pre = run.stage("cmt_mf", "pre", stage_cfg("pre_sit_teacher", cfg.teacher_kimg, cfg.teacher_batch,
-                                               lr=cfg.teacher_lr, betas=(0.9, 0.999), optimizer="adam",
-                                               clip=cfg.teacher_grad_clip),
-                    net(False), with_repa(FlowMatching(label_dropout=cfg.label_dropout, time="uniform",
-                                                       reduce="mean")), data, grid=grid,
-                    shared_by=("cmt_mf", "mf_sit"))
+    pre = run.stage("cmt_mf", "pre", stages["pre"], net(False),
+                    with_repa(FlowMatching(label_dropout=cfg.label_dropout, time="uniform", reduce="mean")), data,
+                    grid=grid, shared_by=("cmt_mf", "mf_sit"))
     teacher = pre.ema.eval().requires_grad_(False)
     sit_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
     # Stage 2: CMT mid-training from the SiT's weights on its 8-step Heun trajectories (CFG 2 on the velocity).
     cmt = CMTMeanFlow(teacher, teacher_kind="fm", pair_rule=cfg.pair_rule, guidance=cfg.teacher_guidance,
                       trajectories_per_batch=cfg.trajectories_per_batch)
-    mid = run.stage("cmt_mf", "mid", stage_cfg("mid_cmt", cfg.mid_kimg, cfg.trajectories_per_batch * len(cmt.pairs)),
-                    init_from_sit(net(True), sit_state), with_repa(cmt, cfg.mid_repa), data, grid=grid)
+    mid = run.stage("cmt_mf", "mid", stages["mid"], init_from_sit(net(True), sit_state), with_repa(cmt, cfg.mid_repa),
+                    data, grid=grid)
     # Stage 3: Mean Flow post-training from the mid-trained EMA.
-    post = run.stage("cmt_mf", "post", stage_cfg("post_mf", cfg.post_kimg, cfg.post_batch), net(True),
-                     with_repa(MeanFlow(**guidance)), data, init=mid.ema, grid=grid)
+    post = run.stage("cmt_mf", "post", stages["post"], net(True), with_repa(MeanFlow(**guidance)), data, init=mid.ema,
+                     grid=grid)
     # Baselines (Table 5): Mean Flow from random weights and from the SiT's, for the CMT arm's mid + post budget.
-    base_random = run.stage("mf_random", "post", stage_cfg("post_mf", cfg.baseline_kimg, cfg.post_batch), net(True),
-                            with_repa(MeanFlow(**guidance)), data, grid=grid)
-    base_sit = run.stage("mf_sit", "post", stage_cfg("post_mf", cfg.baseline_kimg, cfg.post_batch),
-                         init_from_sit(net(True), sit_state), with_repa(MeanFlow(**guidance)), data, grid=grid)
+    base_random = run.stage("mf_random", "post", stages["baseline"], net(True), with_repa(MeanFlow(**guidance)), data,
+                            grid=grid)
+    base_sit = run.stage("mf_sit", "post", stages["baseline"], init_from_sit(net(True), sit_state),
+                         with_repa(MeanFlow(**guidance)), data, grid=grid)
     for arm, res in (("cmt_mf", post), ("mf_random", base_random), ("mf_sit", base_sit)):
         one, two = fid(res.ema, arm, cfg, run, args)
         run.record_metrics(arm, one_step=one, two_step=two)

@@ -182,7 +182,7 @@ def test_report_names_detector_hash_and_preprocessing(tmp_path, inception_file):
     save_stats(tmp_path / "ref.npz", {"fid": (f.mean(0), np.cov(f, rowvar=False))})   # as EDM's: no protocol
     common = ["--net", release, "--stats", str(tmp_path / "ref.npz"), "--inception", path, "--num-samples", "4",
               "--batch", "4", "--schedules", "80", "--out", str(tmp_path / "eval")]
-    with pytest.raises(SystemExit, match="does not say which FID preprocessing"):
+    with pytest.raises(StatsError, match="does not say which FID preprocessing"):
         evaluate_main(common)
     evaluate_main(common + ["--stats-preprocessing", "nvidia"])
     report = json.load(open(tmp_path / "eval" / "report.json"))
@@ -192,7 +192,7 @@ def test_report_names_detector_hash_and_preprocessing(tmp_path, inception_file):
     assert report["stats"]["fid_preprocessing"] == "nvidia" and report["stats"]["sha256"] == file_sha256(
         tmp_path / "ref.npz")
     assert report["results"]["1-step"]["fid"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(SystemExit, match="FID preprocessing differs"):
+    with pytest.raises(StatsError, match="FID preprocessing differs"):
         evaluate_main(common + ["--stats-preprocessing", "nvidia", "--fid-preprocessing", "pytorch-fid"])
 
 

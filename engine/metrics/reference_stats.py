@@ -6,6 +6,11 @@ from a dataset (docs/spec/cm.md §7.2, docs/spec/edm2_latent.md §5.1).
     fd_dinov2: {mu, sigma}}` with NumPy arrays. Read with an unpickler that admits dicts, numbers and NumPy
     arrays only, so a hostile file cannot run code.
 
+Reading checks what a Fréchet distance takes on trust (`load_stats`): an `.npz` is a zip archive, μ and Σ are
+finite, and each Σ is a covariance — symmetric and positive semi-definite up to rounding (tolerances relative to
+its scale, `_pair`) — so that a damaged or foreign file is named when it is read, not scored. The command checks
+its --out and that --data holds images (not latents) before computing any feature.
+
 Both conventions use the unbiased covariance (divides by N − 1). In memory a statistics set is
 `{"num_images": int | None, "fid": (mu, sigma), "fd_dinov2": (mu, sigma), "detectors": {"fid": {...}},
 "path": str}` (metrics absent when not computed).
@@ -58,14 +63,61 @@ class _NumpyOnly(pickle.Unpickler):
                                      f"{module}.{name}")
 
 
+# A covariance read from a file is symmetric and positive semi-definite up to rounding. Both tolerances are relative
+# to the matrix's scale (its largest entry, which for a covariance is its largest variance): far above what float64
+# accumulation of Σ fᵀf leaves (relative ~D·ε ≈ 5e-13 for D = 2048), far below any real defect: a transposed block,
+# another file's bytes, σ = −I. frechet_distance symmetrises its inputs and clips eigenvalues at rounding level, so
+# a defect it cannot see would otherwise give a FID silently.
+_SYMMETRY_RTOL = 1e-6
+_PSD_RTOL = 1e-6
+
+
 def _pair(d, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(μ [D], Σ [D, D]) of one metric, checked: finite, Σ symmetric and positive semi-definite."""
     try:
         mu, sigma = np.asarray(d["mu"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64)
-    except (KeyError, TypeError) as e:
-        raise StatsError(f"{where}: expected 'mu' and 'sigma'") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise StatsError(f"{where}: expected 'mu' and 'sigma' as numeric arrays") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise StatsError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not form [D] and [D, D]")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise StatsError(f"{where}: {name} has {bad} non-finite entries (NaN or inf); these are not statistics "
+                             f"of any features: recompute them with python -m engine.metrics.reference_stats")
+    scale = float(np.abs(sigma).max(initial=0.0))
+    asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    if asymmetry > _SYMMETRY_RTOL * scale:
+        raise StatsError(f"{where}: sigma is not symmetric (max |Σ − Σᵀ| = {asymmetry:.3g} against max |Σ| = "
+                         f"{scale:.3g}), so it is not a covariance; the file is damaged or holds something else")
+    if scale > 0:
+        # Σ + tol·I has a Cholesky factor when (up to rounding) every eigenvalue of Σ is > −tol: the PSD test at a
+        # fraction of an eigendecomposition's cost; the smallest eigenvalue is computed only to name it.
+        try:
+            np.linalg.cholesky(sigma + _PSD_RTOL * scale * np.eye(len(sigma)))
+        except np.linalg.LinAlgError:
+            w = np.linalg.eigvalsh(sigma)
+            raise StatsError(f"{where}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.3g}, largest "
+                             f"{w[-1]:.3g}), so it is not a covariance; the file is damaged or holds something "
+                             f"else") from None
     return mu, sigma
+
+
+def _file_kind(head: bytes) -> str:
+    """What a file whose first bytes are `head` is, for the messages of load_stats."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "a zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single NumPy array (.npy)"
+    if head.startswith(b"\x80"):
+        return "a pickle"
+    if not head:
+        return "empty"
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "binary data of another format"
 
 
 def load_stats(path) -> dict:
@@ -74,14 +126,27 @@ def load_stats(path) -> dict:
         raise FileNotFoundError(f"reference statistics {path} not found; compute them with "
                                 f"`python -m engine.metrics.reference_stats --data <dataset.zip> --out {path}` or "
                                 f"use EDM's / EDM2's published files")
+    if os.path.isdir(path):
+        raise StatsError(f"reference statistics {path} is a directory; expected an .npz (EDM) or .pkl (EDM2) file")
+    with open(path, "rb") as f:
+        kind = _file_kind(f.read(8))
     if path.endswith(".npz"):
+        # np.load takes anything that is not a zip or .npy for a pickle and answers with advice about allow_pickle
+        if kind != "a zip archive":
+            raise StatsError(f"{path} is not an .npz archive (a zip of .npy arrays, as np.savez and EDM write): it "
+                             f"is {kind}; give EDM's fid-refs .npz or EDM2's dataset-refs .pkl")
         try:
             with np.load(path, allow_pickle=False) as z:
                 record = {v: str(z[f"fid_{k}"]) for k, v in _NPZ_RECORD.items() if f"fid_{k}" in z.files}
                 return {"num_images": None, "fid": _pair(z, path), "path": path,
                         "detectors": {"fid": record} if record else {}}
         except (ValueError, OSError) as e:
+            if isinstance(e, StatsError):
+                raise
             raise StatsError(f"{path}: not a readable .npz ({e})") from e
+    if kind == "a zip archive":
+        raise StatsError(f"{path} is a zip archive, not a statistics pickle: if it is EDM's .npz statistics, name "
+                         f"it .npz")
     with open(path, "rb") as f:
         try:
             obj = _NumpyOnly(f).load()
@@ -173,14 +238,21 @@ def load_detectors(metrics, inception=None, dinov2=None, device="cpu", fid_prepr
     the Inception detector runs `fid_preprocessing` ("nvidia" or "pytorch-fid")."""
     out = {}
     for m in metrics:
-        if m == "fid":
-            from engine.metrics.inception import InceptionV3
-            out[m] = InceptionV3.from_file(inception, preprocessing=fid_preprocessing).to(device)
-        elif m == "fd_dinov2":
-            from engine.metrics.dinov2 import DINOv2
-            out[m] = DINOv2.from_file(dinov2).to(device)
-        else:
-            raise EngineError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
+        try:
+            if m == "fid":
+                from engine.metrics.inception import InceptionV3
+                out[m] = InceptionV3.from_file(inception, preprocessing=fid_preprocessing).to(device)
+            elif m == "fd_dinov2":
+                from engine.metrics.dinov2 import DINOv2
+                out[m] = DINOv2.from_file(dinov2).to(device)
+            else:
+                raise EngineError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
+        except ValueError as e:
+            # the detectors' readers (engine/metrics/inception_files.py, dinov2.py) name a wrong file in a plain
+            # ValueError: an input error, which the command lines print as one line
+            if isinstance(e, EngineError):
+                raise
+            raise EngineError(str(e)) from None
     return out
 
 
@@ -198,6 +270,19 @@ def dataset_stats(dataset, detectors: dict, batch: int = 64, device="cpu", progr
     if "fid" in detectors:
         out["detectors"] = {"fid": detector_record(detectors["fid"])}
     return out
+
+
+def check_stats_out(path: str, metrics) -> None:
+    """--out of the reference statistics, checked before any feature is computed: a file in a creatable, writable
+    folder, and an .npz only for FID (save_stats writes EDM's .npz, FID only, or EDM2's .pkl)."""
+    if os.path.isdir(path):
+        raise StatsError(f"--out {path} is a directory; give the statistics file to write, e.g. "
+                         f"{os.path.join(path, 'refs.pkl')}")
+    if path.endswith(".npz") and list(metrics) != ["fid"]:
+        raise StatsError(f"--out {path}: an .npz holds FID statistics only (EDM's format); use .pkl for "
+                         f"{', '.join(metrics)}")
+    from engine.cli import check_writable_under
+    check_writable_under(path, os.path.dirname(os.path.abspath(path)), "the statistics")
 
 
 def main(argv=None) -> None:
@@ -220,13 +305,21 @@ def main(argv=None) -> None:
     except EngineError as e:
         p.error(str(e))
     metrics = a.metrics.split(",") if a.metrics else (["fid"] if a.out.endswith(".npz") else list(METRICS))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise StatsError(f"--metrics: unknown {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    check_stats_out(a.out, metrics)
     if not os.path.exists(a.data):
-        raise SystemExit(f"--data: {a.data} not found")
-    try:
-        detectors = load_detectors(metrics, a.inception, a.dinov2, a.device, a.fid_preprocessing)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e))
-    stats = dataset_stats(ImageDataset(a.data), detectors, a.batch, a.device)
+        raise StatsError(f"--data: {a.data} not found")
+    data = ImageDataset(a.data)
+    if data.is_latent:
+        # Reference statistics are of the real images, as the detectors see them: EDM2's dataset-refs are computed
+        # from the image dataset, never from latents (decoding them would add the VAE's reconstruction error).
+        raise StatsError(f"--data {a.data} holds {data.num_channels // 2}-channel VAE latents (python -m "
+                         f"engine.pipelines.encode_latents), not images; reference statistics are computed from "
+                         f"the images: give the image dataset the latents were encoded from")
+    detectors = load_detectors(metrics, a.inception, a.dinov2, a.device, a.fid_preprocessing)
+    stats = dataset_stats(data, detectors, a.batch, a.device)
     save_stats(a.out, stats)
     fid = f", FID preprocessing {a.fid_preprocessing}" if "fid" in metrics else ""
     print(f"{a.out}: {', '.join(metrics)} over {stats['num_images']} images{fid} (sha256 {file_sha256(a.out)[:16]})")
