@@ -16,7 +16,10 @@ import numbers
 from engine.errors import EngineError
 
 __all__ = ["positive_int", "nonneg_int", "finite", "probability", "one_of", "arg", "positive_float_arg",
-           "positive_int_arg", "nonneg_int_arg"]
+           "positive_int_arg", "nonneg_int_arg", "SEED_LIMIT", "seed", "seed_arg"]
+
+# torch's generators take 64-bit seeds: torch.manual_seed(2**64) raises "Overflow when unpacking long long"
+SEED_LIMIT = 2 ** 64
 
 
 def _prefix(where: str) -> str:
@@ -36,6 +39,14 @@ def positive_int(name: str, value, where: str = "") -> int:
 def nonneg_int(name: str, value, where: str = "") -> int:
     if not _is_int(value) or value < 0:
         raise EngineError(f"{_prefix(where)}{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def seed(name: str, value, where: str = "") -> int:
+    """A random seed torch's generators accept: an integer in [0, 2**64 − 1]."""
+    if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+        raise EngineError(f"{_prefix(where)}{name} must be an integer in [0, 2**64 − 1] (a 64-bit seed), "
+                          f"got {value!r}")
     return int(value)
 
 
@@ -96,3 +107,4 @@ def _integer(text: str) -> int:
 positive_float_arg = arg(lambda t: finite("the value", _number(t), low=0.0, strict=True))
 positive_int_arg = arg(lambda t: positive_int("the value", _integer(t)))
 nonneg_int_arg = arg(lambda t: nonneg_int("the value", _integer(t)))
+seed_arg = arg(lambda t: seed("the seed", _integer(t)))

@@ -14,6 +14,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.data.sampler import ResumableSampler
+from engine.errors import EngineError
+
+
+class _Failed:
+    """A worker's read that raised an error about the input (module docstring): the exception, pickled back."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class _StepBatches(Dataset):
@@ -36,7 +44,10 @@ class _StepBatches(Dataset):
         return self.source.batch(idx, device)
 
     def __getitem__(self, k: int):            # in a worker: CPU tensors, no labels as an empty tensor
-        images, labels = self.read(k, "cpu")
+        try:
+            images, labels = self.read(k, "cpu")
+        except (EngineError, OSError) as e:   # pickled as (type, args): no worker frames travel
+            return _Failed(e)
         return images, (labels if labels is not None else torch.empty(0))
 
 
@@ -67,8 +78,11 @@ class BatchStream:
         if self._it is None:                  # in the training process, straight to the device (as the loop was)
             self._k += 1
             return self._items.read(self._k - 1, self.device)
-        images, labels = next(self._it)
+        item = next(self._it)
         self._k += 1
+        if isinstance(item, _Failed):
+            raise item.error
+        images, labels = item
         blocking = not (self.workers and self.device.type == "cuda")
         images = images.to(self.device, non_blocking=not blocking)
         move = lambda t: t.to(self.device, non_blocking=not blocking)

@@ -4,8 +4,15 @@ Everything is counted in images (kimg): `batch_size` student samples (pairs) per
 kimg, so a recipe means the same at any batch size or device count. Each step's randomness comes from generators
 seeded by (seed, images seen) — each rank keeping its rows of the global batch's draws, dropout seeded per rank —
 and the data order from (seed, data position), so a checkpoint needs only the model, EMA, optimizer, objective
-state and counters, and rerunning the same command resumes bit-identically (on CPU; on CUDA up to the
-non-determinism of its kernels), at the same or another world size.
+state and counters, and rerunning the same command resumes bit-identically at the same world size (on CPU; on
+CUDA up to the non-determinism of its kernels). At another world size it continues the same computation with the
+same data and noise, but not bit-identically (gradients are reduced in another order, dropout masks are drawn per
+rank; docs/runs.md gives the measured difference), and says so in a warning.
+
+A stage whose release (`ema.safetensors`, written last) is in place, verifies and records the stage's budget is
+finished: a rerun trains nothing, rewrites nothing, and returns the release as the stage's EMA — its checkpoints
+are not needed, so a damaged final checkpoint cannot make it train again from an earlier one and change a release
+that later stages already started from (docs/runs.md).
 
 Under torchrun (engine/dist.py) the global batch is divided evenly over the ranks, the network is wrapped
 (`StageConfig.parallel`: FSDP2 by default, DDP, or none), logs, grids, evaluations and releases are rank 0's, and
@@ -29,11 +36,13 @@ from torch import nn
 from engine import dist
 from engine.checkpoints.edm_snapshots import StageStart
 from engine.checkpoints.identity import check_or_record, identity_digest, write_identity
-from engine.checkpoints.releases import export_safetensors
+from engine.checkpoints.files import CheckpointError, atomic_write
+from engine.checkpoints.releases import export_safetensors, read_safetensors_metadata, verify_release
 from engine.checkpoints.state_dicts import load_network_state
 from engine.data.image_grid import save_image_grid
 from engine.data.loader import BatchStream, reads_files
 from engine.data.sampler import ResumableSampler
+from engine.errors import EngineError
 from engine.objectives.base import Objective, StepRNG
 from engine.training import host_memory
 from engine.training.compiled import compile_regions
@@ -44,14 +53,18 @@ from engine.training.stage_config import StageConfig, stage_identity
 from engine.training.train_log import TrainLog
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient became NaN/inf; the stage stopped and saved nothing after it."""
+class NonFiniteError(EngineError, RuntimeError):
+    """The loss or the gradient became NaN/inf; the stage stopped and saved nothing after it. A failure of the
+    stage's settings (learning rate, clipping), its data or its teacher, not of the engine: command lines print it
+    as one line and exit 2 like every EngineError (engine/cli.py); still a RuntimeError for callers that catch
+    that."""
 
 
 @dataclasses.dataclass
 class StageResult:
-    net: nn.Module
-    ema: nn.Module                              # the EMA copy, eval mode
+    net: nn.Module | None                       # the trained weights; None when a finished stage's final
+                                                # checkpoint is damaged or gone (its release holds the EMA only)
+    ema: nn.Module                              # the EMA copy, eval mode (a finished stage's: its release)
     pairs_seen: int                             # student samples trained on (the budget's unit; pairs in CMT)
     counters: dict
     wall_s: float
@@ -154,10 +167,10 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     identity_file = os.path.join(stage_dir, "identity.json")
     identity = check_or_record(identity_file, stage_identity(cfg, net, objective, data, start), f"stage {cfg.name!r}",
                                record=False, hint=f"Use another --out directory, or move {stage_dir} away")
+    release = os.path.join(stage_dir, "ema.safetensors")
+    finished = _finished_release(release, cfg.name, total)
     if lead:
         os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
     dist.barrier()
     ring = CheckpointRing(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
 
@@ -177,16 +190,20 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
             compile_regions(module, cfg.compile)
     state = TrainingState(cfg, parallel.model, ema, objective, ring, device, identity=identity_digest(identity),
                           tracked=tracked)
-    resumed = state.load_latest()
-    if not resumed:
+    # a finished stage needs only its final checkpoint, for the trained (non-EMA) weights and the counters
+    resumed = state.load_latest(at_least=total if finished else 0)
+    if not resumed and not finished:
         if start is not None:
             state.adopt(start)
         after_optimizer_step(parallel.model)   # networks' post-step work, as the reference's first training forward
-    if lead:
-        write_identity(identity_file, identity)   # once the checkpoints agree with it
+    if lead:   # once the checkpoints agree with it: a refused resume leaves the stage's record as it was
+        atomic_write(os.path.join(stage_dir, "config.json"),
+                     lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode()))
+        write_identity(identity_file, identity)
         if resumed:
-            print(f"resuming stage {cfg.name!r} from {resumed} ({state.pairs_seen / 1000:g} kimg, world size "
-                  f"{dist.world_size()})", flush=True)
+            _say_resumed(cfg, state, resumed, total)
+    if finished:
+        return _finished_result(cfg, state, parallel, release, resumed, stage_dir, lead)
 
     with StopSignals() as signals:
         run_steps(cfg, state, data, n_images, stage_dir, device, parallel.gathered, evaluate, grid, signals)
@@ -195,11 +212,91 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     final_ema = parallel.gathered(ema.module).eval()
     final_net = parallel.gathered(parallel.model)
     if lead:
-        export_safetensors(final_ema, os.path.join(stage_dir, "ema.safetensors"),
+        export_safetensors(final_ema, release,
                            metadata=dict(stage=cfg.name, kimg=state.pairs_seen / 1000, config=dataclasses.asdict(cfg)))
     dist.barrier()
     return StageResult(net=final_net, ema=final_ema, pairs_seen=state.pairs_seen, counters=state.counters,
                        wall_s=state.wall_s, eval_history=state.history)
+
+
+def _say_resumed(cfg: StageConfig, state: TrainingState, resumed: str, total: int) -> None:
+    print(f"resuming stage {cfg.name!r} from {resumed} ({state.pairs_seen / 1000:g} kimg, world size "
+          f"{dist.world_size()})", flush=True)
+    written = state.saved_world_size
+    if state.pairs_seen < total and written is not None and written != dist.world_size():
+        print(f"warning: stage {cfg.name!r}: {resumed} was written at world size {written} and resumes at world "
+              f"size {dist.world_size()}: the stage continues with the same data and noise but not bit-identically "
+              f"to an uninterrupted run (another reduction order; dropout masks are drawn per rank); docs/runs.md",
+              flush=True)
+
+
+def _finished_release(path: str, stage: str, total: int) -> bool:
+    """Whether the stage is finished: its release is in place, its tensor data match the SHA-256 in its header, and
+    it records this stage at its budget (`total` pairs or, after a last step past the budget, more). The release is
+    written after the final checkpoint, so it exists only once the stage has finished. A damaged release, or one
+    written before releases recorded their hash, is not trusted: the stage is restored from its final checkpoint and
+    the release written again. Every rank reads the file and all agree."""
+    ok = False
+    if os.path.isfile(path):
+        try:
+            _, meta = read_safetensors_metadata(path)
+            ok = verify_release(path) and meta.get("stage") == stage and \
+                isinstance(meta.get("kimg"), (int, float)) and round(meta["kimg"] * 1000) >= total
+        except (CheckpointError, OSError, ValueError) as e:   # damaged bytes, a malformed header
+            if dist.rank() == 0:
+                print(f"warning: {path} cannot be used ({e}); it is written again from the stage's final "
+                      f"checkpoint", flush=True)
+    return not dist.any_rank(not ok)
+
+
+def _finished_result(cfg: StageConfig, state: TrainingState, parallel, release: str, resumed: str | None,
+                     stage_dir: str, lead: bool) -> StageResult:
+    """A finished stage's result without training or writing anything: the EMA is its release (what later stages
+    start from, whatever the checkpoints hold); the trained weights and the counters come from the final
+    checkpoint when it loaded. When it did not (damaged, pruned, deleted), the stage is not trained again from an
+    earlier one — that would rewrite a finished release with other bytes at another world size — and its counters,
+    training time and evaluations are read from its log.jsonl."""
+    from safetensors.torch import load_file
+    ema = parallel.gathered(state.ema.module)
+    try:
+        load_network_state(ema, load_file(release))
+    except CheckpointError as e:
+        raise CheckpointError(f"{release}: {e}") from None
+    if resumed:   # the final checkpoint (load_latest looked at none before the budget)
+        return StageResult(net=parallel.gathered(parallel.model), ema=ema.eval(), pairs_seen=state.pairs_seen,
+                           counters=state.counters, wall_s=state.wall_s, eval_history=state.history)
+    pairs = round(read_safetensors_metadata(release)[1]["kimg"] * 1000)
+    counters, wall_s, history = _logged_result(os.path.join(stage_dir, "log.jsonl"), pairs, state.counters)
+    if lead:
+        print(f"stage {cfg.name!r} is finished: its release {release} verifies and its final checkpoint cannot be "
+              f"read, so the release is the stage's result; nothing is trained or written again", flush=True)
+    return StageResult(net=None, ema=ema.eval(), pairs_seen=pairs, counters=counters, wall_s=wall_s,
+                       eval_history=history)
+
+
+def _logged_result(path: str, nimg: int, counters: dict) -> tuple[dict, float, list]:
+    """(counters, training wall time, evaluations) as the stage's log recorded them up to `nimg`: the training
+    record at `nimg` holds the counters (`_log_record`), the eval records the history. Counters the log lacks stay
+    as given (`counters`: zeros)."""
+    found, wall_s, history = dict(counters), 0.0, []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return found, wall_s, history
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break   # a line cut by a kill (engine/training/train_log.py)
+        if round(rec.get("kimg", 0) * 1000) > nimg:
+            continue
+        if rec.get("event") == "eval":
+            history.append({k: v for k, v in rec.items() if k != "event"})
+        elif round(rec.get("kimg", 0) * 1000) == nimg and "wall_s" in rec:
+            found.update({k: rec[k] for k in counters if k in rec})
+            wall_s = rec["wall_s"]
+    return found, wall_s, history
 
 
 def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage_dir: str, device: torch.device,
@@ -218,7 +315,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                                                                     else 0)
     batches = BatchStream(data, sampler, state.data_pos, n_images, rank, world, -(-(total - state.pairs_seen)
                                                                                    // cfg.batch_size), device, workers)
-    log = TrainLog(stage_dir, cfg.total_kimg, state.pairs_seen / 1000, desc=cfg.name) if lead else _NoLog()
+    log = TrainLog(stage_dir, total, state.pairs_seen, desc=cfg.name) if lead else _NoLog()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -240,7 +337,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
             state.advance(cfg.batch_size, n_images, out, world)
             loss_sum += loss.detach()
             steps += 1
-            log.advance(cfg.batch_size / 1000)
+            log.advance(state.pairs_seen)
 
             done, now = state.pairs_seen >= total, state.pairs_seen
             at_log = _crossed(before, now, cfg.log_kimg) or done
@@ -369,7 +466,7 @@ def _log_record(state: TrainingState, mean_loss: float, lr: float, grad_norm: fl
 class _NoLog:
     """What ranks other than 0 log: nothing."""
 
-    def advance(self, kimg: float) -> None:
+    def advance(self, nimg: int) -> None:
         pass
 
     def write(self, record: dict) -> None:

@@ -97,14 +97,17 @@ class CheckpointRing:
             if os.path.exists(sidecar_path(old)):
                 os.remove(sidecar_path(old))
 
-    def latest(self, map_location="cpu", load=None):
-        """The newest checkpoint that loads on every rank, as (what `load(path)` returned, path), or None. `load`
-        defaults to reading a single-file checkpoint (the loop passes one that reads either form into the model).
+    def latest(self, map_location="cpu", load=None, at_least: int = 0):
+        """The newest checkpoint numbered `at_least` or more that loads on every rank, as (what `load(path)`
+        returned, path), or None. `load` defaults to reading a single-file checkpoint (the loop passes one that
+        reads either form into the model).
         A checkpoint whose bytes any rank finds damaged (`UnreadableCheckpoint`, an I/O error) is reported and
         skipped in favour of the previous one, by all ranks together; any other failure to load it — it does not
         fit — is raised on every rank."""
         load = load or (lambda path: load_checkpoint(path, map_location=map_location))
-        for _, path in reversed(self.list()):
+        for nimg, path in reversed(self.list()):
+            if nimg < at_least:
+                break
             unreadable = refused = None
             try:
                 result = load(path)
@@ -120,6 +123,16 @@ class CheckpointRing:
                 continue
             return result, path
         return None
+
+
+def _written_world_size(path: str) -> int | None:
+    """The world size a checkpoint written before checkpoints recorded it was saved at: one process for a file
+    (TrainingState.save writes one only without torchrun); for a DCP directory, how many ranks wrote shards
+    (DCP's file system writer names them `__<rank>_<n>.distcp`), None when its files do not say."""
+    if not os.path.isdir(path):
+        return 1
+    ranks = {m.group(1) for m in map(re.compile(r"^__(\d+)_\d+\.distcp$").match, os.listdir(path)) if m}
+    return len(ranks) or None
 
 
 def warn_unreadable(path: str, error: Exception) -> None:
@@ -154,6 +167,7 @@ class TrainingState:
         self._optimizers = lambda: Optimizers.build(cfg, net_params, obj_params, device)
         self.optimizers = self._optimizers()
         self.pairs_seen = self.data_pos = 0
+        self.saved_world_size: int | None = None   # that of the checkpoint resumed from, when known
         self.wall_s = 0.0
         self.counters = dict(images=0, pairs=0, teacher_nfe=0, student_forward=0, student_backward=0, steps=0)
         self.history: list = []
@@ -221,6 +235,7 @@ class TrainingState:
         opt = self.optimizers
         extra = dict(identity=self.identity, fingerprint=self.cfg.fingerprint(), objective=self.objective.state_dict(),
                      pairs_seen=self.pairs_seen, data_pos=self.data_pos, wall_s=self.wall_s, counters=self.counters,
+                     world_size=dist.world_size(),
                      eval_history=self.history, objective_optimizer=opt.obj.state_dict() if opt.obj else None)
         averages = self._averages()
         if dist.is_distributed():
@@ -231,13 +246,14 @@ class TrainingState:
                                    **{k: m.state_dict() for k, m in averages.items()},
                                    optimizer=opt.net.state_dict()), at)
 
-    def load_latest(self) -> str | None:
-        """Resume from the newest checkpoint that loads on every rank, in either form; its path, or None when the
-        stage starts from its initialisation. A checkpoint written for another identity, or one that does not fit
-        the network or its optimizer, is refused (CheckpointError naming what does not fit); a damaged one is
-        skipped for the previous one. A failed sharded load (which may have written into the weights) stops the
-        run rather than train on from them."""
-        found = self.ring.latest(load=self._load)
+    def load_latest(self, at_least: int = 0) -> str | None:
+        """Resume from the newest checkpoint (numbered `at_least` or more) that loads on every rank, in either form;
+        its path, or None when the stage starts from its initialisation. A checkpoint written for another identity,
+        or one that does not fit the network or its optimizer, is refused (CheckpointError naming what does not
+        fit); a damaged one is skipped for the previous one. A failed sharded load (which may have written into the
+        weights) stops the run rather than train on from them; a finished stage (`at_least` its budget: its release
+        is its result, engine/training/loop.py) trains nothing from them, so it is not stopped."""
+        found = self.ring.latest(load=self._load, at_least=at_least)
         if found is not None:
             extra, path = found
             self.objective.load_state_dict(extra["objective"])
@@ -245,10 +261,12 @@ class TrainingState:
             self.pairs_seen = extra["pairs_seen"] if "pairs_seen" in extra else extra["nimg"]
             self.data_pos, self.wall_s = extra["data_pos"], extra["wall_s"]
             self.counters, self.history = dict(extra["counters"]), list(extra["eval_history"])
+            self.saved_world_size = extra.get("world_size", _written_world_size(path))
             return path
-        if any(os.path.isdir(path) for _, path in self.ring.list()):
-            raise RuntimeError(f"no checkpoint in {self.ring.directory} could be read (see the warnings above); "
-                               f"move the directory away to train stage {self.cfg.name!r} from its initialisation")
+        if not at_least and any(os.path.isdir(path) for _, path in self.ring.list()):
+            raise CheckpointError(f"no checkpoint in {self.ring.directory} could be read (see the warnings above); "
+                                  f"move the directory away to train stage {self.cfg.name!r} from its "
+                                  f"initialisation")
         if self.ring.list():
             self.optimizers = self._optimizers()  # a failed load may have initialised optimizer state
         return None

@@ -33,24 +33,33 @@ def truncate_jsonl(path: str, max_kimg: float) -> None:
 
 
 class TrainLog:
-    def __init__(self, run_dir: str, total_kimg: float, start_kimg: float, desc: str, progress: bool = True):
+    """`total_nimg` and `start_nimg` count images (pairs), as the loop does. The progress bar counts them as integers
+    and shows kimg (tqdm's unit_scale): summing per-step kimg as floats went past the total (0.016 × 600 > 9.6), and
+    tqdm then warned "clamping frac to range [0, 1]" and showed a negative remaining time; and a last step that
+    passes the budget (a budget that is not a whole number of batches) stops the bar at its total."""
+
+    def __init__(self, run_dir: str, total_nimg: int, start_nimg: int, desc: str, progress: bool = True):
         self.path = os.path.join(run_dir, "log.jsonl")
-        truncate_jsonl(self.path, start_kimg)
+        truncate_jsonl(self.path, start_nimg / 1000)
         self.file = open(self.path, "a")
         self.tb = None
         try:  # optional: TensorBoard only when the package is installed
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=int(start_kimg * 1000))
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=int(start_nimg))
         except ImportError:
             pass
-        self.bar = tqdm(total=total_kimg, initial=start_kimg, desc=desc, unit="kimg", dynamic_ncols=True,
-                        disable=not progress, file=sys.stderr,
+        self.total = int(total_nimg)
+        self.bar = tqdm(total=self.total, initial=min(int(start_nimg), self.total), desc=desc, unit="kimg",
+                        unit_scale=1 / 1000, dynamic_ncols=True, disable=not progress, file=sys.stderr,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} kimg "
                                    "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
         self.t0 = time.time()
 
-    def advance(self, kimg: float) -> None:
-        self.bar.update(kimg)
+    def advance(self, nimg: int) -> None:
+        """The stage has reached `nimg` images (pairs)."""
+        step = min(int(nimg), self.total) - self.bar.n
+        if step > 0:
+            self.bar.update(step)
 
     def write(self, record: dict) -> None:
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
