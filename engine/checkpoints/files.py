@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import uuid
 import warnings
@@ -277,15 +278,36 @@ def weights_file(path, env: str, needs: str, where: str, names=()) -> str:
     return path
 
 
-def read_state_dict_file(path) -> dict:
+def read_state_dict_file(path, mmap: bool = False) -> dict:
     """A pretrained-weights file that is a plain state dict (`torch.load(weights_only=True)`), or an EngineError
-    naming the file and what it holds instead."""
+    naming the file and what it holds instead. torch's own message is not passed on: for a pickle naming other
+    globals it advises `weights_only=False`, which would run the file's code. `mmap` maps a zip-format file
+    instead of reading it (a legacy-format file is read whole)."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         raise EngineError(f'{path} is a directory; expected a weights file')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise EngineError(f'{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})') from None
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and ('mmap' in str(e) or 'zip' in str(e))):
+                raise
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:   # noqa: BLE001 - text, a truncated zip, another format: torch raises many types
+        with open(path, 'rb') as f:
+            head = f.read(2)
+        if not (head.startswith(b'PK') or head[:1] == b'\x80'):
+            raise EngineError(f'{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle); '
+                              'expected a state dict') from None
+        if isinstance(e, pickle.UnpicklingError):
+            names = re.findall(r'GLOBAL ([\w.]+)', str(e))
+            what = f'it names {names[0]}, which a weights file never holds' if names else 'it is not a weights pickle'
+            raise EngineError(f'{path}: refused without running anything: {what}. Expected a PyTorch state dict '
+                              '(torch.save of tensors)') from None
+        raise EngineError(f'{path}: not a readable PyTorch state dict ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0][:160] if str(e) else "no detail"})') from None
     if not isinstance(state, dict):
         raise EngineError(f'{path}: expected a state dict, got {type(state).__name__}')
     return state

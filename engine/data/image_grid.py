@@ -4,11 +4,13 @@ The uint8 conversion is EDM's (docs/spec/cm.md §7.2): clip(x·127.5 + 128, 0, 2
 show exactly the pixels the FID pipeline would see."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from engine.checkpoints.files import atomic_write
 
 
 def samples_to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -78,14 +80,11 @@ def save_labeled_panels(panels: list[tuple[str, torch.Tensor]], path: str, ncols
 
 
 def _save_png(img, path: str) -> str:
+    """Encode, then write through the engine's one atomic writer (engine/checkpoints/files.py `atomic_write`:
+    temporary file, fsync, rename), which creates files as open() does — mode 0o666 less the umask — like every
+    other file of a run (a `tempfile.mkstemp` temporary would leave the grid at mode 0o600)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    encoded = io.BytesIO()
+    img.save(encoded, format="PNG")
+    atomic_write(path, lambda f: f.write(encoded.getvalue()))
     return path

@@ -16,11 +16,16 @@ GPU, and rank 0 prints and writes the run's files. Shared flags only (STYLE.md):
     --seed N         the run's seed; a CPU run is deterministic for a given seed
     --smoke          a few iterations of everything on tiny networks / synthetic data (what CI runs)
     --dry-run        print and save the resolved configuration, train nothing
+
+One process runs in a directory at a time: the run holds an advisory lock on `<out>/run.lock` (fcntl.flock, rank 0
+under torchrun) from its first write to its end, and the kernel drops it when the process dies; a second run into
+the same --out is refused, naming the holder's pid (engine/pipelines/run_directory.py).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 
@@ -28,12 +33,15 @@ import torch
 
 from engine import dist
 from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS
-from engine.checkpoints.files import set_weights_dir
+from engine.checkpoints.files import atomic_write, set_weights_dir, short_list
 from engine.checkpoints.identity import VERSION as IDENTITY_VERSION
-from engine.checkpoints.identity import check_or_record, dataset_fingerprint, file_fingerprint, plain, write_identity
-from engine.checks import nonneg_int_arg, positive_float_arg, positive_int_arg
+from engine.checkpoints.identity import (IdentityMismatch, check_or_record, compare, dataset_fingerprint,
+                                         file_fingerprint, plain, write_identity)
+from engine.checks import SEED_LIMIT, positive_float_arg, positive_int_arg, seed_arg
 from engine.cli import check_run_directory, resolve_device
 from engine.errors import EngineError
+from engine.pipelines.run_directory import (check_not_in_use, check_stage_directory, lock_run_directory, run_contents,
+                                            unlock_run_directory)
 from engine.training.loop import StageResult, initialise, train_stage
 from engine.training.stage_config import StageConfig
 
@@ -51,7 +59,7 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: di
                          "variables override")
     ap.add_argument("--kimg-scale", type=positive_float_arg, default=1.0, help="multiply every stage's budget")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    ap.add_argument("--seed", type=nonneg_int_arg, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--seeds", type=positive_int_arg, default=None, metavar="N",
                     help="repeat over seeds --seed … --seed + N − 1 (recipes that report seed statistics; their "
                          "default otherwise)")
@@ -63,6 +71,9 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: di
                          "within "
                          "float tolerance, and a run may change it between reruns")
     args = ap.parse_args(argv)
+    if args.seeds is not None and args.seed + args.seeds - 1 >= SEED_LIMIT:
+        ap.error(f"--seed {args.seed} --seeds {args.seeds}: the last seed, {args.seed + args.seeds - 1}, is beyond "
+                 "2**64 − 1 (torch's generators take 64-bit seeds)")
     # under torchrun: join the process group; each rank trains on its own GPU (cuda:LOCAL_RANK)
     local = dist.init()
     try:
@@ -112,7 +123,13 @@ class Run:
     Its identity — recipe, resolved configuration, the flags that change the result, fingerprints of the input
     files (`--data`, `--teacher`, and `inputs`) — is compared with the one recorded in the directory when the run
     is created, so a rerun with other settings or inputs is refused before it writes anything; a new run's
-    config.json and identity.json are written when its first stage starts (engine/checkpoints/identity.py, docs/runs.md)."""
+    config.json and identity.json are written when its first stage starts (engine/checkpoints/identity.py, docs/runs.md).
+
+    Check first, write after, whatever is missing: a directory that holds a run's files (trained stages, results)
+    but no identity.json is checked against what is there — its config.json's recipe, configuration and flags now,
+    and each stage, before the run writes anything, against the stage's identity.json or, without one, the
+    identity its checkpoints were written for — and refused with a line saying how to go on when nothing there can
+    vouch for it; it never adopts the new command's settings."""
 
     def __init__(self, args: argparse.Namespace, recipe: str, config, inputs: dict | None = None):
         self.args, self.recipe, self.out = args, recipe, args.out
@@ -129,45 +146,116 @@ class Run:
                              flags=dict(seed=args.seed, smoke=bool(args.smoke), kimg_scale=args.kimg_scale,
                                         device_type=self.device.type, seeds=getattr(args, "seeds", None)),
                              inputs={k: _fingerprint(k, v) for k, v in files.items() if v is not None})
+        self._defaults = dict(config=defaults, flags=FLAG_DEFAULTS)
         self._identity_file = os.path.join(self.out, "identity.json")
-        check_or_record(self._identity_file, self.identity, f"run {recipe!r}",
-                        defaults=dict(config=defaults, flags=FLAG_DEFAULTS), record=False,
-                        hint=f"Use another --out directory, or move {self.out} away")
+        self._hint = f"Use another --out directory, or move {self.out} away"
         self._resolved = json.dumps(dict(recipe=recipe, flags=vars(args), world_size=dist.world_size(),
                                          config=config), indent=1, default=_jsonable)
+        self._locked = False
+        self._check_directory()
         if self.lead:
             print(f"[{recipe}] resolved configuration:\n{self._resolved}", flush=True)
-        self._recorded = os.path.exists(self._identity_file)
         self.results: dict = {"recipe": recipe, "runs": {}}
 
+    def _check_directory(self) -> None:
+        """The run's identity against the one its directory records; without one, against the config.json of the
+        run files the directory holds (the class docstring). Reads only."""
+        check_or_record(self._identity_file, self.identity, f"run {self.recipe!r}", defaults=self._defaults,
+                        record=False, hint=self._hint)
+        self._recorded = os.path.exists(self._identity_file)
+        held = [] if self._recorded else run_contents(self.out)
+        if not held:
+            return
+        path = os.path.join(self.out, "config.json")
+        what = f"--out {self.out} holds a run ({short_list(held, 3)}) but no identity.json"
+        if not os.path.isfile(path):
+            raise IdentityMismatch(f"{what} or config.json recording its settings, so this command cannot be "
+                                   f"checked against it; restore {self._identity_file}, or use another --out "
+                                   f"directory (or move {self.out} away)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = _settings(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise IdentityMismatch(f"{what}, and its config.json cannot be read ({type(e).__name__}: {e}); restore "
+                                   f"{self._identity_file}, or use another --out directory (or move {self.out} "
+                                   f"away)") from None
+        defaults = plain(json.loads(json.dumps(self._defaults, default=_jsonable)))
+        diff = compare(recorded, _settings(json.loads(self._resolved)), defaults)
+        if diff:
+            raise IdentityMismatch(f"run {self.recipe!r} in {self.out} was started with other settings or inputs; "
+                                   f"refusing to resume it with: " + "; ".join(diff) + " (its identity.json is "
+                                   "missing: checked against its config.json). " + self._hint)
+
+    def _scaled(self, cfg: StageConfig) -> StageConfig:
+        """The stage as this run trains it: budget and intervals × --kimg-scale, --compile."""
+        cfg = scaled(cfg, self.args.kimg_scale)
+        if getattr(self.args, "compile", None):
+            cfg = dataclasses.replace(cfg, compile=self.args.compile)
+        return cfg
+
+    def plan(self, *cfgs: StageConfig) -> None:
+        """Check every stage's budget at this run's --kimg-scale (`StageConfig.budget`: at least one step, and the
+        scaled settings' own checks) before the first stage trains, so that a scale too small for a later stage
+        only is refused before anything is trained or written — not after the first stage, when a rerun with a
+        larger scale would be refused as another run. Recipes pass all their stages' configurations here."""
+        for cfg in cfgs:
+            self._scaled(cfg).budget()
+
     def record(self, identity: bool = True) -> None:
-        """Write config.json and (for a new run) identity.json: once, when the first stage starts. A dry run
-        writes only config.json, so it commits the directory to nothing."""
+        """Write config.json and (for a new run) identity.json: once, when the first stage starts — after taking
+        the directory's lock and checking the directory again under it (another run may have written it since).
+        A dry run writes only config.json, so it commits the directory to nothing, and takes no lock (it is
+        refused while another process holds it). Under torchrun rank 0 does this; every rank raises its error."""
+        error = None
         if self.lead:
             try:
                 os.makedirs(self.out, exist_ok=True)
-                with open(os.path.join(self.out, "config.json"), "w") as f:
-                    f.write(self._resolved)
+                if identity and not self._locked:
+                    lock_run_directory(self.out)
+                    self._locked = True
+                    self._check_directory()
+                elif not identity:
+                    check_not_in_use(self.out)
+                atomic_write(os.path.join(self.out, "config.json"), lambda f: f.write(self._resolved.encode()))
                 if identity and not self._recorded:
                     write_identity(self._identity_file, {"version": IDENTITY_VERSION, **plain(self.identity)})
             except OSError as e:
-                raise EngineError(f"--out {self.out}: cannot write the run directory ({e.strerror or e})") from None
+                error = EngineError(f"--out {self.out}: cannot write the run directory ({e.strerror or e})")
+            except EngineError as e:
+                error = e
+        message = dist.broadcast_object(None if error is None else str(error))   # every rank stops, not only 0
+        if error is not None:
+            self.release()
+            raise error
+        if message is not None:
+            raise EngineError(message)
         self._recorded = self._recorded or identity
-        dist.barrier()
+
+    def release(self) -> None:
+        """Give the directory's lock back (at the end of the run; process death does it too)."""
+        if self._locked:
+            unlock_run_directory(self.out)
+            self._locked = False
 
     def stage(self, arm: str, kind: str, cfg: StageConfig, net, objective, data, init=None, evaluate=None,
               grid=None, shared_by: tuple[str, ...] = ()) -> StageResult:
         """Initialise `net` from `init` (None = random, a module = copy weights), train it under `<out>/<arm>/`,
         and record it as stage `kind` ('pre' | 'mid' | 'post') of `arm` — or, for a stage several arms start
-        from (the pre-trained teacher), of every arm in `shared_by`."""
-        cfg = scaled(cfg, self.args.kimg_scale)
-        if getattr(self.args, "compile", None):
-            cfg = dataclasses.replace(cfg, compile=self.args.compile)
+        from (the pre-trained teacher), of every arm in `shared_by`. Before anything is written: the budget, and
+        a stage whose directory holds results the run's identity does not vouch for (the class docstring)."""
+        cfg = self._scaled(cfg)
         cfg.budget()   # at least one step, checked before the run directory is written
-        self.record()
         net = initialise(net, init, ignore=TEACHER_ONLY_KEYS).to(self.device)
-        res = train_stage(cfg, net, objective, data, os.path.join(self.out, arm), self.device, evaluate=evaluate,
-                          grid=grid)
+        stage_dir = os.path.join(self.out, arm, cfg.name)
+        if not self._recorded or not os.path.isfile(os.path.join(stage_dir, "identity.json")):
+            check_stage_directory(stage_dir, cfg, net, objective, data)
+        self.record()
+        try:
+            res = train_stage(cfg, net, objective, data, os.path.join(self.out, arm), self.device,
+                              evaluate=evaluate, grid=grid)
+        except BaseException:
+            self.release()   # the run ends here (an error, or a signal's checkpoint and exit)
+            raise
         for a in shared_by or (arm,):
             entry = self.results["runs"].setdefault(a, {"kimg": {}, "wall_s": 0.0, "stages": {}})
             entry["kimg"][kind] = res.pairs_seen / 1000
@@ -189,11 +277,12 @@ class Run:
         self.results["table"] = table
         if self.lead:
             print(table, flush=True)
-            with open(os.path.join(self.out, "results.json"), "w") as f:
-                json.dump(self.results, f, indent=1, default=_jsonable)
+            text = json.dumps(self.results, indent=1, default=_jsonable)
+            atomic_write(os.path.join(self.out, "results.json"), lambda f: f.write(text.encode()))
             if plot_keys:
                 plot_history(runs, plot_keys, os.path.join(self.out, "metrics_vs_kimg.png"))
         dist.barrier()
+        self.release()
         return self.results
 
 
@@ -265,10 +354,19 @@ def plot_history(runs: dict, metric_keys: list[str], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(png.getvalue()))
+
+
+def _settings(resolved: dict) -> dict:
+    """The part of a resolved configuration (config.json) that the run's identity holds: recipe, configuration and
+    the flags that change the result."""
+    flags = resolved["flags"]
+    return plain(dict(recipe=resolved["recipe"], config=resolved["config"],
+                      flags=dict(seed=flags["seed"], smoke=bool(flags["smoke"]), kimg_scale=flags["kimg_scale"],
+                                 device_type=torch.device(flags["device"]).type, seeds=flags.get("seeds"))))
 
 
 def _fingerprint(kind: str, path: str) -> dict:

@@ -16,7 +16,10 @@ buffers taken from the last snapshot — as NVlabs/edm2's `reconstruct_phema.py`
 Inputs: this engine's snapshots (`<stage>-<images:012d>-<std>.safetensors`, the image count and σ_rel also in
 their metadata) and EDM2's pickles (`network-snapshot-0134217-0.050.pkl`, `edm2-img64-xs-0134217-0.110.pkl`: kimg
 in the name, mapped to images as EDM2 does, engine/training/ema.py `kimg_to_nimg`), read without running their code.
-Outputs are safetensors releases (engine/checkpoints/releases.py), named as this engine's snapshots.
+Outputs are safetensors releases (engine/checkpoints/releases.py), named as this engine's snapshots, written
+atomically. An output never replaces a snapshot of --in (by name or through a link) nor an existing file other than
+this command's own earlier output (same σ_rel, time and inputs): every destination is checked before anything is
+reconstructed.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from engine.checks import arg, finite
 from engine.errors import EngineError
 from engine.training.ema import kimg_to_nimg, parse_snapshot_name, snapshot_name, std_to_exp
 
-__all__ = ["Snapshot", "power_function_correlation", "solve_coefficients", "list_snapshots", "reconstruct", "main"]
+__all__ = ["Snapshot", "power_function_correlation", "solve_coefficients", "list_snapshots", "reconstruct",
+           "check_destination", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +152,42 @@ def reconstruct(snapshots: list[Snapshot], out_std, out_nimg: int | None = None,
     return outputs
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether `a` is `b`: the same inode (through symbolic or hard links), or for a path not yet there, the same
+    resolved name."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_destination(path: str, indir: str, metadata: dict) -> None:
+    """Refuse an output path that would replace what this command does not own: any snapshot in `indir` (by name,
+    symbolic link or hard link: the run's own series, filtered out by --prefix / --in-std or not), and any existing
+    file that is not this command's earlier output — a release whose σ_rel, image count and input names are
+    `metadata`'s (rewriting it gives the same weights). Nothing is written here."""
+    snapshots = [os.path.join(indir, n) for n in sorted(os.listdir(indir)) if parse_snapshot_name(n) is not None]
+    hit = next((s for s in snapshots if _same_file(path, s)), None)
+    if hit is not None:
+        raise EngineError(f"--out {path} is the snapshot {hit} of --in {indir}; reconstructing into it would replace "
+                          f"the run's own snapshot. Give another --out")
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise EngineError(f"--out {path} is a directory, not a file to write the reconstruction to; give "
+                          f"another --out")
+    from engine.checkpoints.releases import read_safetensors_metadata
+    try:
+        _, found = read_safetensors_metadata(path)
+    except (EngineError, OSError, ValueError):
+        found = None
+    ours = found is not None and all(found.get(k) == v for k, v in metadata.items())
+    if not ours:
+        raise EngineError(f"--out {path} exists and is not this command's earlier output (σ_rel "
+                          f"{metadata['std']:.3f} at {metadata['nimg']} images from the same snapshots); it is left "
+                          f"as it is. Remove it or give another --out")
+
+
 def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m engine.training.phema", description=__doc__.split("\n\n")[0])
     parser.add_argument("--in", dest="indir", required=True, help="directory of snapshots")
@@ -175,14 +215,20 @@ def main(argv=None) -> list[str]:
     single = args.out.endswith(".safetensors")
     if single and len(args.std) != 1:
         raise EngineError("--out names one file; give a directory to reconstruct several --std")
+    nimg = out_nimg or max(s.nimg for s in snaps)
+    inputs = [os.path.basename(s.path) for s in snaps if s.nimg <= nimg]
+    meta = {std: dict(nimg=nimg, std=std, phema_inputs=inputs) for std in args.std}
+    paths = {std: args.out if single else os.path.join(args.out, snapshot_name(args.out_prefix, nimg, std))
+             for std in args.std}
+    # every destination is checked before anything is reconstructed or written (docs/runs.md: check first)
+    for std, path in paths.items():
+        check_destination(path, args.indir, meta[std])
     from engine.checkpoints.releases import export_safetensors
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) if single else args.out, exist_ok=True)
     written = []
     for std, net in reconstruct(snaps, args.std, out_nimg):
-        nimg = out_nimg or max(s.nimg for s in snaps)
-        path = args.out if single else os.path.join(args.out, snapshot_name(args.out_prefix, nimg, std))
-        inputs = [os.path.basename(s.path) for s in snaps if s.nimg <= nimg]
-        export_safetensors(net, path, metadata=dict(nimg=nimg, std=std, phema_inputs=inputs))
+        path = paths[std]
+        export_safetensors(net, path, metadata=meta[std])     # atomically (engine/checkpoints/files.py)
         print(f"{path}: σ_rel {std:.3f} at {nimg} images from {len(inputs)} snapshots", flush=True)
         written.append(path)
     return written
