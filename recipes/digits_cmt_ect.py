@@ -63,6 +63,9 @@ def main(argv=None) -> dict:
     stage_cfg = lambda name, kimg, lr, seed: stage_config(cfg, name, kimg, lr, seed, eval_kimg=cfg.eval_kimg)
 
     seed_list = seeds(args, cfg)
+    run.plan(*(stage_cfg(n, kimg, lr, args.seed) for n, kimg, lr in (
+        ("pre_edm", cfg.pre_kimg, cfg.pre_lr), ("mid_cmt", cfg.mid_kimg, cfg.mid_lr),
+        ("post_ect", cfg.post_kimg, cfg.post_lr), ("ect", cfg.mid_kimg + cfg.post_kimg, cfg.post_lr))))
     arm = lambda a, seed: a if len(seed_list) == 1 else f"s{seed}/{a}"
     # Stage 1: the teacher (EDM denoising loss, docs/spec/cm.md §1.1), once for every seed's arms.
     pre = run.stage("teacher", "pre", stage_cfg("pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed),

@@ -48,6 +48,22 @@ def main(argv=None) -> dict:
     if started is None:
         return {}
     args, cfg, run = started
+
+    def stage_cfg(name, kimg, batch=cfg.batch_size, **kw):
+        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=cfg.lr, optimizer="adam",
+                           betas=(0.9, 0.95), lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std,
+                           log_kimg=cfg.eval_kimg / 3, ckpt_kimg=cfg.eval_kimg, seed=args.seed, **kw)
+
+    cmt_settings = dict(teacher_kind="mf", pair_rule="nonadjacent28", trajectories_per_batch=cfg.trajectories_per_batch,
+                        pairs_per_trajectory=cfg.pairs_per_trajectory)
+    # CMT trains on trajectories_per_batch × pairs per trajectory a step; the pair rule's count needs no teacher
+    pairs = cfg.trajectories_per_batch * CMTMeanFlow(None, **cmt_settings).per_trajectory
+    carry = dict(ema_continue_kimg=cfg.mid_kimg) if cfg.post_ema_continues else {}
+    stages = dict(pre=stage_cfg("pre_mf", cfg.pre_kimg, eval_kimg=cfg.pre_kimg),
+                  mid=stage_cfg("mid_cmt", cfg.mid_kimg, batch=pairs, eval_kimg=cfg.eval_kimg),
+                  post=stage_cfg("post_mf", cfg.post_kimg, eval_kimg=cfg.eval_kimg, **carry),
+                  mf=stage_cfg("mf", cfg.mid_kimg + cfg.post_kimg, eval_kimg=cfg.eval_kimg))
+    run.plan(*stages.values())   # every stage's budget at this --kimg-scale, before the first one trains
     data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     dit = lambda width, depth: DiT(input_size=cfg.resolution, patch_size=cfg.patch, in_channels=1,
                                    hidden_size=width, depth=depth, num_heads=cfg.heads, num_classes=10)
@@ -62,30 +78,19 @@ def main(argv=None) -> dict:
 
     grid = lambda ema: samples(ema, 2)[:100]
 
-    def stage_cfg(name, kimg, batch=cfg.batch_size, **kw):
-        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=cfg.lr, optimizer="adam",
-                           betas=(0.9, 0.95), lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std,
-                           log_kimg=cfg.eval_kimg / 3, ckpt_kimg=cfg.eval_kimg, seed=args.seed, **kw)
-
     mf = lambda: MeanFlow(mu=cfg.mu, sigma=cfg.sigma)
     evals = dict(evaluate=evaluate, grid=grid)
     # Stage 1: the small Mean Flow teacher.
-    pre = run.stage("teacher", "pre", stage_cfg("pre_mf", cfg.pre_kimg, eval_kimg=cfg.pre_kimg),
-                    dit(cfg.teacher_width, cfg.teacher_depth), mf(), data, evaluate=evaluate,
-                    shared_by=("cmt_mf",))  # only CMT needs a teacher: its cost is CMT's
+    pre = run.stage("teacher", "pre", stages["pre"], dit(cfg.teacher_width, cfg.teacher_depth), mf(), data,
+                    evaluate=evaluate, shared_by=("cmt_mf",))  # only CMT needs a teacher: its cost is CMT's
     teacher = pre.ema.eval().requires_grad_(False)
     # Arm 1: CMT mid-training of the larger student from random weights, then Mean Flow from its EMA.
-    cmt = CMTMeanFlow(teacher, teacher_kind="mf", pair_rule="nonadjacent28",
-                      trajectories_per_batch=cfg.trajectories_per_batch, pairs_per_trajectory=cfg.pairs_per_trajectory)
-    pairs = cfg.trajectories_per_batch * cmt.per_trajectory
-    mid = run.stage("cmt_mf", "mid", stage_cfg("mid_cmt", cfg.mid_kimg, batch=pairs, eval_kimg=cfg.eval_kimg),
-                    dit(cfg.student_width, cfg.student_depth), cmt, data, **evals)
-    carry = dict(ema_continue_kimg=cfg.mid_kimg) if cfg.post_ema_continues else {}
-    post = run.stage("cmt_mf", "post", stage_cfg("post_mf", cfg.post_kimg, eval_kimg=cfg.eval_kimg, **carry),
-                     dit(cfg.student_width, cfg.student_depth), mf(), data, init=mid.ema, **evals)
+    mid = run.stage("cmt_mf", "mid", stages["mid"], dit(cfg.student_width, cfg.student_depth),
+                    CMTMeanFlow(teacher, **cmt_settings), data, **evals)
+    post = run.stage("cmt_mf", "post", stages["post"], dit(cfg.student_width, cfg.student_depth), mf(), data,
+                     init=mid.ema, **evals)
     # Arm 2: Mean Flow from random weights, the same mid + post budget.
-    base = run.stage("mf", "post", stage_cfg("mf", cfg.mid_kimg + cfg.post_kimg, eval_kimg=cfg.eval_kimg),
-                     dit(cfg.student_width, cfg.student_depth), mf(), data, **evals)
+    base = run.stage("mf", "post", stages["mf"], dit(cfg.student_width, cfg.student_depth), mf(), data, **evals)
     for arm, res in (("cmt_mf", post), ("mf", base)):
         m = res.eval_history[-1]
         run.record_metrics(arm, one_step=dict(fd=m["fd_1step"], class_tv=m["class_tv_1step"]),

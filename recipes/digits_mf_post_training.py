@@ -76,6 +76,48 @@ def main(argv=None) -> dict:
     if unknown or "mf" not in cfg.variants or "cmt_mf" not in cfg.variants:
         raise ValueError(f"variants must include 'mf' and 'cmt_mf' and be among {ARMS}; got {cfg.variants}")
     arms = [a for a in ARMS if a in cfg.variants]
+
+    def stage_cfg(name, kimg, seed, batch=cfg.batch_size, lr=cfg.lr, **kw):
+        settings = dict(optimizer="adam", betas=(0.9, 0.95), lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std,
+                        log_kimg=kimg / 3, ckpt_kimg=kimg, seed=seed)
+        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, **{**settings, **kw})
+
+    pairs = cfg.trajectories_per_batch * cfg.pairs_per_trajectory
+    total = cfg.mid_kimg + cfg.post_kimg
+    seed_list = seeds(args, cfg)
+    # the mid-training each CMT arm starts from: (key, pair rule, kimg), trained once (at --seed) and shared by every
+    # seed's arms that use it: the seeds repeat the post-training and the baseline, the question here
+    mid_of = {a: dict(long_post=("long", "nonadjacent28", cfg.long_post_mid_kimg),
+                      all36=("all36", "all36", cfg.mid_kimg)).get(a, ("nonadjacent28", "nonadjacent28", cfg.mid_kimg))
+              for a in arms if a not in ("mf", "mf_restarted")}
+    mid_cfgs = {key: stage_cfg(f"mid_{key}", kimg, args.seed, batch=pairs)
+                for key, _, kimg in sorted(set(mid_of.values()))}
+    every = dict(eval_kimg=cfg.post_eval_kimg) if cfg.post_eval_kimg else {}
+
+    def post_cfg(a: str, seed: int) -> StageConfig:
+        """Arm `a`'s post-training (for mf: its whole run) at `seed`."""
+        if a == "mf":
+            # with the control: the baseline's EMA is also written at mid_kimg (a tracked EMA of the same σ_rel, so
+            # the same average)
+            snap = dict(snapshot_emas=(cfg.ema_std,), snapshot_kimg=cfg.mid_kimg) if "mf_restarted" in arms else {}
+            return stage_cfg("mf", total, seed, **snap)
+        if a == "mf_restarted":
+            return stage_cfg("post_mf_restarted", cfg.post_kimg, seed, **every)
+        mid_kimg = mid_of[a][2]
+        kw = dict(every)
+        if a in ("ema_continued", "continued_warmup"):
+            kw["ema_continue_kimg"] = mid_kimg
+        if a == "continued_warmup":
+            kw["lr_rampup_kimg"] = cfg.warmup_kimg
+        if a == "linear_decay":
+            kw["lr_schedule"] = "linear"
+        lr = cfg.low_post_lr if a == "low_lr" else cfg.lr
+        return stage_cfg(f"post_{a}", total - mid_kimg, seed, lr=lr, **kw)
+
+    # every stage's budget at this --kimg-scale, before the first one trains
+    pre_cfg = stage_cfg("pre_mf", cfg.pre_kimg, args.seed)
+    run.plan(pre_cfg, *mid_cfgs.values(),
+             *(post_cfg(a, seed) for seed in seed_list for a in arms))
     data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     dit = lambda width, depth: DiT(input_size=cfg.resolution, patch_size=cfg.patch, in_channels=1,
                                    hidden_size=width, depth=depth, num_heads=cfg.heads, num_classes=10)
@@ -89,15 +131,9 @@ def main(argv=None) -> dict:
 
     evaluate = lambda net: dict(fd_1step=fd(net, 1), fd_2step=fd(net, 2))
 
-    def stage_cfg(name, kimg, seed, batch=cfg.batch_size, lr=cfg.lr, **kw):
-        settings = dict(optimizer="adam", betas=(0.9, 0.95), lr_schedule="constant", ema_beta=None, ema_std=cfg.ema_std,
-                        log_kimg=kimg / 3, ckpt_kimg=kimg, seed=seed)
-        return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=lr, **{**settings, **kw})
-
     mf = lambda: MeanFlow(mu=cfg.mu, sigma=cfg.sigma)
     torch.manual_seed(args.seed)
-    pre = run.stage("teacher", "pre", stage_cfg("pre_mf", cfg.pre_kimg, args.seed),
-                    dit(cfg.teacher_width, cfg.teacher_depth), mf(), data)
+    pre = run.stage("teacher", "pre", pre_cfg, dit(cfg.teacher_width, cfg.teacher_depth), mf(), data)
     teacher = pre.ema.eval().requires_grad_(False)
     teacher_fd = dict(fd_1step=fd(teacher, 1), fd_2step=fd(teacher, 2), fd_8step=fd(teacher, 8))
     print("[digits_mf_post_training] teacher " + "  ".join(f"{k} {v:.3g}" for k, v in teacher_fd.items()),
@@ -107,24 +143,15 @@ def main(argv=None) -> dict:
         return CMTMeanFlow(teacher, teacher_kind="mf", pair_rule=rule, trajectories_per_batch=cfg.trajectories_per_batch,
                            pairs_per_trajectory=cfg.pairs_per_trajectory)
 
-    pairs = cfg.trajectories_per_batch * cfg.pairs_per_trajectory
-    total = cfg.mid_kimg + cfg.post_kimg
     values = {a: {k: [] for k in METRICS} for a in arms}
     after_mid = {}
-    seed_list = seeds(args, cfg)
-    # the mid-training each CMT arm starts from: (key, pair rule, kimg), trained once (at --seed) and shared by every
-    # seed's arms that use it: the seeds repeat the post-training and the baseline, the question here
-    mid_of = {a: dict(long_post=("long", "nonadjacent28", cfg.long_post_mid_kimg),
-                      all36=("all36", "all36", cfg.mid_kimg)).get(a, ("nonadjacent28", "nonadjacent28", cfg.mid_kimg))
-              for a in arms if a not in ("mf", "mf_restarted")}
     post_eval = dict(evaluate=evaluate) if cfg.post_eval_kimg else {}
-    every = dict(eval_kimg=cfg.post_eval_kimg) if cfg.post_eval_kimg else {}
     mids = {}
     for key, rule, kimg in sorted(set(mid_of.values())):
         users = tuple(f"s{s}/{b}" for s in seed_list for b in arms if b in mid_of and mid_of[b][0] == key)
         torch.manual_seed(args.seed)
-        res = run.stage("mid", "mid", stage_cfg(f"mid_{key}", kimg, args.seed, batch=pairs),
-                        dit(cfg.student_width, cfg.student_depth), cmt(rule), data, shared_by=users)
+        res = run.stage("mid", "mid", mid_cfgs[key], dit(cfg.student_width, cfg.student_depth), cmt(rule), data,
+                        shared_by=users)
         mids[key] = res.ema
         after_mid[key] = evaluate(res.ema)
     for seed in seed_list:
@@ -132,27 +159,14 @@ def main(argv=None) -> dict:
         student = lambda: dit(cfg.student_width, cfg.student_depth)
         for a in arms:
             if a == "mf":
-                # with the control: the baseline's EMA is also written at mid_kimg (a tracked EMA of the same σ_rel,
-                # so the same average)
-                snap = dict(snapshot_emas=(cfg.ema_std,), snapshot_kimg=cfg.mid_kimg) if "mf_restarted" in arms else {}
-                final = run.stage(f"s{seed}/mf", "post", stage_cfg("mf", total, seed, **snap), student(), mf(),
-                                  data).ema
+                final = run.stage(f"s{seed}/mf", "post", post_cfg(a, seed), student(), mf(), data).ema
             elif a == "mf_restarted":
                 init = _snapshot_at(args.out, seed, cfg.mid_kimg * args.kimg_scale)
-                final = run.stage(f"s{seed}/{a}", "post", stage_cfg("post_mf_restarted", cfg.post_kimg, seed, **every),
-                                  student(), mf(), data, init=init, **post_eval).ema
+                final = run.stage(f"s{seed}/{a}", "post", post_cfg(a, seed), student(), mf(), data, init=init,
+                                  **post_eval).ema
             else:
-                key, rule, mid_kimg = mid_of[a]
-                kw = dict(every)
-                if a in ("ema_continued", "continued_warmup"):
-                    kw["ema_continue_kimg"] = mid_kimg
-                if a == "continued_warmup":
-                    kw["lr_rampup_kimg"] = cfg.warmup_kimg
-                if a == "linear_decay":
-                    kw["lr_schedule"] = "linear"
-                lr = cfg.low_post_lr if a == "low_lr" else cfg.lr
-                final = run.stage(f"s{seed}/{a}", "post", stage_cfg(f"post_{a}", total - mid_kimg, seed, lr=lr, **kw),
-                                  student(), mf(), data, init=mids[key], **post_eval).ema
+                final = run.stage(f"s{seed}/{a}", "post", post_cfg(a, seed), student(), mf(), data,
+                                  init=mids[mid_of[a][0]], **post_eval).ema
             m = evaluate(final)
             for k in METRICS:
                 values[a][k].append(m[k])

@@ -55,10 +55,19 @@ def main(argv=None) -> dict:
     if started is None:
         return {}
     args, cfg, run = started
+    seed_list = seeds(args, cfg)
+    mids = dict(no_mid=0.0, short_mid=cfg.short_mid_kimg, long_mid=cfg.long_mid_kimg)
+    pre_cfg = stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed)
+    mid_cfg = lambda a, seed: stage_config(cfg, "mid_cmt", mids[a], cfg.mid_lr, seed)
+    post_cfg = lambda a, seed: stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed)
+    stages = [pre_cfg]            # in the order they train
+    for seed in seed_list:
+        for a in ARMS:
+            stages += ([mid_cfg(a, seed)] if mids[a] > 0 else []) + [post_cfg(a, seed)]
+    run.plan(*stages)             # every stage's budget at this --kimg-scale, before the first one trains
     data, metrics = digits_source(cfg.resolution), DigitsMetrics()
     evaluate = lambda f: {f"fd_{k}step": metrics(consistency_samples(cfg, f, k))["fd"] for k in (1, 2)}
-    seed_list = seeds(args, cfg)
-    pre = run.stage("teacher", "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, args.seed),
+    pre = run.stage("teacher", "pre", pre_cfg,
                     EDMPrecond(backbone(cfg, cfg.teacher_dropout)), EDMLoss(), data,
                     shared_by=tuple(f"s{s}/{a}" for s in seed_list for a in ARMS))
     teacher = pre.ema.eval().requires_grad_(False)
@@ -66,19 +75,16 @@ def main(argv=None) -> dict:
     print(f"[digits_mid_training] teacher (16-step DPM-Solver++) FD {reference['teacher_16step_fd']:.4g}; "
           f"held-out floor {reference['floor']['fd']:.3g}", flush=True)
 
-    mids = dict(no_mid=0.0, short_mid=cfg.short_mid_kimg, long_mid=cfg.long_mid_kimg)
     values = {a: {k: [] for k in METRICS} for a in ARMS}
     for seed in seed_list:
         torch.manual_seed(seed)
         for a in ARMS:
             start = teacher
             if mids[a] > 0:
-                start = run.stage(f"s{seed}/{a}", "mid", stage_config(cfg, "mid_cmt", mids[a], cfg.mid_lr, seed),
-                                  CMPrecond(backbone(cfg, cfg.student_dropout)), cmt(cfg, teacher), data,
-                                  init=teacher).ema
-            post = run.stage(f"s{seed}/{a}", "post",
-                             stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed),
-                             CMPrecond(backbone(cfg, cfg.student_dropout)), ECT(q=cfg.q), data, init=start)
+                start = run.stage(f"s{seed}/{a}", "mid", mid_cfg(a, seed), CMPrecond(backbone(cfg, cfg.student_dropout)),
+                                  cmt(cfg, teacher), data, init=teacher).ema
+            post = run.stage(f"s{seed}/{a}", "post", post_cfg(a, seed), CMPrecond(backbone(cfg, cfg.student_dropout)),
+                             ECT(q=cfg.q), data, init=start)
             m = evaluate(post.ema)
             for k in METRICS:
                 values[a][k].append(m[k])

@@ -22,7 +22,7 @@ import os
 
 from engine.objectives import CMT, ECT, KD, SlowCMT, squared_l2
 from engine.pipelines.gmm import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                  mixture_problem, stage_config)
+                                  mixture_problem, pre_stage_config, stage_config)
 from engine.pipelines.recipe import begin
 from engine.pipelines.seed_stats import interval_text, mean_se, paired_interval, seeds
 from engine.precond import CMPrecond
@@ -57,17 +57,23 @@ def main(argv=None) -> dict:
     if started is None:
         return {}
     args, cfg, run = started
+    mid_cfg = lambda m, seed: stage_config(cfg, f"mid_{m}", cfg.mid_kimg, cfg.mid_lr, seed)
+    post_cfg = lambda seed: stage_config(cfg, "post_ect", cfg.post_kimg, cfg.post_lr, seed)
+    seed_list = seeds(args, cfg)
+    stages = []                   # in the order they train
+    for seed in seed_list:
+        stages += [pre_stage_config(cfg, seed), *(c for m in METHODS for c in (mid_cfg(m, seed), post_cfg(seed)))]
+    run.plan(*stages)             # every stage's budget at this --kimg-scale, before the first one trains
     gm, data = mixture_problem(cfg)
     values = {m: {k: [] for k in METRICS + COSTS} for m in METHODS}
-    seed_list = seeds(args, cfg)
     for seed in seed_list:
         arms = {m: f"s{seed}/{m}" for m in METHODS}
         pre = diffusion_weights(run, cfg, data, list(arms.values()), seed)
         for m in METHODS:
-            mid = run.stage(arms[m], "mid", stage_config(cfg, f"mid_{m}", cfg.mid_kimg, cfg.mid_lr, seed),
-                            CMPrecond(backbone(cfg)), objective(m, gm, cfg), data, init=pre.ema)
-            post = run.stage(arms[m], "post", stage_config(cfg, "post_ect", cfg.post_kimg, cfg.post_lr, seed),
-                             CMPrecond(backbone(cfg)), ECT(q=cfg.q), data, init=mid.ema)
+            mid = run.stage(arms[m], "mid", mid_cfg(m, seed), CMPrecond(backbone(cfg)), objective(m, gm, cfg), data,
+                            init=pre.ema)
+            post = run.stage(arms[m], "post", post_cfg(seed), CMPrecond(backbone(cfg)), ECT(q=cfg.q), data,
+                             init=mid.ema)
             q = evaluate(gm, cfg, post.ema)
             c = mid.counters
             q.update(teacher_nfe_per_pair=c["teacher_nfe"] / c["pairs"], images_per_pair=c["images"] / c["pairs"],

@@ -62,6 +62,8 @@ def main(argv=None) -> dict:
                            lr_schedule="linear", ema_beta=None, ema_std=cfg.ema_std, log_kimg=cfg.eval_kimg / 5,
                            ckpt_kimg=cfg.eval_kimg, eval_kimg=cfg.eval_kimg, seed=args.seed)
 
+    run.plan(stage_cfg("mid_cmt", cfg.mid_kimg, cfg.mid_lr), stage_cfg("post_ect", cfg.post_kimg, cfg.post_lr),
+             stage_cfg("ect", cfg.mid_kimg + cfg.post_kimg, cfg.ect_lr))
     ect = lambda: ECT(q=cfg.q)
     # Arm 1: CMT mid-training with the exact teacher, then ECT post-training from the mid-trained EMA.
     mid = run.stage("cmt_ect", "mid", stage_cfg("mid_cmt", cfg.mid_kimg, cfg.mid_lr), student(),

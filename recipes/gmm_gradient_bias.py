@@ -37,7 +37,8 @@ import torch
 from engine.metrics import flow_map_error
 from engine.metrics.gradient_bias import BiasProbe
 from engine.objectives import CMT, ECD, ECT, squared_l2
-from engine.pipelines.gmm import MixtureSettings, backbone, diffusion_weights, mixture_problem, stage_config
+from engine.pipelines.gmm import (MixtureSettings, backbone, diffusion_weights, mixture_problem, pre_stage_config,
+                                  stage_config)
 from engine.pipelines.recipe import begin
 from engine.pipelines.seed_stats import mean_se, paired_interval, seeds
 from engine.precond import CMPrecond
@@ -68,17 +69,21 @@ def main(argv=None) -> dict:
     if started is None:
         return {}
     args, cfg, run = started
+    mid_cfg = lambda name, seed: stage_config(cfg, name, cfg.mid_kimg, cfg.mid_lr, seed)
+    # every stage's budget at this --kimg-scale, before the first one trains (in the order they train)
+    run.plan(*(c for seed in seeds(args, cfg)
+               for c in (pre_stage_config(cfg, seed), mid_cfg("mid_cmt", seed), mid_cfg("mid_cd", seed))))
     gm, data = mixture_problem(cfg)
 
     per_seed = {k: [] for k in ("bias", "bias_se", "oracle", "flow_map_error")}
     for seed in seeds(args, cfg):
         arms = {s: f"s{seed}/{s}" for s in SCHEMES}
         pre = diffusion_weights(run, cfg, data, [arms["diffusion"], arms["cmt"], arms["cd"]], seed)
-        mid = run.stage(arms["cmt"], "mid", stage_config(cfg, "mid_cmt", cfg.mid_kimg, cfg.mid_lr, seed),
+        mid = run.stage(arms["cmt"], "mid", mid_cfg("mid_cmt", seed),
                         CMPrecond(backbone(cfg)), CMT(gm, nfe=cfg.nfe, distance=squared_l2,
                                                       trajectories_per_batch=cfg.trajectories_per_batch),
                         data, init=pre.ema)
-        cd = run.stage(arms["cd"], "mid", stage_config(cfg, "mid_cd", cfg.mid_kimg, cfg.mid_lr, seed),
+        cd = run.stage(arms["cd"], "mid", mid_cfg("mid_cd", seed),
                        CMPrecond(backbone(cfg)), ECD(gm, solver="heun", q=cfg.cd_q), data, init=pre.ema)
         torch.manual_seed(10_000 + seed)
         starts = dict(cmt=mid.ema, diffusion=initialise(CMPrecond(backbone(cfg)), pre.ema), cd=cd.ema,

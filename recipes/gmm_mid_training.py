@@ -22,7 +22,7 @@ import os
 
 from engine.objectives import CMT, ECT, squared_l2
 from engine.pipelines.gmm import (METRICS, MixtureSettings, backbone, bar_plot, diffusion_weights, evaluate,
-                                  mixture_problem, stage_config)
+                                  mixture_problem, pre_stage_config, stage_config)
 from engine.pipelines.recipe import begin
 from engine.pipelines.seed_stats import mean_se, paired_interval, sample_std, seed_table, seeds
 from engine.precond import CMPrecond
@@ -50,22 +50,29 @@ def main(argv=None) -> dict:
     if started is None:
         return {}
     args, cfg, run = started
-    gm, data = mixture_problem(cfg)
     mids = dict(no_mid=0.0, short_mid=cfg.short_mid_kimg, long_mid=cfg.long_mid_kimg)
-    values = {a: {m: [] for m in METRICS} for a in ARMS}
+    mid_cfg = lambda a, seed: stage_config(cfg, "mid_cmt", mids[a], cfg.mid_lr, seed)
+    post_cfg = lambda a, seed: stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed)
     seed_list = seeds(args, cfg)
+    stages = []                   # in the order they train
+    for seed in seed_list:
+        stages.append(pre_stage_config(cfg, seed))
+        for a in ARMS:
+            stages += ([mid_cfg(a, seed)] if mids[a] > 0 else []) + [post_cfg(a, seed)]
+    run.plan(*stages)             # every stage's budget at this --kimg-scale, before the first one trains
+    gm, data = mixture_problem(cfg)
+    values = {a: {m: [] for m in METRICS} for a in ARMS}
     for seed in seed_list:
         arms = {a: f"s{seed}/{a}" for a in ARMS}
         pre = diffusion_weights(run, cfg, data, list(arms.values()), seed)
         for a in ARMS:
             start = pre.ema
             if mids[a] > 0:
-                start = run.stage(arms[a], "mid", stage_config(cfg, "mid_cmt", mids[a], cfg.mid_lr, seed),
+                start = run.stage(arms[a], "mid", mid_cfg(a, seed),
                                   CMPrecond(backbone(cfg)), CMT(gm, nfe=cfg.nfe, distance=squared_l2,
                                                              trajectories_per_batch=cfg.trajectories_per_batch),
                                   data, init=start).ema
-            post_cfg = stage_config(cfg, "post_ect", cfg.total_kimg - mids[a], cfg.post_lr, seed)
-            post = run.stage(arms[a], "post", post_cfg,
+            post = run.stage(arms[a], "post", post_cfg(a, seed),
                              CMPrecond(backbone(cfg)), ECT(q=cfg.q), data, init=start)
             m = evaluate(gm, cfg, post.ema)
             for k in METRICS:

@@ -36,6 +36,7 @@ import torch
 from engine import dist
 from engine.data import ImageDataset, write_latent_dataset
 from engine.data.sampler import LatentSource
+from engine.errors import EngineError
 from engine.networks import DiT
 from engine.objectives import CMTMeanFlow, LatentPosterior, MeanFlow
 from engine.pipelines.meanflow import LatentMeanFlowSettings, latent_smoke
@@ -107,21 +108,32 @@ def main(argv=None) -> dict:
     if args.dry_run:
         run.record(identity=False)
         return {}
-    torch.manual_seed(args.seed)
-    dataset = ImageDataset(smoke_latents(args.out, cfg) if args.smoke else args.data)
-    if not dataset.is_latent or dataset.image_shape != [8, cfg.latent_size, cfg.latent_size]:
-        raise SystemExit(f"{dataset.path} holds {'latents' if dataset.is_latent else 'images'} of shape "
-                         f"{dataset.image_shape}; this recipe needs SD-VAE latent moments [8, {cfg.latent_size}, "
-                         f"{cfg.latent_size}]")
-    if not dataset.has_labels:
-        raise SystemExit(f"{dataset.path} has no class labels (dataset.json); Mean Flow here is class-conditional")
-    data = LatentSource(dataset)
-    guidance = dict(omega=cfg.omega, kappa=cfg.kappa, t_start=cfg.t_start, t_end=cfg.t_end)
 
     def stage_cfg(name, kimg, batch):
         return StageConfig(name=name, total_kimg=kimg, batch_size=batch, lr=cfg.lr, optimizer="adam",
                            betas=(0.9, 0.95), lr_schedule="constant", ema_beta=cfg.ema_beta,
                            log_kimg=cfg.log_kimg, ckpt_kimg=cfg.ckpt_kimg, eval_kimg=cfg.grid_kimg, seed=args.seed)
+
+    # Every stage's budget at this --kimg-scale is checked before the first one trains (Run.plan); CMT trains on
+    # trajectories_per_batch × the pair rule's pairs a step (the rule's count needs no teacher).
+    pairs = len(CMTMeanFlow(None, teacher_kind="mf", pair_rule=cfg.pair_rule).pairs)
+    stages = dict(pre=stage_cfg("pre_mf_teacher", cfg.teacher_kimg, cfg.teacher_batch),
+                  mid=stage_cfg("mid_cmt", cfg.mid_kimg, cfg.trajectories_per_batch * pairs),
+                  post=stage_cfg("post_mf", cfg.post_kimg, cfg.post_batch))
+    run.plan(*stages.values())
+    torch.manual_seed(args.seed)
+    dataset = ImageDataset(smoke_latents(args.out, cfg) if args.smoke else args.data)
+    if not dataset.is_latent or dataset.image_shape != [8, cfg.latent_size, cfg.latent_size]:
+        raise EngineError(f"{dataset.path} holds {'latents' if dataset.is_latent else 'images'} of shape "
+                          f"{dataset.image_shape}; this recipe needs SD-VAE latent moments [8, {cfg.latent_size}, "
+                          f"{cfg.latent_size}]")
+    if not dataset.has_labels:
+        raise EngineError(f"{dataset.path} has no class labels (dataset.json); Mean Flow here is class-conditional")
+    if dataset.label_dim > cfg.num_classes:
+        raise EngineError(f"{dataset.path} has labels up to {dataset.label_dim - 1}; the networks here have "
+                          f"{cfg.num_classes} classes")
+    data = LatentSource(dataset)
+    guidance = dict(omega=cfg.omega, kappa=cfg.kappa, t_start=cfg.t_start, t_end=cfg.t_end)
 
     def grid(ema):  # 2-step samples, latents shown as their first 3 channels ×(1/4) (decoding needs the VAE)
         g = torch.Generator().manual_seed(0)
@@ -130,19 +142,16 @@ def main(argv=None) -> dict:
         return (mean_flow_uniform(ema, z, 2, y)[:, :3] / 4).clamp(-1, 1)
 
     # Stage 1: the MF-B/4 teacher, with the post-training guidance baked in.
-    pre = run.stage("cmt_mf", "pre", stage_cfg("pre_mf_teacher", cfg.teacher_kimg, cfg.teacher_batch),
-                    network(cfg, cfg.teacher), LatentPosterior(MeanFlow(**guidance)), data, grid=grid)
+    pre = run.stage("cmt_mf", "pre", stages["pre"], network(cfg, cfg.teacher), LatentPosterior(MeanFlow(**guidance)),
+                    data, grid=grid)
     teacher = pre.ema.eval().requires_grad_(False)
     # Stage 2: CMT into XL/2 from random weights on the teacher's 8-step trajectories.
     cmt = CMTMeanFlow(teacher, teacher_kind="mf", pair_rule=cfg.pair_rule,
                       trajectories_per_batch=cfg.trajectories_per_batch)
-    mid = run.stage("cmt_mf", "mid", stage_cfg("mid_cmt", cfg.mid_kimg,
-                                               cfg.trajectories_per_batch * len(cmt.pairs)),
-                    network(cfg, cfg.student), LatentPosterior(cmt), data, grid=grid)
+    mid = run.stage("cmt_mf", "mid", stages["mid"], network(cfg, cfg.student), LatentPosterior(cmt), data, grid=grid)
     # Stage 3: Mean Flow post-training from the mid-trained EMA, batch 64.
-    post = run.stage("cmt_mf", "post", stage_cfg("post_mf", cfg.post_kimg, cfg.post_batch),
-                     network(cfg, cfg.student), LatentPosterior(MeanFlow(**guidance)), data, init=mid.ema,
-                     grid=grid)
+    post = run.stage("cmt_mf", "post", stages["post"], network(cfg, cfg.student),
+                     LatentPosterior(MeanFlow(**guidance)), data, init=mid.ema, grid=grid)
     one, two = fid(post.ema, cfg, run, args.smoke)
     run.record_metrics("cmt_mf", one_step=one, two_step=two)
     return run.finish(["fid"] if one else [], [])

@@ -19,7 +19,7 @@ import os
 import torch
 
 from engine import dist
-from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS, load_edm_pickle
+from engine.checkpoints.edm_snapshots import TEACHER_ONLY_KEYS, read_edm_pickle
 from engine.data import ImageDataset, write_image_dataset
 from engine.data.sampler import ImageDatasetSource
 from engine.errors import EngineError
@@ -105,6 +105,9 @@ def check_inputs(name: str, s: PaperSettings, dataset, teacher, data_path: str, 
     if dataset.num_channels != ch:
         problems.append(f"{data_path} has {dataset.num_channels}-channel images, the teacher {teacher_path} "
                         f"{ch}-channel ones")
+    if getattr(teacher, "label_dim", 0):   # it would be fed zero labels, and the student trained without them
+        problems.append(f"{teacher_path} is class-conditional ({teacher.label_dim} classes); {name} reproduces the "
+                        f"paper's unconditional setting (its teacher: {s.teacher_file})")
     if problems:
         raise EngineError("; ".join(problems))
 
@@ -120,16 +123,26 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
     if args.dry_run:
         run.record(identity=False)
         return {}
+
+    def stage_cfg(stage, kimg, lr, ema):
+        return StageConfig(name=stage, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="radam",
+                           lr_schedule="linear", ema_beta=ema, log_kimg=s.log_kimg, ckpt_kimg=s.ckpt_kimg,
+                           eval_kimg=s.grid_kimg, seed=args.seed)
+
+    stages = dict(mid=stage_cfg("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_ema),
+                  post=stage_cfg("post_ect", s.post_kimg, s.post_lr, s.post_ema))
+    run.plan(*stages.values())   # both stages' budgets at this --kimg-scale, before the smoke inputs are written
     if args.smoke:
         data_path, teacher, student, lpips = _smoke_inputs(args.out, s)
     else:
         from engine.perceptual.lpips import LPIPS
         data_path = args.data
-        teacher = load_edm_pickle(args.teacher, mode="teacher")
+        snapshot = read_edm_pickle(args.teacher)        # read once: teacher and student come from it
+        teacher = snapshot.network(mode="teacher")
         # The student starts as the teacher (docs/spec/cm.md §3.3): same weights, CM wrapper, dropout 0.2, no
         # augmentation labels (map_augment is ignored on load).
-        student = load_edm_pickle(args.teacher, mode="student", drop_augment=True,
-                                  overrides=dict(dropout=s.dropout)).train().requires_grad_(True)
+        student = snapshot.network(mode="student", drop_augment=True,
+                                   overrides=dict(dropout=s.dropout)).train().requires_grad_(True)
         lpips = LPIPS()
     dataset = ImageDataset(data_path, use_labels=False)
     check_inputs(name, s, dataset, teacher, data_path, args.teacher or "the smoke teacher")
@@ -144,16 +157,11 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
                                        generator=torch.Generator(run.device).manual_seed(1)).clamp(-1, 1)
         return grid
 
-    def stage_cfg(stage, kimg, lr, ema):
-        return StageConfig(name=stage, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="radam",
-                           lr_schedule="linear", ema_beta=ema, log_kimg=s.log_kimg, ckpt_kimg=s.ckpt_kimg,
-                           eval_kimg=s.grid_kimg, seed=args.seed)
-
-    mid = run.stage("cmt_ect", "mid", stage_cfg("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_ema), copy.deepcopy(student),
+    mid = run.stage("cmt_ect", "mid", stages["mid"], copy.deepcopy(student),
                     CMT(teacher, nfe=s.nfe, trajectories_per_batch=s.trajectories_per_batch, distance=distance),
                     data, init=student, grid=grid_fn(s.mid_t_mid))
-    post = run.stage("cmt_ect", "post", stage_cfg("post_ect", s.post_kimg, s.post_lr, s.post_ema),
-                     copy.deepcopy(student), ECT(q=s.q), data, init=mid.ema, grid=grid_fn(s.mid_t_post))
+    post = run.stage("cmt_ect", "post", stages["post"], copy.deepcopy(student), ECT(q=s.q), data, init=mid.ema,
+                     grid=grid_fn(s.mid_t_post))
     one, two = _fid(post.ema, s, run, args.smoke)
     run.record_metrics("cmt_ect", one_step=one, two_step=two)
     return run.finish(["fid"] if one else [], [])

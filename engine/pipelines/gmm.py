@@ -73,12 +73,17 @@ def stage_config(cfg, name: str, kimg: float, lr: float, seed: int) -> StageConf
                        seed=seed)
 
 
+def pre_stage_config(cfg, seed: int) -> StageConfig:
+    """The seed's EDM pre-training stage (`diffusion_weights`), for the recipes' Run.plan too."""
+    return stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed)
+
+
 def diffusion_weights(run, cfg, data, arms: list[str], seed: int):
     """The seed's EDM pre-training of the MLP (the diffusion weights the arms start from), trained under the first
     arm's directory and recorded as the 'pre' stage of every arm in `arms`."""
     torch.manual_seed(seed)
-    return run.stage(arms[0], "pre", stage_config(cfg, "pre_edm", cfg.pre_kimg, cfg.pre_lr, seed),
-                     EDMPrecond(backbone(cfg)), EDMLoss(), data, shared_by=tuple(arms))
+    return run.stage(arms[0], "pre", pre_stage_config(cfg, seed), EDMPrecond(backbone(cfg)), EDMLoss(), data,
+                     shared_by=tuple(arms))
 
 
 def evaluate(gm: GaussianMixture, cfg, net) -> dict:

@@ -186,6 +186,19 @@ def run_edm2_recipe(doc: str, settings: EDM2Settings, name: str, argv=None) -> d
     if args.dry_run:
         run.record(identity=False)
         return {}
+
+    def stage(stage_name, kimg, lr, ema, schedule="linear"):
+        return StageConfig(name=stage_name, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="adam",
+                           betas=s.betas, lr_schedule=schedule, ema_beta=ema, log_kimg=s.log_kimg,
+                           ckpt_kimg=s.ckpt_kimg, eval_kimg=s.grid_kimg, seed=args.seed)
+
+    stages = dict(mid=stage("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_ema))
+    if "ect" in s.arms:
+        stages["post_ect"] = stage("post_ect", s.ect_kimg, s.ect_lr, s.ect_ema)
+    if "ecd" in s.arms:
+        stages["post_ecd"] = stage("post_ecd", s.ecd_kimg, s.ecd_lr, s.ecd_ema, "constant")
+    # every stage's budget at this --kimg-scale, before the smoke inputs are written or the teacher loaded
+    run.plan(*stages.values())
     if args.smoke:
         data_path, teacher, guide, student, lpips = _smoke_inputs(args.out, s)
     else:
@@ -207,27 +220,21 @@ def run_edm2_recipe(doc: str, settings: EDM2Settings, name: str, argv=None) -> d
         return consistency_sampler(ema, z.to(device), (s.mid_t,), labels=labels,
                                    generator=torch.Generator(device).manual_seed(1)).clamp(-1, 1)
 
-    def stage(stage_name, kimg, lr, ema, schedule="linear"):
-        return StageConfig(name=stage_name, total_kimg=kimg, batch_size=s.batch_size, lr=lr, optimizer="adam",
-                           betas=s.betas, lr_schedule=schedule, ema_beta=ema, log_kimg=s.log_kimg,
-                           ckpt_kimg=s.ckpt_kimg, eval_kimg=s.grid_kimg, seed=args.seed)
-
     arms = tuple(f"cmt_{a}" for a in s.arms)
     cmt = CMT(teacher, nfe=s.nfe, trajectories_per_batch=s.trajectories_per_batch,
               distance=perceptual(lpips.to(device)))
-    mid = run.stage("cmt", "mid", stage("mid_cmt", s.mid_kimg, s.mid_lr, s.mid_ema), copy.deepcopy(student), cmt,
-                    data, init=student, grid=grid, shared_by=arms)
+    mid = run.stage("cmt", "mid", stages["mid"], copy.deepcopy(student), cmt, data, init=student, grid=grid,
+                    shared_by=arms)
     posts = {}
     if "ect" in s.arms:
         ect = ECT(P_mean=s.P_mean, P_std=s.P_std, q=s.ect_q, c=s.c, weighting="snrpk")
-        posts["cmt_ect"] = run.stage("cmt_ect", "post", stage("post_ect", s.ect_kimg, s.ect_lr, s.ect_ema),
-                                     copy.deepcopy(student), ect, data, init=mid.ema, grid=grid)
+        posts["cmt_ect"] = run.stage("cmt_ect", "post", stages["post_ect"], copy.deepcopy(student), ect, data,
+                                     init=mid.ema, grid=grid)
     if "ecd" in s.arms:
         guided = GuidedDenoiser(teacher, guide.to(device), s.guidance)
         ecd = ECD(guided, solver=s.ecd_solver, P_mean=s.P_mean, P_std=s.P_std, q=s.ecd_q, c=s.c)
-        posts["cmt_ecd"] = run.stage("cmt_ecd", "post", stage("post_ecd", s.ecd_kimg, s.ecd_lr, s.ecd_ema,
-                                                              "constant"),
-                                     copy.deepcopy(student), ecd, data, init=mid.ema, grid=grid)
+        posts["cmt_ecd"] = run.stage("cmt_ecd", "post", stages["post_ecd"], copy.deepcopy(student), ecd, data,
+                                     init=mid.ema, grid=grid)
     metrics = None if args.smoke else metric_inputs
     for arm, res in posts.items():
         one, two = _evaluate(res.ema, s, run, metrics)

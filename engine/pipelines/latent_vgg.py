@@ -90,6 +90,12 @@ def run_latent_vgg(doc: str, settings: LatentVGGSettings, name: str, argv=None) 
     if args.dry_run:
         run.record(identity=False)
         return {}
+    cfg = StageConfig(name="latent_vgg", total_kimg=s.epochs * s.epoch_kimg, batch_size=s.batch_size, lr=s.lr,
+                      optimizer="sgd", momentum=s.momentum, weight_decay=s.weight_decay, lr_schedule="step",
+                      lr_step_kimg=s.lr_step_epochs * s.epoch_kimg, lr_step_gamma=s.lr_gamma, ema_beta=0.0,
+                      log_kimg=s.epoch_kimg / 10, ckpt_kimg=s.ckpt_epochs * s.epoch_kimg,
+                      eval_kimg=s.eval_epochs * s.epoch_kimg, seed=args.seed, bf16=False)
+    run.plan(cfg)                  # the budget at this --kimg-scale, before the smoke latents are written
     data_path = _smoke_latents(os.path.join(args.out, "smoke-latents.zip"), s) if args.smoke else args.data
     train = LatentSource(ImageDataset(data_path, use_labels=True))
     _check(train.dataset, s)
@@ -109,11 +115,6 @@ def run_latent_vgg(doc: str, settings: LatentVGGSettings, name: str, argv=None) 
     def evaluate(net):
         return {"top1": top1(net, held, held_idx, device, batch=s.batch_size)}
 
-    cfg = StageConfig(name="latent_vgg", total_kimg=s.epochs * s.epoch_kimg, batch_size=s.batch_size, lr=s.lr,
-                      optimizer="sgd", momentum=s.momentum, weight_decay=s.weight_decay, lr_schedule="step",
-                      lr_step_kimg=s.lr_step_epochs * s.epoch_kimg, lr_step_gamma=s.lr_gamma, ema_beta=0.0,
-                      log_kimg=s.epoch_kimg / 10, ckpt_kimg=s.ckpt_epochs * s.epoch_kimg,
-                      eval_kimg=s.eval_epochs * s.epoch_kimg, seed=args.seed, bf16=False)
     torch.manual_seed(args.seed)
     net = LatentVGG(num_classes=s.num_classes, hidden=s.hidden)
     res = run.stage("latent_vgg", "pre", cfg, net, LatentPosterior(Classification(), convention="edm2"), source,
