@@ -29,12 +29,25 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def as_sigma(sigma, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """σ as a python float, a 0-d, [B] or [B,1,...,1] tensor → a [B or 1, 1, ..., 1] tensor broadcastable to x."""
     dtype = dtype or compute_dtype(x)
-    s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    if not isinstance(x, torch.Tensor):
+        raise EngineError(f"x must be a tensor, got {type(x).__name__}")
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        # a host number is checked here for free; a tensor σ is not, since that would read it back from the
+        # device in every forward (docs/runs.md: forwards check shapes and types, not values on the device)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise EngineError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    try:
+        if isinstance(sigma, (str, bytes)) or sigma is None:
+            raise TypeError
+        s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise EngineError(f"sigma must be a number or a tensor, got {type(sigma).__name__} {str(sigma)[:40]!r}") \
+            from None
     if s.ndim > 1 and any(d != 1 for d in s.shape[1:]):
-        raise ValueError(f"sigma must be a scalar, [B] or [B,1,...,1]; got shape {tuple(s.shape)}")
+        raise EngineError(f"sigma must be a scalar, [B] or [B,1,...,1]; got shape {tuple(s.shape)}")
     s = s.reshape(-1, *([1] * (x.ndim - 1)))
     if s.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"sigma has {s.shape[0]} entries for a batch of {x.shape[0]}")
+        raise EngineError(f"sigma has {s.shape[0]} entries for a batch of {x.shape[0]}")
     return s
 
 

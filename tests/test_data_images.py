@@ -393,7 +393,7 @@ LABEL_CASES = [
     (labels_json([["a.png", 0], ["b.png", "3"]]), r"label of 'b\.png' must be an integer class index, got '3'"),
     (labels_json([["a.png", 0], ["b.png", True]]), r"label of 'b\.png' must be an integer class index, got True"),
     (labels_json([["a.png", 0], ["b.png", [0.5, 0.5]]]), r"vector labels are not supported"),
-    (labels_json([["a.png", 0], ["b.png", -1]]), r"label of 'b\.png' is -1; class indices must be >= 0"),
+    (labels_json([["a.png", 0], ["b.png", -1]]), r"label of 'b\.png' is -1; class indices must be in \[0, 1,048,576\)"),
     (labels_json([["a.png", 0], ["b.png", 1], ["a.png", 2]]), r"labels 'a\.png' more than once"),
 ]
 

@@ -180,5 +180,5 @@ def test_encode_latents_command_writes_a_latent_dataset(tmp_path):
     assert y.tolist() == [2, 0, 1, 1, 2]
     enc = LatentEncoder(channels=(32, 32, 64, 64)).load_vae_state(vae.state_dict())
     torch.testing.assert_close(x, enc(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()))
-    with pytest.raises(SystemExit, match="stabilityai/sd-vae-ft-mse"):
+    with pytest.raises(FileNotFoundError, match="stabilityai/sd-vae-ft-mse"):    # one line through run_main
         main(["--data", str(data), "--vae", str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "x.zip")])

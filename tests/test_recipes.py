@@ -82,7 +82,8 @@ def test_imagenet256_cmt_mf_smoke_and_missing_data(tmp_path):
 
     from engine.data import write_image_dataset
     images = write_image_dataset(tmp_path / "images.zip", np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
-    with pytest.raises(SystemExit, match="holds images of shape"):
+    from engine.errors import EngineError
+    with pytest.raises(EngineError, match="holds images of shape"):
         mod.main(["--out", str(tmp_path / "y"), "--device", "cpu", "--data", str(images)])
     out = str(tmp_path / "run")
     res = mod.main(["--smoke", "--out", out, "--device", "cpu"])

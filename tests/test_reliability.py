@@ -302,7 +302,7 @@ def test_solvers_refuse_unusable_inputs():
     (["--kimg-scale", "1e-9"], "is 0 pairs, less than one step of 128"),
     (["--device", "foo"], "--device 'foo' is not a device; use cpu, cuda or cuda:N"),
     (["--device", "cuda"], "--device cuda: this PyTorch has no usable CUDA device"),
-    (["--seed", "-3"], "--seed: the value must be a non-negative integer, got -3"),
+    (["--seed", "-3"], "--seed: the seed must be an integer in [0, 2**64 − 1] (a 64-bit seed), got -3"),
 ])
 def test_recipe_flags(tmp_path, argv, message, capsys):
     if "cuda" in argv and torch.cuda.is_available():
@@ -324,12 +324,14 @@ def test_out_that_is_a_file_or_under_one(tmp_path, capsys):
     assert f.read_text() == "x"
 
 
-@pytest.mark.parametrize("flag, value", [("--num-samples", "0"), ("--num-samples", "-5"), ("--batch", "0"),
-                                         ("--seed-start", "-1")])
-def test_evaluate_counts(tmp_path, flag, value, capsys):
+@pytest.mark.parametrize("flag, value, named", [("--num-samples", "0", "the value must be a "),
+                                                ("--num-samples", "-5", "the value must be a "),
+                                                ("--batch", "0", "the value must be a "),
+                                                ("--seed-start", "-1", "the seed must be an integer in [0, 2**64")])
+def test_evaluate_counts(tmp_path, flag, value, named, capsys):
     from engine.evaluate import main
     code, err = cli(main, ["--net", "x.safetensors", "--metrics", "none", flag, value], capsys)
-    assert code == 2 and f"{flag}: the value must be a " in err
+    assert code == 2 and f"{flag}: {named}" in err
 
 
 def test_constructors_name_their_bad_values():
@@ -395,3 +397,160 @@ def test_every_command_line_names_a_bad_count(entry, argv, flag, capsys):
         mod = __import__(entry, fromlist=["main"])
     code, err = cli(mod.main, argv, capsys)
     assert code == 2 and f"argument {flag}: the value must be a " in err.strip().splitlines()[-1]
+
+
+# ---- the second probe (296 cases): what it found on the surfaces added since the first ------------------------
+
+def test_an_unconditional_paper_recipe_refuses_a_class_conditional_teacher():
+    """recipes/cifar10_cmt_ect.py with a label_dim-10 teacher trained a student with its labels silently zeroed."""
+    from types import SimpleNamespace
+
+    from engine.pipelines.edm_cm import PaperSettings, check_inputs
+    s = PaperSettings(dataset="cifar10-32x32", resolution=32, q=2)
+    teacher = EDMPrecond(build_network("digits-ddpmpp", img_resolution=32, in_channels=3, out_channels=3,
+                                       model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[],
+                                       label_dim=10))
+    data = SimpleNamespace(resolution=32, num_channels=3)
+    with pytest.raises(EngineError, match=r"^t\.pkl is class-conditional \(10 classes\); cifar10 reproduces the "
+                                          r"paper's unconditional setting \(its teacher: "
+                                          r"edm-cifar10-32x32-uncond-vp\.pkl\)$"):
+        check_inputs("cifar10", s, data, teacher, "d.zip", "t.pkl")
+
+
+def test_objectives_refuse_a_consistency_model_as_teacher_and_forwards_check_host_sigmas():
+    """CMT(CMPrecond(...).eval(), ...) trained against a consistency model's outputs as if they were a diffusion
+    model's. Forwards check what costs no device read: σ's type, shape, and a host number's value."""
+    from engine.guidance import GuidedDenoiser
+    from engine.objectives import CMT, ECD, SCD
+    from engine.objectives.distances import squared_l2
+    mlp = lambda: build_network("gmm-mlp", hidden_channels=8, num_blocks=1)  # noqa: E731
+    cm, dm = CMPrecond(mlp()).eval(), EDMPrecond(mlp()).eval()
+    refused = r"the (teacher|guide) is a consistency model \(CMPrecond\); it must be a diffusion denoiser"
+    for make in (lambda t: CMT(t, nfe=4, distance=squared_l2), lambda t: ECD(t), lambda t: SCD(t),
+                 lambda t: ECD(dm, guide=t, guidance=2.0), lambda t: CMT(GuidedDenoiser(dm, t, 2.0), nfe=4,
+                                                                         distance=squared_l2)):
+        with pytest.raises(EngineError, match=refused):
+            make(cm)
+        make(dm)                                   # a diffusion teacher is taken
+    x = torch.randn(3, 2)
+    for sigma, named in [(-1.0, r"finite number >= 0, got -1\.0"), (math.nan, "finite number >= 0, got nan"),
+                         ("0.5", "a number or a tensor, got str '0.5'"), (torch.ones(2), "2 entries for a batch of 3"),
+                         (torch.ones(3, 2), r"a scalar, \[B\] or \[B,1,...,1\]; got shape \(3, 2\)")]:
+        with pytest.raises(EngineError, match=named):
+            cm(x, sigma)
+    assert torch.isfinite(cm(x, 0.5)).all() and torch.isfinite(cm(x, [0.1, 1.0, 80.0])).all()
+
+
+def test_weights_files_that_are_not_state_dicts_are_one_line_without_torch_advice(tmp_path):
+    """A malicious, text or wrong-key VGG16 file raised torch's UnpicklingError, whose text advises
+    weights_only=False: that advice would run the file's code, and is never passed on."""
+    from engine.perceptual.lpips import load_vgg16_state_dict
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"features.0.weight": Payload()}, tmp_path / "evil.pth")
+    (tmp_path / "text.pth").write_text("features.0.weight = 1\n")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "keys.pth")
+    for name, match in [("evil.pth", r"refused without running anything: it names posix\.system, which a weights "
+                                     r"file never holds"),
+                        ("text.pth", r"is not a PyTorch file \(neither a torch\.save zip archive nor a pickle\)"),
+                        ("keys.pth", r"VGG16 weights .*keys\.pth.*: missing keys")]:
+        with pytest.raises(EngineError, match=match) as e:
+            load_vgg16_state_dict(tmp_path / name)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_a_wrong_vae_file_and_a_wrong_dataset_for_encode_latents_are_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from engine.pipelines.encode_latents import main
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
+    (tmp_path / "text.safetensors").write_text("not weights")
+    gray = write_image_dataset(tmp_path / "gray.zip", np.zeros((2, 8, 8, 1), np.uint8))
+    rgb = write_image_dataset(tmp_path / "rgb.zip", np.zeros((2, 8, 8, 3), np.uint8))
+    for vae, data, match in [("wrong.safetensors", rgb, r"wrong\.safetensors: not the SD VAE \(AutoencoderKL"),
+                             ("text.safetensors", rgb, r"text\.safetensors: not a safetensors file"),
+                             (None, gray, r"gray\.zip holds 1-channel images; the SD VAE encodes RGB")]:
+        if vae is None:                          # a VAE that loads, then the dataset is checked
+            from engine.pipelines.smoke_weights import write_sd_vae
+            vae = os.path.relpath(write_sd_vae(str(tmp_path)), tmp_path)
+        code, err = cli(main, ["--data", str(data), "--vae", str(tmp_path / vae), "--out", str(tmp_path / "o.zip"),
+                               "--device", "cpu"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "o.zip").exists()
+
+
+def test_encode_captions_checks_its_device_and_names_a_bad_json_file(tmp_path, capsys):
+    from engine.pipelines.encode_captions import main
+    (tmp_path / "bad.json").write_text("{'annotations': ")
+    base = ["--captions", str(tmp_path / "bad.json"), "--clip", str(tmp_path), "--out", str(tmp_path / "s")]
+    for device, match in [("foo", r"--device 'foo' is not a device"), ("cpu", r"bad\.json is not JSON \(")]:
+        code, err = cli(main, base + ["--device", device], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    if not torch.cuda.is_available():
+        code, err = cli(main, base + ["--device", "cuda"], capsys)
+        assert code == 2 and "this PyTorch has no usable CUDA device" in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("float_offsets", r"offsets\.npy holds float64 values; a caption store writes integer offsets there"),
+    ("object_array", r"captions\.npy is an object array \(it would be unpickled\)"),
+    ("garbage_meta", r"meta\.json is damaged: not JSON"),
+    ("meta_counts", r"meta\.json is damaged: images and captions must be counts"),
+])
+def test_a_damaged_caption_store_is_one_line(tmp_path, damage, match):
+    from engine.data.captions import CaptionStore, write_caption_store
+    store = str(tmp_path / "store")
+    write_caption_store(store, np.zeros((2, 4, 8), np.float16), np.array([0, 1, 2]), np.zeros((4, 8), np.float16),
+                        [["a"], ["b"]])
+    if damage == "float_offsets":
+        np.save(os.path.join(store, "offsets.npy"), np.array([0.0, 1.0, 2.0]))
+    elif damage == "object_array":
+        np.save(os.path.join(store, "captions.npy"), np.array([None, "x"], dtype=object), allow_pickle=True)
+    elif damage == "garbage_meta":
+        open(os.path.join(store, "meta.json"), "w").write("\x00garbage{")
+    else:
+        import json
+        meta = json.load(open(os.path.join(store, "meta.json")))
+        json.dump({**meta, "images": "two"}, open(os.path.join(store, "meta.json"), "w"))
+    with pytest.raises(EngineError, match=match) as e:
+        CaptionStore(store)
+    assert "\n" not in str(e.value)
+
+
+def test_e_latentlpips_names_latents_it_cannot_compare():
+    from engine.networks.latent_vgg import LatentVGG
+    from engine.perceptual.elatentlpips import ELatentLPIPS
+    torch.manual_seed(0)
+    d = ELatentLPIPS(vgg_state_dict=LatentVGG().state_dict())
+    with pytest.raises(EngineError, match=r"augmentation needs latents of at least 22×22, got \(16, 16\)"):
+        d(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16))
+    with pytest.raises(EngineError, match=r"compares two \[N, 4, H, W\] latents of one shape, got \(2, 3, 32, 32\)"):
+        d(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    assert d(torch.randn(2, 4, 22, 22), torch.randn(2, 4, 22, 22)).shape == (2,)
+    unaugmented = ELatentLPIPS(vgg_state_dict=LatentVGG().state_dict(), augment=None)
+    assert unaugmented(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)).shape == (2,)
+
+
+def test_a_huge_dataset_label_is_refused_before_anything_is_allocated(tmp_path):
+    """A label of 10¹² asked for one-hot vectors of 3.64 TiB."""
+    import json
+    import zipfile
+
+    from engine.data import ImageDataset
+    path = write_image_dataset(tmp_path / "d.zip", np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    labels = json.loads(members["dataset.json"])
+    labels["labels"][1][1] = 10 ** 12
+    members["dataset.json"] = json.dumps(labels).encode()
+    with zipfile.ZipFile(tmp_path / "huge.zip", "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(EngineError, match=r"is 1000000000000; class indices must be in \[0, 1,048,576\)"):
+        ImageDataset(str(tmp_path / "huge.zip"))

@@ -98,8 +98,11 @@ def test_encoding_command_writes_a_store_that_validates(tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.asarray(store.captions, dtype=np.float32)),
                                enc.encode([c for cs in caps for c in cs]).half().float())
     torch.testing.assert_close(store.null_context(), enc.encode([""])[0])
-    assert encode_main(["--captions", str(tmp_path / "ann.json"), "--clip", str(tmp_path / "nowhere"), "--out",
-                        out]) == 2                                   # a missing CLIP directory: said, exit 2
+    from engine.cli import run_main
+    with pytest.raises(SystemExit) as e:                             # a missing CLIP directory: said, exit 2
+        run_main(encode_main, ["--captions", str(tmp_path / "ann.json"), "--clip", str(tmp_path / "nowhere"),
+                               "--out", out, "--device", "cpu"])
+    assert e.value.code == 2
     with pytest.raises(CaptionStoreError, match="exists"):
         write_caption_store(out, np.zeros((1, 77, 32)), np.array([0, 1]), np.zeros((77, 32)), [["x"]])
     # a replacement that would not read back is refused whole: the old store stays, no temporary is left beside it

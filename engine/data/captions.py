@@ -37,6 +37,35 @@ FILES = dict(captions="captions.npy", offsets="offsets.npy", empty="empty_contex
              repa="repa_features.npy")
 
 
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaptionStoreError(f"{path} is damaged: not JSON ({e})") from None
+
+
+def _dims(value, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(type(d) is int and d > 0 for d in value)
+
+
+def _load_array(path, kind: str) -> np.ndarray:
+    """A store's .npy, memory-mapped, of an integer (`kind` 'i') or floating ('f') dtype. Never unpickled: an
+    object array is refused as NumPy's allow_pickle=False does, with the file named instead of NumPy's advice."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        pickled = "allow_pickle" in str(e) or "Python objects" in str(e)
+        what = "an object array (it would be unpickled)" if pickled else f"not a .npy array ({e})"
+        raise CaptionStoreError(f"{path} is {what}; a caption store holds numeric arrays only") from None
+    except OSError as e:
+        raise CaptionStoreError(f"{path} is not a readable .npy array ({e})") from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in ("iu" if kind == "i" else "f"):
+        raise CaptionStoreError(f"{path} holds {getattr(a, 'dtype', type(a).__name__)} values; a caption store "
+                                f"writes {'integer offsets' if kind == 'i' else 'floating-point features'} there")
+    return a
+
+
 class CaptionStoreError(EngineError):
     """A caption store that is missing, incomplete or inconsistent."""
 
@@ -82,17 +111,24 @@ class CaptionStore:
         if not os.path.isfile(meta_file):
             raise CaptionStoreError(f"{self.path} is not a caption store (no meta.json); make one with `python -m "
                                     f"engine.pipelines.encode_captions` (engine/data/captions.py)")
-        self.meta = json.load(open(meta_file))
-        if self.meta.get("format") != FORMAT:
-            raise CaptionStoreError(f"{meta_file}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
-        need = ["captions", "offsets", "empty", "texts"] + (["repa"] if self.meta.get("repa") else [])
+        self.meta = _read_json(meta_file)
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            got = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise CaptionStoreError(f"{meta_file}: format {got!r}, expected {FORMAT!r}")
+        counts = [self.meta.get(k) for k in ("images", "captions")]
+        context, repa = self.meta.get("context"), self.meta.get("repa")
+        if not (all(type(c) is int and c >= 0 for c in counts) and _dims(context, 2) and (not repa or _dims(repa, 2))):
+            raise CaptionStoreError(f"{meta_file} is damaged: images and captions must be counts, context and repa "
+                                    f"[tokens, channels]; got images={counts[0]!r}, captions={counts[1]!r}, "
+                                    f"context={context!r}, repa={repa!r}")
+        need = ["captions", "offsets", "empty", "texts"] + (["repa"] if repa else [])
         missing = [FILES[k] for k in need if not os.path.isfile(os.path.join(self.path, FILES[k]))]
         if missing:
             raise CaptionStoreError(f"{self.path} lacks {', '.join(missing)} (meta.json lists them)")
-        load = lambda k: np.load(os.path.join(self.path, FILES[k]), mmap_mode="r")
+        load = lambda k: _load_array(os.path.join(self.path, FILES[k]), "i" if k == "offsets" else "f")  # noqa: E731
         self.captions, self.offsets, self.empty = load("captions"), np.asarray(load("offsets")), load("empty")
-        self.repa = load("repa") if self.meta.get("repa") else None
-        n, m = int(self.meta["images"]), int(self.meta["captions"])
+        self.repa = load("repa") if repa else None
+        n, m = counts
         problems = []
         if self.captions.ndim != 3 or self.captions.shape[0] != m or list(self.captions.shape[1:]) != \
                 list(self.meta["context"]):
@@ -122,8 +158,8 @@ class CaptionStore:
     @property
     def texts(self) -> list[list[str]]:
         if self._texts is None:
-            self._texts = json.load(open(os.path.join(self.path, FILES["texts"]), encoding="utf-8"))
-            if len(self._texts) != len(self) or any(len(t) != int(c) for t, c in
+            self._texts = _read_json(os.path.join(self.path, FILES["texts"]))
+            if not isinstance(self._texts, list) or len(self._texts) != len(self) or any(len(t) != int(c) for t, c in
                                                      zip(self._texts, np.diff(self.offsets))):
                 raise CaptionStoreError(f"{self.path}: {FILES['texts']} does not list each image's captions")
         return self._texts

@@ -150,6 +150,10 @@ def _npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
 # Reader
 
 
+# Labels are one-hot [max class + 1]: a stray 10¹² would ask for terabytes (ImageNet-21k has 21,841 classes).
+MAX_CLASSES = 1 << 20
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """EDM-format dataset (zip or folder); items are (uint8 [C, H, W] numpy, float32 one-hot [label_dim]).
 
@@ -391,8 +395,9 @@ class ImageDataset(torch.utils.data.Dataset):
                 vector = " (vector labels are not supported)" if isinstance(label, list) else ""
                 raise DatasetError(f"{where}: the label of '{fname}' must be an integer class index, got "
                                    f"{_short(label)}{vector}")
-            if label < 0:
-                raise DatasetError(f"{where}: the label of '{fname}' is {label}; class indices must be >= 0")
+            if label < 0 or label >= MAX_CLASSES:
+                raise DatasetError(f"{where}: the label of '{fname}' is {label}; class indices must be in "
+                                   f"[0, {MAX_CLASSES:,}) (labels are one-hot vectors of max class + 1 entries)")
             labels[fname] = label
         known = set(self._image_names)
         unknown = [f for f in labels if f not in known]

@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from engine.errors import EngineError
+
 
 class ResumableSampler:
     def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
@@ -97,9 +99,9 @@ class LatentSource:
 
     def __init__(self, dataset):
         if not getattr(dataset, "is_latent", False):
-            raise ValueError(f"{dataset.path} holds images, not .npy latents; use ImageDatasetSource")
+            raise EngineError(f"{dataset.path} holds images, not .npy latents; use ImageDatasetSource")
         if dataset.num_channels % 2:
-            raise ValueError(f"{dataset.path}: latents have {dataset.num_channels} channels; the EDM2 format "
+            raise EngineError(f"{dataset.path}: latents have {dataset.num_channels} channels; the EDM2 format "
                              f"stores mean and std, an even number (8 for the SD VAE)")
         self.dataset = dataset
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from engine import ops
 from engine.checks import finite
+from engine.errors import EngineError
 from engine.networks.dropout import step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
 from engine.objectives.distances import resolve_distance
@@ -40,6 +41,25 @@ def freeze(teacher):
     if isinstance(teacher, nn.Module):
         teacher.eval().requires_grad_(False)
     return teacher
+
+
+def freeze_denoiser(teacher, where: str, role: str = "teacher"):
+    """`freeze` for a diffusion teacher (or guide): a consistency model in its place is refused. A CMPrecond
+    denoises nothing at σ > σ_min the way a diffusion model does (it maps to the trajectory's end), so a solver
+    driven by it trains a student on wrong targets without any error. The command lines refuse such files when
+    they load them (engine/checkpoints/edm_snapshots.py); this is the same check for objects built in Python.
+    Guided teachers are checked network by network."""
+    from engine.guidance import GuidedDenoiser
+    from engine.precond import CMPrecond
+    nets = (teacher.main, teacher.guide) if isinstance(teacher, GuidedDenoiser) else (teacher,)
+    for net in nets:
+        if isinstance(net, CMPrecond):
+            raise EngineError(f"{where}: the {role} is a consistency model (CMPrecond); it must be a diffusion "
+                              "denoiser (EDMPrecond, EDM2Precond or an analytic teacher). Load an EDM / ECT / CMT "
+                              "file as a teacher with load_edm_pickle(path, mode='teacher')")
+    if teacher is not None and not callable(teacher):
+        raise EngineError(f"{where}: the {role} must be a denoiser(x, sigma, labels), got {type(teacher).__name__}")
+    return freeze(teacher)
 
 
 def teacher_calls(teacher) -> int:
@@ -65,7 +85,7 @@ class _TeacherSolve(Objective):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}")
         if third_order not in THIRD_ORDER_RULES:
             raise ValueError(f"third_order must be one of {THIRD_ORDER_RULES}, got {third_order!r}")
-        self.teacher = freeze(teacher)
+        self.teacher = freeze_denoiser(teacher, type(self).__name__)
         self.nfe, self.order, self.third_order = int(nfe), int(order), third_order
         where = type(self).__name__
         self.sigma_min = finite("sigma_min", sigma_min, where, low=0.0, strict=True)

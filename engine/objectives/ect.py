@@ -30,7 +30,7 @@ from engine.checks import finite
 from engine.guidance import guided
 from engine.networks.dropout import dropout_generator, step_stream
 from engine.objectives.base import LossOutput, Objective, StepRNG
-from engine.objectives.cmt import freeze, teacher_calls
+from engine.objectives.cmt import freeze_denoiser, teacher_calls
 from engine.objectives.distances import l2, pseudo_huber, resolve_distance
 from engine.objectives.edm import batch_view, noise_dtype
 from engine.schedules import SIGMA_DATA
@@ -177,7 +177,8 @@ class ECD(_ConsistencyGap):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if (guide is None) != (guidance is None):
             raise ValueError("auto-guidance needs both guide (the guiding denoiser) and guidance (its weight w)")
-        self.teacher, self.guide = freeze(teacher), freeze(guide)
+        self.teacher = freeze_denoiser(teacher, "ECD")
+        self.guide = freeze_denoiser(guide, "ECD", "guide")
         self.solver, self.guidance = solver, None if guidance is None else float(guidance)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:

@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from engine.errors import EngineError
 from engine.objectives.base import LossOutput, StepRNG, Wrapper
 from engine.perceptual.vae import BIAS, SCALE, SD_SCALING
 
@@ -26,16 +27,16 @@ CONVENTIONS = ("sd", "edm2")
 def posterior_sample(moments: torch.Tensor, noise: torch.Tensor, convention: str) -> torch.Tensor:
     """Model-space latents from moments [B, 2C, H, W] and unit noise [B, C, H, W]."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise EngineError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
     if moments.ndim != 4 or moments.shape[1] != 2 * noise.shape[1]:
-        raise ValueError(f"moments must be [B, 2·C, H, W] (mean, then std); got {tuple(moments.shape)} for noise "
+        raise EngineError(f"moments must be [B, 2·C, H, W] (mean, then std); got {tuple(moments.shape)} for noise "
                          f"{tuple(noise.shape)}")
     mean, std = moments.chunk(2, dim=1)
     z = mean + std * noise
     if convention == "sd":
         return z * SD_SCALING
     if z.shape[1] != len(SCALE):
-        raise ValueError(f"the edm2 convention is for the SD VAE's 4 latent channels, got {z.shape[1]}")
+        raise EngineError(f"the edm2 convention is for the SD VAE's 4 latent channels, got {z.shape[1]}")
     scale, bias = _edm2_affine(z.dtype, z.device)
     return z * scale + bias
 
@@ -54,14 +55,14 @@ class LatentPosterior(Wrapper):
 
     def __init__(self, inner, convention: str = "sd"):
         if convention not in CONVENTIONS:
-            raise ValueError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
+            raise EngineError(f"latent convention must be one of {CONVENTIONS}, got {convention!r}")
         super().__init__(inner)
         self.convention = convention
         self.name = f"{inner.name}@latents"
 
     def __call__(self, net, moments, labels, rng: StepRNG) -> LossOutput:
         if moments.ndim != 4 or moments.shape[1] % 2:
-            raise ValueError(f"expected posterior moments [B, 2·C, H, W] from a latent dataset, got "
+            raise EngineError(f"expected posterior moments [B, 2·C, H, W] from a latent dataset, got "
                              f"{tuple(moments.shape)}")
         c = moments.shape[1] // 2
         noise = rng.randn((moments.shape[0], c, *moments.shape[2:]), moments.device, torch.float32)

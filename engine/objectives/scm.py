@@ -46,7 +46,7 @@ from engine.checks import one_of
 from engine.jvp import FD_STEP
 from engine.networks.dropout import dropout_generator
 from engine.objectives.base import LossOutput, Objective, StepRNG
-from engine.objectives.cmt import freeze
+from engine.objectives.cmt import freeze_denoiser
 from engine.objectives.edm import batch_view, noise_dtype
 from engine.schedules import SIGMA_DATA
 
@@ -222,7 +222,7 @@ class SCD(_SCM):
                  fd_step: float = FD_STEP, jvp_precision: str = "fp32"):
         super().__init__(P_mean, P_std, sigma_data, warmup_kimg, c, prior_weight, weight_channels, jvp, fd_step,
                          jvp_precision)
-        self.teacher = freeze(teacher)
+        self.teacher = freeze_denoiser(teacher, "sCD")
         self.guidance = None if guidance is None else float(guidance)
 
     @torch.no_grad()

@@ -144,6 +144,12 @@ class JointAugment(torch.nn.Module):
                         saturation=saturation_std, imgfilter=imgfilter_std, noise=noise_std, cutout=cutout_size)
         self.register_buffer("fbank", torch.tensor(filter_bank(), dtype=torch.float64), persistent=False)
 
+    @property
+    def min_size(self) -> int:
+        """The smallest height and width it augments: the band filters pad by reflection by taps // 2 (21 of 43),
+        which needs more pixels than that; the geometric pass reflects by size − 1, which any size allows."""
+        return self.fbank.shape[-1] // 2 + 1 if "imgfilter" in self.ops else 1
+
     # ---- parameters ----------------------------------------------------------------------------------------------
     def draw(self, batch: int, shape, device, generator: torch.Generator | None = None, dtype=torch.float32) -> dict:
         """Every random number of one call: per-sample parameters of each enabled op, with an op skipped (identity)

@@ -33,7 +33,7 @@ import os
 import torch
 from torch import nn
 
-from engine.checkpoints.files import CheckpointError, weights_file
+from engine.checkpoints.files import CheckpointError, read_state_dict_file, weights_file
 from engine.checkpoints.state_dicts import load_network_state
 from engine.errors import EngineError
 from engine.networks.dropout import pinned_stream
@@ -68,11 +68,11 @@ def read_vgg_state(path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # noqa: BLE001 - a full-module pickle, or not a checkpoint at all
-        raise CheckpointError(f"{path}: not a plain state dict ({type(e).__name__}); a CMT full-module checkpoint "
-                              f"needs engine.perceptual.elatentlpips.convert_reference_checkpoint first") from None
-    if isinstance(state, dict) and "state_dict" in state:
+        state = read_state_dict_file(path)
+    except EngineError as e:   # a full-module pickle, or not a checkpoint at all
+        raise CheckpointError(f"{e}; a CMT full-module checkpoint needs "
+                              "engine.perceptual.elatentlpips.convert_reference_checkpoint first") from None
+    if "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
@@ -139,6 +139,14 @@ class ELatentLPIPS(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        channels = self.slices[0][0].in_channels
+        if x.ndim != 4 or x.shape != y.shape or x.shape[1] != channels:
+            raise EngineError(f"E-LatentLPIPS compares two [N, {channels}, H, W] latents of one shape, got "
+                              f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if self.augment is not None and min(x.shape[2:]) < self.augment.min_size:
+            raise EngineError(f"E-LatentLPIPS's augmentation needs latents of at least {self.augment.min_size}×"
+                              f"{self.augment.min_size}, got {tuple(x.shape[2:])} (its band filters pad by "
+                              f"{self.augment.min_size - 1}); pass augment=None for smaller ones")
         y = y.detach()
         l1 = (x - y).abs().flatten(1).mean(dim=1) if self.l1 else None
         if self.augment is not None:

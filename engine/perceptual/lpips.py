@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
-from engine.checkpoints.files import in_weights_dir
+from engine.checkpoints.files import in_weights_dir, read_state_dict_file
+from engine.errors import EngineError
 
 __all__ = [
     "LPIPS", "VGG16_FILENAME", "VGG16_ENV", "LIN_ENV", "LIN_INSTALL",
@@ -135,18 +136,12 @@ def _check_state_dict(sd: dict, expected: dict[str, tuple[int, ...]], what: str,
             parts.append(f"unexpected keys {unexpected}")
         if bad:
             parts.append(f"wrong shapes/dtypes {bad}")
-        raise ValueError(f"{what}: " + "; ".join(parts))
+        raise EngineError(f"{what}: " + "; ".join(parts))
 
 
 def _load(path: str) -> dict:
-    # mmap avoids reading the 400 MB classifier of the VGG file; files in the legacy (pre-zip) format cannot be
-    # mapped and are read whole.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc) and "zip" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap avoids reading the 400 MB classifier of the VGG file (engine/checkpoints/files.py read_state_dict_file)
+    return read_state_dict_file(path, mmap=True)
 
 
 def load_vgg16_state_dict(path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
@@ -287,10 +282,10 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"LPIPS expects two [N, 3 or 1, H, W] images of the same shape, got "
+            raise EngineError(f"LPIPS expects two [N, 3 or 1, H, W] images of the same shape, got "
                              f"{tuple(x.shape)} and {tuple(y.shape)}")
         if min(x.shape[2:]) < 16:
-            raise ValueError(f"LPIPS (VGG16, 4 max-pools before relu5_3) needs H, W >= 16, got {tuple(x.shape[2:])}")
+            raise EngineError(f"LPIPS (VGG16, 4 max-pools before relu5_3) needs H, W >= 16, got {tuple(x.shape[2:])}")
         if not (x.is_floating_point() and y.is_floating_point()):
             raise TypeError(f"LPIPS expects floating-point images, got {x.dtype} and {y.dtype}")
         dtype = torch.promote_types(x.dtype, y.dtype)

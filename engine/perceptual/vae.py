@@ -26,6 +26,7 @@ from torch import nn
 
 from engine.checkpoints.files import weights_file
 from engine.checkpoints.state_dicts import mismatch_summary
+from engine.errors import EngineError
 
 SCALE = (0.11990407, 0.10822511, 0.13477089, 0.15243903)
 BIAS = (-0.69664264, -0.35173160, -0.01617251, 0.32774392)
@@ -163,7 +164,7 @@ class LatentDecoder(nn.Module):
     def __init__(self, channels=(128, 256, 512, 512), convention: str = "edm2"):
         super().__init__()
         if convention not in ("edm2", "sd"):
-            raise ValueError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
+            raise EngineError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
         self.convention = convention
         self.post_quant_conv = nn.Conv2d(4, 4, 1)
         self.decoder = _Decoder(channels=channels)
@@ -197,7 +198,7 @@ class LatentDecoder(nn.Module):
         path = cls.weights_path(path)
         state = read_vae_file(path)
         net = cls(channels=_widths(state, "decoder.up_blocks", reverse=True), convention=convention)
-        net.load_vae_state(state)
+        _load_named(net, state, path)
         return net
 
     def load_vae_state(self, state: dict) -> "LatentDecoder":
@@ -206,7 +207,7 @@ class LatentDecoder(nn.Module):
         expected = {k: v for k, v in self.state_dict().items() if k not in ("scale", "bias")}
         problems = mismatch_summary(expected, ours)
         if problems:
-            raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: {problems}")
+            raise EngineError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) decoder: {problems}")
         self.load_state_dict({**ours, "scale": self.scale, "bias": self.bias})
         return self
 
@@ -221,7 +222,7 @@ class LatentEncoder(nn.Module):
     def __init__(self, channels=(128, 256, 512, 512), convention: str = "sd"):
         super().__init__()
         if convention not in ("edm2", "sd"):
-            raise ValueError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
+            raise EngineError(f"latent convention must be 'edm2' or 'sd', got {convention!r}")
         self.convention = convention
         self.encoder = _Encoder(channels=channels)
         self.quant_conv = nn.Conv2d(8, 8, 1)
@@ -230,10 +231,10 @@ class LatentEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"the encoder takes uint8 RGB images [N, 3, H, W], got {images.dtype} "
+            raise EngineError(f"the encoder takes uint8 RGB images [N, 3, H, W], got {images.dtype} "
                              f"{tuple(images.shape)}")
         if images.shape[2] % 8 or images.shape[3] % 8:
-            raise ValueError(f"image sides must be multiples of 8 (the VAE downsamples 8×), got "
+            raise EngineError(f"image sides must be multiples of 8 (the VAE downsamples 8×), got "
                              f"{tuple(images.shape[2:])}")
         x = images.to(self.quant_conv.weight.dtype) / 255  # float32 weights (float64 in the reference test)
         if self.convention == "sd":
@@ -247,7 +248,7 @@ class LatentEncoder(nn.Module):
                             "(diffusion_pytorch_model.safetensors)", WHERE, names=VAE_FILES)
         state = read_vae_file(path)
         net = cls(channels=_widths(state, "encoder.down_blocks"), convention=convention)
-        net.load_vae_state(state)
+        _load_named(net, state, path)
         return net
 
     def load_vae_state(self, state: dict) -> "LatentEncoder":
@@ -255,7 +256,7 @@ class LatentEncoder(nn.Module):
         ours = _vae_part(state, ("encoder.", "quant_conv."))
         problems = mismatch_summary(self.state_dict(), ours)
         if problems:
-            raise ValueError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) encoder: {problems}")
+            raise EngineError(f"not the SD VAE (AutoencoderKL, sd-vae-ft-mse) encoder: {problems}")
         self.load_state_dict(ours)
         return self
 
@@ -286,9 +287,16 @@ def _vae_part(state: dict, prefixes: tuple[str, ...]) -> dict:
     return ours
 
 
+def _load_named(net, state: dict, path) -> None:
+    try:
+        net.load_vae_state(state)
+    except EngineError as e:
+        raise EngineError(f"{path}: {e}") from None
+
+
 def read_vae_file(path) -> dict:
     from safetensors.torch import load_file
     try:
         return load_file(os.fspath(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from e
+        raise EngineError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None

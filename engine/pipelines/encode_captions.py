@@ -21,23 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import torch
 
 from engine.checkpoints.files import file_sha256
 from engine.checks import positive_int_arg
+from engine.cli import resolve_device, run_main
 from engine.errors import EngineError
 
 
 def read_captions(path) -> list[list[str]]:
     """Per-item caption lists from a COCO annotation file (sorted image ids) or a JSON list of lists."""
-    data = json.load(open(path, encoding="utf-8"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path} is not JSON ({e})") from None
     if isinstance(data, dict) and "annotations" in data:
-        by_image: dict[int, list[str]] = {int(im["id"]): [] for im in data.get("images", [])}
-        for a in data["annotations"]:
-            by_image.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+        try:
+            by_image: dict[int, list[str]] = {int(im["id"]): [] for im in data.get("images", [])}
+            for a in data["annotations"]:
+                by_image.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"{path}: a COCO annotation without an integer id / image_id or a caption "
+                              f"({type(e).__name__}: {e})") from None
         return [by_image[i] for i in sorted(by_image)]
     if isinstance(data, list) and all(isinstance(c, list) and all(isinstance(s, str) for s in c) for c in data):
         return data
@@ -81,28 +89,25 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=None, help="the uint8 image dataset, for REPA's DINOv2 features")
     p.add_argument("--dinov2", default=None, help="dinov2_vitb14_pretrain.pth (with --images)")
     p.add_argument("--batch", type=positive_int_arg, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    a.device = resolve_device(a.device)          # the common check: a bad or absent device is one line, first
     from engine.data.image_dataset import ImageDataset
     from engine.perceptual.clip_text import CLIPTextEncoder
-    try:
-        captions = read_captions(a.captions)
-        clip = CLIPTextEncoder.from_directory(a.clip)
-        images = dinov2 = None
-        if a.images:
-            from engine.metrics.dinov2 import DINOv2
-            images, dinov2 = ImageDataset(a.images), DINOv2.from_file(a.dinov2, "vitb14")
-        n = len(ImageDataset(a.latents)) if a.latents else None
-        meta = dict(captions_file=a.captions, captions_sha256=file_sha256(a.captions), clip=a.clip,
-                    dinov2=None if dinov2 is None else dinov2.describe())
-        out = encode_store(captions, clip, a.out, images, dinov2, n, a.batch, a.device, a.overwrite, meta)
-    except (EngineError, FileNotFoundError, ValueError) as e:
-        print(f"encode_captions: {e}", file=sys.stderr)
-        return 2
+    captions = read_captions(a.captions)
+    clip = CLIPTextEncoder.from_directory(a.clip)
+    images = dinov2 = None
+    if a.images:
+        from engine.metrics.dinov2 import DINOv2
+        images, dinov2 = ImageDataset(a.images), DINOv2.from_file(a.dinov2, "vitb14")
+    n = len(ImageDataset(a.latents)) if a.latents else None
+    meta = dict(captions_file=a.captions, captions_sha256=file_sha256(a.captions), clip=a.clip,
+                dinov2=None if dinov2 is None else dinov2.describe())
+    out = encode_store(captions, clip, a.out, images, dinov2, n, a.batch, a.device, a.overwrite, meta)
     print(f"wrote {out}: {len(captions)} items, {sum(map(len, captions))} captions")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -35,9 +35,10 @@ def encode_dataset(dataset: ImageDataset, encoder, dest, batch: int = 64, device
                    progress: bool = True) -> Path:
     """Write `dataset`'s images encoded by `encoder` (engine.perceptual.vae.LatentEncoder) as a latent dataset at `dest`."""
     if dataset.is_latent:
-        raise ValueError(f"{dataset.path} already holds latents")
+        raise EngineError(f"{dataset.path} already holds latents; encode_latents reads RGB images")
     if dataset.num_channels != 3:
-        raise ValueError(f"{dataset.path} holds {dataset.num_channels}-channel images; the SD VAE encodes RGB")
+        raise EngineError(f"{dataset.path} holds {dataset.num_channels}-channel images; the SD VAE encodes RGB "
+                          "(3 channels)")
     encoder = encoder.to(device)
     n = len(dataset)
     labels = [int(np.argmax(dataset.get_label(i))) for i in range(n)] if dataset.has_labels else None
@@ -71,15 +72,9 @@ def main(argv=None) -> Path:
     a = p.parse_args(argv)
     from engine.cli import resolve_device
     from engine.perceptual.vae import LatentEncoder
-    try:
-        device = resolve_device(a.device)
-    except EngineError as e:
-        p.error(str(e))
-    try:
-        encoder = LatentEncoder.from_file(a.vae, convention=a.convention)
-        dataset = ImageDataset(a.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+    device = resolve_device(a.device)
+    encoder = LatentEncoder.from_file(a.vae, convention=a.convention)
+    dataset = ImageDataset(a.data)
     out = encode_dataset(dataset, encoder, a.out, a.batch, device, a.overwrite)
     print(f"wrote {len(dataset)} latents to {out}", file=sys.stderr)
     return out
