@@ -110,6 +110,12 @@ class _Precond(nn.Module):
         return skip_out_reference(sigma, self.sigma_data, self.sigma_min, self.boundary())
 
     def _inputs(self, x, sigma, labels):
+        if not isinstance(x, torch.Tensor):
+            raise EngineError(f"{type(self).__name__}: x must be a tensor, got {type(x).__name__}")
+        weight = next(self.model.parameters(), None)
+        if weight is not None and weight.device.type != x.device.type:   # a host-side comparison: no sync
+            raise EngineError(f"{type(self).__name__}: x is on {x.device}, the network on {weight.device}; move one "
+                              f"of them (net.to(x.device))")
         dtype = compute_dtype(x)
         x = x.to(dtype)
         sigma = as_sigma(sigma, x, dtype).reshape(-1)  # [B] or [1]

@@ -14,7 +14,7 @@ from engine.errors import EngineError
 from engine.jvp import FD_STEP
 from engine.networks import DiT, SongUNet
 from engine.objectives import SCD, SCT, MeanFlow
-from engine.precond import CMPrecond
+from engine.precond import CMPrecond, EDMPrecond
 from engine.training.stage_config import describe_object
 
 SD = 0.5
@@ -102,7 +102,7 @@ def test_scd_and_mean_flow_finite_differences_follow_their_exact_paths():
     """The same central difference behind sCD (the teacher's velocity as the direction) and Mean Flow's dual-stream
     DiT path: at h = 1e-3 in float64 within 1e-5 of the exact JVP."""
     net = unet().double()
-    teacher = unet().double().eval()
+    teacher = EDMPrecond(unet().model).double().eval()      # the same U-Net as a diffusion denoiser
     g = torch.Generator().manual_seed(3)
     x_t = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) * 0.7
     t = torch.tensor([0.1, 0.6, 1.1, 1.5], dtype=torch.float64)

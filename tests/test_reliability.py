@@ -439,6 +439,10 @@ def test_objectives_refuse_a_consistency_model_as_teacher_and_forwards_check_hos
         with pytest.raises(EngineError, match=named):
             cm(x, sigma)
     assert torch.isfinite(cm(x, 0.5)).all() and torch.isfinite(cm(x, [0.1, 1.0, 80.0])).all()
+    meta = CMPrecond(mlp()).to("meta")          # a network on another device than its input: named, not a raw error
+    with pytest.raises(EngineError, match=r"CMPrecond: x is on cpu, the network on meta; move one of them"):
+        meta(x, 0.5)
+    assert meta(x.to("meta"), 0.5).shape == (3, 2)
 
 
 def test_weights_files_that_are_not_state_dicts_are_one_line_without_torch_advice(tmp_path):

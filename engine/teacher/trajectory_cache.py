@@ -328,22 +328,24 @@ def write_store(path: str, spec: StoreSpec, teacher, data, device="cpu", batch: 
     bar = tqdm(total=spec.num_trajectories, initial=spec.num_trajectories - sum(
         min(spec.chunk, spec.num_trajectories - c * spec.chunk) for c in todo), unit="traj", disable=not progress,
         desc="trajectories")
-    for c in todo:
-        lo, hi = c * spec.chunk, min((c + 1) * spec.chunk, spec.num_trajectories)
-        for b in range(lo, hi, batch):
-            ts = np.arange(b, min(b + batch, hi))
-            x_T, labels = _start_states(spec, data, ts, store.image_index, store.seeds, device)
-            traj = solver(x_T, labels)                                   # [N + 1, m, ...]
-            store.states[ts[0]:ts[-1] + 1] = traj.transpose(0, 1).to("cpu", torch.float32).numpy()
+    try:   # closed however the loop ends (Ctrl-C included), so its last line is printed by this command
+        for c in todo:
+            lo, hi = c * spec.chunk, min((c + 1) * spec.chunk, spec.num_trajectories)
+            for b in range(lo, hi, batch):
+                ts = np.arange(b, min(b + batch, hi))
+                x_T, labels = _start_states(spec, data, ts, store.image_index, store.seeds, device)
+                traj = solver(x_T, labels)                                   # [N + 1, m, ...]
+                store.states[ts[0]:ts[-1] + 1] = traj.transpose(0, 1).to("cpu", torch.float32).numpy()
+                if store.labels is not None:
+                    store.labels[ts[0]:ts[-1] + 1] = labels.cpu().numpy()
+                bar.update(len(ts))
+            store.states.flush()
             if store.labels is not None:
-                store.labels[ts[0]:ts[-1] + 1] = labels.cpu().numpy()
-            bar.update(len(ts))
-        store.states.flush()
-        if store.labels is not None:
-            store.labels.flush()
-        done.add(c)
-        store.mark_done(done)   # only now is the chunk counted as written
-    bar.close()
+                store.labels.flush()
+            done.add(c)
+            store.mark_done(done)   # only now is the chunk counted as written
+    finally:
+        bar.close()
     return TrajectoryStore(path)
 
 
