@@ -11,12 +11,32 @@ loaded is discarded (unlike the reference CMT loss, docs/spec/cm.md §3.1 step 1
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import hashlib
 
 import torch
 
 from engine.networks.dropout import dropout_generator
+
+
+step_profile = None     # the engine.training.step_profile.StepProfile timing the current step, if any
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Marks the enclosed work as the step phase `name`: objectives mark their teacher's work "teacher", the loop
+    the rest. Timed only while the loop profiles the step (engine/training/step_profile.py); otherwise a no-op."""
+    profile = step_profile
+    if profile is None:
+        yield
+        return
+    index = profile._open(name)
+    try:
+        yield
+    finally:
+        profile._close(index)
 
 
 @dataclasses.dataclass

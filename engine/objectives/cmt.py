@@ -25,7 +25,7 @@ from engine import ops
 from engine.checks import finite
 from engine.errors import EngineError
 from engine.networks.dropout import step_stream
-from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.base import LossOutput, Objective, StepRNG, phase
 from engine.objectives.distances import resolve_distance
 from engine.objectives.edm import noise_dtype
 from engine.schedules import SIGMA_MAX, SIGMA_MIN, logsnr_sigmas
@@ -100,7 +100,7 @@ class _TeacherSolve(Objective):
 
         The loop's bf16 autocast (CUDA) is switched off here: the reference integrates the teacher in fp32, and
         the targets of every pair come from this one solve."""
-        with ops.autocast_off(x.device):
+        with ops.autocast_off(x.device), phase("teacher"):
             if sigmas is self.sigmas:
                 return self.solver(x, labels)
             return run_dpm_solver(self.teacher, x, self._plan(sigmas, x), labels)

@@ -29,7 +29,7 @@ import torch
 from engine.checks import finite
 from engine.guidance import guided
 from engine.networks.dropout import dropout_generator, step_stream
-from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.base import LossOutput, Objective, StepRNG, phase
 from engine.objectives.cmt import freeze_denoiser, teacher_calls
 from engine.objectives.distances import l2, pseudo_huber, resolve_distance
 from engine.objectives.edm import batch_view, noise_dtype
@@ -182,10 +182,11 @@ class ECD(_ConsistencyGap):
         self.solver, self.guidance = solver, None if guidance is None else float(guidance)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
-        D = self.teacher(x, sigma, labels).to(x.dtype)
-        if self.guide is None or self.guidance == 1:
-            return D
-        return guided(D, self.guide(x, sigma, labels), self.guidance)   # engine/guidance.py
+        with phase("teacher"):
+            D = self.teacher(x, sigma, labels).to(x.dtype)
+            if self.guide is None or self.guidance == 1:
+                return D
+            return guided(D, self.guide(x, sigma, labels), self.guidance)   # engine/guidance.py
 
     @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, labels=None) -> torch.Tensor:

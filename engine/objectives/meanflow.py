@@ -26,7 +26,7 @@ from engine import dist
 from engine import jvp as jvp_ops
 from engine.checks import finite, one_of, probability
 from engine.errors import EngineError
-from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.base import LossOutput, Objective, StepRNG, phase
 from engine.objectives.cmt import freeze
 from engine.objectives.edm import noise_dtype
 from engine.solvers import flow_heun_trajectory, mean_flow_trajectory
@@ -292,10 +292,11 @@ class CMTMeanFlow(Objective):
     def velocity(self, z, t: float, y):
         B = z.shape[0]
         tt = torch.full((B,), t, device=z.device, dtype=z.dtype)
-        v = self.teacher(z, tt, tt, y).to(z.dtype)
-        if self.guidance is not None:
-            v_null = self.teacher(z, tt, tt, null_like(self.teacher, y)).to(z.dtype)
-            v = v_null + self.guidance * (v - v_null)
+        with phase("teacher"):
+            v = self.teacher(z, tt, tt, y).to(z.dtype)
+            if self.guidance is not None:
+                v_null = self.teacher(z, tt, tt, null_like(self.teacher, y)).to(z.dtype)
+                v = v_null + self.guidance * (v - v_null)
         return v
 
     @torch.no_grad()

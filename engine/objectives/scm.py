@@ -45,7 +45,7 @@ from engine import jvp as jvp_ops
 from engine.checks import one_of
 from engine.jvp import FD_STEP
 from engine.networks.dropout import dropout_generator
-from engine.objectives.base import LossOutput, Objective, StepRNG
+from engine.objectives.base import LossOutput, Objective, StepRNG, phase
 from engine.objectives.cmt import freeze_denoiser
 from engine.objectives.edm import batch_view, noise_dtype
 from engine.schedules import SIGMA_DATA
@@ -228,7 +228,8 @@ class SCD(_SCM):
     @torch.no_grad()
     def teacher_velocity(self, x_t, t, labels) -> torch.Tensor:
         tb = batch_view(t, x_t)
-        D = self.teacher(x_t / torch.cos(tb), self.sigma_data * torch.tan(t), labels).to(x_t.dtype)
+        with phase("teacher"):
+            D = self.teacher(x_t / torch.cos(tb), self.sigma_data * torch.tan(t), labels).to(x_t.dtype)
         return (torch.cos(tb) * x_t - D) / torch.sin(tb)
 
     def velocity(self, x_t, t, x0, z, labels):

@@ -16,6 +16,7 @@ GPU, and rank 0 prints and writes the run's files. Shared flags only (STYLE.md):
     --seed N         the run's seed; a CPU run is deterministic for a given seed
     --smoke          a few iterations of everything on tiny networks / synthetic data (what CI runs)
     --dry-run        print and save the resolved configuration, train nothing
+    --profile-steps N  time the phases of N steps of each stage into its log.jsonl (engine/training/step_profile.py)
 
 One process runs in a directory at a time: the run holds an advisory lock on `<out>/run.lock` (fcntl.flock, rank 0
 under torchrun) from its first write to its end, and the kernel drops it when the process dies; a second run into
@@ -37,7 +38,7 @@ from engine.checkpoints.files import atomic_write, set_weights_dir, short_list
 from engine.checkpoints.identity import VERSION as IDENTITY_VERSION
 from engine.checkpoints.identity import (IdentityMismatch, check_or_record, compare, dataset_fingerprint,
                                          file_fingerprint, plain, write_identity)
-from engine.checks import SEED_LIMIT, positive_float_arg, positive_int_arg, seed_arg
+from engine.checks import SEED_LIMIT, nonneg_int_arg, positive_float_arg, positive_int_arg, seed_arg
 from engine.cli import check_run_directory, resolve_device
 from engine.errors import EngineError
 from engine.pipelines.run_directory import (check_not_in_use, check_stage_directory, lock_run_directory, run_contents,
@@ -65,6 +66,10 @@ def parse_flags(doc: str, argv=None, default_out: str = "runs/recipe", extra: di
                          "default otherwise)")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (CI)")
     ap.add_argument("--dry-run", action="store_true", help="print and save the resolved config; train nothing")
+    ap.add_argument("--profile-steps", type=nonneg_int_arg, default=0, metavar="N",
+                    help="time the phases of N steps of each stage (after its first) — data, teacher, forward, "
+                         "backward, optimizer, EMA — into its log.jsonl (engine/training/step_profile.py); "
+                         "the results do not change")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile every block of the student and teachers (default mode, or "
                          "max-autotune-no-cudagraphs / aot_eager; engine/training/compiled.py); results equal eager "
@@ -252,7 +257,7 @@ class Run:
         self.record()
         try:
             res = train_stage(cfg, net, objective, data, os.path.join(self.out, arm), self.device,
-                              evaluate=evaluate, grid=grid)
+                              evaluate=evaluate, grid=grid, profile_steps=getattr(self.args, "profile_steps", 0))
         except BaseException:
             self.release()   # the run ends here (an error, or a signal's checkpoint and exit)
             raise

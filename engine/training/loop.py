@@ -50,6 +50,7 @@ from engine.training.ema import EMA, snapshot_name
 from engine.training.lr_schedules import learning_rate
 from engine.training.run_state import CheckpointRing, TrainingState, after_optimizer_step
 from engine.training.stage_config import StageConfig, stage_identity
+from engine.training.step_profile import StepProfile, describe, phase
 from engine.training.train_log import TrainLog
 
 
@@ -112,17 +113,20 @@ def train_step(net: nn.Module, objective: Objective, opt, params, images, labels
     `params` is the list of trained parameters, or a pair (those whose gradients the wrapper reduces, those averaged
     here): under data parallelism the objective's own parameters (sCM's adaptive weight) and the network's 0-d ones
     that FSDP2 leaves whole are averaged here. The clipping norm is over both."""
-    with rng.dropout_pinned(device), autocast:
-        out = objective(net, images, labels, rng)
-    loss = out.loss.float().mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    net_params, obj_params = params if isinstance(params, tuple) else (params, [])
-    for p in obj_params:
-        if p.grad is not None:
-            dist.all_reduce_mean(p.grad)
-    grad_norm = clip_gradients(net_params, obj_params, grad_clip)
-    opt.step()
+    with phase("forward"):          # engine/training/step_profile.py: a no-op unless the step is profiled
+        with rng.dropout_pinned(device), autocast:
+            out = objective(net, images, labels, rng)
+        loss = out.loss.float().mean()
+    with phase("backward"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer"):
+        net_params, obj_params = params if isinstance(params, tuple) else (params, [])
+        for p in obj_params:
+            if p.grad is not None:
+                dist.all_reduce_mean(p.grad)
+        grad_norm = clip_gradients(net_params, obj_params, grad_clip)
+        opt.step()
     return out, loss, grad_norm
 
 
@@ -144,7 +148,8 @@ def clip_gradients(net_params, obj_params, max_norm: float | None) -> torch.Tens
 def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, run_dir: str,
                 device: torch.device | str = "cpu",
                 evaluate: Callable[[nn.Module], dict] | None = None,
-                grid: Callable[[nn.Module], torch.Tensor] | None = None, start: StageStart | None = None) -> StageResult:
+                grid: Callable[[nn.Module], torch.Tensor] | None = None, start: StageStart | None = None,
+                profile_steps: int = 0) -> StageResult:
     """Train `net` (already initialised, on `device`) with `objective` on `data` (a source with `len` and
     `batch(indices, device)`) until `cfg.total_kimg`; resume from the stage's newest readable checkpoint if any,
     else from `start` when given (an EDM2 training state: engine/checkpoints/edm_snapshots.py
@@ -206,7 +211,8 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
         return _finished_result(cfg, state, parallel, release, resumed, stage_dir, lead)
 
     with StopSignals() as signals:
-        run_steps(cfg, state, data, n_images, stage_dir, device, parallel.gathered, evaluate, grid, signals)
+        run_steps(cfg, state, data, n_images, stage_dir, device, parallel.gathered, evaluate, grid, signals,
+                  profile_steps)
 
     # The stage's release: EMA weights with the architecture and config as metadata (rewritten atomically).
     final_ema = parallel.gathered(ema.module).eval()
@@ -300,7 +306,8 @@ def _logged_result(path: str, nimg: int, counters: dict) -> tuple[dict, float, l
 
 
 def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage_dir: str, device: torch.device,
-              gathered: Callable[[nn.Module], nn.Module], evaluate=None, grid=None, signals=None) -> None:
+              gathered: Callable[[nn.Module], nn.Module], evaluate=None, grid=None, signals=None,
+              profile_steps: int = 0) -> None:
     """The steps from `state.pairs_seen` to the stage's budget, and what happens at image-count boundaries: logs
     every `log_kimg`, evaluations and grids of the EMA every `eval_kimg`, snapshots of the tracked power EMAs every
     `snapshot_kimg`, checkpoints every `ckpt_kimg` (all at the end too), and a checkpoint and exit when `signals`
@@ -320,6 +327,7 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     steps, last_good_kimg, t_last = 0, state.pairs_seen / 1000, time.time()
+    profile = StepProfile(profile_steps, device)
     try:
         while state.pairs_seen < total:
             before = state.pairs_seen
@@ -329,11 +337,18 @@ def run_steps(cfg: StageConfig, state: TrainingState, data, n_images: int, stage
                                gamma=cfg.lr_step_gamma)
             state.optimizers.set_lr(lr)
             rng = StepRNG.for_step(cfg.seed, rank, before, device, world)
-            images, labels = batches.next()         # = data.batch(sampler.indices(data_pos, n_images, ...))
-            out, loss, grad_norm = train_step(state.model, state.objective, state.optimizers, state.params, images,
-                                              labels, rng, autocast, cfg.grad_clip, device)
-            nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
-            state.update_averages(before + cfg.batch_size)
+            with profile.step():                    # times its phases when profiled (engine/training/step_profile.py)
+                with phase("data"):
+                    images, labels = batches.next()  # = data.batch(sampler.indices(data_pos, n_images, ...))
+                out, loss, grad_norm = train_step(state.model, state.objective, state.optimizers, state.params,
+                                                  images, labels, rng, autocast, cfg.grad_clip, device)
+                nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on device: no sync here
+                with phase("ema"):
+                    state.update_averages(before + cfg.batch_size)
+            if profile.done() and lead:
+                record = profile.record()
+                log.write(dict(record, kimg=state.pairs_seen / 1000))
+                print(describe(record, cfg.name), flush=True)
             state.advance(cfg.batch_size, n_images, out, world)
             loss_sum += loss.detach()
             steps += 1
