@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
 
@@ -50,6 +51,29 @@ def test_embedded_recipes_smoke(tmp_path, name):
         assert picture.size == (2 * (10 * 34 + 2) + 12, 3 * (6 * 34 + 2 + 16) + 2 * 12)
         grids = os.path.join(out, "cmt_ect", "post_ect", "grids")
         assert Image.open(os.path.join(grids, sorted(os.listdir(grids))[-1])).size == (10 * 33 + 1,) * 2
+        check_trajectories_solved_ahead(mod_cfg=load(name).smoke(load(name).Config()), out=out, res=res)
+
+
+def check_trajectories_solved_ahead(mod_cfg, out, res):
+    """The main job's CMT solves its trajectories before the stage: the store holds exactly the trajectories the
+    stage consumed (steps × trajectories_per_batch, each once), the steps called no teacher, and a stored
+    trajectory is the pre-trained teacher's own 16-step solve from its stored seed and image."""
+    from safetensors.torch import load_file
+
+    from engine.pipelines.digits import backbone
+    from engine.precond import EDMPrecond
+    from engine.teacher import trajectory_cache as tc
+    source = tc.TrajectorySource(os.path.join(out, "cmt_ect", "trajectories"))
+    mid = res["runs"]["cmt_ect"]["stages"]["mid"]
+    steps = round(mid["kimg"] * 1000) // 128
+    assert len(source) == steps * mod_cfg.trajectories_per_batch == mid["counters"]["images"]
+    assert mid["counters"]["teacher_nfe"] == 0 and mid["trajectories_wall_s"] > 0
+    teacher = EDMPrecond(backbone(mod_cfg, 0.0))
+    teacher.load_state_dict(load_file(os.path.join(out, "teacher", "pre_edm", "ema.safetensors")))
+    from engine.data import digits_source
+    for t in (0, len(source) - 1):
+        again = tc.regenerate(source.store, t, teacher.eval(), digits_source(mod_cfg.resolution))
+        torch.testing.assert_close(again, torch.from_numpy(source.store.states[t].copy()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["cifar10_cmt_ect", "ffhq64_cmt_ect", "afhqv2_64_cmt_ect"])

@@ -11,10 +11,12 @@ import math
 
 import torch
 
+from engine import dist
 from engine.networks import build_network
-from engine.objectives import CMT, pseudo_huber
+from engine.objectives import CMT, CachedCMT, pseudo_huber
 from engine.schedules import logsnr_sigmas
 from engine.solvers import consistency_sampler, dpm_solver_pp
+from engine.teacher.trajectory_cache import StoreSpec, TrajectorySource, write_store
 from engine.training.stage_config import StageConfig
 
 
@@ -113,7 +115,28 @@ def stage_config(cfg, name: str, kimg: float, lr: float, seed: int, eval_kimg: f
                        eval_kimg=eval_kimg, seed=seed)
 
 
+def cmt_distance(cfg):
+    """Pseudo-Huber with ECT's constant c = 0.00054·√d for d = 8·8 values (LPIPS needs ImageNet VGG weights)."""
+    return pseudo_huber(0.00054 * math.sqrt(cfg.resolution ** 2))
+
+
 def cmt(cfg, teacher) -> CMT:
-    """CMT on the teacher's cfg.nfe-step trajectories, pseudo-Huber distance with the ECT constant for 8×8."""
-    return CMT(teacher, nfe=cfg.nfe, trajectories_per_batch=cfg.trajectories_per_batch,
-               distance=pseudo_huber(0.00054 * math.sqrt(cfg.resolution ** 2)))
+    """CMT on the teacher's cfg.nfe-step trajectories, solved cfg.trajectories_per_batch at a time in every step."""
+    return CMT(teacher, nfe=cfg.nfe, trajectories_per_batch=cfg.trajectories_per_batch, distance=cmt_distance(cfg))
+
+
+def cmt_solved_ahead(cfg, run, stage: StageConfig, teacher, data, path: str) -> tuple[CachedCMT, TrajectorySource]:
+    """CMT with its trajectories solved before the stage, 256 at a time, into a store at `path`
+    (engine/teacher/trajectory_cache.py): one trajectory per trajectory the stage consumes, each used once, as the
+    online objective would solve them — the same prior (x_T = y + σ_max ε over seeded epochs of the data), grid,
+    solver, pairs and distance — but batched: on 2 CPU cores one teacher call takes 17 ms on 8 trajectories and 59 ms on 128
+    (bench/RESULTS.md, "The main job after issue 31"). A rerun resumes the store where it stopped; a store
+    of another teacher or other settings is refused (the store's own checks). Returns the objective and its data."""
+    spec = StoreSpec(num_trajectories=run.steps(stage) * cfg.trajectories_per_batch,
+                     shape=[1, cfg.resolution, cfg.resolution], nfe=cfg.nfe, chunk=1024, seed=stage.seed)
+    if run.lead:
+        write_store(path, spec, teacher, data, device=run.device)
+    dist.barrier()
+    source = TrajectorySource(path)
+    return CachedCMT(source.spec, trajectories_per_batch=cfg.trajectories_per_batch,
+                     distance=cmt_distance(cfg)), source

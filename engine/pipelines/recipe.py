@@ -198,6 +198,11 @@ class Run:
             cfg = dataclasses.replace(cfg, compile=self.args.compile)
         return cfg
 
+    def steps(self, cfg: StageConfig) -> int:
+        """How many steps stage `cfg` trains at this run's --kimg-scale (the loop's count: its budget in pairs over
+        its batch, rounded up)."""
+        return -(-self._scaled(cfg).budget() // cfg.batch_size)
+
     def plan(self, *cfgs: StageConfig) -> None:
         """Check every stage's budget at this run's --kimg-scale (`StageConfig.budget`: at least one step, and the
         scaled settings' own checks) before the first stage trains, so that a scale too small for a later stage
