@@ -61,8 +61,9 @@ setup(
     # transformers: the reference CLIP text model and tokenizer the text-encoder tests compare against (no torch
     # dependency)
     # ruff: the lint check in the suite (tests/test_packaging.py), with pyproject.toml's configuration
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10", "triton>=3.2", "diffusers>=0.25",
-                             "transformers>=4.40", "ruff>=0.5"]},
+    # pytest-xdist: pytest.ini runs the suite on two workers
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.2", "pytest-benchmark>=4", "scipy>=1.10", "triton>=3.2",
+                             "diffusers>=0.25", "transformers>=4.40", "ruff>=0.5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

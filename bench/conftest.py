@@ -1,4 +1,4 @@
-"""Micro-benchmarks with pytest-benchmark (`python -m pytest bench/ --benchmark-only`): each run's JSON is saved
+"""Micro-benchmarks with pytest-benchmark (`python -m pytest -n0 bench/ --benchmark-only`): each run's JSON is saved
 under bench/results/ (pytest-benchmark's storage), comparable across runs with `pytest-benchmark compare`. Without
 pytest-benchmark installed the files here are skipped (they are not part of the unit tests: `testpaths = tests`)."""
 import os

@@ -86,7 +86,10 @@ def sections(out: str, dry: bool) -> list[dict]:
                                     "--json", os.path.join(out, "preflight.json")], budget=60),
     ]
     for f in files:   # 120 s for the CUDA tests in all, shared by file
-        cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rf", "--tb=line",
+        # `-o addopts=…` replaces pytest.ini's, whose `-n 2` needs pytest-xdist: the GPU machine has no such plugin
+        # (and no registry to install it from), and one process owns the one GPU anyway
+        cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=--strict-markers", "-m", "gpu",
+               "-rf", "--tb=line",
                "--junitxml", os.path.join(out, f"junit-{f[:-3]}.xml"), os.path.join("tests", f)]
         plan.append(dict(name=f"tests:{f}", cmd=cmd + (["--collect-only"] if dry else []),
                          budget=max(10, 120 // max(1, len(files)))))

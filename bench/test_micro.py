@@ -3,8 +3,10 @@ third-order DPM-Solver++ update, EDM's preconditioning, attention, and the teach
 a GPU). On CPU the engine's paths are the references themselves (kernels are CUDA-only outside the Triton
 interpreter), so the pairs measure the same code there; on a GPU they are the comparison bench/RESULTS.md reports.
 
-    python -m pytest bench/ --benchmark-only                 # results under bench/results/micro/
-    python -m pytest bench/ --benchmark-disable -q           # each once, as a test (what CI runs)
+    python -m pytest -n0 bench/ --benchmark-only             # results under bench/results/micro/
+    python -m pytest -n0 bench/ --benchmark-disable -q       # each once, as a test (what CI runs)
+
+(-n0: one process, since pytest.ini's two xdist workers would make pytest-benchmark disable itself.)
 """
 from __future__ import annotations
 

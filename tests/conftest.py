@@ -2,6 +2,17 @@ import os
 
 import pytest
 
+# Under pytest-xdist (pytest.ini runs two workers) each worker gets its share of the cores, set before any test
+# imports torch and handed to the processes tests start: two workers of two OpenMP threads each on a 2-core machine
+# spent half as much CPU time again spinning (user time 1,861 s against 1,217 s in one process, bench/RESULTS.md).
+# Every result a test compares is computed under the same setting, so the suite's outcomes do not depend on it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
 
 def pytest_collection_modifyitems(config, items):
     """Heavy tests run only with ENGINE_HEAVY_TESTS=1 so that CI on 2 cores stays well under its budget; every

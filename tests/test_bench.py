@@ -192,8 +192,9 @@ def test_micro_benchmarks_run_as_tests():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_micro.py",
-                           "--benchmark-disable"], cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n0",
+                           "bench/test_micro.py", "--benchmark-disable"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "8 passed" in done.stdout
 
@@ -214,6 +215,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert recs["env"]["env"]["torch"] == torch.__version__ and recs["preflight"]["rc"] == 0
     assert all(recs[f"tests:{f}"]["rc"] == 0 for f in files)
     assert "--junitxml" in recs["tests:test_kernels.py"]["command"]
+    assert "addopts=--strict-markers" in recs["tests:test_kernels.py"]["command"]   # no -n: no xdist there
     assert json.load(open(tmp_path / "preflight.json"))["failed"] == []
     assert recs["imagenet512"]["results"]["steps"][0]["method"] == "cmt"
     saved = json.load(open(tmp_path / "gpu_check.json"))

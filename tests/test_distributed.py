@@ -40,6 +40,24 @@ def run_ok(args, nproc=None, extra=(), env=None):
     return done
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """`reference(args, nproc=None, env=None)`: the output directory of an uninterrupted harness run, made once per
+    session (per pytest-xdist worker) for each set of arguments, process count and environment, since several tests
+    compare against the same run (the one-process CMT, Mean Flow and EDM2 runs, the 2-process ECT run). Tests only
+    read these directories."""
+    made = {}
+
+    def run(args, nproc=None, env=None):
+        key = (tuple(args), nproc, tuple(sorted((env or {}).items())))
+        if key not in made:
+            out = str(tmp_path_factory.mktemp("reference") / "run")
+            run_ok([*args, "--out", out], nproc, env=env)
+            made[key] = out
+        return made[key]
+    return run
+
+
 def losses(out):
     path = os.path.join(out, "stage", "log.jsonl")
     return {round(r["kimg"] * 1000): r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
@@ -144,16 +162,15 @@ def test_batches_that_do_not_divide_over_the_ranks_are_named(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("objective,flags", [("cmt", []), ("cmt", ["--shard-teacher"]), ("ect", []), ("mf", []),
                                             ("mf", ["--jvp", "func"]), ("edm2", [])])
-def test_two_processes_equal_one(objective, flags, tmp_path):
+def test_two_processes_equal_one(objective, flags, reference):
     """FSDP2 over 2 gloo processes against one process, same global batch of 8: every one of the 20 per-step
     losses within 1e-5 relative, and the final weights (float64) within 1e-9. CMT also with its frozen teacher
     FSDP-sharded (gathered block by block inside the teacher's solve). Mean Flow with its dual-stream JVP (weights
     gathered by dist.unsharded) and with torch.func.jvp through the FSDP2 modules' own hooks. EDM2: its weights
     renormalised shard by shard after every step, and the tracked EMAs' snapshots equal too."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
     both = flags if flags[:1] == ["--jvp"] else []       # the objective's own settings go to both runs
-    run_ok(["--objective", objective, "--out", one, *both])
-    run_ok(["--objective", objective, "--out", two, *flags], nproc=2)
+    one = reference(["--objective", objective, *both])
+    two = reference(["--objective", objective, *flags], nproc=2)
     assert sorted(os.listdir(os.path.join(two, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dirs
     assert_losses_close(losses(one), losses(two))
     assert len(losses(one)) == 20
@@ -171,12 +188,12 @@ def test_two_processes_equal_one(objective, flags, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fsdp2_in_a_one_process_group_equals_unsharded(device, tmp_path):
+def test_fsdp2_in_a_one_process_group_equals_unsharded(device, tmp_path, reference):
     """FSDP2 at world size 1 (a process group of one: gloo on CPU, NCCL on a GPU): sharded parameters, gathers,
     DCP checkpoints, against the plain run: losses within 1e-5, final float64 weights within 1e-9."""
-    env = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
-    one, sharded = str(tmp_path / "one"), str(tmp_path / "sharded")
-    run_ok(["--objective", "cmt", "--out", one], env=env)
+    # hiding the GPUs changes nothing where there are none: there the plain run is the one other tests compare with
+    env = {} if device == "cuda" or not torch.cuda.is_available() else {"CUDA_VISIBLE_DEVICES": ""}
+    one, sharded = reference(["--objective", "cmt"], env=env), str(tmp_path / "sharded")
     run_ok(["--objective", "cmt", "--out", sharded, "--parallel", "fsdp", "--one-process-group"], env=env)
     assert sorted(os.listdir(os.path.join(sharded, "stage", "checkpoints")))[0] == "ckpt-000000000040"  # DCP dir
     assert os.path.isdir(os.path.join(sharded, "stage", "checkpoints", "ckpt-000000000040"))
@@ -184,9 +201,8 @@ def test_fsdp2_in_a_one_process_group_equals_unsharded(device, tmp_path):
     assert_states_close(final(one), final(sharded))
 
 
-def test_ddp_equals_one_process(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_ok(["--objective", "mf", "--out", one])
+def test_ddp_equals_one_process(tmp_path, reference):
+    one, two = reference(["--objective", "mf"]), str(tmp_path / "two")
     run_ok(["--objective", "mf", "--out", two, "--parallel", "ddp"], nproc=2)
     assert_losses_close(losses(one), losses(two))
     assert_states_close(final(one), final(two))
@@ -228,12 +244,11 @@ def test_scm_under_fsdp2_and_ddp_equals_one_process_and_resumes_at_the_other_wor
 
 @pytest.mark.parametrize("objective,first,second", [("mf", 2, None), ("mf", None, 2), ("edm2", 2, None),
                                                     ("edm2", None, 2)])
-def test_checkpoint_resumes_at_another_world_size(objective, first, second, tmp_path):
+def test_checkpoint_resumes_at_another_world_size(objective, first, second, tmp_path, reference):
     """Stop after step 10's checkpoint at one world size, resume at the other (2 → 1: a DCP directory read by one
     process; 1 → 2: a single-process file sharded on load): the losses of steps 11–20 equal an uninterrupted
     run's, the next step's included. EDM2: with its tracked EMAs and the 0-d gains FSDP leaves whole."""
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    run_ok(["--objective", objective, "--out", ref])
+    ref, out = reference(["--objective", objective]), str(tmp_path / "out")
     run_ok(["--objective", objective, "--out", out, "--stop-at", "10"], nproc=first)
     assert not os.path.exists(os.path.join(out, "final.pt"))
     done = run_ok(["--objective", objective, "--out", out], nproc=second)
@@ -250,13 +265,11 @@ def test_checkpoint_resumes_at_another_world_size(objective, first, second, tmp_
         assert_states_close(dict(net=a, ema=a), dict(net=b, ema=b))
 
 
-def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, reference):
     """A scheduler's SIGTERM reaching one rank: all ranks agree at the next log boundary, write one sharded
     checkpoint there, exit with 143 and start nothing else; the rerun resumes from it and ends with the
     uninterrupted run's weights."""
-    ref = str(tmp_path / "ref")
-    run_ok(["--objective", "ect", "--out", ref], nproc=2)
-    out = str(tmp_path / "out")
+    ref, out = reference(["--objective", "ect"], nproc=2), str(tmp_path / "out")
     stopped = launch(["--objective", "ect", "--out", out, "--sigterm-at", "7"], nproc=2)
     assert stopped.returncode != 0 and "exitcode: 143" in stopped.stderr, stopped.stderr[-3000:]
     assert "stopped by SIGTERM at 0.064 kimg" in stopped.stdout   # step 7 ran to its end: 8 steps of 8
@@ -267,12 +280,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tm
     assert_states_close(final(ref), final(out))
 
 
-def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path):
+def test_elastic_restart_after_sigkill_recovers_exactly(tmp_path, reference):
     """Rank 1 is SIGKILLed at step 12 of 20; torchrun (--max-restarts=1) restarts both ranks, which resume from the
     step-10 checkpoint and finish; the final weights equal an uninterrupted 2-process run's."""
-    ref = str(tmp_path / "ref")
-    run_ok(["--objective", "ect", "--out", ref], nproc=2)
-    out = str(tmp_path / "out")
+    ref, out = reference(["--objective", "ect"], nproc=2), str(tmp_path / "out")
     done = launch(["--objective", "ect", "--out", out, "--kill-at", "12"], nproc=2, extra=["--max-restarts=1"])
     assert done.returncode == 0, done.stderr[-4000:]
     assert "SIGKILL" in done.stderr or "exitcode: -9" in done.stderr
