@@ -46,9 +46,9 @@ class Config(DigitsSettings):
     post_kimg: float = 20.0
     eval_kimg: float = 20.0
     grid_scale: int = 4                  # grids and the comparison picture, nearest ×4 (8×8 digits are unreadable)
-    # CMT's teacher trajectories solved before mid-training, 256 at a time, into <out>/<arm>/trajectories (the same
-    # pairs as solving 8 in every step, at a quarter of the teacher's time: engine/pipelines/digits.py); False
-    # solves them inside each step, as the reference does
+    # CMT's teacher trajectories solved before mid-training, 256 at a time, into <out>/<arm>/trajectories: the same
+    # pairs as solving 8 in every step, the stage 112 s instead of 207 (engine/pipelines/digits.py); False solves
+    # them inside each step, as the reference does
     trajectories_ahead: bool = True
     default_seeds: int = 1
 
