@@ -4,10 +4,11 @@ import pytest
 
 # Under pytest-xdist (pytest.ini runs two workers) each worker gets its share of the cores, set before any test
 # imports torch and handed to the processes tests start: two workers of two OpenMP threads each on a 2-core machine
-# spent half as much CPU time again spinning (user time 1,861 s against 1,217 s in one process, bench/RESULTS.md).
+# took 53 % more CPU time than one process and no less wall time (user 1,861 s against 1,217 s, bench/RESULTS.md).
 # Every result a test compares is computed under the same setting, so the suite's outcomes do not depend on it.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
     import torch
 
