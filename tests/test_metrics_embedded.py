@@ -78,6 +78,30 @@ def test_frechet_rank_deficient():
     np.testing.assert_allclose(frechet_distance(mu1, s1, mu3, s3), ref, rtol=1e-4)
 
 
+def test_frechet_of_few_samples_equals_the_full_eigendecomposition():
+    """10 samples in 64 dimensions (rank 9, as a few samples of 2,048 Inception features) against 500: the
+    factored path equals the trace computed from the samples' own 9 principal directions (Σ = B Bᵀ from the SVD
+    of the centred features, tr (Σ₁^½ Σ₂ Σ₁^½)^½ = Σ √eig(Bᵀ Σ₂ B)) in either argument order, and a full-rank pair
+    (both covariances factored) equals D × D eigendecompositions, in float64."""
+    def by_eigh(mu1, s1, mu2, s2):
+        w, v = np.linalg.eigh(s1)
+        root = (v * np.sqrt(w)) @ v.T
+        ev = np.linalg.eigvalsh(root @ s2 @ root)
+        return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
+    f = random_features(10, 64, seed=11, shift=0.5)
+    few, many = feature_statistics(f), feature_statistics(random_features(500, 64, seed=12))
+    _, sv, vt = np.linalg.svd(f - f.mean(0), full_matrices=False)
+    b = vt[:9].T * (sv[:9] / 3.0)                                        # Σ_few = B Bᵀ (N − 1 = 9)
+    np.testing.assert_allclose(b @ b.T, few[1], rtol=0, atol=1e-12)
+    tr = np.sqrt(np.linalg.eigvalsh(b.T @ many[1] @ b)).sum()
+    diff = few[0] - many[0]
+    exact = diff @ diff + np.trace(few[1]) + np.trace(many[1]) - 2 * tr
+    np.testing.assert_allclose(frechet_distance(*few, *many), exact, rtol=1e-12)
+    np.testing.assert_allclose(frechet_distance(*many, *few), exact, rtol=1e-12)
+    other = feature_statistics(random_features(300, 64, seed=13))
+    np.testing.assert_allclose(frechet_distance(*many, *other), by_eigh(*many, *other), rtol=1e-10)
+
+
 def test_frechet_zero_for_identical_and_order_invariant():
     f = random_features(500, 16, seed=5, shift=10.0)
     mu, s = feature_statistics(f)

@@ -127,11 +127,12 @@ def cmt(cfg, teacher) -> CMT:
 
 def cmt_solved_ahead(cfg, run, stage: StageConfig, teacher, data, path: str) -> tuple[CachedCMT, TrajectorySource]:
     """CMT with its trajectories solved before the stage, 256 at a time, into a store at `path`
-    (engine/teacher/trajectory_cache.py): one trajectory per trajectory the stage consumes, each used once, as the
-    online objective would solve them — the same prior (x_T = y + σ_max ε over seeded epochs of the data), grid,
-    solver, pairs and distance — but batched: on 2 CPU cores the main job's mid-training took 88 s plus 23 s of solving this way, against 207 s
-    solving 8 trajectories in every step (bench/RESULTS.md, "The main job and the suite after issue 31"). A rerun resumes the store where it stopped; a store
-    of another teacher or other settings is refused (the store's own checks). Returns the objective and its data."""
+    (engine/teacher/trajectory_cache.py): one trajectory per trajectory the stage consumes, each used once, as
+    the online objective would solve them — the same prior (x_T = y + σ_max ε over seeded epochs of the data),
+    grid, solver, pairs and distance — but batched. On 2 CPU cores the main job's mid-training took 88 s plus
+    23 s of solving this way, against 207 s solving 8 trajectories in every step (bench/RESULTS.md, "The main
+    job and the suite after issue 31"). A rerun resumes the store where it stopped; a store of another teacher
+    or other settings is refused (the store's own checks). Returns the objective and its data."""
     spec = StoreSpec(num_trajectories=run.steps(stage) * cfg.trajectories_per_batch,
                      shape=[1, cfg.resolution, cfg.resolution], nfe=cfg.nfe, chunk=1024, seed=stage.seed)
     if run.lead:
