@@ -187,6 +187,13 @@ def test_loader_bench_smoke(tmp_path):
     assert [r["workers"] for r in res["rows"]] == [0, 1] and all(r["images_per_s"] > 0 for r in res["rows"])
 
 
+def test_frechet_bench_smoke():
+    """bench/frechet.py --smoke: the engine's Fréchet distance and the D × D eigendecomposition formula agree on
+    few samples (rank below D) and on more samples than dimensions."""
+    rows = load("frechet").main(["--smoke"])
+    assert [r["samples"] for r in rows] == [8, 200] and all(r["relative_difference"] < 1e-10 for r in rows)
+
+
 def test_micro_benchmarks_run_as_tests():
     """bench/test_micro.py (pytest-benchmark): every micro-benchmark once, its result checked against the reference."""
     import subprocess
