@@ -21,18 +21,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from engine.checks import positive_int_arg  # noqa: E402
-from engine.metrics.frechet import feature_statistics, frechet_distance  # noqa: E402
+from engine.metrics.frechet import _psd_eigvals, feature_statistics, frechet_distance  # noqa: E402
 
 
 def by_eigendecomposition(mu1, s1, mu2, s2) -> float:
     """The previous formula: Σ₁^½ from `eigh`, then `eigvalsh` of Σ₁^½ Σ₂ Σ₁^½, eigenvalues at rounding level
-    (D·ε·λ_max) set to 0."""
-    def psd(w):
-        return np.where(w > max(w.max(), 0.0) * w.shape[0] * np.finfo(np.float64).eps, w, 0.0)
+    set to 0 as the engine sets them (`_psd_eigvals`)."""
     w, v = np.linalg.eigh(s1)
-    root = (v * np.sqrt(psd(w))) @ v.T
+    root = (v * np.sqrt(_psd_eigvals(w))) @ v.T
     m = root @ s2 @ root
-    tr = np.sqrt(psd(np.linalg.eigvalsh(0.5 * (m + m.T)))).sum()
+    tr = np.sqrt(_psd_eigvals(np.linalg.eigvalsh(0.5 * (m + m.T)))).sum()
     d = mu1 - mu2
     return float(max(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr, 0.0))
 

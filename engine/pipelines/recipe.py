@@ -199,9 +199,8 @@ class Run:
         return cfg
 
     def steps(self, cfg: StageConfig) -> int:
-        """How many steps stage `cfg` trains at this run's --kimg-scale (the loop's count: its budget in pairs over
-        its batch, rounded up)."""
-        return -(-self._scaled(cfg).budget() // cfg.batch_size)
+        """How many steps stage `cfg` trains at this run's --kimg-scale (`StageConfig.steps`)."""
+        return self._scaled(cfg).steps()
 
     def plan(self, *cfgs: StageConfig) -> None:
         """Check every stage's budget at this run's --kimg-scale (`StageConfig.budget`: at least one step, and the

@@ -90,13 +90,13 @@ def _crossed(before: int, after: int, every_kimg: float | None) -> bool:
     return after // every > before // every
 
 
-def _warn_if_ema_too_long(cfg: StageConfig, total_nimg: int) -> None:
+def _warn_if_ema_too_long(cfg: StageConfig) -> None:
     """A constant-β EMA over a stage shorter than a few 1/(1−β) steps still holds mostly the initial weights at the
     end (0.999 over 250 steps keeps 78% of them), so every metric taken on it measures the init, not the training.
     The power-function EMA (`ema_std`) scales with the stage and has no such failure."""
     if cfg.ema_beta is None:
         return
-    steps = math.ceil(total_nimg / cfg.batch_size)
+    steps = cfg.steps()
     kept = cfg.ema_beta ** steps
     if kept > 0.1:
         warnings.warn(f"stage {cfg.name!r}: EMA beta={cfg.ema_beta} over {steps} steps keeps {kept:.0%} of the "
@@ -186,7 +186,7 @@ def train_stage(cfg: StageConfig, net: nn.Module, objective: Objective, data, ru
     objective.to(device)
     ema = EMA(net, beta=cfg.ema_beta, std=cfg.ema_std)
     tracked = [EMA(net, std=std) for std in cfg.snapshot_emas]
-    _warn_if_ema_too_long(cfg, total)
+    _warn_if_ema_too_long(cfg)
     frozen = objective.frozen_networks() if cfg.shard_teacher else []
     parallel = dist.Parallel(net, cfg.parallel, device, also=[ema.module, *(e.module for e in tracked)],
                              frozen=frozen, bf16=cfg.bf16)

@@ -136,6 +136,10 @@ class StageConfig:
                               f"step of {self.batch_size} (a --kimg-scale that small trains nothing)")
         return total
 
+    def steps(self) -> int:
+        """The steps the stage trains: its budget over its batch, rounded up (the last step completes the budget)."""
+        return -(-self.budget() // self.batch_size)
+
     def identity(self) -> dict:
         """The settings that determine the trained weights (those in RESULT_NEUTRAL do not)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
