@@ -3,7 +3,7 @@
     python tests/dist_harness.py --objective cmt|ect|mf|edm2|sct|scd --out DIR [--stop-at STEP] [--kill-at STEP]
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_harness.py ...       (torchrun)
 
-It trains 20 steps of 8 pairs (a checkpoint every 5 steps, a log record every step) on float64 synthetic data
+It trains 20 steps of 8 pairs (a checkpoint every 10 steps, a log record every step) on float64 synthetic data
 with a tiny DDPM++ (CMT's teacher and student, ECT; sCT and sCD with their tangent warm-up and float64 adaptive
 weight), a tiny Mean Flow DiT (guidance and label dropout on; `--jvp` picks either's JVP) or a tiny EDM2 U-Net
 with EDM2's loss (forced weight normalisation, two tracked power EMAs snapshotted), and
@@ -140,7 +140,7 @@ def main():
     if reductions is not None:
         reductions["trained_elements"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     cfg = StageConfig(name="stage", total_kimg=STEPS * BATCH / 1000, batch_size=BATCH, lr=1e-3, optimizer="adam",
-                      lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=5 * BATCH / 1000,
+                      lr_schedule="constant", ema_beta=0.9, log_kimg=0.001, ckpt_kimg=10 * BATCH / 1000,
                       parallel=a.parallel, keep_checkpoints=10, shard_teacher=a.shard_teacher,
                       snapshot_emas=(0.05, 0.1) if a.objective == "edm2" else (), snapshot_kimg=5 * BATCH / 1000)
     res = train_stage(cfg, net.to(device), Interrupt(objective, a.stop_at, a.kill_at, a.sigterm_at), data, a.out, device)
