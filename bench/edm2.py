@@ -55,8 +55,10 @@ def preset_costs() -> list[dict]:
             net = build_edm2_preset(name, use_fp16=False)
             shape = (1, net.unet.img_channels, net.unet.img_resolution, net.unet.img_resolution)
             x, sigma, labels = torch.randn(shape), torch.ones(1), torch.zeros(1, net.label_dim)
-            fwd, parts = flops(lambda: net(x, sigma, labels))
-            both, _ = flops(lambda: net(x, sigma, labels).sum().backward())
+            out = []
+            fwd, parts = flops(lambda: out.append(net(x, sigma, labels)))
+            bwd, _ = flops(lambda: out[0].sum().backward())   # the graph of the counted forward: no second one
+            both = fwd + bwd
         rows.append(dict(preset=name, params=sum(p.numel() for p in net.parameters()), fwd_gmac=fwd / 2e9,
                          attention_gmac=parts.get("aten.bmm", 0.0) / 2e9, fwd_gflop=fwd / 1e9,
                          fwd_bwd_gflop=both / 1e9,

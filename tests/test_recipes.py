@@ -84,7 +84,7 @@ def test_paper_recipes_smoke_and_missing_files(tmp_path, name):
     out = str(tmp_path / name)
     mod.run_paper_recipe(mod.__doc__, mod.SETTINGS, name, ["--smoke", "--out", out, "--device", "cpu"])
     res = check_results(out, ["cmt_ect"])
-    assert res["runs"]["cmt_ect"]["kimg"] == {"mid": 0.064, "post": 0.064}
+    assert res["runs"]["cmt_ect"]["kimg"] == {"mid": 0.032, "post": 0.032}
     assert os.listdir(os.path.join(out, "cmt_ect", "post_ect", "grids"))
 
 

@@ -54,6 +54,7 @@ class PaperSettings:
     ckpt_kimg: float = 1_280.0
     log_kimg: float = 12.8
     grid_kimg: float = 1_280.0
+    grid_images: int = 64                 # 2-step samples per grid (8 × 8), the same noise every time
     fid_samples: int = 50_000             # FID-50k at the end (when the detector and statistics are given)
 
     @property
@@ -62,8 +63,9 @@ class PaperSettings:
 
 
 def smoke_settings(s: PaperSettings) -> PaperSettings:
-    return dataclasses.replace(s, batch_size=32, trajectories_per_batch=2, mid_kimg=0.064, post_kimg=0.064,
-                               ckpt_kimg=0.032, log_kimg=0.032, grid_kimg=0.064)
+    """Two steps a stage of one trajectory's 16 pairs (CMT's batch is trajectories × nfe), 4 × 4 grids."""
+    return dataclasses.replace(s, batch_size=16, trajectories_per_batch=1, mid_kimg=0.032, post_kimg=0.032,
+                               ckpt_kimg=0.016, log_kimg=0.016, grid_kimg=0.032, grid_images=16)
 
 
 def _missing(args, s: PaperSettings) -> list[str | None]:
@@ -152,7 +154,7 @@ def run_paper_recipe(doc: str, settings: PaperSettings, name: str, argv=None) ->
 
     def grid_fn(mid_t):
         def grid(ema):
-            z = torch.randn(64, 3, s.resolution, s.resolution, generator=torch.Generator().manual_seed(0))
+            z = torch.randn(s.grid_images, 3, s.resolution, s.resolution, generator=torch.Generator().manual_seed(0))
             return consistency_sampler(ema, z.to(run.device), (mid_t,),
                                        generator=torch.Generator(run.device).manual_seed(1)).clamp(-1, 1)
         return grid
