@@ -61,9 +61,10 @@ setup(
     # transformers: the reference CLIP text model and tokenizer the text-encoder tests compare against (no torch
     # dependency)
     # ruff: the lint check in the suite (tests/test_packaging.py), with pyproject.toml's configuration
-    # pytest-xdist: pytest.ini runs the suite on two workers
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.2", "pytest-benchmark>=4", "scipy>=1.10", "triton>=3.2",
-                             "diffusers>=0.25", "transformers>=4.40", "ruff>=0.5"]},
+    # pytest-xdist: pytest.ini runs the suite on two workers; filelock: the runs they share (tests/conftest.py
+    # `made_once`; torch depends on it too)
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.2", "filelock>=3.0", "pytest-benchmark>=4", "scipy>=1.10",
+                             "triton>=3.2", "diffusers>=0.25", "transformers>=4.40", "ruff>=0.5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,6 +1,12 @@
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
+from filelock import FileLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Under pytest-xdist (pytest.ini runs two workers) each worker gets its share of the cores, set before any test
 # imports torch and handed to the processes tests start: two workers of two OpenMP threads each on a 2-core machine
@@ -24,3 +30,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "heavy" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory):
+    """`made_once(name, make)`: the directory `make(path)` writes at `path`, made once per test session and shared
+    by the pytest-xdist workers — the first to ask makes it while another waits on its lock, so that an expensive
+    run several tests compare against costs one run. Tests only read it (or copy it to change it). A `make` that
+    fails leaves nothing behind, and the next test to ask tries again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent          # the session's directory: each worker's own is beneath it
+
+    def get(name: str, make):
+        path, done = root / f"made-once-{name}", root / f"made-once-{name}.done"
+        with FileLock(str(root / f"made-once-{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                try:
+                    make(path)
+                except BaseException:
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
+                done.touch()
+        return path
+    return get
+
+
+@pytest.fixture(scope="session")
+def gmm_smoke(made_once):
+    """A finished `python recipes/gmm_cmt_ect.py --smoke --device cpu` run, in a process of its own (nothing an
+    earlier test did in this one can touch it). Read-only: copy it to resume or damage it."""
+    def make(path):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "gmm_cmt_ect.py"), "--smoke", "--out",
+                               str(path), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return made_once("gmm-smoke", make)

@@ -3,6 +3,7 @@
 FSDP2 and DDP), checkpoints that resume at another world size, an elastic restart after SIGKILL, the errors for
 batches that do not divide, and a recipe under torchrun. The multi-process runs go through tests/dist_harness.py
 under torch.distributed.run."""
+import hashlib
 import json
 import math
 import os
@@ -41,20 +42,15 @@ def run_ok(args, nproc=None, extra=(), env=None):
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference(made_once):
     """`reference(args, nproc=None, env=None)`: the output directory of an uninterrupted harness run, made once per
-    session (per pytest-xdist worker) for each set of arguments, process count and environment, since several tests
-    compare against the same run (the one-process CMT, Mean Flow and EDM2 runs, the 2-process ECT run). Tests only
-    read these directories."""
-    made = {}
-
+    session for each set of arguments, process count and environment (tests/conftest.py `made_once`: shared by the
+    pytest-xdist workers), since several tests compare against the same run (the one-process CMT, Mean Flow and
+    EDM2 runs, the 2-process ECT run). Tests only read these directories."""
     def run(args, nproc=None, env=None):
-        key = (tuple(args), nproc, tuple(sorted((env or {}).items())))
-        if key not in made:
-            out = str(tmp_path_factory.mktemp("reference") / "run")
-            run_ok([*args, "--out", out], nproc, env=env)
-            made[key] = out
-        return made[key]
+        key = repr((tuple(args), nproc, tuple(sorted((env or {}).items()))))
+        name = "reference-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return str(made_once(name, lambda path: run_ok([*args, "--out", str(path)], nproc, env=env)))
     return run
 
 

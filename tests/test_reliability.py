@@ -58,12 +58,11 @@ def cli(main, argv, capsys) -> tuple[int, str]:
 
 # ---- reruns ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def finished_gmm(tmp_path_factory):
-    """A finished run of the Gaussian-mixture recipe (its smoke size, to keep CI short)."""
-    out = tmp_path_factory.mktemp("gmm") / "R"
-    recipe("gmm_cmt_ect").main(["--smoke", "--out", str(out), "--device", "cpu"])
-    return out
+@pytest.fixture
+def finished_gmm(gmm_smoke):
+    """A finished run of the Gaussian-mixture recipe (its smoke size, to keep CI short; made once per session,
+    tests/conftest.py): the refused reruns below must leave it as it was."""
+    return gmm_smoke
 
 
 @pytest.mark.parametrize("change, named", [

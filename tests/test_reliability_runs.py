@@ -115,12 +115,11 @@ def _umask() -> int:
 
 # ---- a refused rerun writes nothing, whatever identity file is missing -----------------------------------------
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished run of the Gaussian-mixture recipe at its smoke size."""
-    out = tmp_path_factory.mktemp("gmm") / "R"
-    recipe("gmm_cmt_ect").main(["--smoke", "--out", str(out), "--device", "cpu"])
-    return out
+@pytest.fixture
+def finished(gmm_smoke):
+    """A finished run of the Gaussian-mixture recipe at its smoke size (made once per session, tests/conftest.py;
+    the tests below change copies of it)."""
+    return gmm_smoke
 
 
 def copy_without(finished, tmp_path, *names):

@@ -97,21 +97,22 @@ PREMOVE_RUN = os.path.join(os.path.dirname(__file__), "data", "gmm_smoke_stopped
 GMM_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "gmm_cmt_ect.py")
 
 
-def test_a_run_written_before_the_restructure_resumes_bit_exactly(tmp_path):
+def test_a_run_written_before_the_restructure_resumes_bit_exactly(tmp_path, gmm_smoke):
     """tests/data/gmm_smoke_stopped_f00baca is `recipes/gmm_cmt_ect.py --smoke` as commit f00baca wrote it, when
     every module was flat in engine/, stopped by SIGTERM inside its first step (mid_cmt at 0.128 of 0.512 kimg).
     Rerunning the same command over a copy of it resumes after the modules moved, and every stage's release is the
-    same bytes as an uninterrupted run's: no identity names a module path, so moving modules orphans no run."""
+    same bytes as an uninterrupted run's (the session's `gmm_smoke`, tests/conftest.py: the same command with
+    --device cpu, the device this one resolves to here): no identity names a module path, so moving modules orphans
+    no run."""
     import shutil
     resumed = tmp_path / "resumed"
     shutil.copytree(PREMOVE_RUN, resumed)
     for text in (resumed / "identity.json", resumed / "cmt_ect" / "mid_cmt" / "identity.json"):
         assert "engine." not in text.read_text()
-    fresh = tmp_path / "fresh"
-    for out in (resumed, fresh):
-        r = subprocess.run([sys.executable, GMM_RECIPE, "--smoke", "--out", str(out)], capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    fresh = gmm_smoke
+    r = subprocess.run([sys.executable, GMM_RECIPE, "--smoke", "--out", str(resumed)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     before = open(os.path.join(PREMOVE_RUN, "cmt_ect", "mid_cmt", "log.jsonl"), encoding="utf-8").read()
     after = (resumed / "cmt_ect" / "mid_cmt" / "log.jsonl").read_text()
     assert after.startswith(before) and len(after) > len(before)   # the pre-move log was kept and continued
