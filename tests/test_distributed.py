@@ -309,12 +309,16 @@ def test_recipe_runs_under_torchrun(tmp_path):
 
 def test_imagenet512_headline_runs_under_torchrun_and_resumes_on_one_process(tmp_path):
     """recipes/imagenet512_cmt_ecd.py --smoke on 2 processes (FSDP2 over gloo: tiny MP-UNet student, teacher,
-    guide; E-LatentLPIPS; the evaluation gathered from both ranks), then the same command on one process, which
-    resumes both finished stages instead of retraining them and reports the same FID."""
+    guide; E-LatentLPIPS; the evaluation gathered from both ranks): a sharded checkpoint and a release per stage,
+    the teacher accounting (CMT one unguided call per pair, ECD's guided Heun four), the 1- and 2-step FID through
+    the random-weight detector file with its record, results.json. Then the same command on one process resumes
+    both finished stages instead of retraining them and reports the same FID, and the `engine.evaluate` command the
+    recipe prints reproduces those numbers from the release alone."""
     out = str(tmp_path / "run")
     recipe = os.path.join(ROOT, "recipes", "imagenet512_cmt_ecd.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_WEIGHTS_DIR", "ENGINE_VAE_WEIGHTS"):
+    for var in ("ENGINE_FID_STATS", "ENGINE_INCEPTION_WEIGHTS", "ENGINE_WEIGHTS_DIR", "ENGINE_VAE_WEIGHTS",
+                "ENGINE_LATENT_VGG_WEIGHTS"):
         env.pop(var, None)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            recipe, "--smoke", "--out", out, "--device", "cpu"],
@@ -324,6 +328,13 @@ def test_imagenet512_headline_runs_under_torchrun_and_resumes_on_one_process(tmp
     assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
     for stage in ("mid_cmt", "post_ecd"):
         assert os.path.isdir(os.path.join(out, "cmt_ecd", stage, "checkpoints", "ckpt-000000000016"))  # sharded
+        assert os.path.exists(os.path.join(out, "cmt_ecd", stage, "ema.safetensors"))
+    run = res["runs"]["cmt_ecd"]
+    assert run["kimg"] == {"mid": 0.016, "post": 0.016}
+    assert run["stages"]["post"]["counters"]["teacher_nfe"] == 4 * run["stages"]["post"]["counters"]["pairs"]
+    assert run["stages"]["mid"]["counters"]["teacher_nfe"] == run["stages"]["mid"]["counters"]["pairs"]
+    for k in ("one_step", "two_step"):          # FID through the random-weight detector file, with its record
+        assert math.isfinite(run[k]["fid"]) and run[k]["detectors"]["fid"]["layout"] == "pytorch-fid"
     again = subprocess.run([sys.executable, recipe, "--smoke", "--out", out, "--device", "cpu"],
                            capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -332,6 +343,21 @@ def test_imagenet512_headline_runs_under_torchrun_and_resumes_on_one_process(tmp
     res2 = json.load(open(os.path.join(out, "results.json")))
     for k in ("one_step", "two_step"):
         assert math.isclose(res2["runs"]["cmt_ecd"][k]["fid"], res["runs"]["cmt_ecd"][k]["fid"], rel_tol=1e-6)
+    # the command the recipe prints for evaluating later reproduces its numbers from the release alone: one process
+    # and one batch of 8 like the resumed run's evaluation, and its thread count (float sums depend on it)
+    w = os.path.join(out, "smoke-weights")
+    ev = subprocess.run([sys.executable, "-m", "engine.evaluate", "--net",
+                         os.path.join(out, "cmt_ecd", "post_ecd", "ema.safetensors"), "--metrics", "fid",
+                         "--stats", os.path.join(w, "img512.pkl"), "--inception",
+                         os.path.join(w, "pt_inception-2015-12-05-6726825d.pth"), "--vae",
+                         os.path.join(w, "sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"),
+                         "--latent-convention", "edm2", "--schedules", "80", "80,1.526", "--num-samples", "8",
+                         "--batch", "8", "--out", str(tmp_path / "eval")],
+                        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    report = json.load(open(tmp_path / "eval" / "report.json"))["results"]
+    assert [r["fid"] for r in report.values()] == pytest.approx(
+        [res2["runs"]["cmt_ecd"]["one_step"]["fid"], res2["runs"]["cmt_ecd"]["two_step"]["fid"]], rel=1e-9)
 
 
 def test_frozen_teachers_are_sharded_without_the_bf16_parameter_policy(tmp_path):
