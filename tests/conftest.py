@@ -21,9 +21,17 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(_threads)
 
 
+# The files whose tests start 2-process torchrun jobs. They are collected first, so that pytest-xdist's worksteal
+# (which hands each worker a contiguous half of the collection) gives them all to one worker: two such jobs at once
+# would be four ranks on two cores, each collective waiting for a rank the scheduler has set aside.
+MULTI_PROCESS_FILES = ("test_distributed.py", "test_reliability_dist.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Heavy tests run only with ENGINE_HEAVY_TESTS=1 so that CI on 2 cores stays well under its budget; every
-    module keeps fast tests of the same code in the default run."""
+    """The multi-process files first (in their own order, then the rest in theirs). Heavy tests run only with
+    ENGINE_HEAVY_TESTS=1 so that CI on 2 cores stays well under its budget; every module keeps fast tests of the
+    same code in the default run."""
+    items.sort(key=lambda item: item.path.name not in MULTI_PROCESS_FILES)   # stable: each file keeps its order
     if os.environ.get("ENGINE_HEAVY_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="heavy test: set ENGINE_HEAVY_TESTS=1 to run it")

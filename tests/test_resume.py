@@ -16,12 +16,13 @@ def run(out, *extra):
                           timeout=300)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    r = run(out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out / "final.pt", weights_only=True)
+@pytest.fixture(scope="session")
+def reference(made_once):
+    """The uninterrupted run's final weights (made once per session, tests/conftest.py)."""
+    def make(out):
+        r = run(out)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(made_once("resume-harness", make) / "final.pt", weights_only=True)
 
 
 def assert_identical(a, b):
