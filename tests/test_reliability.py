@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -59,10 +60,12 @@ def cli(main, argv, capsys) -> tuple[int, str]:
 # ---- reruns ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def finished_gmm(gmm_smoke):
-    """A finished run of the Gaussian-mixture recipe (its smoke size, to keep CI short; made once per session,
-    tests/conftest.py): the refused reruns below must leave it as it was."""
-    return gmm_smoke
+def finished_gmm(gmm_smoke, tmp_path):
+    """A finished run of the Gaussian-mixture recipe (its smoke size, to keep CI short): a copy of the session's
+    (tests/conftest.py), so that tests on the two xdist workers never rerun in one directory at once."""
+    out = tmp_path / "R"
+    shutil.copytree(gmm_smoke, out)
+    return out
 
 
 @pytest.mark.parametrize("change, named", [
